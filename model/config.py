@@ -1,0 +1,355 @@
+"""The one typed configuration for loopcord: schema, defaults and loader.
+
+Every package (bot, model, trainer) reads `config.yaml` through `load_config`.
+Defaults live here and nowhere else; README lists them. A bad file stops
+start-up with one line naming the key and what is wrong (`ConfigError`).
+Secrets never live in the file: the config names the environment variable
+(`*_env` keys) and `secret()` reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; str() is one line naming the key."""
+
+
+# --------------------------------------------------------------------------
+# Schema. Field comments are the documentation of each key (README mirrors).
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class IdentityConfig:
+    name: str = "Loopcord"  # the assistant's name, fills {{NAME}}
+    author: str = "the Loopcord community"  # who made it, fills {{AUTHOR}}
+    # System prompt sent first in every conversation and used in training.
+    system_prompt: str = (
+        "You are {{NAME}}, an AI assistant created by {{AUTHOR}}. "
+        "You are helpful, truthful and concise."
+    )
+
+    def fill(self, text: str) -> str:
+        """Replace {{NAME}} / {{AUTHOR}} placeholders in `text`."""
+        return text.replace("{{NAME}}", self.name).replace("{{AUTHOR}}", self.author)
+
+    @property
+    def system(self) -> str:
+        return self.fill(self.system_prompt)
+
+
+@dataclass
+class ModelConfig:
+    # OpenAI-compatible server to talk to (embedded worker or vLLM/SGLang).
+    # Empty: the bot starts `python -m model serve` as its child process.
+    url: Optional[str] = None
+    # Base model directory in Hugging Face layout (e.g. Qwen2.5-7B-Instruct).
+    # Empty: the tiny demo base is built on first run under `demo_dir`.
+    base: Optional[str] = None
+    demo_dir: str = ".loopcord/demo-base"
+    # The `model` name requests use: the alias of the promoted adapter.
+    served_name: str = "loopcord"
+    api_key_env: str = "LOOPCORD_WORKER_KEY"  # env var holding the bearer token (optional)
+    request_timeout_s: float = 120.0
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+@dataclass
+class WorkerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+    max_batch_size: int = 32  # concurrent sequences decoded together
+    max_queue: int = 256  # waiting requests beyond this get 429
+    max_context: Optional[int] = None  # tokens; empty: the model's max_position_embeddings
+    # Adapters loaded at start: name -> PEFT adapter directory.
+    adapters: dict[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 600.0
+    drain_timeout_s: float = 60.0  # SIGTERM waits this long for in-flight requests
+
+
+@dataclass
+class DiscordConfig:
+    token_env: str = "DISCORD_TOKEN"  # env var with the bot token; unset: local terminal mode
+    api_base: Optional[str] = None  # REST base URL (Discord-compatible servers, tests)
+    gateway_url: Optional[str] = None  # gateway WebSocket URL
+    respond_to_mentions: bool = True
+    channels: list[int] = field(default_factory=list)  # answer every message here
+    respond_in_dms: bool = True
+    allowed_users: list[int] = field(default_factory=list)  # empty: everyone
+    blocked_users: list[int] = field(default_factory=list)
+    allowed_roles: list[int] = field(default_factory=list)
+    blocked_roles: list[int] = field(default_factory=list)
+    allowed_channels: list[int] = field(default_factory=list)
+    blocked_channels: list[int] = field(default_factory=list)
+    edit_interval_s: float = 1.0  # at most one edit of a streaming answer per interval
+    context_token_budget: int = 3000  # reply chain / thread history kept, in tokens
+    max_history_messages: int = 25
+    user_rate_limit: int = 6  # answers per user per `user_rate_window_s`
+    user_rate_window_s: float = 60.0
+    flag_reactions: list[str] = field(default_factory=lambda: ["👎"])
+    good_reactions: list[str] = field(default_factory=lambda: ["👍"])
+    correction_prefix: str = "!correct"
+    trusted_roles: list[int] = field(default_factory=list)  # corrections auto-approved
+    admin_users: list[int] = field(default_factory=list)
+    admin_roles: list[int] = field(default_factory=list)
+    admin_channel: Optional[int] = None  # scheduled retrain results go here
+
+
+@dataclass
+class StoreConfig:
+    path: str = ".loopcord/loopcord.db"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class StageConfig:
+    learning_rate: float = 1e-4
+    epochs: float = 3.0
+
+
+def _stage(lr: float, epochs: float) -> Any:
+    return field(default_factory=lambda: StageConfig(learning_rate=lr, epochs=epochs))
+
+
+@dataclass
+class MixConfig:
+    # Calibration mix, relative to the number of correction samples.
+    identity_ratio: float = 0.5
+    general_ratio: float = 1.0  # at least 1.0 keeps general data >= new samples
+
+
+@dataclass
+class TrainingConfig:
+    registry_dir: str = ".loopcord/adapters"
+    work_dir: str = ".loopcord/runs"
+    gpu_policy: Literal["concurrent", "pause"] = "concurrent"
+    schedule_hours: float = 0.0  # 0 disables the schedule
+    schedule_min_corrections: int = 5
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_length: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 16
+    warmup_ratio: float = 0.05
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    anchor: StageConfig = _stage(2e-4, 5.0)
+    generalize: StageConfig = _stage(1e-4, 3.0)
+    calibrate: StageConfig = _stage(5e-5, 2.0)
+    mix: MixConfig = field(default_factory=MixConfig)
+    # Extra datasets on disk: "path" or "path#N" (alpaca JSON/JSONL, messages JSONL, datasets dir).
+    extra_datasets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    min_identity_accuracy: float = 0.8
+    min_corrections_learned: float = 0.5
+    max_general_loss_increase: float = 0.15  # relative to the parent
+    max_general_accuracy_drop: float = 0.1  # absolute
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Config:
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    discord: DiscordConfig = field(default_factory=DiscordConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Directory the file was loaded from; relative paths resolve against it.
+    root: Path = field(default=Path("."), metadata={"internal": True})
+
+    def path(self, p: str | os.PathLike) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        p = Path(os.path.expanduser(str(p)))
+        return p if p.is_absolute() else (self.root / p)
+
+
+def secret(env_name: str) -> Optional[str]:
+    """Read a secret from the environment variable named in the config."""
+    value = os.environ.get(env_name, "").strip()
+    return value or None
+
+
+# --------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, key): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if value is None:
+        raise ConfigError(f"{key}: a value is required ({_type_name(tp)})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    where = prefix or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{full}: unknown key{hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    positive = {
+        "worker.port": cfg.worker.port,
+        "worker.max_batch_size": cfg.worker.max_batch_size,
+        "worker.max_queue": cfg.worker.max_queue,
+        "model.max_tokens": cfg.model.max_tokens,
+        "discord.edit_interval_s": cfg.discord.edit_interval_s,
+        "training.max_length": cfg.training.max_length,
+        "training.grad_accum": cfg.training.grad_accum,
+        "training.batch_size": cfg.training.batch_size,
+        "training.lora.r": cfg.training.lora.r,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if not 0 < cfg.worker.port < 65536:
+        raise ConfigError(f"worker.port: must be between 1 and 65535, got {cfg.worker.port}")
+    if not 0.0 <= cfg.model.top_p <= 1.0:
+        raise ConfigError(f"model.top_p: must be between 0 and 1, got {cfg.model.top_p}")
+    if cfg.model.temperature < 0:
+        raise ConfigError(f"model.temperature: must be 0 or more, got {cfg.model.temperature}")
+    if cfg.worker.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ConfigError(
+            f"worker.dtype: must be one of auto, bfloat16, float16, float32, got {cfg.worker.dtype!r}"
+        )
+    if not cfg.identity.name.strip():
+        raise ConfigError("identity.name: a value is required (the assistant's name)")
+
+
+def config_from_dict(data: Any, root: Path | str = ".") -> Config:
+    """Build and validate a Config from already-parsed YAML data."""
+    cfg = _build(Config, data)
+    cfg.root = Path(root)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Load config.yaml (or `path`). A missing default file means all defaults.
+
+    Raises ConfigError with a one-line message naming the file and the key.
+    """
+    explicit = path is not None
+    p = Path(path or os.environ.get("LOOPCORD_CONFIG", DEFAULT_CONFIG_PATH))
+    if not p.exists():
+        if explicit:
+            raise ConfigError(f"{p}: config file not found")
+        return config_from_dict({}, root=Path.cwd())
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: not valid YAML: {problem}") from None
+    try:
+        return config_from_dict(data, root=p.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """The config as plain data (for logs and child processes)."""
+    out = dataclasses.asdict(cfg)
+    out.pop("root", None)
+    return out
