@@ -184,6 +184,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Directory the file was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), metadata={"internal": True})
+    # The file it was loaded from (None: built-in defaults); child processes get it.
+    source: Optional[Path] = field(default=None, metadata={"internal": True})
+
+    def base_model_path(self) -> Path:
+        """The base model directory: model.base, or the demo base when that is empty."""
+        return self.path(self.model.base or self.model.demo_dir)
 
     def path(self, p: str | os.PathLike) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
@@ -343,13 +349,16 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{p}:{where}: not valid YAML: {problem}") from None
     try:
-        return config_from_dict(data, root=p.resolve().parent)
+        cfg = config_from_dict(data, root=p.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+    cfg.source = p.resolve()
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
     """The config as plain data (for logs and child processes)."""
     out = dataclasses.asdict(cfg)
     out.pop("root", None)
+    out.pop("source", None)
     return out
