@@ -1,0 +1,100 @@
+"""config.yaml: the shipped file is complete and valid; bad files stop with one line naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _leaf_keys(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _leaf_keys(type(default), key + ".")
+        else:
+            yield key
+
+
+def _has_key(data, dotted):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def test_shipped_config_documents_every_key_and_loads():
+    cfg = load_config(ROOT / "config.yaml")
+    assert isinstance(cfg, Config)
+    data = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    missing = [k for k in _leaf_keys(Config) if not _has_key(data, k)]
+    assert not missing, f"config.yaml does not document: {missing}"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    undocumented = [k for k in _leaf_keys(Config) if f"`{k}`" not in readme]
+    assert not undocumented, f"README does not list: {undocumented}"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("model:\n  bse: x\n", "model.bse: unknown key (did you mean 'base'?)"),
+        ("worker:\n  port: eighty\n", "worker.port: must be an integer, got 'eighty'"),
+        ("worker:\n  port: 70000\n", "worker.port: must be between 1 and 65535"),
+        ("identity:\n  name: null\n", "identity.name: a value is required"),
+        ("training:\n  gpu_policy: sometimes\n", "training.gpu_policy: must be one of 'concurrent' | 'pause'"),
+        ("discord:\n  channels: 123\n", "discord.channels: must be a list of an integer"),
+        ("training:\n  lora:\n    r: 0\n", "training.lora.r: must be greater than 0"),
+        ("model: [1, 2]\n", "model: must be a mapping"),
+        ("model:\n  url: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert expected in message
+    assert str(path) in message and "\n" not in message
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "config.yaml"
+    path.write_text("store:\n  path: db/loopcord.db\nidentity:\n  name: Ada\n  author: Bob\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.path(cfg.store.path) == tmp_path / "sub" / "db" / "loopcord.db"
+    assert "Ada" in cfg.identity.system and "Bob" in cfg.identity.system
+    assert cfg.source == path.resolve()
+
+
+@pytest.mark.parametrize("module", ["model", "trainer", "bot"])
+def test_cli_start_up_stops_with_one_line_on_bad_config(tmp_path, module):
+    path = tmp_path / "config.yaml"
+    path.write_text("worker:\n  max_batch_size: -1\n", encoding="utf-8")
+    args = {"model": ["serve"], "trainer": ["list"], "bot": []}[module]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, "--config", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and "worker.max_batch_size: must be greater than 0" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
