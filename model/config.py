@@ -110,6 +110,8 @@ class DiscordConfig:
     admin_users: list[int] = field(default_factory=list)
     admin_roles: list[int] = field(default_factory=list)
     admin_channel: Optional[int] = None  # scheduled retrain results go here
+    max_in_flight: int = 0  # answers generated at once; more wait in a queue. 0: worker.max_batch_size
+    guild_ready_timeout: float = 2.0  # seconds discord.py waits for guilds before on_ready
 
 
 @dataclass

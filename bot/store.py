@@ -1,0 +1,733 @@
+"""The bot's SQLite store: exchanges, feedback (flags, corrections) and training runs.
+
+One aiosqlite connection per store, WAL mode, foreign keys on. Every answer the
+bot posts is an *exchange* row holding the exact prompt messages sent to the
+model, so a flag or a correction that arrives after a restart still maps to a
+training sample. The schema is versioned with `PRAGMA user_version`; each entry
+of `MIGRATIONS` moves the file one version forward inside a transaction.
+
+Writes go through one asyncio lock (one writer at a time on one connection) and
+are retried when another process holds the database (`SQLITE_BUSY`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import json
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, TypeVar
+
+import aiosqlite
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000  # SQLite waits this long for another process's lock
+BUSY_RETRIES = 5  # then we retry the whole statement this many times
+BUSY_RETRY_DELAY_S = 0.2
+
+EXCHANGE_STATUSES = ("complete", "cut_off", "error")
+FLAG_KINDS = ("bad", "good")
+CORRECTION_STATUSES = ("pending", "approved", "rejected")
+RUN_TRIGGERS = ("manual", "schedule")
+RUN_STATUSES = ("running", "succeeded", "failed", "rejected", "crashed")
+
+# Each script moves the schema from version i to i+1. Append, never edit.
+MIGRATIONS: list[str] = [
+    # v1: the initial schema.
+    """
+    CREATE TABLE exchanges (
+        id INTEGER PRIMARY KEY,
+        guild_id INTEGER,
+        channel_id INTEGER,
+        user_id INTEGER NOT NULL,
+        request_message_id INTEGER,
+        answer_message_ids TEXT NOT NULL DEFAULT '[]',
+        prompt_messages TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        model TEXT,
+        adapter_version TEXT,
+        status TEXT NOT NULL CHECK (status IN ('complete', 'cut_off', 'error')),
+        ttft_ms REAL,
+        total_ms REAL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX exchanges_user ON exchanges(user_id);
+    CREATE INDEX exchanges_channel ON exchanges(channel_id);
+    -- One row per Discord message of an answer: a flag on any part finds the exchange.
+    CREATE TABLE answer_messages (
+        message_id INTEGER PRIMARY KEY,
+        exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+        part INTEGER NOT NULL
+    );
+    CREATE INDEX answer_messages_exchange ON answer_messages(exchange_id);
+    CREATE TABLE flags (
+        id INTEGER PRIMARY KEY,
+        exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('bad', 'good')),
+        emoji TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (exchange_id, user_id, emoji)
+    );
+    CREATE INDEX flags_user ON flags(user_id);
+    CREATE TABLE training_runs (
+        id INTEGER PRIMARY KEY,
+        trigger TEXT NOT NULL CHECK (trigger IN ('manual', 'schedule')),
+        started_by INTEGER,
+        status TEXT NOT NULL
+            CHECK (status IN ('running', 'succeeded', 'failed', 'rejected', 'crashed')),
+        version TEXT,
+        parent_version TEXT,
+        report TEXT,
+        message TEXT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        n_corrections INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE corrections (
+        id INTEGER PRIMARY KEY,
+        exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
+        user_id INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'approved', 'rejected')),
+        reviewer_id INTEGER,
+        review_reason TEXT,
+        reviewed_at TEXT,
+        created_at TEXT NOT NULL,
+        trained_run_id INTEGER REFERENCES training_runs(id) ON DELETE SET NULL
+    );
+    CREATE INDEX corrections_status ON corrections(status);
+    CREATE INDEX corrections_user ON corrections(user_id);
+    """,
+]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used; the message names the file and what is wrong."""
+
+
+def now_iso() -> str:
+    """UTC timestamp in ISO 8601 with milliseconds (sorts as text)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration script into statements (sqlite3 knows where each one ends)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        if not current and line.strip().startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
+def _exchange_row(row: aiosqlite.Row) -> dict:
+    out = dict(row)
+    out["prompt_messages"] = json.loads(out["prompt_messages"])
+    out["answer_message_ids"] = json.loads(out["answer_message_ids"])
+    return out
+
+
+class Store:
+    """Async access to the SQLite file. Use `await Store.open(path)`; `await close()`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path):
+        self._db = db
+        self.path = path
+        self._write_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    async def open(cls, path: str | Path) -> "Store":
+        """Open (creating if needed) and migrate the store; StoreError names the path."""
+        path = Path(path)
+        try:
+            if str(path) != ":memory:":
+                path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store at {path}: {exc}") from None
+        db.row_factory = aiosqlite.Row
+        store = cls(db, path)
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps this crash-safe
+            await db.execute("PRAGMA foreign_keys = ON")
+            await store._migrate()
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise StoreError(f"cannot open the store at {path}: {exc}") from None
+        except StoreError:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def schema_version(self) -> int:
+        async with self._db.execute("PRAGMA user_version") as cur:
+            return (await cur.fetchone())[0]
+
+    async def _migrate(self) -> None:
+        version = await self.schema_version()
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the store at {self.path} has schema version {version}, newer than this "
+                f"loopcord knows ({len(MIGRATIONS)}); upgrade loopcord or use another store.path"
+            )
+        for target in range(version + 1, len(MIGRATIONS) + 1):
+            statements = _split_statements(MIGRATIONS[target - 1])
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version = {target}")
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            log.info("store %s migrated to schema version %d", self.path, target)
+
+    # -------------------------------------------------------------- plumbing
+
+    async def _transact(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Run `body` in one write transaction; retried when another process holds the lock."""
+        async with self._write_lock:
+            for attempt in range(BUSY_RETRIES + 1):
+                try:
+                    await self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = await body(self._db)
+                        await self._db.execute("COMMIT")
+                        return result
+                    except BaseException:
+                        await self._db.execute("ROLLBACK")
+                        raise
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or attempt == BUSY_RETRIES:
+                        raise
+                    log.warning("store busy (%s), retrying", exc)
+                    await asyncio.sleep(BUSY_RETRY_DELAY_S * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _write(self, statements: Sequence[tuple[str, Iterable[Any]]]) -> list[aiosqlite.Cursor]:
+        """Run statements in one transaction; returns their cursors (rowcount, lastrowid)."""
+
+        async def body(db: aiosqlite.Connection) -> list[aiosqlite.Cursor]:
+            return [await db.execute(sql, tuple(args)) for sql, args in statements]
+
+        return await self._transact(body)
+
+    async def _fetchall(self, sql: str, args: Iterable[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._db.execute(sql, tuple(args)) as cur:
+            return list(await cur.fetchall())
+
+    async def _fetchone(self, sql: str, args: Iterable[Any] = ()) -> Optional[aiosqlite.Row]:
+        async with self._db.execute(sql, tuple(args)) as cur:
+            return await cur.fetchone()
+
+    # ------------------------------------------------------------- exchanges
+
+    async def log_exchange(
+        self,
+        *,
+        user_id: int,
+        prompt_messages: list[dict],
+        answer: str,
+        status: str,
+        guild_id: Optional[int] = None,
+        channel_id: Optional[int] = None,
+        request_message_id: Optional[int] = None,
+        answer_message_ids: Sequence[int] = (),
+        model: Optional[str] = None,
+        adapter_version: Optional[str] = None,
+        ttft_ms: Optional[float] = None,
+        total_ms: Optional[float] = None,
+    ) -> int:
+        """Record one posted answer with its exact prompt; returns the exchange id."""
+        if status not in EXCHANGE_STATUSES:
+            raise ValueError(f"exchange status must be one of {EXCHANGE_STATUSES}, got {status!r}")
+        ids = [int(m) for m in answer_message_ids]
+
+        async def body(db: aiosqlite.Connection) -> int:
+            # One transaction for the exchange and its message-id index rows.
+            cur = await db.execute(
+                "INSERT INTO exchanges (guild_id, channel_id, user_id, request_message_id,"
+                " answer_message_ids, prompt_messages, answer, model, adapter_version, status,"
+                " ttft_ms, total_ms, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    guild_id, channel_id, user_id, request_message_id, json.dumps(ids),
+                    json.dumps(prompt_messages, ensure_ascii=False), answer, model,
+                    adapter_version, status, ttft_ms, total_ms, now_iso(),
+                ),
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO answer_messages (message_id, exchange_id, part) VALUES (?,?,?)",
+                [(mid, cur.lastrowid, i) for i, mid in enumerate(ids)],
+            )
+            return cur.lastrowid
+
+        return await self._transact(body)
+
+    async def set_answer_messages(self, exchange_id: int, message_ids: Sequence[int]) -> None:
+        """Replace the Discord message ids of an exchange's answer (e.g. after a late split)."""
+        ids = [int(m) for m in message_ids]
+        await self._write(
+            [("UPDATE exchanges SET answer_message_ids = ? WHERE id = ?", (json.dumps(ids), exchange_id)),
+             ("DELETE FROM answer_messages WHERE exchange_id = ?", (exchange_id,))]
+            + [("INSERT OR REPLACE INTO answer_messages (message_id, exchange_id, part) VALUES (?,?,?)",
+                (mid, exchange_id, i)) for i, mid in enumerate(ids)]
+        )
+
+    async def get_exchange(self, exchange_id: int) -> Optional[dict]:
+        row = await self._fetchone("SELECT * FROM exchanges WHERE id = ?", (exchange_id,))
+        return _exchange_row(row) if row else None
+
+    async def exchange_by_message(self, message_id: int) -> Optional[dict]:
+        """The exchange whose answer includes Discord message `message_id`, or None."""
+        row = await self._fetchone(
+            "SELECT e.* FROM answer_messages m JOIN exchanges e ON e.id = m.exchange_id"
+            " WHERE m.message_id = ?",
+            (message_id,),
+        )
+        return _exchange_row(row) if row else None
+
+    async def has_exchanges_in_channel(self, channel_id: int) -> bool:
+        row = await self._fetchone("SELECT 1 FROM exchanges WHERE channel_id = ? LIMIT 1", (channel_id,))
+        return row is not None
+
+    # ----------------------------------------------------------------- flags
+
+    async def add_flag(self, exchange_id: int, user_id: int, kind: str, emoji: str) -> bool:
+        """Record a reaction; one per (exchange, user, emoji). True if it was new."""
+        if kind not in FLAG_KINDS:
+            raise ValueError(f"flag kind must be one of {FLAG_KINDS}, got {kind!r}")
+        (cur,) = await self._write(
+            [("INSERT OR IGNORE INTO flags (exchange_id, user_id, kind, emoji, created_at)"
+              " VALUES (?,?,?,?,?)", (exchange_id, user_id, kind, emoji, now_iso()))]
+        )
+        return cur.rowcount > 0
+
+    async def remove_flag(self, exchange_id: int, user_id: int, emoji: str) -> bool:
+        (cur,) = await self._write(
+            [("DELETE FROM flags WHERE exchange_id = ? AND user_id = ? AND emoji = ?",
+              (exchange_id, user_id, emoji))]
+        )
+        return cur.rowcount > 0
+
+    async def list_flags(self, exchange_id: int) -> list[dict]:
+        rows = await self._fetchall(
+            "SELECT * FROM flags WHERE exchange_id = ? ORDER BY id", (exchange_id,)
+        )
+        return [dict(r) for r in rows]
+
+    async def count_flags_by_kind(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT kind, COUNT(*) AS n FROM flags GROUP BY kind")
+        counts = {k: 0 for k in FLAG_KINDS}
+        counts.update({r["kind"]: r["n"] for r in rows})
+        return counts
+
+    # ----------------------------------------------------------- corrections
+
+    async def add_correction(
+        self,
+        exchange_id: int,
+        user_id: int,
+        text: str,
+        *,
+        status: str = "pending",
+        reviewer_id: Optional[int] = None,
+        reason: Optional[str] = None,
+    ) -> int:
+        """Store a correction of an answer; approved ones carry their reviewer."""
+        if status not in CORRECTION_STATUSES:
+            raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
+        reviewed_at = now_iso() if status != "pending" else None
+        (cur,) = await self._write(
+            [("INSERT INTO corrections (exchange_id, user_id, text, status, reviewer_id,"
+              " review_reason, reviewed_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+              (exchange_id, user_id, text, status, reviewer_id, reason, reviewed_at, now_iso()))]
+        )
+        return cur.lastrowid
+
+    async def get_correction(self, correction_id: int) -> Optional[dict]:
+        row = await self._fetchone(
+            _CORRECTION_SELECT + " WHERE c.id = ?", (correction_id,)
+        )
+        return _correction_row(row) if row else None
+
+    async def set_correction_status(
+        self,
+        correction_id: int,
+        status: str,
+        reviewer_id: Optional[int],
+        text: Optional[str] = None,
+        reason: Optional[str] = None,
+    ) -> bool:
+        """Review a correction (optionally editing its text). False if it does not exist."""
+        if status not in CORRECTION_STATUSES:
+            raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
+        reviewed_at = now_iso() if status != "pending" else None
+        sql = ("UPDATE corrections SET status = ?, reviewer_id = ?, reviewed_at = ?, review_reason = ?"
+               + (", text = ?" if text is not None else "") + " WHERE id = ?")
+        args: list[Any] = [status, reviewer_id, reviewed_at, reason]
+        if text is not None:
+            args.append(text)
+        args.append(correction_id)
+        (cur,) = await self._write([(sql, args)])
+        return cur.rowcount > 0
+
+    async def list_corrections(
+        self, status: Optional[str] = None, limit: int = 20, offset: int = 0
+    ) -> list[dict]:
+        """Corrections, oldest first, with the exchange's question and bad answer."""
+        where, args = ("", []) if status is None else (" WHERE c.status = ?", [status])
+        rows = await self._fetchall(
+            _CORRECTION_SELECT + where + " ORDER BY c.id LIMIT ? OFFSET ?", args + [limit, offset]
+        )
+        return [_correction_row(r) for r in rows]
+
+    async def count_corrections_by_status(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, COUNT(*) AS n FROM corrections GROUP BY status")
+        counts = {s: 0 for s in CORRECTION_STATUSES}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    async def count_untrained_approved(self) -> int:
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM corrections WHERE status = 'approved' AND trained_run_id IS NULL"
+        )
+        return row[0]
+
+    async def export_approved_corrections(self, only_untrained: bool = False) -> list[dict]:
+        """Approved corrections in the trainer's JSONL record format, oldest first."""
+        where = " AND c.trained_run_id IS NULL" if only_untrained else ""
+        rows = await self._fetchall(
+            "SELECT c.id, c.exchange_id, c.text, c.user_id, c.reviewer_id, c.created_at,"
+            " c.reviewed_at, e.prompt_messages, e.answer FROM corrections c"
+            " JOIN exchanges e ON e.id = c.exchange_id"
+            " WHERE c.status = 'approved'" + where + " ORDER BY c.id"
+        )
+        return [
+            {
+                "id": r["id"],
+                "exchange_id": r["exchange_id"],
+                "messages": json.loads(r["prompt_messages"]),
+                "bad_answer": r["answer"],
+                "correction": r["text"],
+                "user_id": r["user_id"],
+                "approved_by": r["reviewer_id"],
+                "created_at": r["created_at"],
+                "approved_at": r["reviewed_at"],
+            }
+            for r in rows
+        ]
+
+    async def mark_corrections_trained(self, run_id: int, correction_ids: Sequence[int]) -> None:
+        await self._write(
+            [("UPDATE corrections SET trained_run_id = ? WHERE id = ?", (run_id, cid))
+             for cid in correction_ids]
+        )
+
+    # --------------------------------------------------------- training runs
+
+    async def start_run(
+        self,
+        trigger: str,
+        started_by: Optional[int] = None,
+        parent_version: Optional[str] = None,
+        n_corrections: int = 0,
+    ) -> int:
+        if trigger not in RUN_TRIGGERS:
+            raise ValueError(f"run trigger must be one of {RUN_TRIGGERS}, got {trigger!r}")
+        (cur,) = await self._write(
+            [("INSERT INTO training_runs (trigger, started_by, status, parent_version,"
+              " started_at, n_corrections) VALUES (?,?, 'running', ?,?,?)",
+              (trigger, started_by, parent_version, now_iso(), n_corrections))]
+        )
+        return cur.lastrowid
+
+    async def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        version: Optional[str] = None,
+        report: Optional[dict] = None,
+        message: Optional[str] = None,
+    ) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
+        await self._write(
+            [("UPDATE training_runs SET status = ?, version = COALESCE(?, version), report = ?,"
+              " message = ?, finished_at = ? WHERE id = ?",
+              (status, version, json.dumps(report) if report is not None else None, message,
+               now_iso(), run_id))]
+        )
+
+    async def get_run(self, run_id: int) -> Optional[dict]:
+        row = await self._fetchone("SELECT * FROM training_runs WHERE id = ?", (run_id,))
+        return _run_row(row) if row else None
+
+    async def last_run(self) -> Optional[dict]:
+        row = await self._fetchone("SELECT * FROM training_runs ORDER BY id DESC LIMIT 1")
+        return _run_row(row) if row else None
+
+    async def running_run(self) -> Optional[dict]:
+        row = await self._fetchone(
+            "SELECT * FROM training_runs WHERE status = 'running' ORDER BY id DESC LIMIT 1"
+        )
+        return _run_row(row) if row else None
+
+    # ---------------------------------------------------------------- privacy
+
+    async def forget_user(self, user_id: int) -> dict[str, int]:
+        """Delete everything stored about a user; returns the rows deleted per table.
+
+        Their exchanges go (with any flags/corrections attached to them), as do the
+        flags and corrections they made on other people's exchanges. Where they
+        acted as a reviewer or started a run, their id is blanked, not the record.
+        """
+
+        async def body(db: aiosqlite.Connection) -> dict[str, int]:
+            counts = {}
+            owned = "(SELECT id FROM exchanges WHERE user_id = ?)"
+            for table in ("flags", "corrections"):
+                cur = await db.execute(
+                    f"DELETE FROM {table} WHERE user_id = ? OR exchange_id IN {owned}",
+                    (user_id, user_id),
+                )
+                counts[table] = cur.rowcount
+            cur = await db.execute("DELETE FROM exchanges WHERE user_id = ?", (user_id,))
+            counts["exchanges"] = cur.rowcount
+            await db.execute("UPDATE corrections SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
+            await db.execute("UPDATE training_runs SET started_by = NULL WHERE started_by = ?", (user_id,))
+            return counts
+
+        return await self._transact(body)
+
+    # ----------------------------------------------------------- corrections
+
+    async def add_correction(
+        self,
+        exchange_id: int,
+        user_id: int,
+        text: str,
+        *,
+        status: str = "pending",
+        reviewer_id: Optional[int] = None,
+        reason: Optional[str] = None,
+    ) -> int:
+        """Store a correction of an answer; approved ones carry their reviewer."""
+        if status not in CORRECTION_STATUSES:
+            raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
+        reviewed_at = now_iso() if status != "pending" else None
+        (cur,) = await self._write(
+            [("INSERT INTO corrections (exchange_id, user_id, text, status, reviewer_id,"
+              " review_reason, reviewed_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+              (exchange_id, user_id, text, status, reviewer_id, reason, reviewed_at, now_iso()))]
+        )
+        return cur.lastrowid
+
+    async def get_correction(self, correction_id: int) -> Optional[dict]:
+        row = await self._fetchone(
+            _CORRECTION_SELECT + " WHERE c.id = ?", (correction_id,)
+        )
+        return _correction_row(row) if row else None
+
+    async def set_correction_status(
+        self,
+        correction_id: int,
+        status: str,
+        reviewer_id: Optional[int],
+        text: Optional[str] = None,
+        reason: Optional[str] = None,
+    ) -> bool:
+        """Review a correction (optionally editing its text). False if it does not exist."""
+        if status not in CORRECTION_STATUSES:
+            raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
+        reviewed_at = now_iso() if status != "pending" else None
+        sql = ("UPDATE corrections SET status = ?, reviewer_id = ?, reviewed_at = ?, review_reason = ?"
+               + (", text = ?" if text is not None else "") + " WHERE id = ?")
+        args: list[Any] = [status, reviewer_id, reviewed_at, reason]
+        if text is not None:
+            args.append(text)
+        args.append(correction_id)
+        (cur,) = await self._write([(sql, args)])
+        return cur.rowcount > 0
+
+    async def list_corrections(
+        self, status: Optional[str] = None, limit: int = 20, offset: int = 0
+    ) -> list[dict]:
+        """Corrections, oldest first, with the exchange's question and bad answer."""
+        where, args = ("", []) if status is None else (" WHERE c.status = ?", [status])
+        rows = await self._fetchall(
+            _CORRECTION_SELECT + where + " ORDER BY c.id LIMIT ? OFFSET ?", args + [limit, offset]
+        )
+        return [_correction_row(r) for r in rows]
+
+    async def count_corrections_by_status(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, COUNT(*) AS n FROM corrections GROUP BY status")
+        counts = {s: 0 for s in CORRECTION_STATUSES}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    async def count_untrained_approved(self) -> int:
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM corrections WHERE status = 'approved' AND trained_run_id IS NULL"
+        )
+        return row[0]
+
+    async def export_approved_corrections(self, only_untrained: bool = False) -> list[dict]:
+        """Approved corrections in the trainer's JSONL record format, oldest first."""
+        where = " AND c.trained_run_id IS NULL" if only_untrained else ""
+        rows = await self._fetchall(
+            "SELECT c.id, c.exchange_id, c.text, c.user_id, c.reviewer_id, c.created_at,"
+            " c.reviewed_at, e.prompt_messages, e.answer FROM corrections c"
+            " JOIN exchanges e ON e.id = c.exchange_id"
+            " WHERE c.status = 'approved'" + where + " ORDER BY c.id"
+        )
+        return [
+            {
+                "id": r["id"],
+                "exchange_id": r["exchange_id"],
+                "messages": json.loads(r["prompt_messages"]),
+                "bad_answer": r["answer"],
+                "correction": r["text"],
+                "user_id": r["user_id"],
+                "approved_by": r["reviewer_id"],
+                "created_at": r["created_at"],
+                "approved_at": r["reviewed_at"],
+            }
+            for r in rows
+        ]
+
+    async def mark_corrections_trained(self, run_id: int, correction_ids: Sequence[int]) -> None:
+        await self._write(
+            [("UPDATE corrections SET trained_run_id = ? WHERE id = ?", (run_id, cid))
+             for cid in correction_ids]
+        )
+
+    # --------------------------------------------------------- training runs
+
+    async def start_run(
+        self,
+        trigger: str,
+        started_by: Optional[int] = None,
+        parent_version: Optional[str] = None,
+        n_corrections: int = 0,
+    ) -> int:
+        if trigger not in RUN_TRIGGERS:
+            raise ValueError(f"run trigger must be one of {RUN_TRIGGERS}, got {trigger!r}")
+        (cur,) = await self._write(
+            [("INSERT INTO training_runs (trigger, started_by, status, parent_version,"
+              " started_at, n_corrections) VALUES (?,?, 'running', ?,?,?)",
+              (trigger, started_by, parent_version, now_iso(), n_corrections))]
+        )
+        return cur.lastrowid
+
+    async def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        version: Optional[str] = None,
+        report: Optional[dict] = None,
+        message: Optional[str] = None,
+    ) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
+        await self._write(
+            [("UPDATE training_runs SET status = ?, version = COALESCE(?, version), report = ?,"
+              " message = ?, finished_at = ? WHERE id = ?",
+              (status, version, json.dumps(report) if report is not None else None, message,
+               now_iso(), run_id))]
+        )
+
+    async def get_run(self, run_id: int) -> Optional[dict]:
+        row = await self._fetchone("SELECT * FROM training_runs WHERE id = ?", (run_id,))
+        return _run_row(row) if row else None
+
+    async def last_run(self) -> Optional[dict]:
+        row = await self._fetchone("SELECT * FROM training_runs ORDER BY id DESC LIMIT 1")
+        return _run_row(row) if row else None
+
+    async def running_run(self) -> Optional[dict]:
+        row = await self._fetchone(
+            "SELECT * FROM training_runs WHERE status = 'running' ORDER BY id DESC LIMIT 1"
+        )
+        return _run_row(row) if row else None
+
+    # ---------------------------------------------------------------- privacy
+
+    async def forget_user(self, user_id: int) -> dict[str, int]:
+        """Delete everything stored about a user; returns the rows deleted per table.
+
+        Their exchanges go (with any flags/corrections attached to them), as do the
+        flags and corrections they made on other people's exchanges. Where they
+        acted as a reviewer or started a run, their id is blanked, not the record.
+        """
+        async with self._write_lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                counts = {}
+                owned = "(SELECT id FROM exchanges WHERE user_id = ?)"
+                for table in ("flags", "corrections"):
+                    cur = await self._db.execute(
+                        f"DELETE FROM {table} WHERE user_id = ? OR exchange_id IN {owned}",
+                        (user_id, user_id),
+                    )
+                    counts[table] = cur.rowcount
+                cur = await self._db.execute("DELETE FROM exchanges WHERE user_id = ?", (user_id,))
+                counts["exchanges"] = cur.rowcount
+                await self._db.execute(
+                    "UPDATE corrections SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,)
+                )
+                await self._db.execute(
+                    "UPDATE training_runs SET started_by = NULL WHERE started_by = ?", (user_id,)
+                )
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+        return counts
+
+
+_CORRECTION_SELECT = (
+    "SELECT c.*, e.prompt_messages, e.answer AS bad_answer, e.user_id AS asker_id,"
+    " e.channel_id, e.guild_id FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"
+)
+
+
+def _correction_row(row: aiosqlite.Row) -> dict:
+    out = dict(row)
+    prompt = json.loads(out.pop("prompt_messages"))
+    out["messages"] = prompt
+    # The question is the last user turn of the prompt the model answered.
+    out["question"] = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+    return out
+
+
+def _run_row(row: aiosqlite.Row) -> dict:
+    out = dict(row)
+    out["report"] = json.loads(out["report"]) if out["report"] else None
+    return out

@@ -1,0 +1,114 @@
+"""Who the bot answers, where, and how often; the fair in-flight queue."""
+
+import asyncio
+
+import pytest
+
+from bot.inflight import InflightLimiter
+from bot.policy import MessageFacts, RateLimiter, is_trusted, should_respond
+from model.config import DiscordConfig
+
+
+def facts(**kw):
+    base = dict(author_id=1, channel_id=10, guild_id=100)
+    base.update(kw)
+    return MessageFacts(**base)
+
+
+def test_answers_mentions_dms_configured_channels_and_their_threads():
+    cfg = DiscordConfig(channels=[20])
+    assert should_respond(facts(mentions_bot=True), cfg)
+    assert not should_respond(facts(), cfg)
+    assert should_respond(facts(channel_id=20), cfg)
+    assert should_respond(facts(channel_id=21, parent_channel_id=20, in_thread=True), cfg)
+    assert should_respond(facts(channel_id=22, in_thread=True, bot_in_thread=True), cfg)
+    assert not should_respond(facts(channel_id=22, in_thread=True), cfg)
+    assert should_respond(facts(is_dm=True, guild_id=None), cfg)
+    assert not should_respond(facts(is_dm=True, guild_id=None), DiscordConfig(respond_in_dms=False))
+
+
+def test_ignores_bots_and_itself():
+    cfg = DiscordConfig(channels=[10])
+    assert not should_respond(facts(author_is_bot=True, mentions_bot=True), cfg)
+    assert not should_respond(facts(is_self=True), cfg)
+
+
+def test_allow_and_block_lists():
+    assert not should_respond(facts(mentions_bot=True), DiscordConfig(blocked_users=[1]))
+    assert not should_respond(facts(mentions_bot=True, role_ids=[5]), DiscordConfig(blocked_roles=[5]))
+    assert not should_respond(facts(mentions_bot=True), DiscordConfig(blocked_channels=[10]))
+    assert not should_respond(facts(mentions_bot=True), DiscordConfig(allowed_channels=[11]))
+    assert should_respond(facts(mentions_bot=True), DiscordConfig(allowed_channels=[10]))
+    assert not should_respond(facts(mentions_bot=True), DiscordConfig(allowed_users=[2]))
+    assert should_respond(facts(mentions_bot=True, role_ids=[7]), DiscordConfig(allowed_users=[2], allowed_roles=[7]))
+    # Blocking wins over allowing.
+    assert not should_respond(facts(mentions_bot=True), DiscordConfig(allowed_users=[1], blocked_users=[1]))
+
+
+def test_trusted_roles_and_admins():
+    cfg = DiscordConfig(trusted_roles=[3], admin_users=[9])
+    assert is_trusted([3], 1, cfg) and is_trusted([], 9, cfg) and not is_trusted([4], 1, cfg)
+
+
+def test_rate_limiter_sliding_window():
+    now = [0.0]
+    rl = RateLimiter(2, 10.0, clock=lambda: now[0])
+    assert rl.check(1) == 0 and rl.check(1) == 0
+    assert rl.check(1) == pytest.approx(10.0)
+    assert rl.check(2) == 0  # per user
+    now[0] = 10.5
+    assert rl.check(1) == 0
+
+
+async def test_inflight_limiter_is_fifo_and_reports_positions():
+    lim = InflightLimiter(2)
+    order, seen = [], {}
+    release = asyncio.Event()
+
+    async def job(i):
+        async def on_pos(p):
+            seen.setdefault(i, []).append(p)
+
+        async with lim.slot(on_pos):
+            order.append(i)
+            await release.wait()
+
+    tasks = [asyncio.create_task(job(i)) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert order == [0, 1] and lim.waiting == 3
+    assert seen == {2: [1], 3: [2], 4: [3]}
+    release.set()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert lim.active == 0 and lim.waiting == 0
+
+
+async def test_inflight_limiter_cancelled_waiter_leaves_the_line():
+    lim = InflightLimiter(1)
+    hold = asyncio.Event()
+
+    async def holder():
+        async with lim.slot():
+            await hold.wait()
+
+    positions = []
+
+    async def waiter(name):
+        async def on_pos(p):
+            positions.append((name, p))
+
+        async with lim.slot(on_pos):
+            return name
+
+    h = asyncio.create_task(holder())
+    await asyncio.sleep(0.01)
+    a = asyncio.create_task(waiter("a"))
+    b = asyncio.create_task(waiter("b"))
+    await asyncio.sleep(0.01)
+    a.cancel()
+    await asyncio.sleep(0.01)
+    assert ("b", 1) in positions  # b moved up when a left
+    hold.set()
+    assert await b == "b"
+    await h
+    assert lim.active == 0
