@@ -1,0 +1,150 @@
+"""`python -m model serve`: start the worker process (flags override config, as `vllm serve`).
+
+    python -m model serve [--config FILE] [--model PATH] [--host H] [--port P]
+                          [--served-model-name N] [--lora NAME=PATH ...]
+
+Loads the base and the configured adapters, serves until SIGTERM/SIGINT, then
+stops accepting (503), drains in-flight requests for up to
+`worker.drain_timeout_s` and exits 0. Bad configuration exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from model.config import ConfigError, load_config, secret
+
+log = logging.getLogger("loopcord.worker")
+
+DRAIN_POLL_S = 0.05
+EXIT_CONFIG_ERROR = 2
+
+
+class ServeError(Exception):
+    """Start-up cannot continue; the message tells the user what to change."""
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m model", description="loopcord model worker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("--config", help="config file (default: config.yaml or $LOOPCORD_CONFIG)")
+    serve.add_argument("--model", help="base model directory (overrides model.base)")
+    serve.add_argument("--host", help="bind address (overrides worker.host)")
+    serve.add_argument("--port", type=int, help="port (overrides worker.port; 0 picks a free one)")
+    serve.add_argument("--served-model-name", help="the base model's id in the API (default: its path)")
+    serve.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                       help="load a LoRA adapter at start (repeatable; adds to worker.adapters)")
+    serve.add_argument("--max-batch-size", type=int, help="overrides worker.max_batch_size")
+    serve.add_argument("--max-queue", type=int, help="overrides worker.max_queue")
+    serve.add_argument("--device", help="overrides worker.device (auto, cpu, cuda, cuda:N)")
+    serve.add_argument("--dtype", help="overrides worker.dtype")
+    return parser.parse_args(argv)
+
+
+def startup_adapters(cfg, lora_flags: list[str]) -> dict[str, str]:
+    adapters = {name: str(cfg.path(p)) for name, p in cfg.worker.adapters.items()}
+    for flag in lora_flags:
+        name, sep, path = flag.partition("=")
+        if not sep or not name or not path:
+            raise ServeError(f"--lora {flag!r}: expected NAME=PATH")
+        adapters[name] = path
+    return adapters
+
+
+def build_worker(cfg, args):
+    """Load the model and adapters; returns the server.Worker (torch imported here)."""
+    from model.adapters import AdapterTable, check_adapter_dir, linear_shapes
+    from model.engine import Engine
+    from model.errors import APIError
+    from model.loading import load_base
+    from model.metrics import WorkerMetrics
+    from model.server import Worker
+
+    base = args.model or (str(cfg.path(cfg.model.base)) if cfg.model.base else None)
+    if not base:
+        raise ServeError("no base model: set model.base in the config or pass --model PATH "
+                         "(the bot and trainer build the demo base under model.demo_dir)")
+    loaded = load_base(base, args.device or cfg.worker.device, args.dtype or cfg.worker.dtype, cfg.worker.max_context)
+    shapes = linear_shapes(loaded.model)
+    table, metrics = AdapterTable(), WorkerMetrics()
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_ids, loaded.device,
+                    args.max_batch_size or cfg.worker.max_batch_size, args.max_queue or cfg.worker.max_queue,
+                    table, metrics)
+    for name, path in startup_adapters(cfg, args.lora).items():
+        try:
+            check_adapter_dir(path, shapes)
+        except APIError as exc:
+            raise ServeError(f"adapter {name!r}: {exc.message}") from None
+        internal = table.new_internal_name()
+        engine.load_adapter(internal, path)  # engine thread not started yet: safe here
+        table.publish(name, internal, path)
+    return Worker(engine=engine, tokenizer=loaded.tokenizer, base_id=args.served_model_name or (args.model or base),
+                  base_path=base, device=loaded.device, dtype=loaded.dtype, max_context=loaded.max_context,
+                  linear_shapes=shapes, adapters=table, metrics=metrics, api_key=secret(cfg.model.api_key_env))
+
+
+async def drain(worker, timeout: float) -> None:
+    """Refuse new requests (503) and wait for in-flight ones, up to `timeout` seconds."""
+    worker.draining = True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.active == 0 and worker.engine.running() == 0 and worker.engine.waiting() == 0:
+            return
+        await asyncio.sleep(DRAIN_POLL_S)
+    log.warning("drain timeout (%.0fs): %d request(s) cut off", timeout, worker.active)
+
+
+async def serve(worker, host: str, port: int, drain_timeout: float) -> None:
+    from aiohttp import web
+
+    from model.server import build_app
+
+    # handler_cancellation: a client that disconnects cancels its handler, which frees its slot.
+    runner = web.AppRunner(build_app(worker), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_port = site._server.sockets[0].getsockname()[1]
+    worker.engine.start()
+    log.info("loopcord worker serving http://%s:%d base=%s device=%s dtype=%s adapters=%s",
+             host, bound_port, worker.base_id, worker.device, worker.dtype, worker.adapters.paths() or "{}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0fs)", drain_timeout)
+    await drain(worker, drain_timeout)
+    await runner.cleanup()
+    worker.engine.stop()
+    log.info("stopped")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        worker = build_worker(cfg, args)
+    except (ConfigError, ServeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except Exception as exc:
+        from model.loading import LoadError
+
+        if isinstance(exc, LoadError):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        raise
+    host = args.host or cfg.worker.host
+    port = cfg.worker.port if args.port is None else args.port
+    asyncio.run(serve(worker, host, port, cfg.worker.drain_timeout_s))
+    return 0
