@@ -102,6 +102,7 @@ INTERACTION_DEADLINE_S = 3.0
 DEFAULT_RATE_LIMIT = (5, 5.0)  # message sends/edits per channel, as Discord
 OTHER_RATE_LIMIT = (50, 1.0)  # everything else (Discord's global limit)
 MAX_HISTORY_LIMIT = 100
+SESSION_LOG_LIMIT = 10000  # dispatched frames kept per session for RESUME replay
 
 # Message flags
 FLAG_SUPPRESS_EMBEDS = 1 << 2
@@ -120,6 +121,13 @@ INTENT_MESSAGE_CONTENT = 1 << 15
 
 # Permissions
 PERM_ADMINISTRATOR = 1 << 3
+PERM_ADD_REACTIONS = 1 << 6
+PERM_VIEW_CHANNEL = 1 << 10
+PERM_SEND_MESSAGES = 1 << 11
+PERM_MANAGE_MESSAGES = 1 << 13
+PERM_ATTACH_FILES = 1 << 15
+PERM_CREATE_PUBLIC_THREADS = 1 << 35
+PERM_SEND_MESSAGES_IN_THREADS = 1 << 38
 ALL_PERMISSIONS = (1 << 51) - 1
 # What a fresh guild's @everyone may do (view, send, embed, attach, history,
 # react, use application commands, public threads, send in threads).
@@ -225,7 +233,8 @@ def emoji_from_url(raw: str) -> dict:
     text = urllib.parse.unquote(raw)
     if ":" in text:
         name, _, eid = text.rpartition(":")
-        return {"id": eid, "name": name.lstrip("a:") if name.startswith("a:") else name}
+        animated = name.startswith("a:")
+        return {"id": eid, "name": name[2:] if animated else name, **({"animated": True} if animated else {})}
     return {"id": None, "name": text}
 
 
@@ -387,6 +396,8 @@ class Session:
             self.seq += 1
             frame = {"op": 0, "t": event, "s": self.seq, "d": data}
             self.log.append(frame)
+            if len(self.log) > SESSION_LOG_LIMIT:
+                del self.log[: len(self.log) - SESSION_LOG_LIMIT]
             await send_frame(self.ws, self.compressor, frame)
 
 
@@ -658,6 +669,13 @@ class FakeDiscord:
         self._after_ready(lambda s: ("GUILD_ROLE_CREATE", {"guild_id": g, "role": role}), INTENT_GUILDS)
         return rid
 
+    def set_role_permissions(self, guild: Id, role: Id, permissions: int) -> None:
+        """Change a role's permissions (the @everyone role's id is the guild id)."""
+        g = self._guild_id(guild)
+        role_dict = self._roles[g][sid(role)]
+        role_dict["permissions"] = str(permissions)
+        self._after_ready(lambda s: ("GUILD_ROLE_UPDATE", {"guild_id": g, "role": role_dict}), INTENT_GUILDS)
+
     def add_member(self, guild: Id, user: Id, roles: Optional[list[Id]] = None, *, nick: Optional[str] = None) -> dict:
         g, u = self._guild_id(guild), sid(user)
         self.user(u)
@@ -825,7 +843,7 @@ class FakeDiscord:
             "id": mid, "channel_id": channel["id"], "type": msg_type, "content": content,
             "timestamp": now_iso(), "edited_timestamp": None, "tts": bool(payload.get("tts")),
             "mention_everyone": False, "mentions": self._mention_list(channel, [sid(m) for m in mentions]),
-            "mention_roles": [], "mention_channels": [], "attachments": attachments,
+            "mention_roles": re.findall(r"<@&(\d+)>", content), "mention_channels": [], "attachments": attachments,
             "embeds": payload.get("embeds") or [], "reactions": [], "pinned": False,
             "flags": int(payload.get("flags") or 0), "components": payload.get("components") or [],
             "nonce": payload.get("nonce"), "sticker_items": [], "position": 0,
@@ -1007,7 +1025,7 @@ class FakeDiscord:
         g = chan.get("guild_id")
         iid = sid(self._ids.next())
         payload: dict[str, Any] = {
-            "id": iid, "application_id": sid(self.application_id), "type": itype, "token": f"aW50ZXJhY3Rpb246{iid}:{secrets.token_urlsafe(48)}",
+            "id": iid, "application_id": sid(self.application_id), "type": itype, "token": f"aW50ZXJhY3Rpb246{iid}{secrets.token_urlsafe(48)}",
             "version": 1, "channel_id": chan["id"], "channel": dict(chan), "locale": "en-US",
             "entitlements": [], "attachment_size_limit": ATTACHMENT_SIZE_LIMIT,
         }
@@ -1572,6 +1590,19 @@ class FakeDiscord:
             raise ApiError(404, E_UNKNOWN_MESSAGE, "Unknown Message")
         return msg
 
+    def _require_bot_permission(self, chan: dict, needed: int) -> None:
+        """403 50013 when the bot's guild permissions lack `needed` (DMs need none)."""
+        g = chan.get("guild_id")
+        if not g:
+            return
+        have = self.permissions(g, self.bot_id)
+        needed |= PERM_VIEW_CHANNEL
+        if have & needed != needed:
+            raise ApiError(403, E_MISSING_PERMISSIONS, "Missing Permissions")
+
+    def _send_permission(self, chan: dict) -> int:
+        return PERM_SEND_MESSAGES_IN_THREADS if chan["type"] in THREAD_TYPES else PERM_SEND_MESSAGES
+
     async def _r_get_channel(self, req: Req):
         return 200, self._rest_channel(req)
 
@@ -1597,6 +1628,7 @@ class FakeDiscord:
 
     async def _r_send(self, req: Req):
         chan = self._rest_channel(req)
+        self._require_bot_permission(chan, self._send_permission(chan) | (PERM_ATTACH_FILES if req.files else 0))
         payload = req.payload if isinstance(req.payload, dict) else {}
         self._validate(payload, creating=True, has_files=bool(req.files))
         payload = {**payload, "mentions": None}  # the bot's mentions are parsed from its content
@@ -1641,7 +1673,7 @@ class FakeDiscord:
         msg = self._rest_message(chan, req)
         if msg["author"]["id"] != sid(self.bot_id):
             g = chan.get("guild_id")
-            if not g or not self.permissions(g, self.bot_id) & (1 << 13):  # MANAGE_MESSAGES
+            if not g or not self.permissions(g, self.bot_id) & PERM_MANAGE_MESSAGES:
                 raise ApiError(403, E_MISSING_PERMISSIONS, "Missing Permissions")
         await self._delete_message(msg)
         return 204, None
@@ -1656,6 +1688,7 @@ class FakeDiscord:
 
     async def _r_typing(self, req: Req):
         chan = self._rest_channel(req)
+        self._require_bot_permission(chan, self._send_permission(chan))
         self.typing.append((int(chan["id"]), time.time()))
         return 204, None
 
@@ -1663,6 +1696,8 @@ class FakeDiscord:
         chan = self._rest_channel(req)
         msg = self._rest_message(chan, req)
         emoji = emoji_from_url(req.params["emoji"])
+        if not self._reactors.get(msg["id"], {}).get(emoji_key(emoji)):
+            self._require_bot_permission(chan, PERM_ADD_REACTIONS)  # adding to an existing reaction needs none
         if not emoji["name"] and not emoji["id"]:
             raise ApiError(400, E_UNKNOWN_EMOJI, "Unknown Emoji")
         await self._react(chan, msg, sid(self.bot_id), emoji, add=True)
@@ -1679,6 +1714,7 @@ class FakeDiscord:
         msg = self._rest_message(chan, req)
         if chan["type"] != CHANNEL_TEXT:
             raise ApiError(400, 50024, "Cannot execute action on this channel type")
+        self._require_bot_permission(chan, PERM_CREATE_PUBLIC_THREADS)
         if msg.get("thread"):
             raise ApiError(400, 160004, "A thread has already been created for this message")
         name = self._thread_name(req)
@@ -1769,10 +1805,10 @@ class FakeDiscord:
         component_types = (IT_COMPONENT, IT_MODAL_SUBMIT)
         if cb_type == CB_MESSAGE:
             self._validate(data, creating=True, has_files=bool(files))
-            msg = self._interaction_message(it, chan, data, files)
+            msg = await self._interaction_message(it, chan, data, files)
             return {"type": cb_type, "message": self.wire(msg)}
         if cb_type == CB_DEFERRED_MESSAGE:
-            msg = self._interaction_message(it, chan, {"flags": int(data.get("flags") or 0) | FLAG_LOADING}, [], empty_ok=True)
+            msg = await self._interaction_message(it, chan, {"flags": int(data.get("flags") or 0) | FLAG_LOADING}, [], empty_ok=True)
             return {"type": cb_type, "message": self.wire(msg)}
         if cb_type in (CB_DEFERRED_UPDATE, CB_UPDATE):
             if it.type not in component_types or not it.component_message_id:
@@ -1796,7 +1832,7 @@ class FakeDiscord:
             return None
         raise form_error("type", "BASE_TYPE_CHOICES", f"Value must be one of (4, 5, 6, 7, 8, 9); got {cb_type!r}.")
 
-    def _interaction_message(self, it: FakeInteraction, chan: dict, data: dict, files: list, *, empty_ok: bool = False) -> MessageDict:
+    async def _interaction_message(self, it: FakeInteraction, chan: dict, data: dict, files: list, *, empty_ok: bool = False) -> MessageDict:
         user = it.payload.get("member", {}).get("user") or it.payload.get("user")
         command_type = (it.payload.get("data") or {}).get("type", 1)
         msg_type = {1: 20, 2: 23, 3: 23}.get(command_type, 20) if it.type == IT_COMMAND else 0
@@ -1808,7 +1844,7 @@ class FakeDiscord:
         payload = {**data, "mentions": None}
         msg = self._new_message(chan, sid(self.bot_id), payload, self._attachments(data, files), msg_type=msg_type, extra=extra)
         it.original_id = msg["id"]
-        self._spawn(self._dispatch_message("MESSAGE_CREATE", msg))
+        await self._dispatch_message("MESSAGE_CREATE", msg)
         return msg
 
     def _webhook_message(self, it: FakeInteraction, ref: str) -> MessageDict:

@@ -338,3 +338,85 @@ async def test_wrong_token_is_refused(fake, world):
         await client.login("not-the-token")
     await client.close()
     assert fake.unhandled == []
+
+
+async def test_streaming_edits_of_a_deferred_answer_all_land(fake, world):
+    fake.rate_limit = (5, 1.0)
+    client = make_client()
+    tree = app_commands.CommandTree(client)
+
+    @tree.command(name="stream", description="Streams an answer")
+    async def stream(interaction: discord.Interaction):
+        await interaction.response.defer()
+        text = ""
+        for word in ["one", "two", "three", "four", "five", "six", "seven"]:
+            text += word + " "
+            await interaction.edit_original_response(content=text.strip())
+
+    async with running(client, fake):
+        await tree.sync()
+        it = await fake.slash_command(world["chan"], world["alice"], "stream")
+        await fake.wait_for(lambda: it.original and it.original["content"].endswith("seven"))
+    assert it.original["edits"][0] == "" and len(it.original["edits"]) == 8
+    assert not it.original["flags"] & 128  # no longer "thinking"
+    assert fake.rejections == []
+
+
+async def test_bot_threads_typing_and_permissions(fake, world):
+    client = make_client()
+
+    @client.event
+    async def on_message(message: discord.Message):
+        if message.content == "start a thread":
+            async with message.channel.typing():
+                thread = await message.create_thread(name="discussion")
+            await thread.send("inside")
+
+    async with running(client, fake):
+        msg = await fake.post_message(world["chan"], world["alice"], "start a thread")
+        inside = await fake.wait_for(lambda: fake.messages(msg["id"]))  # thread id == starter message id
+        assert inside[0]["content"] == "inside" and inside[0]["guild_id"] == str(world["guild"])
+        assert fake.typing and fake.typing[0][0] == world["chan"]
+        await fake.wait_for(lambda: client.get_channel(int(msg["id"])) is not None)
+
+        fake.set_role_permissions(world["guild"], world["guild"], 1 << 10)  # @everyone may only view
+        with pytest.raises(discord.Forbidden):
+            await client.get_channel(world["chan"]).send("nope")
+    assert fake.rejections[-1]["code"] == 50013
+
+
+async def test_invalidated_session_identifies_again(fake, world):
+    client = make_client()
+    connects: list[str] = []
+
+    @client.event
+    async def on_ready():
+        connects.append("ready")
+
+    async with running(client, fake):
+        await fake.disconnect_gateway(resumable=False)
+        await fake.wait_for(lambda: len(connects) == 2, timeout=15)
+        await fake.post_message(world["chan"], world["alice"], "after")
+        assert fake.connected
+
+
+async def test_auto_sharded_client_uses_gateway_bot(fake, world):
+    client = discord.AutoShardedClient(intents=discord.Intents.all(), guild_ready_timeout=0.05)
+    async with running(client, fake):
+        assert client.get_guild(world["guild"]) is not None
+    assert ("GET", "/gateway/bot", 200) in fake.requests
+
+
+async def test_history_and_unknown_routes(fake, world):
+    client = make_client()
+    async with running(client, fake):
+        for i in range(5):
+            await fake.post_message(world["chan"], world["alice"], f"m{i}")
+        channel = client.get_channel(world["chan"])
+        newest_first = [m.content async for m in channel.history(limit=3)]
+        assert newest_first == ["m4", "m3", "m2"]
+        oldest_first = [m.content async for m in channel.history(limit=None, oldest_first=True)]
+        assert oldest_first == [f"m{i}" for i in range(5)]
+        with pytest.raises(discord.NotFound):
+            await channel.pins()
+    assert fake.unhandled and fake.unhandled[0]["method"] == "GET"
