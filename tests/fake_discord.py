@@ -51,6 +51,13 @@ id accepts ``int`` or ``str``.
     fake.typing                # [(channel_id, time)]
     fake.commands              # registered application commands; guild ones carry "guild_id"
     fake.presence              # last op 3 presence update
+    fake.requests              # [(method, path, status)] for every REST call
+    fake.reactions(msg_id)     # {emoji: [user ids]} currently reacting
+    fake.permissions(guild, user)                      # effective guild permissions (int)
+    fake.set_role_permissions(guild, role, perms)      # @everyone's role id is the guild id
+    fake.set_member_roles(guild, user, [role]); await fake.edit_user_message(msg_id, "new text")
+    fake.connected             # a gateway session has a live socket
+    await fake.request_reconnect()                  # op 7 RECONNECT
     await fake.disconnect_gateway()                 # the client should RESUME
     await fake.disconnect_gateway(resumable=False)  # the next RESUME gets op 9
     await fake.stop()
@@ -67,12 +74,30 @@ Example (a test)::
 
 ``strict=False`` keeps recording violations in ``rejections`` but lets the
 requests through (for benchmarks that only want the numbers).
+
+What is enforced (all recorded in ``rejections`` unless noted): content over
+2000 chars (400 50035 BASE_TYPE_MAX_LENGTH), empty messages (400 50006),
+editing another user's message (403 50005), unknown channel/message (404
+10003/10008), missing bot permissions from its roles (403 50013: view+send,
+send in threads, attach files, add reactions, create threads), a reply to an
+unknown message, invalid JSON (50109), rate limits (429 counted in
+``rate_limited``; sends and edits share one bucket per channel, webhook writes
+one per interaction token, other routes 50/s), interaction callbacks after the
+deadline (404 10062) or twice (400 40060), followups before the first response
+(404 10015), invalid modals and command payloads (50035). Gateway: bad token
+4004, ops before IDENTIFY 4003, second IDENTIFY 4005, bad JSON 4002; events are
+filtered by the session's intents and message content is blanked without the
+MESSAGE_CONTENT intent (except DMs, mentions of the bot and its own messages).
+Messages that discord.py sends are dispatched back as MESSAGE_CREATE/UPDATE
+(ephemeral ones are not, as on Discord); the first followup after a "thinking"
+defer fills the deferred message, as on Discord.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import itertools
 import json
 import math
@@ -167,6 +192,8 @@ E_INVALID_FORM_BODY = 50035
 E_INVALID_JSON = 50109
 
 MessageDict = dict[str, Any]
+# The REST request being handled (each aiohttp handler runs in its own task/context).
+_current_request: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("fake_discord_request", default=("-", "-"))
 
 
 class FakeDiscordError(Exception):
@@ -1399,6 +1426,7 @@ class FakeDiscord:
             headers = RateLimiter.headers(bucket)
             if not ok:
                 return self._rate_limited_response(method, path, headers, bucket)
+            _current_request.set((method, path))
             try:
                 req = Req(method, path, params, request.query)
                 await self._read_body(request, req)
@@ -1468,7 +1496,8 @@ class FakeDiscord:
         """Raise a Discord rejection, or (strict=False) only record it and let the request through."""
         if self.strict:
             raise e
-        self.rejections.append({"method": "-", "path": "-", "status": e.status, "code": e.code,
+        method, path = _current_request.get()
+        self.rejections.append({"method": method, "path": path, "status": e.status, "code": e.code,
                                 "reason": f"(allowed, strict=False) {e.message} {json.dumps(e.errors) if e.errors else ''}"})
 
     def _validate(self, payload: dict, *, creating: bool, has_files: bool) -> None:

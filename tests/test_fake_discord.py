@@ -152,7 +152,7 @@ async def test_slash_command_defer_and_followup(fake, world):
 
     @tree.command(name="ping", description="Ping")
     async def ping(interaction: discord.Interaction):
-        await interaction.response.send_message("pong", ephemeral=True)
+        await interaction.response.send_message("pong", ephemeral=True, file=discord.File(io.BytesIO(b"x"), "p.txt"))
 
     async with running(client, fake):
         guild = client.get_guild(world["guild"])
@@ -168,7 +168,7 @@ async def test_slash_command_defer_and_followup(fake, world):
 
         pong = await fake.slash_command(world["chan"], world["alice"], "ping")
         assert (await pong.wait_response())["data"]["content"] == "pong"
-        assert pong.original["flags"] & 64
+        assert pong.original["flags"] & 64 and pong.original["attachments"][0]["filename"] == "p.txt"
     assert fake.rejections == [] and fake.unhandled == []
 
 
@@ -420,3 +420,69 @@ async def test_history_and_unknown_routes(fake, world):
         with pytest.raises(discord.NotFound):
             await channel.pins()
     assert fake.unhandled and fake.unhandled[0]["method"] == "GET"
+
+
+async def test_rest_speaks_discords_wire_format(fake, world):
+    """Raw HTTP: exact JSON content type, auth, rate-limit headers and the 429 body discord.py needs."""
+    fake.rate_limit = (3, 5.0)
+    url = f"{fake.api_base}/channels/{world['chan']}/messages"
+    auth = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{fake.api_base}/users/@me") as resp:
+            assert resp.status == 401
+        async with session.post(url, data=b"{not json", headers={**auth, "Content-Type": "application/json"}) as resp:
+            assert resp.status == 400 and (await resp.json())["code"] == 50109
+        statuses = []
+        for i in range(3):
+            async with session.post(url, json={"content": f"m{i}"}, headers=auth) as resp:
+                statuses.append(resp.status)
+                assert resp.headers["Content-Type"] == "application/json"
+                assert resp.headers["X-RateLimit-Bucket"] and "X-RateLimit-Reset-After" in resp.headers
+                body = await resp.json()
+        assert statuses == [200, 200, 429]
+        assert body["global"] is False and 0 < body["retry_after"] <= 5.0
+        assert resp.headers["Via"] and int(resp.headers["Retry-After"]) >= 1
+    assert fake.rate_limited == 1 and len(fake.messages(world["chan"])) == 2
+
+
+async def test_gateway_protocol_errors_close_with_discords_codes(fake, world):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{fake.gateway_url}?v=10&encoding=json") as ws:
+            hello = await ws.receive_json()
+            assert hello["op"] == 10 and hello["d"]["heartbeat_interval"] > 0
+            await ws.send_json({"op": 1, "d": None})
+            assert (await ws.receive_json())["op"] == 11
+            await ws.send_json({"op": 8, "d": {"guild_id": str(world["guild"])}})  # before IDENTIFY
+            await ws.receive()
+            assert ws.close_code == 4003
+        async with session.ws_connect(fake.gateway_url) as ws:
+            await ws.receive_json()
+            await ws.send_json({"op": 2, "d": {"token": "wrong", "intents": 513, "properties": {}}})
+            await ws.receive()
+            assert ws.close_code == 4004
+        async with session.ws_connect(fake.gateway_url) as ws:
+            await ws.receive_json()
+            await ws.send_json({"op": 2, "d": {"token": fake.token, "intents": 513, "properties": {}}})
+            ready = await ws.receive_json()
+            assert ready["t"] == "READY" and ready["s"] == 1 and ready["d"]["resume_gateway_url"]
+            guild = await ws.receive_json()
+            assert guild["t"] == "GUILD_CREATE" and guild["s"] == 2
+            await ws.send_json({"op": 8, "d": {"guild_id": str(world["guild"]), "query": "ali", "limit": 0}})
+            chunk = await ws.receive_json()
+            assert chunk["t"] == "GUILD_MEMBERS_CHUNK" and [m["user"]["username"] for m in chunk["d"]["members"]] == ["alice"]
+
+
+async def test_lenient_mode_records_but_accepts():
+    fake = FakeDiscord(strict=False)
+    await fake.start()
+    try:
+        guild = fake.add_guild("g")
+        chan = fake.add_channel(guild, "c")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{fake.api_base}/channels/{chan}/messages", json={"content": "x" * 2001},
+                                    headers={"Authorization": f"Bot {fake.token}"}) as resp:
+                assert resp.status == 200
+        assert len(fake.messages(chan)[0]["content"]) == 2001
+        assert [(r["method"], r["code"]) for r in fake.rejections] == [("POST", 50035)]
+    finally:
+        await fake.stop()
