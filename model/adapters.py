@@ -106,9 +106,10 @@ class AdapterTable:
             self._reap(version)
             return version.internal
 
-    def in_use(self) -> int:
+    def holds(self) -> dict[str, int]:
+        """Public name -> requests holding its current version (for /health)."""
         with self._lock:
-            return sum(v.refs for v in self._versions.values())
+            return {n: v.refs for n, v in self._current.items()}
 
 
 def linear_shapes(model) -> dict[str, tuple[int, int]]:

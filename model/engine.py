@@ -60,6 +60,7 @@ class Sequence:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
     adapter: Optional[AdapterVersion] = None  # held version; None = base model
     arrival: float = field(default_factory=time.monotonic)
     # runtime state
@@ -152,6 +153,7 @@ class Engine:
         self.peft = False  # becomes True when the first adapter wraps the model
         self.sleeping = False
         self.batch: Optional[Batch] = None
+        self._admitting: list[Sequence] = []  # taken from the queue, being prefilled
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._commands: collections.deque[_Command] = collections.deque()
         self._cond = threading.Condition()
@@ -187,7 +189,7 @@ class Engine:
 
     def running(self) -> int:
         batch = self.batch
-        return len(batch.seqs) if batch is not None else 0
+        return (len(batch.seqs) if batch is not None else 0) + len(self._admitting)
 
     def waiting(self) -> int:
         return len(self._waiting)
@@ -257,6 +259,7 @@ class Engine:
                 self._waiting.popleft()
                 budget -= len(seq.prompt_ids)
                 joiners.append(seq)
+            self._admitting = joiners
         return joiners
 
     def _forward(self, seqs: list[Sequence], input_ids, mask, position_ids, cache):
@@ -309,10 +312,12 @@ class Engine:
             for seq in joiners:
                 self._finish_error(seq, "prefill failed")
                 self._release(seq)
+            self._admitting = []
             raise
         self.metrics.tokens(prompt=sum(len(s.prompt_ids) for s in joiners))
         self._accept(new.seqs, new.next_tokens)
         self.batch = new if self.batch is None else merge_batches(self.batch, new)
+        self._admitting = []  # after the batch holds them, so running() never dips
 
     def _decode_step(self) -> None:
         batch = self.batch
@@ -330,7 +335,7 @@ class Engine:
                                  now - (seq.arrival if not seq.generated else seq.last_token_at))
             seq.last_token_at = now
             seq.generated.append(token)
-            if token in self.eos_ids:
+            if token in self.eos_ids and not seq.ignore_eos:
                 self._finish(seq, "stop")
                 continue
             text = seq.stops.feed(seq.detok.push(token))

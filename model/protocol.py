@@ -28,6 +28,7 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past end-of-turn
     include_usage: bool = True  # the last chunk always carries usage (see server docs)
 
 
@@ -110,6 +111,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request(f"'stream' must be true or false, got {stream!r}", "stream")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad_request(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
@@ -122,6 +126,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stop=stop,
         seed=seed,
         stream=stream,
+        ignore_eos=ignore_eos,
         include_usage=True,  # always: the bot logs token counts (stream_options honoured trivially)
     )
 

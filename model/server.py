@@ -116,7 +116,8 @@ class Worker:
                                param="model", code="model_not_found")
         loop = asyncio.get_running_loop()
         seq = Sequence(prompt_ids=[], max_tokens=1, emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                       temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop, adapter=adapter)
+                       temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+                       ignore_eos=req.ignore_eos, adapter=adapter)
         try:
             seq.prompt_ids = self.prompt_ids(req.messages)
             seq.max_tokens = protocol.check_context(len(seq.prompt_ids), req.max_tokens, self.max_context)
@@ -259,6 +260,7 @@ async def health(request: web.Request) -> web.Response:
         "base": worker.base_id,
         "base_path": worker.base_path,
         "adapters": worker.adapters.paths(),
+        "adapter_requests": worker.adapters.holds(),
         "queue_depth": worker.engine.waiting(),
         "running": worker.engine.running(),
         "device": worker.device,
