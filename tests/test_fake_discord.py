@@ -486,3 +486,22 @@ async def test_lenient_mode_records_but_accepts():
         assert [(r["method"], r["code"]) for r in fake.rejections] == [("POST", 50035)]
     finally:
         await fake.stop()
+
+
+async def test_slash_command_in_a_dm(fake, world):
+    client = make_client()
+    tree = app_commands.CommandTree(client)
+    seen: list[tuple[str, bool]] = []
+
+    @tree.command(name="whoami", description="Who am I")
+    async def whoami(interaction: discord.Interaction):
+        seen.append((interaction.user.name, isinstance(interaction.channel, discord.DMChannel)))
+        await interaction.response.send_message(f"you are {interaction.user.name}")
+
+    async with running(client, fake):
+        await tree.sync()
+        dm = fake.dm_channel(world["alice"])
+        it = await fake.slash_command(dm, world["alice"], "whoami")
+        assert (await it.wait_response())["data"]["content"] == "you are alice"
+        assert "user" in it.payload and "member" not in it.payload
+    assert seen == [("alice", True)]
