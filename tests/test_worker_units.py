@@ -1,0 +1,103 @@
+"""The worker's pure pieces: streaming text, stop strings, adapter versions, request checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.adapters import AdapterInUse, AdapterTable, check_adapter_dir
+from model.detokenize import IncrementalDetokenizer, StopStrings
+from model.errors import APIError
+from model.protocol import check_context, parse_chat_request
+
+
+def test_incremental_detokenizer_releases_only_whole_characters(tiny_base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    text = "春天来了，你好！Grüße 🌸 naïve café 東京"
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in tok(text, add_special_tokens=False)["input_ids"]] + [detok.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == text
+    assert sum(1 for p in pieces if p) > 3  # it really streamed, not one blob at the end
+
+
+def feed_all(stops, deltas):
+    s = StopStrings(stops)
+    out = [s.feed(d) for d in deltas]
+    return out, s.flush(), s.stopped
+
+
+def test_stop_string_split_across_deltas_never_leaks():
+    out, tail, stopped = feed_all(["</end>"], ["Hello </", "en", "d> more"])
+    assert "".join(out) + tail == "Hello " and stopped
+    assert "</" not in "".join(out)
+
+
+def test_held_prefix_is_released_when_it_is_not_a_stop():
+    out, tail, stopped = feed_all(["STOP"], ["ab ST", "x", "y"])
+    assert "".join(out) + tail == "ab STxy" and not stopped
+    out, tail, stopped = feed_all(["STOP"], ["ab ST"])  # generation ended with a partial stop
+    assert out == ["ab "] and tail == "ST"
+
+
+def test_earliest_of_several_stops_wins():
+    out, tail, stopped = feed_all(["world", "lo"], ["hello world"])
+    assert out == ["hel"] and stopped
+
+
+def test_swapped_adapter_is_deleted_only_after_its_last_request():
+    table = AdapterTable()
+    v1 = table.new_internal_name()
+    assert table.publish("me", v1, "/a1") is None
+    held = table.acquire("me")
+    v2 = table.new_internal_name()
+    assert table.publish("me", v2, "/a2") is None  # v1 still in use: not deleted yet
+    assert table.acquire("me").internal == v2  # new requests get the new version
+    assert table.release(held) is True  # last user of v1 gone: delete it now
+    assert table.paths() == {"me": "/a2"}
+
+
+def test_unload_refused_while_a_request_holds_it():
+    table = AdapterTable()
+    table.publish("me", table.new_internal_name(), "/a")
+    held = table.acquire("me")
+    with pytest.raises(AdapterInUse):
+        table.unload("me")
+    table.release(held)
+    assert table.unload("me").startswith("lc") and "me" not in table
+    with pytest.raises(KeyError):
+        table.unload("me")
+
+
+def test_adapter_dir_checks_name_the_problem(tmp_path):
+    with pytest.raises(APIError, match="not a directory"):
+        check_adapter_dir(str(tmp_path / "nope"), {})
+    with pytest.raises(APIError, match="adapter_config.json is missing"):
+        check_adapter_dir(str(tmp_path), {})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(APIError, match="not a LoRA adapter"):
+        check_adapter_dir(str(tmp_path), {})
+    (tmp_path / "adapter_config.json").write_text("{broken")
+    with pytest.raises(APIError, match="not valid JSON"):
+        check_adapter_dir(str(tmp_path), {})
+
+
+def test_request_parsing_accepts_openai_shapes_and_names_bad_params():
+    req = parse_chat_request({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                              "stop": "x", "max_completion_tokens": 5, "stream": True})
+    assert req.messages == [{"role": "user", "content": "hi"}] and req.stop == ["x"] and req.max_tokens == 5
+    for body, param in (({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+                        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "x"}], "seed": 1.5}, "seed")):
+        with pytest.raises(APIError) as err:
+            parse_chat_request(body)
+        assert err.value.status == 400 and err.value.param == param
+
+
+def test_context_check_reports_counts_and_defaults_to_the_rest():
+    assert check_context(100, None, 2048) == 1948
+    with pytest.raises(APIError, match="2048.*2100.*100.*2000"):
+        check_context(100, 2000, 2048)
