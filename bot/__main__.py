@@ -1,0 +1,68 @@
+"""`python -m bot [--config FILE]`: run the Discord bot, or the terminal mode without a token.
+
+With the Discord token env var (`discord.token_env`) set, the bot connects to
+Discord; without it, `bot.local` runs the same core in the terminal. Start-up
+problems (bad config, unusable store, no model) stop with one line saying what
+to fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from model.config import ConfigError, load_config, secret
+
+from bot.store import StoreError
+from bot.supervisor import WorkerStartError
+
+log = logging.getLogger("bot")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bot", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="config file (default: $LOOPCORD_CONFIG or ./config.yaml)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return p.parse_args(argv)
+
+
+async def _run_until_signalled(coro) -> None:
+    """Run `coro`; SIGTERM/SIGINT cancel it so shutdown (worker included) runs in order."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, task.cancel)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("shutting down")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+        token = secret(cfg.discord.token_env)
+        if token is None:
+            from bot.local import main as local_main  # the terminal front-end
+
+            return local_main(cfg) or 0
+        from bot.discord_app import run_discord
+
+        asyncio.run(_run_until_signalled(run_discord(cfg, token)))
+    except (ConfigError, StoreError, WorkerStartError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

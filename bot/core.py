@@ -1,0 +1,307 @@
+"""The bot's runtime, free of Discord: answer conversations, take feedback, forget users.
+
+`Core` owns the config, the store, the model client (and the worker child when
+the bot runs its own), the in-flight limit, the per-user rate limit and the
+choice of model (the promoted adapter's alias when the server lists it, else
+the base). The Discord front-end (`discord_app.py`) and the terminal front-end
+(`local.py`) both drive it with plain data: `Request`s of `Turn`s in, text
+deltas and `AnswerResult`s out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+from model.client import (
+    ModelBadRequest,
+    ModelClient,
+    ModelError,
+    ModelOverloaded,
+    ModelUnavailable,
+)
+from model.config import Config, secret
+
+from bot.context import Turn, build_prompt
+from bot.inflight import InflightLimiter
+from bot.policy import RateLimiter
+from bot.store import Store
+from bot.supervisor import WorkerSupervisor
+
+log = logging.getLogger(__name__)
+
+MODEL_CHOICE_TTL_S = 5.0  # re-ask the server which models it serves at most this often
+
+# What users read when something goes wrong (details go to the log).
+MSG_UNREACHABLE = "⚠️ The model is not reachable right now. Please try again in a minute."
+MSG_RESTARTING = "⚠️ The model is restarting. Please try again in a minute."
+MSG_OVERLOADED = "⚠️ The model is busy right now. Please try again in {seconds} seconds."
+MSG_BAD_REQUEST = "⚠️ The model could not take this request: {reason}"
+MSG_FAILED = "⚠️ Something went wrong while answering; the details are in the bot's log."
+CUT_OFF_MARK = "\n\n… ⚠️ answer cut off: the model stopped responding"
+MSG_RATE_LIMITED = "You're sending questions faster than I can keep up. Please wait {seconds} s and ask again."
+MSG_QUEUED = "⏳ In queue: position {position}"
+
+
+class FeedbackError(ValueError):
+    """Feedback the core cannot accept; the message is for the user."""
+
+
+@dataclass
+class Request:
+    """A question to answer: the conversation so far (oldest first, question last)."""
+
+    user_id: int
+    turns: list[Turn]
+    guild_id: Optional[int] = None
+    channel_id: Optional[int] = None
+    message_id: Optional[int] = None
+
+
+@dataclass
+class ModelChoice:
+    name: str  # the `model` field of requests
+    adapter_version: Optional[str]  # None when answering with the base model
+
+
+@dataclass
+class AnswerResult:
+    """What happened while answering; `display` is what the user should see at the end."""
+
+    prompt: list[dict]
+    text: str = ""
+    status: str = "complete"  # complete | cut_off | error
+    model: Optional[str] = None
+    adapter_version: Optional[str] = None
+    notice: Optional[str] = None  # user-facing words for an error
+    ttft_ms: Optional[float] = None
+    total_ms: Optional[float] = None
+
+    @property
+    def display(self) -> str:
+        if self.status == "cut_off":
+            return self.text + CUT_OFF_MARK
+        if self.status == "error":
+            return self.notice or MSG_FAILED
+        return self.text
+
+
+@dataclass
+class AnswerStream:
+    """Async iterator of text deltas; `result` is complete once iteration ends."""
+
+    result: AnswerResult
+    _gen: AsyncIterator[str] = field(repr=False, default=None)
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._gen
+
+
+def _error_notice(exc: ModelError, worker_state: Optional[str]) -> str:
+    if isinstance(exc, ModelOverloaded):
+        seconds = max(int(round(getattr(exc, "retry_after", None) or 5)), 1)
+        return MSG_OVERLOADED.format(seconds=seconds)
+    if isinstance(exc, ModelUnavailable):
+        return MSG_RESTARTING if worker_state in ("starting", "restarting") else MSG_UNREACHABLE
+    if isinstance(exc, ModelBadRequest):
+        return MSG_BAD_REQUEST.format(reason=getattr(exc, "message", str(exc)))
+    return MSG_FAILED
+
+
+class Core:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        client: ModelClient,
+        supervisor: Optional[WorkerSupervisor] = None,
+        max_in_flight: Optional[int] = None,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.client = client
+        self.supervisor = supervisor
+        self.limiter = InflightLimiter(max_in_flight or cfg.discord.max_in_flight or cfg.worker.max_batch_size)
+        self.rate_limiter = RateLimiter(cfg.discord.user_rate_limit, cfg.discord.user_rate_window_s)
+        self._choice: Optional[ModelChoice] = None
+        self._choice_at = 0.0
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def create(cls, cfg: Config, worker_port: Optional[int] = None) -> "Core":
+        """Open the store and reach the model: `model.url`, or a worker child we start."""
+        store = await Store.open(cfg.path(cfg.store.path))
+        supervisor = None
+        try:
+            if cfg.model.url:
+                base_url = cfg.model.url
+            else:
+                supervisor = WorkerSupervisor(cfg, port=worker_port)
+                await supervisor.start()
+                base_url = supervisor.base_url
+            client = ModelClient(base_url, api_key=secret(cfg.model.api_key_env),
+                                 timeout=cfg.model.request_timeout_s)
+        except BaseException:
+            if supervisor is not None:
+                await supervisor.stop()
+            await store.close()
+            raise
+        return cls(cfg, store, client, supervisor)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.store.close()
+
+    # ------------------------------------------------------------ answering
+
+    def check_rate(self, user_id: int) -> Optional[str]:
+        """None if the user may ask now, else the polite message to show them."""
+        wait = self.rate_limiter.check(user_id)
+        return MSG_RATE_LIMITED.format(seconds=max(int(wait + 0.999), 1)) if wait else None
+
+    def prompt_for(self, turns: list[Turn]) -> list[dict]:
+        d = self.cfg.discord
+        return build_prompt(self.cfg.identity.system, turns,
+                            token_budget=d.context_token_budget, max_messages=d.max_history_messages)
+
+    def invalidate_model_choice(self) -> None:
+        """Forget the cached model choice (after an adapter is loaded or unloaded)."""
+        self._choice = None
+
+    async def choose_model(self) -> ModelChoice:
+        """The promoted adapter's alias if the server serves it, else the base model."""
+        if self._choice is not None and time.monotonic() - self._choice_at < MODEL_CHOICE_TTL_S:
+            return self._choice
+        served = self.cfg.model.served_name
+        ids = [m.get("id") for m in await self.client.models()]
+        if served in ids:
+            choice = ModelChoice(served, await self._adapter_version(served))
+        else:
+            choice = ModelChoice(await self.client.base_model_id(), None)
+        self._choice, self._choice_at = choice, time.monotonic()
+        return choice
+
+    async def _adapter_version(self, name: str) -> Optional[str]:
+        """The registry version behind an adapter alias: its directory's name."""
+        try:
+            path = (await self.client.health()).get("adapters", {}).get(name)
+        except ModelError:
+            return None
+        return Path(path).name if path else name
+
+    def answer(
+        self,
+        request: Request,
+        on_queue: Optional[Callable[[int], Awaitable[None]]] = None,
+    ) -> AnswerStream:
+        """Stream an answer to `request`. Errors end the stream; `result` says how it ended."""
+        result = AnswerResult(prompt=self.prompt_for(request.turns))
+        return AnswerStream(result, self._generate(result, on_queue))
+
+    async def _generate(self, result: AnswerResult, on_queue) -> AsyncIterator[str]:
+        start = time.perf_counter()
+        try:
+            async with self.limiter.slot(on_queue):
+                start = time.perf_counter()  # time the model, not the queue
+                choice = await self.choose_model()
+                result.model, result.adapter_version = choice.name, choice.adapter_version
+                m = self.cfg.model
+                async for delta in self.client.stream_chat(
+                    result.prompt, model=choice.name, max_tokens=m.max_tokens,
+                    temperature=m.temperature, top_p=m.top_p,
+                ):
+                    if not delta:
+                        continue
+                    if result.ttft_ms is None:
+                        result.ttft_ms = (time.perf_counter() - start) * 1000
+                    result.text += delta
+                    yield delta
+        except ModelError as exc:
+            self._fail(result, exc, _error_notice(exc, self.worker_state))
+        except Exception as exc:  # a bug or a protocol surprise: keep what we have, tell the user
+            self._fail(result, exc, MSG_FAILED)
+        finally:
+            result.total_ms = (time.perf_counter() - start) * 1000
+
+    def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
+        log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)
+        if isinstance(exc, ModelError) and not isinstance(exc, ModelUnavailable):
+            self.invalidate_model_choice()  # e.g. the adapter was unloaded under us
+        if isinstance(exc, ModelUnavailable):
+            self.invalidate_model_choice()
+        result.notice = notice
+        result.status = "cut_off" if result.text.strip() else "error"
+
+    @property
+    def worker_state(self) -> Optional[str]:
+        return self.supervisor.state if self.supervisor is not None else None
+
+    async def record(self, request: Request, result: AnswerResult, message_ids: list[int]) -> int:
+        """Log a posted answer with its exact prompt; returns the exchange id."""
+        return await self.store.log_exchange(
+            user_id=request.user_id, guild_id=request.guild_id, channel_id=request.channel_id,
+            request_message_id=request.message_id, answer_message_ids=message_ids,
+            prompt_messages=result.prompt, answer=result.text, status=result.status,
+            model=result.model, adapter_version=result.adapter_version,
+            ttft_ms=result.ttft_ms, total_ms=result.total_ms,
+        )
+
+    # ------------------------------------------------------------- feedback
+
+    def reaction_kind(self, emoji: str) -> Optional[str]:
+        d = self.cfg.discord
+        if emoji in d.flag_reactions:
+            return "bad"
+        if emoji in d.good_reactions:
+            return "good"
+        return None
+
+    async def react(self, message_id: int, user_id: int, emoji: str) -> Optional[str]:
+        """Record a 👎/👍 on an answer message; returns the kind, None if not ours or not feedback."""
+        kind = self.reaction_kind(emoji)
+        if kind is None:
+            return None
+        exchange = await self.store.exchange_by_message(message_id)
+        if exchange is None:
+            return None
+        await self.store.add_flag(exchange["id"], user_id, kind, emoji)
+        return kind
+
+    async def unreact(self, message_id: int, user_id: int, emoji: str) -> bool:
+        if self.reaction_kind(emoji) is None:
+            return False
+        exchange = await self.store.exchange_by_message(message_id)
+        if exchange is None:
+            return False
+        return await self.store.remove_flag(exchange["id"], user_id, emoji)
+
+    async def is_answer(self, message_id: int) -> bool:
+        return await self.store.exchange_by_message(message_id) is not None
+
+    async def suggest_correction(
+        self, message_id: int, user_id: int, text: str, *, trusted: bool = False
+    ) -> dict:
+        """Store a correction of the answer in `message_id`; trusted users' are approved at once."""
+        text = text.strip()
+        if not text:
+            raise FeedbackError("The correction is empty: write the answer I should have given.")
+        exchange = await self.store.exchange_by_message(message_id)
+        if exchange is None:
+            raise FeedbackError("That message isn't one of my answers, so there is nothing to correct.")
+        if trusted:
+            cid = await self.store.add_correction(exchange["id"], user_id, text, status="approved",
+                                                  reviewer_id=user_id, reason="auto: trusted role")
+        else:
+            cid = await self.store.add_correction(exchange["id"], user_id, text)
+        return await self.store.get_correction(cid)
+
+    async def forget_me(self, user_id: int) -> dict[str, int]:
+        counts = await self.store.forget_user(user_id)
+        log.info("forgot user %s: %s", user_id, counts)
+        return counts
