@@ -229,12 +229,18 @@ class LoopcordBot(discord.Client):
             guild_id=message.guild.id if message.guild else None,
             role_ids=role_ids_of(message.author),
             mentions_bot=self.user is not None and any(u.id == self.user.id for u in message.mentions),
+            replies_to_bot=self.replies_to_me(message),
             is_dm=message.guild is None,
             in_thread=in_thread,
         )
         if in_thread and not facts.is_self and not facts.author_is_bot:
             facts.bot_in_thread = await self.bot_is_in_thread(channel)
         return facts
+
+    def replies_to_me(self, message: discord.Message) -> bool:
+        ref = message.reference
+        parent = ref.resolved if ref is not None else None
+        return isinstance(parent, discord.Message) and self.user is not None and parent.author.id == self.user.id
 
     async def bot_is_in_thread(self, thread: discord.Thread) -> bool:
         """Threads it created, was mentioned in, or answered in before (store survives restarts)."""

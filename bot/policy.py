@@ -26,6 +26,7 @@ class MessageFacts:
     guild_id: Optional[int] = None  # None in DMs
     role_ids: list[int] = field(default_factory=list)
     mentions_bot: bool = False
+    replies_to_bot: bool = False  # a reply to one of the bot's messages (ping or not)
     is_dm: bool = False
     in_thread: bool = False
     bot_in_thread: bool = False  # the bot created the thread or took part in it before
@@ -45,7 +46,7 @@ def is_addressed(facts: MessageFacts, cfg: DiscordConfig) -> bool:
         return False
     if facts.is_dm:
         return cfg.respond_in_dms
-    if facts.mentions_bot and cfg.respond_to_mentions:
+    if (facts.mentions_bot or facts.replies_to_bot) and cfg.respond_to_mentions:
         return True
     if _where(facts) & set(cfg.channels):
         return True

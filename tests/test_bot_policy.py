@@ -19,6 +19,7 @@ def test_answers_mentions_dms_configured_channels_and_their_threads():
     cfg = DiscordConfig(channels=[20])
     assert should_respond(facts(mentions_bot=True), cfg)
     assert not should_respond(facts(), cfg)
+    assert should_respond(facts(replies_to_bot=True), cfg)
     assert should_respond(facts(channel_id=20), cfg)
     assert should_respond(facts(channel_id=21, parent_channel_id=20, in_thread=True), cfg)
     assert should_respond(facts(channel_id=22, in_thread=True, bot_in_thread=True), cfg)
