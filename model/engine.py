@@ -43,6 +43,7 @@ log = logging.getLogger("loopcord.worker")
 PREFILL_TOKEN_BUDGET = 16384
 IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for work
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+MIXED_ADAPTERS = "__mixed__"  # engine state: rows use different adapters
 
 
 class QueueFull(Exception):
@@ -67,6 +68,7 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     finish_reason: Optional[str] = None
+    first_token_at: float = 0.0
     last_token_at: float = 0.0
     detok: Optional[IncrementalDetokenizer] = None
     stops: Optional[StopStrings] = None
@@ -151,6 +153,7 @@ class Engine:
         self.metrics = metrics
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
         self.peft = False  # becomes True when the first adapter wraps the model
+        self._active: Optional[str] = None  # which adapter state the peft layers are set to
         self.sleeping = False
         self.batch: Optional[Batch] = None
         self._admitting: list[Sequence] = []  # taken from the queue, being prefilled
@@ -262,10 +265,30 @@ class Engine:
             self._admitting = joiners
         return joiners
 
+    def _select_adapters(self, seqs: list[Sequence]) -> dict:
+        """Forward kwargs for this batch's adapters.
+
+        A batch on one adapter (the common case: everyone talks to the promoted
+        alias) or on the bare base runs as a plain forward with that adapter
+        active; only a mixed batch pays for peft's per-row `adapter_names` path.
+        """
+        if not self.peft:
+            return {}
+        names = [s.adapter.internal if s.adapter else BASE_ADAPTER for s in seqs]
+        state = names[0] if len(set(names)) == 1 else MIXED_ADAPTERS
+        if state != self._active:
+            tuner = self.model.base_model
+            if state == BASE_ADAPTER:
+                tuner.disable_adapter_layers()
+            else:
+                tuner.enable_adapter_layers()
+                if state != MIXED_ADAPTERS:
+                    tuner.set_adapter(state, inference_mode=True)
+            self._active = state
+        return {"adapter_names": names} if state == MIXED_ADAPTERS else {}
+
     def _forward(self, seqs: list[Sequence], input_ids, mask, position_ids, cache):
-        kwargs = {}
-        if self.peft:
-            kwargs["adapter_names"] = [s.adapter.internal if s.adapter else BASE_ADAPTER for s in seqs]
+        kwargs = self._select_adapters(seqs)
         with torch.inference_mode():
             out = self.model(
                 input_ids=input_ids,
@@ -333,6 +356,7 @@ class Engine:
                 continue
             self.metrics.observe("ttft" if not seq.generated else "tpot",
                                  now - (seq.arrival if not seq.generated else seq.last_token_at))
+            seq.first_token_at = seq.first_token_at or now
             seq.last_token_at = now
             seq.generated.append(token)
             if token in self.eos_ids and not seq.ignore_eos:
@@ -397,6 +421,7 @@ class Engine:
         """Inject a LoRA adapter under a fresh internal name (engine thread only)."""
         from peft import PeftModel
 
+        self._active = None  # loading changes peft's active adapter: re-select before the next forward
         try:
             if not self.peft:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=internal, is_trainable=False)
@@ -410,6 +435,7 @@ class Engine:
 
     def delete_adapter(self, internal: str) -> None:
         if self.peft and internal in self.model.peft_config:
+            self._active = None
             self.model.delete_adapter(internal)
             log.info("deleted adapter version %s", internal)
 

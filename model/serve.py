@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import logging
 import signal
 import sys
@@ -86,7 +87,9 @@ def build_worker(cfg, args):
         internal = table.new_internal_name()
         engine.load_adapter(internal, path)  # engine thread not started yet: safe here
         table.publish(name, internal, path)
-    return Worker(engine=engine, tokenizer=loaded.tokenizer, base_id=args.served_model_name or (args.model or base),
+    # The HTTP loop encodes prompts while the engine thread decodes: separate tokenizer
+    # objects, since a fast tokenizer is not safe to share across threads ("Already borrowed").
+    return Worker(engine=engine, tokenizer=copy.deepcopy(loaded.tokenizer), base_id=args.served_model_name or (args.model or base),
                   base_path=base, device=loaded.device, dtype=loaded.dtype, max_context=loaded.max_context,
                   linear_shapes=shapes, adapters=table, metrics=metrics, api_key=secret(cfg.model.api_key_env))
 
