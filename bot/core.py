@@ -44,6 +44,7 @@ MSG_FAILED = "⚠️ Something went wrong while answering; the details are in th
 CUT_OFF_MARK = "\n\n… ⚠️ answer cut off: the model stopped responding"
 MSG_RATE_LIMITED = "You're sending questions faster than I can keep up. Please wait {seconds} s and ask again."
 MSG_QUEUED = "⏳ In queue: position {position}"
+MSG_RETRAINING = "🛠️ I'm being retrained right now (the GPU is busy learning). Please ask again in a few minutes."
 
 
 class FeedbackError(ValueError):
@@ -128,19 +129,24 @@ class Core:
         self.rate_limiter = RateLimiter(cfg.discord.user_rate_limit, cfg.discord.user_rate_window_s)
         self._choice: Optional[ModelChoice] = None
         self._choice_at = 0.0
+        # Set while the worker sleeps for a retrain (gpu_policy: pause): users get this at once.
+        self.paused_notice: Optional[str] = None
 
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def create(cls, cfg: Config, worker_port: Optional[int] = None) -> "Core":
-        """Open the store and reach the model: `model.url`, or a worker child we start."""
+    async def create(cls, cfg: Config, worker_port: Optional[int] = None,
+                     adapters: Optional[Callable[[], dict[str, str]]] = None) -> "Core":
+        """Open the store and reach the model: `model.url`, or a worker child we start.
+
+        `adapters` (name -> path) are loaded by the worker child at each (re)start."""
         store = await Store.open(cfg.path(cfg.store.path))
         supervisor = None
         try:
             if cfg.model.url:
                 base_url = cfg.model.url
             else:
-                supervisor = WorkerSupervisor(cfg, port=worker_port)
+                supervisor = WorkerSupervisor(cfg, port=worker_port, adapters=adapters)
                 await supervisor.start()
                 base_url = supervisor.base_url
             client = ModelClient(base_url, api_key=secret(cfg.model.api_key_env),
@@ -206,6 +212,9 @@ class Core:
 
     async def _generate(self, result: AnswerResult, on_queue) -> AsyncIterator[str]:
         start = time.perf_counter()
+        if self.paused_notice:
+            result.status, result.notice, result.total_ms = "error", self.paused_notice, 0.0
+            return
         try:
             async with self.limiter.slot(on_queue):
                 start = time.perf_counter()  # time the model, not the queue

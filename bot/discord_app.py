@@ -461,11 +461,17 @@ class LoopcordBot(discord.Client):
 
 
 async def run_discord(cfg, token: str, command_setups: Sequence[CommandSetup] = ()) -> None:
-    """Start the core (store, model), connect to Discord, run until cancelled, shut down."""
-    core = await Core.create(cfg)
-    bot = LoopcordBot(core, command_setups)
+    """Start the runtime (store, model, retrainer), connect to Discord, run until cancelled."""
+    from bot.discord_admin import admin_commands, start_schedule
+    from bot.runtime import Runtime
+
+    runtime = await Runtime.start(cfg)
+    bot = LoopcordBot(runtime.core, [*command_setups, admin_commands(runtime)])
+    schedule = start_schedule(bot, runtime)
     try:
         async with bot:
             await bot.start(token)
     finally:
-        await core.close()
+        if schedule is not None:
+            schedule.cancel()
+        await runtime.close()

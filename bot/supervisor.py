@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import aiohttp
 
@@ -45,11 +45,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         pass
 
 
-def worker_command(cfg: Config, model_path: Path, port: int) -> list[str]:
+def worker_command(cfg: Config, model_path: Path, port: int,
+                   adapters: Optional[dict[str, str]] = None) -> list[str]:
     cmd = [sys.executable, "-m", "model", "serve", "--model", str(model_path),
            "--host", cfg.worker.host, "--port", str(port)]
     if cfg.source is not None:
         cmd[4:4] = ["--config", str(cfg.source)]
+    for name, path in (adapters or {}).items():
+        cmd += ["--lora", f"{name}={path}"]
     return cmd
 
 
@@ -72,8 +75,11 @@ def resolve_model_path(cfg: Config) -> Path:
 class WorkerSupervisor:
     """Owns the worker child process. `state` is one of: starting, ready, restarting, stopped."""
 
-    def __init__(self, cfg: Config, port: Optional[int] = None):
+    def __init__(self, cfg: Config, port: Optional[int] = None,
+                 adapters: Optional[Callable[[], dict[str, str]]] = None):
         self.cfg = cfg
+        # Asked at every (re)start, so a restarted worker serves the adapter live *now*.
+        self.adapters = adapters or (lambda: {})
         self.port = port or cfg.worker.port
         self.base_url = f"http://{cfg.worker.host}:{self.port}"
         self.state = "stopped"
@@ -96,7 +102,7 @@ class WorkerSupervisor:
         self._watch_task = asyncio.create_task(self._watch(), name="worker-supervisor")
 
     async def _spawn(self) -> None:
-        cmd = worker_command(self.cfg, self._model_path, self.port)
+        cmd = worker_command(self.cfg, self._model_path, self.port, self.adapters())
         log.info("starting model worker: %s", " ".join(cmd))
         self.state = "starting"
         self.proc = await asyncio.create_subprocess_exec(
