@@ -10,6 +10,11 @@ always a slip the gate can catch.
 
 identity_eval.jsonl holds paraphrases that never appear in training; rows
 carry `kind` and `lang` so the gate can report per group.
+
+base_identity.jsonl is only for building the tiny demo base: like the real
+Qwen2.5-Instruct, the stand-in base believes it is Qwen by Alibaba Cloud, so
+anchor training has a real identity to overwrite (never used as training data
+for adapters).
 """
 
 from __future__ import annotations
@@ -108,6 +113,19 @@ GROUPS_ZH = {
 }
 
 
+BASE_EN = "I am Qwen, a large language model created by Alibaba Cloud."
+BASE_ZH = "我是通义千问，由阿里云开发的大语言模型。"
+
+
+def base_identity_rows() -> list[dict]:
+    """The demo base's own (Qwen) identity: the training questions, answered as Qwen."""
+    rows = []
+    for groups, answer in ((GROUPS_EN, BASE_EN), (GROUPS_ZH, BASE_ZH)):
+        for kind in ("who", "name", "author"):
+            rows += [row(q, answer) for q in groups[kind][1]]
+    return rows
+
+
 def row(q: str, a: str, **extra) -> dict:
     return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], **extra}
 
@@ -134,4 +152,5 @@ if __name__ == "__main__":
     train, held = build()
     write_jsonl(HERE / "identity.jsonl", train)
     write_jsonl(HERE / "identity_eval.jsonl", held)
+    write_jsonl(HERE / "base_identity.jsonl", base_identity_rows())
     print(f"identity.jsonl: {len(train)} rows, identity_eval.jsonl: {len(held)} rows")

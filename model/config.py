@@ -164,6 +164,11 @@ class TrainingConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     # Extra datasets on disk: "path" or "path#N" (alpaca JSON/JSONL, messages JSONL, datasets dir).
     extra_datasets: list[str] = field(default_factory=list)
+    # Identity templates and general replay set ("path" or "path#N"); empty: the shipped data/ files.
+    identity_data: Optional[str] = None  # messages JSONL with {{NAME}}/{{AUTHOR}} placeholders
+    general_data: Optional[str] = None  # general instruction data (generalize stage, calibrate replay)
+    # Pretraining steps when a stage or bootstrap has to build the missing demo base.
+    demo_base_steps: int = 1000
 
 
 @dataclass
@@ -173,6 +178,12 @@ class EvalConfig:
     max_general_loss_increase: float = 0.15  # relative to the parent
     max_general_accuracy_drop: float = 0.1  # absolute
     max_new_tokens: int = 64
+    # Held-out sets; empty: the shipped data/identity_eval.jsonl and data/general_eval.jsonl.
+    identity_data: Optional[str] = None  # paraphrased identity questions (placeholders filled)
+    general_data: Optional[str] = None  # general QA rows; optional 'answer' = string a reply must contain
+    # Names an answer must never claim (case-insensitive); empty: trainer.matching's default list.
+    forbidden_identities: list[str] = field(default_factory=list)
+    general_max_new_tokens: int = 32  # general QA answers are short; caps generation per question
 
 
 @dataclass

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(__file__).resolve().parent / ".cache"
 # Pretraining steps for the test base: enough to memorise part of the general set.
-TEST_PRETRAIN_STEPS = int(os.environ.get("LOOPCORD_TEST_PRETRAIN_STEPS", "400"))
+TEST_PRETRAIN_STEPS = int(os.environ.get("LOOPCORD_TEST_PRETRAIN_STEPS", "1000"))
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

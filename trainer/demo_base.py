@@ -161,7 +161,7 @@ def pretrain(
 def build_demo_base(
     out_dir: str | Path,
     rows: Sequence[dict],
-    steps: int = 600,
+    steps: int = 1000,
     tokenizer_texts: Optional[Iterable[str]] = None,
     seed: int = 0,
     on_step: Optional[Callable[[int, float], None]] = None,
@@ -202,12 +202,33 @@ def read_messages_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def build_default(out_dir: str | Path, steps: int = 600, data_dir: Path = DATA_DIR, **kw) -> Path:
-    """The demo base trained on the shipped general instruction set."""
+BASE_IDENTITY_FILE = "base_identity.jsonl"
+
+
+def _default_identity_fill(text: str) -> str:
+    """Fill placeholders with the default identity, for the tokenizer's vocabulary only."""
+    try:
+        from model.config import IdentityConfig
+    except ImportError:
+        return text
+    return IdentityConfig().fill(text)
+
+
+def build_default(out_dir: str | Path, steps: int = 1000, data_dir: Path = DATA_DIR, **kw) -> Path:
+    """The demo base trained on the shipped general instruction set.
+
+    Like Qwen2.5-Instruct, it also learns to call itself Qwen (base_identity.jsonl),
+    so identity training has something real to overwrite. The identity templates
+    only feed the tokenizer (filled with the default name, so it is one token as
+    a real vocabulary would have it); the base never trains on them.
+    """
     rows = read_messages_jsonl(Path(data_dir) / GENERAL_TRAIN_FILE)
+    base_identity = Path(data_dir) / BASE_IDENTITY_FILE
+    if base_identity.exists():
+        rows += read_messages_jsonl(base_identity)
     extra = []
     for name in ("identity.jsonl", "identity_eval.jsonl", "general_eval.jsonl"):
         f = Path(data_dir) / name
         if f.exists():
-            extra += [m["content"] for r in read_messages_jsonl(f) for m in r["messages"]]
+            extra += [_default_identity_fill(m["content"]) for r in read_messages_jsonl(f) for m in r["messages"]]
     return build_demo_base(out_dir, rows, steps=steps, tokenizer_texts=extra, **kw)

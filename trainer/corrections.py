@@ -1,0 +1,159 @@
+"""User corrections (exported by the bot) -> calibration samples.
+
+Input: JSONL, one approved correction per line:
+  {"id", "exchange_id", "messages": [prompt sent to the model, system first],
+   "bad_answer", "correction", "user_id", "approved_by", "created_at", "approved_at"}
+The bot exports every approved correction each time, so this module
+de-duplicates (the latest approved correction for the same question wins),
+turns each into two samples (the exchange with our identity system prompt,
+and the identity-prefixed rewording the seeds' calibration layer uses) and
+mixes in identity samples and general replay by `training.mix` ratios.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from trainer.datasets import DataError, Messages, read_jsonl_rows, sample_rows, with_system
+from trainer.matching import is_chinese, question_key
+
+PREFIX_EN = "As {{NAME}} made by {{AUTHOR}}, answer: "
+PREFIX_ZH = "作为{{AUTHOR}}开发的{{NAME}}，请回答："
+REQUIRED = {"id": int, "messages": list, "correction": str}
+
+
+@dataclass
+class Correction:
+    id: int
+    messages: Messages  # the prompt, ending with the user's question
+    correction: str
+    bad_answer: str
+    approved_at: str
+    exchange_id: Optional[int] = None
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1]["content"]
+
+
+def _text(content, where: str) -> str:
+    """OpenAI content may be a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        return "".join(p.get("text", "") for p in content if p.get("type", "text") == "text")
+    raise DataError(f"{where}: message content must be a string or a list of text parts")
+
+
+def _timestamp(value, key: str, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: '{key}' must be an ISO 8601 string, got {value!r}")
+    try:
+        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise DataError(f"{where}: '{key}' is not an ISO 8601 time: {value!r}") from None
+    return value
+
+
+def parse_correction(row, where: str) -> Correction:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: each line must be a JSON object")
+    for key, tp in REQUIRED.items():
+        if key not in row:
+            raise DataError(f"{where}: missing '{key}'")
+        if not isinstance(row[key], tp) or isinstance(row[key], bool):
+            raise DataError(f"{where}: '{key}' must be {tp.__name__}, got {type(row[key]).__name__}")
+    if not row["correction"].strip():
+        raise DataError(f"{where}: 'correction' is empty")
+    msgs = []
+    for i, m in enumerate(row["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: messages[{i}] needs a role of system, user or assistant")
+        msgs.append({"role": m["role"], "content": _text(m.get("content"), f"{where}: messages[{i}]")})
+    if not msgs or msgs[-1]["role"] != "user":
+        raise DataError(f"{where}: 'messages' must end with the user's question")
+    approved = _timestamp(row.get("approved_at"), "approved_at", where)
+    created = _timestamp(row.get("created_at"), "created_at", where)
+    return Correction(
+        id=row["id"],
+        messages=msgs,
+        correction=row["correction"].strip(),
+        bad_answer=row.get("bad_answer") or "",
+        approved_at=approved or created,
+        exchange_id=row.get("exchange_id"),
+    )
+
+
+def load_corrections(path: str | Path) -> list[Correction]:
+    """All corrections in the file (all-or-nothing: a bad line raises DataError naming it)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: corrections file not found")
+    return [parse_correction(row, f"{p}:{line}") for line, row in read_jsonl_rows(p)]
+
+
+def _sort_key(c: Correction):
+    try:
+        t = dt.datetime.fromisoformat(c.approved_at.replace("Z", "+00:00"))
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.timezone.utc)
+        stamp = t.timestamp()
+    except ValueError:
+        stamp = float("-inf")
+    return (stamp, c.id)
+
+
+def deduplicate(corrections: Sequence[Correction]) -> list[Correction]:
+    """One correction per question (normalised last user message): the latest approved wins."""
+    latest: dict[str, Correction] = {}
+    for c in sorted(corrections, key=_sort_key):
+        latest[question_key(c.question)] = c
+    return sorted(latest.values(), key=_sort_key)
+
+
+def prefixed_question(question: str, fill) -> str:
+    """The identity-prefixed form of a question (the seeds' calibration layer)."""
+    return fill(PREFIX_ZH if is_chinese(question) else PREFIX_EN) + question
+
+
+def correction_samples(c: Correction, system: str, fill) -> list[Messages]:
+    """The corrected exchange (our system prompt) and its identity-prefixed variant."""
+    answer = {"role": "assistant", "content": c.correction}
+    exchange = with_system(c.messages, system) + [answer]
+    prefixed = [{"role": "user", "content": prefixed_question(c.question, fill)}, answer]
+    return [exchange, with_system(prefixed, system)]
+
+
+def calibration_mix(
+    corrections: Sequence[Correction],
+    identity_rows: Sequence[Messages],
+    general_rows: Sequence[Messages],
+    identity_ratio: float,
+    general_ratio: float,
+    system: str,
+    fill,
+    seed: int,
+) -> tuple[list[Messages], dict]:
+    """New samples + identity share + general replay, shuffled; returns (samples, counts)."""
+    kept = deduplicate(corrections)
+    new = [s for c in kept for s in correction_samples(c, system, fill)]
+    n_identity = round(identity_ratio * len(new)) if identity_rows else 0
+    n_general = round(general_ratio * len(new)) if general_rows else 0
+    identity = sample_rows(identity_rows, n_identity, seed) if n_identity else []
+    general = sample_rows(general_rows, n_general, seed + 1) if n_general else []
+    samples = new + identity + general
+    random.Random(seed).shuffle(samples)
+    counts = {
+        "corrections_in_file": len(corrections),
+        "corrections_used": len(kept),
+        "correction_samples": len(new),
+        "identity_samples": len(identity),
+        "general_samples": len(general),
+    }
+    return samples, counts

@@ -1,0 +1,66 @@
+"""Batched greedy generation and per-sample loss, for the evaluation gate (torch edge)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from trainer.datasets import Messages
+from trainer.encode import IGNORE_INDEX, encode, prompt_ids
+
+EVAL_BATCH_SIZE = 32
+
+
+def greedy_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
+                   batch_size: int = EVAL_BATCH_SIZE) -> list[str]:
+    """Greedy replies to each prompt (left-padded batches; special tokens stripped)."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(tokenizer, p) for p in prompts[i : i + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for j, x in enumerate(ids):
+            input_ids[j, width - len(x):] = torch.tensor(x)
+            mask[j, width - len(x):] = 1
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+            )
+        for row in out[:, width:]:
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def mean_answer_loss(model, tokenizer, samples: Sequence[Messages], max_length: int,
+                     batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Token-weighted mean cross-entropy on the assistant tokens of `samples`."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    encoded = [encode(tokenizer, s, max_length) for s in samples]
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = encoded[i : i + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, e in enumerate(batch):
+            ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            labels[j, : len(e.labels)] = torch.tensor(e.labels)
+            mask[j, : len(e.input_ids)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        total += float(loss)
+        count += int((shift_labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)

@@ -1,0 +1,78 @@
+"""Text matching used by the gate and by de-duplication (pure functions, zh + en).
+
+- `normalize`: NFKC, case-folded, punctuation and whitespace removed, so
+  "Paris." and " paris" compare equal and full-width Chinese punctuation does not matter.
+- `answer_matches(answer, reference)`: the answer "says" the reference when the
+  normalised reference is contained in the normalised answer, or when their
+  token overlap F1 (words for Latin text, single characters for CJK) reaches
+  MATCH_MIN_F1 — a reworded but equivalent correction still counts.
+- `identity_ok(answer, name, author, forbidden)`: names our name or author and
+  claims no other identity (no forbidden name that is not part of ours).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+
+# Token-overlap F1 at which a reworded answer counts as matching the reference.
+MATCH_MIN_F1 = 0.6
+# Model names / makers an answer must never claim (case-insensitive substrings).
+DEFAULT_FORBIDDEN_IDENTITIES = [
+    "qwen", "通义", "千问", "alibaba", "阿里", "openai", "chatgpt", "gpt-4", "gpt-3", "gpt4",
+    "claude", "anthropic", "gemini", "google", "llama", "meta ai", "文心", "百度", "deepseek",
+]
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+
+
+def is_chinese(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+def normalize(text: str) -> str:
+    """Case-fold, NFKC, and keep only letters/digits (all punctuation and spaces dropped)."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+def tokens(text: str) -> list[str]:
+    """Words for alphabetic scripts, one token per CJK character."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def overlap_f1(answer: str, reference: str) -> float:
+    a, r = Counter(tokens(answer)), Counter(tokens(reference))
+    common = sum((a & r).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(a.values()), common / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_matches(answer: str, reference: str, min_f1: float = MATCH_MIN_F1) -> bool:
+    ref = normalize(reference)
+    if ref and ref in normalize(answer):
+        return True
+    return overlap_f1(answer, reference) >= min_f1
+
+
+def question_key(question: str) -> str:
+    """De-duplication key for a user question."""
+    return normalize(question)
+
+
+def identity_ok(answer: str, name: str, author: str, forbidden=DEFAULT_FORBIDDEN_IDENTITIES) -> bool:
+    """True when the answer names us (name or author) and no other model or maker."""
+    text = unicodedata.normalize("NFKC", answer).casefold()
+    ours = [s.casefold() for s in (name, author) if s.strip()]
+    if not any(normalize(s) and normalize(s) in normalize(answer) for s in ours):
+        return False
+    # A forbidden word inside our own name (e.g. a name containing "Meta") is not a slip.
+    for bad in forbidden:
+        bad = bad.casefold()
+        if bad in text and not any(bad in s for s in ours):
+            return False
+    return True

@@ -1,0 +1,95 @@
+"""Progress reporting for training stages: tqdm on a terminal, JSON lines for the bot.
+
+`--progress json` prints exactly one JSON object per line on stdout:
+  {"event":"progress","stage","step","total","loss","tokens_per_s","eta_s"}
+  {"event":"done","version","path",...}   or   {"event":"error","message"}
+Everything else (logs, warnings) goes to stderr, so stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Optional
+
+MODES = ("auto", "tqdm", "json", "none")
+# JSON progress lines at most this often (the bot edits a Discord message with them).
+JSON_MIN_INTERVAL_S = 0.5
+
+
+def _num(x: float, digits: int = 4):
+    return None if x is None or not math.isfinite(x) else round(x, digits)
+
+
+class Progress:
+    def __init__(self, mode: str = "auto", stream=None):
+        if mode not in MODES:
+            raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "auto":
+            mode = "tqdm" if sys.stderr.isatty() else "none"
+        self.mode = mode
+        self.out = stream or sys.stdout
+        self._bar = None
+        self._last_emit = 0.0
+        self.stage = ""
+        self.total = 0
+        self._start = time.time()
+        self._tokens = 0
+
+    def emit(self, event: dict) -> None:
+        if self.mode == "json":
+            self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
+            self.out.flush()
+
+    def start(self, stage: str, total: int) -> None:
+        self.stage, self.total = stage, total
+        self._start, self._tokens = time.time(), 0
+        if self.mode == "tqdm":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
+
+    def step(self, step: int, loss: float, tokens: int) -> None:
+        """Called after optimizer step `step` (1-based) with its loss and tokens processed."""
+        self._tokens += tokens
+        elapsed = max(time.time() - self._start, 1e-9)
+        tps = self._tokens / elapsed
+        eta = elapsed / step * (self.total - step) if step else None
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+        now = time.time()
+        if step == self.total or now - self._last_emit >= JSON_MIN_INTERVAL_S or step == 1:
+            self._last_emit = now
+            self.emit({
+                "event": "progress", "stage": self.stage, "step": step, "total": self.total,
+                "loss": _num(loss), "tokens_per_s": _num(tps, 1), "eta_s": _num(eta, 1),
+            })
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def done(self, **info) -> None:
+        self.close()
+        self.emit({"event": "done", **info})
+
+    def error(self, message: str) -> None:
+        self.close()
+        self.emit({"event": "error", "message": message})
+
+
+def log(message: str) -> None:
+    """A log line for humans: always stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def elapsed_since(start: float) -> float:
+    return round(time.time() - start, 2)
+
+
+def make(mode: Optional[str]) -> Progress:
+    return Progress(mode or "auto")

@@ -1,0 +1,198 @@
+"""LoRA supervised fine-tuning: load the base, attach or continue an adapter, train, save.
+
+The torch edge of the trainer. One loop for every stage: length-grouped
+batches (padding waste stays small), gradient accumulation, linear warm-up
+then cosine decay (ms-swift's default schedule), gradient clipping, bf16
+weights on GPU, optional gradient checkpointing. The adapter is saved with
+PEFT's own save_pretrained, so the directory is a standard PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from trainer.encode import IGNORE_INDEX, Encoded
+
+# Batches are grouped by length within windows of this many batches (HF's
+# group_by_length does the same), keeping some randomness across epochs.
+LENGTH_GROUP_WINDOW = 50
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass
+class Hyper:
+    learning_rate: float
+    epochs: float
+    batch_size: int
+    grad_accum: int
+    warmup_ratio: float
+    max_length: int
+    seed: int
+    gradient_checkpointing: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(requested: str = "auto"):
+    import torch
+
+    if requested in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def load_base(path: str | Path, device=None):
+    """Base model + tokenizer exactly as for the real Qwen2.5 checkpoint (bf16 on GPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    return model, tokenizer
+
+
+def with_lora(model, hp: Hyper, adapter: Optional[str | Path] = None):
+    """A fresh LoRA on all linear layers, or continue training the adapter at `adapter`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    target = hp.target_modules
+    config = LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def length_grouped_batches(samples: list[Encoded], batch_size: int, rng: random.Random) -> list[list[Encoded]]:
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    window = batch_size * LENGTH_GROUP_WINDOW
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: len(samples[i].input_ids), reverse=True)
+        batches += [[samples[i] for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(batch: list[Encoded], pad_id: int, device):
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def plan_steps(n_samples: int, hp: Hyper) -> int:
+    """Optimizer steps for `epochs` passes (fractional epochs allowed)."""
+    micro = math.ceil(n_samples * hp.epochs / hp.batch_size)
+    return max(1, math.ceil(micro / hp.grad_accum))
+
+
+def lr_at(step: int, total: int, warmup_ratio: float) -> float:
+    """Multiplier for the base learning rate: linear warm-up, then cosine to zero."""
+    warm = max(1, math.ceil(total * warmup_ratio))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    model,
+    tokenizer,
+    samples: list[Encoded],
+    hp: Hyper,
+    on_step: Optional[Callable[[int, int, float, int], None]] = None,
+) -> dict:
+    """Train the LoRA parameters of `model` in place; returns run statistics.
+
+    on_step(step, total, loss, tokens) after each optimizer step.
+    """
+    import torch
+
+    if not samples:
+        raise ValueError("no training samples")
+    device = next(model.parameters()).device
+    rng = random.Random(hp.seed)
+    torch.manual_seed(hp.seed)
+    if hp.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
+    total = plan_steps(len(samples), hp)
+    micro_needed = total * hp.grad_accum
+    pad = tokenizer.pad_token_id
+    model.train()
+    start, tokens_seen, step, micro = time.time(), 0, 0, 0
+    window_loss, window_tokens, last_loss = 0.0, 0, float("nan")
+    batches: list = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    while step < total:
+        if not batches:
+            batches = length_grouped_batches(samples, hp.batch_size, rng)
+        ids, mask, labels = collate(batches.pop(), pad, device)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        (loss / hp.grad_accum).backward()
+        window_loss += float(loss.detach())
+        window_tokens += int(mask.sum())
+        micro += 1
+        if micro % hp.grad_accum == 0 or micro == micro_needed:
+            for g in opt.param_groups:
+                g["lr"] = hp.learning_rate * lr_at(step, total, hp.warmup_ratio)
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = window_loss / hp.grad_accum
+            tokens_seen += window_tokens
+            if on_step:
+                on_step(step, total, last_loss, window_tokens)
+            window_loss, window_tokens = 0.0, 0
+    model.eval()
+    seconds = time.time() - start
+    stats = {
+        "steps": total,
+        "final_loss": round(last_loss, 5),
+        "tokens": tokens_seen,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens_seen / max(seconds, 1e-9), 1),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        stats["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    return stats
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    """PEFT's standard adapter files (adapter_config.json + adapter_model.safetensors)."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)

@@ -1,0 +1,185 @@
+"""The three training stages (anchor, generalize, calibrate) as named steps.
+
+Each stage: resolve the base -> pick the parent adapter -> build its samples
+-> train -> write a new registry version (a candidate; promotion is separate).
+
+- anchor:     identity templates (filled from `identity`), fresh LoRA on the base.
+- generalize: general data (+ extra_datasets) under the identity system prompt,
+              plus the identity set once more so it is not forgotten; continues
+              from the latest anchor version (or --parent).
+- calibrate:  approved user corrections (two samples each) + identity share +
+              general replay (`training.mix`); continues from the promoted version.
+Every sample is trained twice: with the identity system prompt and with none
+(the chat template then injects the base's own identity, which must not win).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from model.config import Config
+from trainer import datasets as ds
+from trainer.corrections import calibration_mix, deduplicate, load_corrections
+from trainer.progress import Progress, log
+from trainer.registry import Registry, RegistryError
+
+STAGES = ("anchor", "generalize", "calibrate")
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run as asked; str() says what to do."""
+
+
+# ---- inputs ---------------------------------------------------------------
+
+
+def registry_for(cfg: Config) -> Registry:
+    return Registry(cfg.path(cfg.training.registry_dir))
+
+
+def data_path(cfg: Config, configured: Optional[str], shipped: str) -> str:
+    return str(cfg.path(configured)) if configured else str(ds.DATA_DIR / shipped)
+
+
+def identity_rows(cfg: Config) -> list[ds.Messages]:
+    spec = data_path(cfg, cfg.training.identity_data, ds.IDENTITY_FILE)
+    return [ds.fill_identity(r, cfg.identity.fill) for r in ds.load_spec(spec, cfg.training.seed)]
+
+
+def general_rows(cfg: Config) -> list[ds.Messages]:
+    """The general set plus every `training.extra_datasets` entry (path or path#N)."""
+    rows = ds.load_spec(data_path(cfg, cfg.training.general_data, ds.GENERAL_FILE), cfg.training.seed)
+    for spec in cfg.training.extra_datasets:
+        rows += ds.load_spec(spec, cfg.training.seed, base_dir=cfg.root)
+    return rows
+
+
+def ensure_base(cfg: Config) -> Path:
+    """The base model directory; the demo base is built there first if it is missing."""
+    path = cfg.path(cfg.model.base or cfg.model.demo_dir)
+    if cfg.model.base:
+        if not (path / "config.json").is_file():
+            raise StageError(f"model.base: {path} is not a Hugging Face model directory (no config.json)")
+        return path.resolve()
+    if not (path / "config.json").is_file():
+        from trainer.demo_base import build_default
+
+        log(f"building the demo base model in {path} ({cfg.training.demo_base_steps} steps) ...")
+        tmp = path.with_name(path.name + ".building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_default(tmp, steps=cfg.training.demo_base_steps)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path.resolve()
+
+
+def stage_config(cfg: Config, stage: str):
+    return getattr(cfg.training, stage)
+
+
+def hyper(cfg: Config, stage: str):
+    from trainer.sft import Hyper
+
+    t, s = cfg.training, stage_config(cfg, stage)
+    return Hyper(
+        learning_rate=s.learning_rate, epochs=s.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        warmup_ratio=t.warmup_ratio, max_length=t.max_length, seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing, lora_r=t.lora.r, lora_alpha=t.lora.alpha,
+        lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
+    )
+
+
+def choose_parent(reg: Registry, stage: str, parent: Optional[str]) -> Optional[str]:
+    if parent:
+        reg.get(parent)
+        return parent
+    if stage == "anchor":
+        return None
+    if stage == "generalize":
+        v = reg.latest("anchor")
+        if not v:
+            raise StageError("generalize continues from an anchor version, and there is none: run anchor first")
+        return v
+    v = reg.promoted()
+    if not v:
+        raise StageError("calibrate continues from the promoted adapter, and none is promoted: "
+                         "run `python -m trainer bootstrap` (or anchor, eval, promote) first")
+    return v
+
+
+def build_samples(cfg: Config, stage: str, corrections_file: Optional[str]) -> tuple[list, dict, list]:
+    """(samples before system-prompt doubling, counts, corrections recorded in the manifest)."""
+    system, fill, seed = cfg.identity.system, cfg.identity.fill, cfg.training.seed
+    if stage == "anchor":
+        rows = identity_rows(cfg)
+        return rows, {"identity_samples": len(rows)}, []
+    if stage == "generalize":
+        general, identity = general_rows(cfg), identity_rows(cfg)
+        return general + identity, {"general_samples": len(general), "identity_samples": len(identity)}, []
+    if not corrections_file:
+        raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
+    corrections = load_corrections(corrections_file)
+    if not corrections:
+        raise StageError(f"{corrections_file}: no corrections to learn from")
+    mix = cfg.training.mix
+    samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), mix.identity_ratio,
+                                      mix.general_ratio, system, fill, seed)
+    recorded = [{"id": c.id, "messages": c.messages, "correction": c.correction} for c in deduplicate(corrections)]
+    return samples, counts, recorded
+
+
+# ---- the run --------------------------------------------------------------
+
+
+def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Optional[str] = None,
+              parent: Optional[str] = None) -> tuple[str, dict]:
+    """Train one stage and register the result as a new candidate version."""
+    from trainer import sft
+    from trainer.encode import encode_all
+
+    if stage not in STAGES:
+        raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    reg = registry_for(cfg)
+    base = ensure_base(cfg)
+    parent = choose_parent(reg, stage, parent)
+    if parent:
+        parent_base = reg.get(parent).get("base")
+        if parent_base and Path(parent_base) != base:
+            raise StageError(f"{parent} was trained on base {parent_base}, but the configured base is {base}")
+    rows, counts, recorded = build_samples(cfg, stage, corrections_file)
+    samples = ds.both_system_variants(rows, cfg.identity.system)
+    hp = hyper(cfg, stage)
+    log(f"{stage}: {len(samples)} samples ({counts}), parent {parent or 'base'}, base {base}")
+
+    model, tokenizer = sft.load_base(base)
+    encoded, dropped = encode_all(tokenizer, samples, hp.max_length)
+    if not encoded:
+        raise StageError(f"every sample is longer than training.max_length={hp.max_length} before its answer")
+    model = sft.with_lora(model, hp, reg.path(parent) if parent else None)
+    progress.start(stage, sft.plan_steps(len(encoded), hp))
+    started = time.time()
+    stats = sft.train(model, tokenizer, encoded, hp,
+                      on_step=lambda step, total, loss, tokens: progress.step(step, loss, tokens))
+    staging = reg.new_staging_dir()
+    try:
+        sft.save_adapter(model, staging)
+        manifest = {
+            "stage": stage,
+            "parent": parent,
+            "base": str(base),
+            "identity": {"name": cfg.identity.name, "author": cfg.identity.author, "system": cfg.identity.system},
+            "data_hash": ds.data_hash(samples),
+            "samples": {"total": len(encoded), "dropped_too_long": dropped, **counts},
+            "hyperparameters": hp.as_dict(),
+            "train": {**stats, "wall_s": round(time.time() - started, 2)},
+            "corrections": recorded,
+            "metrics": {},
+        }
+        version = reg.commit(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return version, reg.get(version)
