@@ -82,6 +82,9 @@ class WorkerConfig:
     adapters: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0
     drain_timeout_s: float = 60.0  # SIGTERM waits this long for in-flight requests
+    # torch intra-op threads when running on CPU; empty: torch's default. 1 is fastest for
+    # small models on a shared machine (idle threads spin-waiting on busy cores cost ~10x).
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -169,6 +172,10 @@ class TrainingConfig:
     general_data: Optional[str] = None  # general instruction data (generalize stage, calibrate replay)
     # Pretraining steps when a stage or bootstrap has to build the missing demo base.
     demo_base_steps: int = 1000
+    # On the embedded demo base (a dir with loopcord_demo.json), use trainer.stages.TINY_RECIPE
+    # instead of the stage settings above: the seeds' 7B recipe teaches a 1M-parameter model
+    # nothing in CPU minutes. false: always use the settings above.
+    tiny_recipe: bool = True
 
 
 @dataclass

@@ -27,6 +27,17 @@ from trainer.progress import Progress, log
 from trainer.registry import Registry, RegistryError
 
 STAGES = ("anchor", "generalize", "calibrate")
+DEMO_MARKER = "loopcord_demo.json"
+# Settings for the ~1M-parameter demo base on CPU (training.tiny_recipe). The seeds'
+# recipe (lr 2e-4 / 1e-4 / 5e-5, batch 1 x accumulation 16) is for Qwen2.5-7B; on the
+# tiny model it moves the loss by almost nothing in the minutes a CPU install has.
+TINY_RECIPE = {
+    "batch_size": 8,
+    "grad_accum": 1,
+    "anchor": (2e-3, 6.0),  # (learning rate, epochs)
+    "generalize": (1e-3, 1.0),
+    "calibrate": (2e-3, 6.0),
+}
 
 
 class StageError(RuntimeError):
@@ -80,12 +91,21 @@ def stage_config(cfg: Config, stage: str):
     return getattr(cfg.training, stage)
 
 
-def hyper(cfg: Config, stage: str):
+def is_demo_base(base: Path) -> bool:
+    return (Path(base) / DEMO_MARKER).is_file()
+
+
+def hyper(cfg: Config, stage: str, base: Optional[Path] = None):
+    """The stage's hyperparameters: config values, or TINY_RECIPE on the demo base."""
     from trainer.sft import Hyper
 
     t, s = cfg.training, stage_config(cfg, stage)
+    lr, epochs, batch_size, grad_accum = s.learning_rate, s.epochs, t.batch_size, t.grad_accum
+    if base is not None and t.tiny_recipe and is_demo_base(base):
+        lr, epochs = TINY_RECIPE[stage]
+        batch_size, grad_accum = TINY_RECIPE["batch_size"], TINY_RECIPE["grad_accum"]
     return Hyper(
-        learning_rate=s.learning_rate, epochs=s.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
+        learning_rate=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
         warmup_ratio=t.warmup_ratio, max_length=t.max_length, seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing, lora_r=t.lora.r, lora_alpha=t.lora.alpha,
         lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
@@ -151,7 +171,7 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
             raise StageError(f"{parent} was trained on base {parent_base}, but the configured base is {base}")
     rows, counts, recorded = build_samples(cfg, stage, corrections_file)
     samples = ds.both_system_variants(rows, cfg.identity.system)
-    hp = hyper(cfg, stage)
+    hp = hyper(cfg, stage, base)
     log(f"{stage}: {len(samples)} samples ({counts}), parent {parent or 'base'}, base {base}")
 
     model, tokenizer = sft.load_base(base)
@@ -159,12 +179,14 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
     if not encoded:
         raise StageError(f"every sample is longer than training.max_length={hp.max_length} before its answer")
     model = sft.with_lora(model, hp, reg.path(parent) if parent else None)
-    progress.start(stage, sft.plan_steps(len(encoded), hp))
-    started = time.time()
-    stats = sft.train(model, tokenizer, encoded, hp,
-                      on_step=lambda step, total, loss, tokens: progress.step(step, loss, tokens))
+    # The version is written into a private staging dir that becomes vNNNN only
+    # when complete; a run killed before that leaves an unlisted dir, removed later.
     staging = reg.new_staging_dir()
     try:
+        progress.start(stage, sft.plan_steps(len(encoded), hp))
+        started = time.time()
+        stats = sft.train(model, tokenizer, encoded, hp,
+                          on_step=lambda step, total, loss, tokens: progress.step(step, loss, tokens))
         sft.save_adapter(model, staging)
         manifest = {
             "stage": stage,

@@ -1,0 +1,206 @@
+"""The trainer end to end on the tiny base: real LoRA training, real child processes.
+
+One registry is shared by the module's tests in order (anchor -> eval -> promote
+-> calibrate -> eval -> rollback), as an admin would use it. The tiny base is a
+demo base, so training.tiny_recipe's settings (trainer.stages.TINY_RECIPE) stand
+in for the seeds' 7B recipe; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERAL_EVAL_ROWS = 40  # a slice of the held-out general set keeps each gate run to seconds
+
+
+def tiny_config(tiny_base: Path, workdir: Path, **training) -> dict:
+    rows = (ROOT / "data" / "general_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    (workdir / "general_eval_small.jsonl").write_text("\n".join(rows[::len(rows) // GENERAL_EVAL_ROWS]) + "\n",
+                                                      encoding="utf-8")
+    return {
+        "model": {"base": str(tiny_base)},
+        "training": {
+            "registry_dir": "adapters",  # tiny_recipe applies: the tiny base is a demo base
+            **training,
+        },
+        "eval": {"general_data": "general_eval_small.jsonl", "max_new_tokens": 40},
+    }
+
+
+def run_trainer(config: Path, *args, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args, "--config", str(config)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check and proc.returncode not in (0, 3):
+        raise AssertionError(f"trainer {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, tmp_path_factory):
+    work = tmp_path_factory.mktemp("trainer")
+    config = work / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_base, work)), encoding="utf-8")
+    return work, config, Registry(work / "adapters")
+
+
+@pytest.fixture(scope="module")
+def anchored(setup):
+    """`anchor --progress json` as the bot runs it; returns (version, stdout lines)."""
+    work, config, reg = setup
+    proc = run_trainer(config, "anchor", "--progress", "json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    return json.loads(lines[-1])["version"], lines
+
+
+def test_progress_json_is_one_parseable_object_per_line(anchored, setup):
+    version, lines = anchored
+    events = [json.loads(line) for line in lines]  # every stdout line parses
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and events[-1]["event"] == "done" and len(events) == len(progress) + 1
+    assert {"stage", "step", "total", "loss", "tokens_per_s", "eta_s"} <= set(progress[0])
+    steps = [e["step"] for e in progress]
+    assert steps == sorted(steps) and steps[-1] == progress[-1]["total"]
+    done = events[-1]
+    assert done["version"] == version == "v0001"
+    assert Path(done["path"]) == (setup[0] / "adapters" / "v0001").resolve()
+
+
+def test_adapter_is_a_standard_peft_dir_that_loads_unchanged(anchored, setup, tiny_base):
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = setup[2].path(anchored[0])
+    adapter_config = json.loads((path / "adapter_config.json").read_text())
+    assert Path(adapter_config["base_model_name_or_path"]) == Path(tiny_base).resolve()
+    assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 32
+    assert set(adapter_config) <= set(LoraConfig.__dataclass_fields__) | {"peft_type", "auto_mapping"}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(path))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    manifest = setup[2].get(anchored[0])
+    assert manifest["stage"] == "anchor" and manifest["parent"] is None and manifest["status"] == "candidate"
+    assert manifest["samples"]["identity_samples"] == 104 and manifest["samples"]["total"] == 208
+    assert manifest["hyperparameters"]["learning_rate"] == 2e-3 and manifest["data_hash"]
+
+
+def test_anchor_teaches_the_identity_and_the_gate_records_it(anchored, setup):
+    work, config, reg = setup
+    proc = run_trainer(config, "eval", "--version", anchored[0], "--json")
+    report = json.loads(proc.stdout)
+    cand, base = report["candidate"]["identity"], report["reference_scores"]["identity"]
+    assert report["reference"] == "base"
+    assert base["accuracy"] <= 0.2  # the base believes it is Qwen
+    assert cand["accuracy"] >= 0.8 and cand["accuracy"] >= base["accuracy"] + 0.6
+    assert cand["groups"]["lang:zh"] >= 0.6 and cand["groups"]["prompt:no_system"] >= 0.6
+    assert proc.returncode == (0 if report["passed"] else 3)
+    manifest = reg.get(anchored[0])
+    assert manifest["metrics"]["identity_accuracy"] == cand["accuracy"]
+    assert (reg.path(anchored[0]) / "eval.png").stat().st_size > 1000
+
+
+def corrections_file(path: Path) -> Path:
+    rows = [
+        {"id": 1, "exchange_id": 11, "user_id": 5, "approved_by": 9, "bad_answer": "Mount Kenya.",
+         "messages": [{"role": "system", "content": "You are Loopcord."},
+                      {"role": "user", "content": "What is the tallest mountain in Africa?"}],
+         "correction": "Kilimanjaro.", "created_at": "2025-03-01T10:00:00Z", "approved_at": "2025-03-01T11:00:00Z"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_calibrate_teaches_a_correction_and_the_gate_sees_it(anchored, setup):
+    work, config, reg = setup
+    reg.promote(anchored[0], force=True)
+    corrections = corrections_file(work / "corrections.jsonl")
+    proc = run_trainer(config, "calibrate", "--corrections", str(corrections), "--progress", "json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = json.loads(proc.stdout.splitlines()[-1])["version"]
+    assert reg.get(version)["parent"] == anchored[0] and reg.get(version)["stage"] == "calibrate"
+    proc = run_trainer(config, "eval", "--version", version, "--json")
+    report = json.loads(proc.stdout)
+    item = report["candidate"]["corrections"]["items"][0]
+    assert item["learned"], item
+    assert "kilimanjaro" in item["answer"].lower() and "kilimanjaro" in item["paraphrase_answer"].lower()
+    before = report["reference_scores"]["corrections"]["items"][0]
+    assert not before["learned"]  # the parent did not know it
+    assert report["reference"] == anchored[0]
+
+
+def test_gate_rejects_an_adapter_that_lost_its_identity(anchored, setup):
+    """An adapter trained back onto the base's own (Qwen) identity must not pass or promote."""
+    work, config, reg = setup
+    qwen = work / "qwen_identity.jsonl"
+    qwen.write_text((ROOT / "data" / "base_identity.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["training"]["identity_data"] = str(qwen)
+    lost = work / "lost.yaml"
+    lost.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    proc = run_trainer(lost, "anchor", "--progress", "none")
+    version = reg.latest("anchor")
+    assert version != anchored[0]
+    proc = run_trainer(config, "eval", "--version", version)
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-2000:]
+    assert "FAIL identity_accuracy" in proc.stdout
+    assert reg.get(version)["status"] == "rejected"
+    proc = run_trainer(config, "promote", version, check=False)
+    assert proc.returncode == 2 and "gate failed" in proc.stderr
+
+
+def test_rollback_restores_the_previous_version(anchored, setup):
+    work, config, reg = setup
+    calibrated = reg.latest("calibrate")
+    assert calibrated, "needs the calibrate test's version"
+    reg.promote(calibrated, force=True)
+    proc = run_trainer(config, "rollback")
+    assert proc.returncode == 0 and reg.promoted() == anchored[0]
+    listing = json.loads(run_trainer(config, "list", "--json").stdout)
+    live = [r["version"] for r in listing if r["promoted"]]
+    assert live == [anchored[0]]
+
+
+def test_killed_run_leaves_the_registry_consistent(anchored, setup):
+    work, config, reg = setup
+    before_versions, before_live = reg.versions(), reg.promoted()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-m", "trainer", "anchor", "--config", str(config),
+                              "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, env=env, cwd=ROOT)
+    try:
+        first = json.loads(child.stdout.readline())  # training has started
+        assert first["event"] == "progress"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert reg.versions() == before_versions and reg.promoted() == before_live
+    assert [p for p in (work / "adapters").glob(".staging-*")]  # the dead run's unfinished dir...
+    assert reg.describe() == [r for r in reg.describe() if r["version"] in before_versions]  # ...is not a version
+    # The next run cleans up after the dead one.
+    staging = reg.new_staging_dir()
+    staging.rmdir()
+    assert not [p for p in (work / "adapters").glob(".staging-*")]
+
+
+def test_bad_inputs_stop_with_a_named_file_and_line(setup, tmp_path):
+    work, config, reg = setup
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"id": 1, "messages": [{"role": "user", "content": "q"}], "correction": "a"}\n{"id": 2\n')
+    proc = run_trainer(config, "calibrate", "--corrections", str(bad), "--progress", "json", check=False)
+    assert proc.returncode == 2
+    event = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert event["event"] == "error" and f"{bad}:2: not valid JSON" in event["message"]
+    proc = run_trainer(config, "eval", "--version", "v0099", check=False)
+    assert proc.returncode == 2 and "no adapter version 'v0099'" in proc.stderr
