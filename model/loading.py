@@ -62,13 +62,16 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def load_base(path: str, device: str = "auto", dtype: str = "auto", max_context: int | None = None) -> LoadedBase:
+def load_base(path: str, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
+              cpu_threads: int | None = None) -> LoadedBase:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(path).exists():
         raise LoadError(f"base model {path!r} does not exist (set model.base or pass --model)")
     dev = resolve_device(device)
+    if dev == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

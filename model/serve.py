@@ -2,6 +2,7 @@
 
     python -m model serve [--config FILE] [--model PATH] [--host H] [--port P]
                           [--served-model-name N] [--lora NAME=PATH ...]
+                          [--max-batch-size N] [--max-queue N] [--device D] [--dtype T] [--cpu-threads N]
 
 Loads the base and the configured adapters, serves until SIGTERM/SIGINT, then
 stops accepting (503), drains in-flight requests for up to
@@ -47,6 +48,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     serve.add_argument("--max-queue", type=int, help="overrides worker.max_queue")
     serve.add_argument("--device", help="overrides worker.device (auto, cpu, cuda, cuda:N)")
     serve.add_argument("--dtype", help="overrides worker.dtype")
+    serve.add_argument("--cpu-threads", type=int, help="overrides worker.cpu_threads (torch threads on CPU)")
     return parser.parse_args(argv)
 
 
@@ -73,7 +75,11 @@ def build_worker(cfg, args):
     if not base:
         raise ServeError("no base model: set model.base in the config or pass --model PATH "
                          "(the bot and trainer build the demo base under model.demo_dir)")
-    loaded = load_base(base, args.device or cfg.worker.device, args.dtype or cfg.worker.dtype, cfg.worker.max_context)
+    threads = args.cpu_threads if args.cpu_threads is not None else cfg.worker.cpu_threads
+    if threads is not None and threads < 1:
+        raise ServeError(f"worker.cpu_threads: must be at least 1, got {threads}")
+    loaded = load_base(base, args.device or cfg.worker.device, args.dtype or cfg.worker.dtype,
+                       cfg.worker.max_context, cpu_threads=threads)
     shapes = linear_shapes(loaded.model)
     table, metrics = AdapterTable(), WorkerMetrics()
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_ids, loaded.device,

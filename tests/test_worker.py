@@ -21,6 +21,7 @@ ASK = [{"role": "user", "content": "What is the capital of France?"}]
 ZH_PROMPTS = ["法国的首都是哪里？", "你好", "写一首关于春天的诗", "中国的首都是哪里？"]
 GREEDY = {"temperature": 0}
 IGNORE_EOS = {"ignore_eos": True}  # vLLM's parameter: keeps a request running for max_tokens
+ONE_THREAD = ["--cpu-threads", "1"]  # the test machine is small and shared
 LONG = 1500  # tokens: long enough that a request is surely still running when we act on it
 
 
@@ -50,7 +51,7 @@ def adapter_dirs(tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def worker(tiny_base, adapter_dirs, tmp_path_factory):
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    proc = WorkerProcess(["--model", str(tiny_base), "--served-model-name", "tiny",
+    proc = WorkerProcess(["--model", str(tiny_base), "--served-model-name", "tiny", *ONE_THREAD,
                           "--lora", f"a={adapter_dirs['a']}", "--lora", f"b={adapter_dirs['b']}",
                           "--max-batch-size", "16"], log_path=log).start()
     yield proc
@@ -196,9 +197,12 @@ async def test_hot_swap_during_live_streams_fails_none(client, adapter_dirs):
 
     async def stream(i):
         out = []
-        async for piece in client.stream_chat(ASK, **ask):
-            out.append(piece)
-            started[i].set()
+        try:
+            async for piece in client.stream_chat(ASK, **ask):
+                out.append(piece)
+                started[i].set()
+        finally:
+            started[i].set()  # never leave the swap waiting on a stream that is already over
         return "".join(out)
 
     tasks = [asyncio.create_task(stream(i)) for i in range(8)]
@@ -312,10 +316,10 @@ async def test_sleep_refuses_chat_until_woken(client):
 
 
 async def test_sigterm_drains_in_flight_stream_then_exits_zero(tiny_base, tmp_path):
-    proc = WorkerProcess(["--model", str(tiny_base)], log_path=tmp_path / "w.log").start()
+    proc = WorkerProcess(["--model", str(tiny_base), *ONE_THREAD], log_path=tmp_path / "w.log").start()
     client = ModelClient(proc.url)
     try:
-        pieces, n_tokens = [], 200
+        pieces, n_tokens = [], 600
         stream = client.stream_chat(ASK, model=str(tiny_base), max_tokens=n_tokens, extra_body=IGNORE_EOS)
         pieces.append(await first_delta(stream))
         proc.terminate()
@@ -348,8 +352,8 @@ async def test_client_reports_unavailable_when_nothing_listens():
 
 async def test_full_queue_is_overloaded_and_api_key_is_enforced(tiny_base, tmp_path):
     env = {"LOOPCORD_WORKER_KEY": "sesame"}
-    proc = WorkerProcess(["--model", str(tiny_base), "--served-model-name", "tiny", "--max-batch-size", "1",
-                          "--max-queue", "1"], env=env, log_path=tmp_path / "w.log").start()
+    proc = WorkerProcess(["--model", str(tiny_base), "--served-model-name", "tiny", *ONE_THREAD,
+                          "--max-batch-size", "1", "--max-queue", "1"], env=env, log_path=tmp_path / "w.log").start()
     client, anonymous = ModelClient(proc.url, api_key="sesame"), ModelClient(proc.url)
     try:
         with pytest.raises(ModelBadRequest) as err:
