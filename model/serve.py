@@ -26,6 +26,7 @@ from model.config import ConfigError, load_config, secret
 log = logging.getLogger("loopcord.worker")
 
 DRAIN_POLL_S = 0.05
+SHUTDOWN_GRACE_S = 2.0  # after the drain: how long still-open connections get before they are cut
 EXIT_CONFIG_ERROR = 2
 
 
@@ -117,7 +118,9 @@ async def serve(worker, host: str, port: int, drain_timeout: float) -> None:
     from model.server import build_app
 
     # handler_cancellation: a client that disconnects cancels its handler, which frees its slot.
-    runner = web.AppRunner(build_app(worker), handler_cancellation=True, access_log=None)
+    # shutdown_timeout: by the time the runner is cleaned up, drain() has already waited.
+    runner = web.AppRunner(build_app(worker), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
