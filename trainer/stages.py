@@ -36,7 +36,7 @@ TINY_RECIPE = {
     "grad_accum": 1,
     "anchor": (2e-3, 6.0),  # (learning rate, epochs)
     "generalize": (1e-3, 1.0),
-    "calibrate": (2e-3, 6.0),
+    "calibrate": (1e-3, 20.0),  # few samples per run: more passes over them
 }
 
 
