@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER = "⏳"
 TYPING_REFRESH_S = 8.0  # Discord shows "typing…" for ~10 s per trigger
+# The placeholder already says "working on it"; typing… is for a model slow to start, and
+# skipping it when the first token is quick saves a REST call per answer.
+TYPING_AFTER_S = 0.5
 CORRECTION_ACK_EMOJI = "✅"
 CORRECTION_INPUT_ID = "correction"  # custom_id of the modal's text field
 CORRECTION_MAX_CHARS = 4000  # Discord's limit for a text input
@@ -113,10 +116,15 @@ class StreamedReply:
             del self.messages[len(contents):], self.shown[len(contents):]
 
 
-async def keep_typing(channel, until: asyncio.Event) -> None:
-    """Show "typing…" in `channel` until the first token arrives."""
+async def keep_typing(channel, until: asyncio.Event, after: float = TYPING_AFTER_S) -> None:
+    """Show "typing…" in `channel` from `after` seconds on until the first token arrives."""
     if channel is None:
         return
+    try:
+        await asyncio.wait_for(until.wait(), after)
+        return  # the answer started before anyone would notice a wait
+    except asyncio.TimeoutError:
+        pass
     try:
         while not until.is_set():
             await channel.typing()
@@ -318,52 +326,78 @@ class LoopcordBot(discord.Client):
     async def answer(self, target, request: Request) -> Optional[int]:
         """Post a placeholder, stream the answer into it, log it. Returns the exchange id."""
         reply = StreamedReply(target)
-        try:
-            await reply.show([PLACEHOLDER])
-        except discord.HTTPException as exc:
-            log.error("cannot post in channel %s: %r", request.channel_id, exc)
-            return None
+        # The placeholder goes out while the model starts on the request: one Discord round
+        # trip less before the first words show. Every other show waits for it.
+        posted = asyncio.create_task(reply.show([PLACEHOLDER]))
 
         async def show_queue_position(position: int) -> None:
-            await reply.show([MSG_QUEUED.format(position=position)])
+            await asyncio.wait([posted])
+            if reply.messages:
+                await reply.show([MSG_QUEUED.format(position=position)])
 
         stream = self.core.answer(request, on_queue=show_queue_position)
         first_token = asyncio.Event()
         typing = asyncio.create_task(keep_typing(target.channel, first_token))
         try:
-            await self.stream_into(reply, stream, first_token)
+            await self.stream_into(reply, stream, first_token, posted)
         except discord.HTTPException as exc:
+            if not reply.messages:
+                log.error("cannot post in channel %s: %r", request.channel_id, exc)
+                return None
             log.error("posting the answer failed in channel %s: %r", request.channel_id, exc)
         finally:
             first_token.set()
             typing.cancel()
+            posted.cancel()  # a no-op once it is done; stops it if we are cancelled first
         if not reply.messages:
             return None
         return await self.core.record(request, stream.result, reply.message_ids)
 
-    async def stream_into(self, reply: StreamedReply, stream, first_token: asyncio.Event) -> None:
-        """Consume deltas while a flusher edits Discord at most once per interval."""
+    async def stream_into(self, reply: StreamedReply, stream, first_token: asyncio.Event,
+                          posted: Optional[asyncio.Task] = None) -> None:
+        """Consume deltas while a flusher edits Discord at most once per interval.
+
+        `posted` is the placeholder on its way; if it cannot be posted, the model request
+        is dropped at once and the placeholder's error is raised.
+        """
         result = stream.result
         changed = asyncio.Event()
+        edits: list[asyncio.Task] = []
 
-        async def flush_periodically() -> None:
-            while True:
-                await changed.wait()
-                changed.clear()
-                await reply.show(streaming_view(result.text))
-                await asyncio.sleep(self.cfg.discord.edit_interval_s)
-
-        flusher = asyncio.create_task(flush_periodically())
-        try:
+        async def consume() -> None:
             async for _ in stream:
                 first_token.set()
                 changed.set()
+
+        async def flush_periodically() -> None:
+            if posted is not None:
+                await asyncio.shield(posted)  # cancelling the flusher must not cancel the post
+            while True:
+                await changed.wait()
+                changed.clear()
+                # Shielded: stopping the flusher must not cut an edit off mid-request (that
+                # wastes the call and may or may not change the message).
+                edits.append(asyncio.ensure_future(reply.show(streaming_view(result.text))))
+                await asyncio.shield(edits[-1])
+                await asyncio.sleep(self.cfg.discord.edit_interval_s)
+
+        consumer = asyncio.create_task(consume())
+        flusher = asyncio.create_task(flush_periodically())
+        try:
+            if posted is not None:
+                await asyncio.wait([consumer, posted], return_when=asyncio.FIRST_COMPLETED)
+                if posted.done() and not posted.cancelled() and posted.exception() is not None:
+                    raise posted.exception()
+            await consumer
         finally:
+            consumer.cancel()
             flusher.cancel()
-            try:
-                await flusher
-            except asyncio.CancelledError:
-                pass
+            await asyncio.gather(consumer, flusher, *edits, return_exceptions=True)
+        for task in (flusher, *edits):
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # an edit failed: Discord shows less than the answer
+        if posted is not None:
+            await posted
         await reply.show(split_message(result.display))
 
     # ------------------------------------------------------------ slash commands
