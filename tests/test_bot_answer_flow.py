@@ -1,0 +1,91 @@
+"""How an answer reaches Discord: placeholder first, typing… only for a slow start, and a
+channel the bot cannot write in costs the model nothing.
+
+The model side is a scripted OpenAI-compatible server that can hold its answer back, so
+the test sees what a user sees while waiting.
+"""
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from bot.discord_app import PLACEHOLDER, TYPING_AFTER_S
+from bot.render import split_message
+from tests.fake_discord import DEFAULT_EVERYONE_PERMISSIONS, PERM_SEND_MESSAGES, PERM_VIEW_CHANNEL
+from tests.test_bot_support import Script, ScriptedModelServer, start_bot
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+class GatedModelServer(ScriptedModelServer):
+    """Holds each chat request until `gate` is set (a model slow to start)."""
+
+    def __init__(self, script=None):
+        super().__init__(script)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.arrived = 0
+
+    async def _chat(self, request):
+        self.arrived += 1
+        await self.gate.wait()
+        return await super()._chat(request)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(tmp_path_factory):
+    server = await GatedModelServer().start()
+    h = await start_bot(tmp_path_factory.mktemp("flow"), model={"url": server.url})
+    h.server = server
+    yield h
+    await h.close()
+    await server.stop()
+
+
+async def test_a_slow_start_shows_the_placeholder_then_typing_then_the_answer(env):
+    env.server.script = Script(text="worth the wait")
+    env.server.gate.clear()
+    user, chan = env.user("patient"), env.new_channel()
+    msg = await env.fake.post_message(chan, user, env.mention("take your time"))
+    placeholder = await env.fake.wait_for(lambda: env.answers_to(msg["id"], chan))
+    assert placeholder[0]["content"] == PLACEHOLDER
+    await env.fake.wait_for(lambda: any(c == chan for c, _ in env.fake.typing), timeout=TYPING_AFTER_S + 5)
+    env.server.gate.set()
+    exchange = await env.exchange_for(msg["id"])
+    assert env.final_contents(exchange) == ["worth the wait"]
+    assert env.fake.message(exchange["answer_message_ids"][0])["edits"][0] == PLACEHOLDER
+    assert env.fake.rejections == []
+
+
+async def test_a_quick_answer_replaces_the_placeholder_without_typing(env):
+    env.server.script = Script(text="quick one, " * 20, chunk_chars=5)
+    user, chan = env.user("hurried"), env.new_channel()
+    _, exchange = await env.ask(user, "fast please", channel=chan)
+    assert env.final_contents(exchange) == split_message("quick one, " * 20)
+    edits = env.fake.message(exchange["answer_message_ids"][0])["edits"]
+    assert edits[0] == PLACEHOLDER and exchange["status"] == "complete"
+    assert not any(c == chan for c, _ in env.fake.typing)
+    assert env.fake.rejections == []
+
+
+async def test_a_channel_the_bot_cannot_write_in_frees_the_model_slot_and_logs_nothing(env):
+    env.server.script = Script(text="nobody will read this " * 40, chunk_chars=4, delay_s=0.2)  # ~40 s
+    talker = env.fake.add_role(env.guild, "talker", PERM_VIEW_CHANNEL | PERM_SEND_MESSAGES)
+    user = env.user("muted-room", roles=[talker])
+    env.fake.set_role_permissions(env.guild, env.guild, PERM_VIEW_CHANNEL)  # @everyone: read only
+    try:
+        chan = env.new_channel()
+        arrived = env.server.arrived
+        msg = await env.fake.post_message(chan, user, env.mention("can you hear me?"))
+        await env.fake.wait_for(lambda: any(r["status"] == 403 for r in env.fake.rejections), timeout=10)
+        # The bot gives the slot back at once instead of reading a 40-second answer nobody sees.
+        await env.fake.wait_for(lambda: env.core.limiter.active == 0, timeout=10)
+        assert env.server.arrived - arrived <= 1
+        assert env.answers_to(msg["id"], chan) == []
+        rows = await env.core.store._fetchall("SELECT id FROM exchanges WHERE request_message_id = ?",
+                                              (int(msg["id"]),))
+        assert rows == []
+    finally:
+        env.fake.set_role_permissions(env.guild, env.guild, DEFAULT_EVERYONE_PERMISSIONS)
+        env.fake.rejections.clear()
