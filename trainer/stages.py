@@ -5,7 +5,7 @@ Each stage: resolve the base -> pick the parent adapter -> build its samples
 
 - anchor:     identity templates (filled from `identity`), fresh LoRA on the base.
 - generalize: general data (+ extra_datasets) under the identity system prompt,
-              plus the identity set once more so it is not forgotten; continues
+              plus the identity set oversampled to half the general rows; continues
               from the latest anchor version (or --parent).
 - calibrate:  approved user corrections (two samples each) + identity share +
               general replay (`training.mix`); continues from the promoted version.
@@ -28,6 +28,8 @@ from trainer.registry import Registry, RegistryError
 
 STAGES = ("anchor", "generalize", "calibrate")
 DEMO_MARKER = "loopcord_demo.json"
+# Identity rows in the generalize stage, relative to the general rows (oversampled).
+GENERALIZE_IDENTITY_SHARE = 0.5
 # Settings for the ~1M-parameter demo base on CPU (training.tiny_recipe). The seeds'
 # recipe (lr 2e-4 / 1e-4 / 5e-5, batch 1 x accumulation 16) is for Qwen2.5-7B; on the
 # tiny model it moves the loss by almost nothing in the minutes a CPU install has.
@@ -35,7 +37,7 @@ TINY_RECIPE = {
     "batch_size": 8,
     "grad_accum": 1,
     "anchor": (2e-3, 6.0),  # (learning rate, epochs)
-    "generalize": (1e-3, 1.0),
+    "generalize": (1e-3, 2.0),
     "calibrate": (1e-3, 20.0),  # few samples per run: more passes over them
 }
 
@@ -138,6 +140,10 @@ def build_samples(cfg: Config, stage: str, corrections_file: Optional[str]) -> t
         return rows, {"identity_samples": len(rows)}, []
     if stage == "generalize":
         general, identity = general_rows(cfg), identity_rows(cfg)
+        # Identity is oversampled to GENERALIZE_IDENTITY_SHARE of the general rows, so a
+        # pass over general data does not wash out what anchor taught.
+        wanted = max(len(identity), round(GENERALIZE_IDENTITY_SHARE * len(general)))
+        identity = ds.sample_rows(identity, wanted, seed)
         return general + identity, {"general_samples": len(general), "identity_samples": len(identity)}, []
     if not corrections_file:
         raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
