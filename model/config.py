@@ -59,20 +59,20 @@ class ModelConfig:
     # Base model directory in Hugging Face layout (e.g. Qwen2.5-7B-Instruct).
     # Empty: the tiny demo base is built on first run under `demo_dir`.
     base: Optional[str] = None
-    demo_dir: str = ".loopcord/demo-base"
+    demo_dir: str = ".loopcord/demo-base"  # where the demo base is built when `base` is empty
     # The `model` name requests use: the alias of the promoted adapter.
     served_name: str = "loopcord"
     api_key_env: str = "LOOPCORD_WORKER_KEY"  # env var holding the bearer token (optional)
-    request_timeout_s: float = 120.0
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.9
+    request_timeout_s: float = 120.0  # give up on a silent model request after this long
+    max_tokens: int = 512  # longest answer, in tokens
+    temperature: float = 0.7  # sampling temperature; 0 = greedy (deterministic)
+    top_p: float = 0.9  # nucleus sampling
 
 
 @dataclass
 class WorkerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
+    host: str = "127.0.0.1"  # bind address; keep loopback unless you set a bearer token
+    port: int = 8765  # the worker's HTTP port
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
     max_batch_size: int = 32  # concurrent sequences decoded together
@@ -80,7 +80,7 @@ class WorkerConfig:
     max_context: Optional[int] = None  # tokens; empty: the model's max_position_embeddings
     # Adapters loaded at start: name -> PEFT adapter directory.
     adapters: dict[str, str] = field(default_factory=dict)
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: float = 600.0  # how long the bot waits for a starting worker to load the model
     drain_timeout_s: float = 60.0  # SIGTERM waits this long for in-flight requests
     # torch intra-op threads when running on CPU; empty: torch's default. 1 is fastest for
     # small models on a shared machine (idle threads spin-waiting on busy cores cost ~10x).
@@ -92,26 +92,26 @@ class DiscordConfig:
     token_env: str = "DISCORD_TOKEN"  # env var with the bot token; unset: local terminal mode
     api_base: Optional[str] = None  # REST base URL (Discord-compatible servers, tests)
     gateway_url: Optional[str] = None  # gateway WebSocket URL
-    respond_to_mentions: bool = True
+    respond_to_mentions: bool = True  # answer messages that mention the bot (or reply to it)
     channels: list[int] = field(default_factory=list)  # answer every message here
-    respond_in_dms: bool = True
+    respond_in_dms: bool = True  # answer direct messages
     allowed_users: list[int] = field(default_factory=list)  # empty: everyone
-    blocked_users: list[int] = field(default_factory=list)
-    allowed_roles: list[int] = field(default_factory=list)
-    blocked_roles: list[int] = field(default_factory=list)
-    allowed_channels: list[int] = field(default_factory=list)
-    blocked_channels: list[int] = field(default_factory=list)
+    blocked_users: list[int] = field(default_factory=list)  # never answered
+    allowed_roles: list[int] = field(default_factory=list)  # empty: every role
+    blocked_roles: list[int] = field(default_factory=list)  # members with these roles are never answered
+    allowed_channels: list[int] = field(default_factory=list)  # empty: every channel
+    blocked_channels: list[int] = field(default_factory=list)  # never answer here
     edit_interval_s: float = 1.0  # at most one edit of a streaming answer per interval
     context_token_budget: int = 3000  # reply chain / thread history kept, in tokens
-    max_history_messages: int = 25
+    max_history_messages: int = 25  # at most this many earlier messages in the context
     user_rate_limit: int = 6  # answers per user per `user_rate_window_s`
-    user_rate_window_s: float = 60.0
-    flag_reactions: list[str] = field(default_factory=lambda: ["👎"])
-    good_reactions: list[str] = field(default_factory=lambda: ["👍"])
-    correction_prefix: str = "!correct"
+    user_rate_window_s: float = 60.0  # the window of `user_rate_limit`, in seconds
+    flag_reactions: list[str] = field(default_factory=lambda: ["👎"])  # reactions that flag a wrong answer
+    good_reactions: list[str] = field(default_factory=lambda: ["👍"])  # reactions that mark a good answer
+    correction_prefix: str = "!correct"  # a reply to an answer starting with this is a correction
     trusted_roles: list[int] = field(default_factory=list)  # corrections auto-approved
-    admin_users: list[int] = field(default_factory=list)
-    admin_roles: list[int] = field(default_factory=list)
+    admin_users: list[int] = field(default_factory=list)  # admins besides Discord administrators
+    admin_roles: list[int] = field(default_factory=list)  # roles whose members are admins
     admin_channel: Optional[int] = None  # scheduled retrain results go here
     max_in_flight: int = 0  # answers generated at once; more wait in a queue. 0: worker.max_batch_size
     guild_ready_timeout: float = 2.0  # seconds discord.py waits for guilds before on_ready
@@ -119,7 +119,7 @@ class DiscordConfig:
 
 @dataclass
 class StoreConfig:
-    path: str = ".loopcord/loopcord.db"
+    path: str = ".loopcord/loopcord.db"  # the SQLite file (created with its directory)
 
 
 @dataclass
