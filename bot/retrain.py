@@ -214,10 +214,9 @@ class Retrainer:
         cmd = [sys.executable, "-m", "trainer", *args]
         if self.cfg.source:
             cmd += ["--config", str(self.cfg.source)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL, cwd=str(self.cfg.root), env=env,
+            stdin=asyncio.subprocess.DEVNULL, cwd=str(self.cfg.root), env=child_env(),
         )
         tail: list[str] = []
         final: dict = {}
@@ -268,6 +267,15 @@ class Retrainer:
             finally:
                 self.paused_worker = False
                 self.on_pause(False)
+
+
+def child_env() -> dict[str, str]:
+    """Environment for `python -m trainer` children: they run in the config's directory
+    (so relative paths agree with ours) and must import this checkout even when it is
+    not pip-installed."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": repo + (os.pathsep + path if path else "")}
 
 
 async def _ignore(_: dict) -> None:

@@ -15,7 +15,6 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from typing import Awaitable, Callable, Optional
 
@@ -24,7 +23,7 @@ from trainer.registry import Registry
 
 from bot import admin
 from bot.core import MSG_RETRAINING, Core
-from bot.retrain import Retrainer, RetrainResult
+from bot.retrain import Retrainer, RetrainResult, child_env
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ async def bootstrap(cfg: Config, say: Say) -> None:
         cmd += ["--config", str(cfg.source)]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(),
     )
     last_stage, errors, tail = None, [], []
 
