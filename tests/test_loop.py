@@ -1,0 +1,290 @@
+"""The whole loop, for real: Discord (the fake, over the wire) → worker → flag → correction →
+admin approval → /retrain (trainer child process, gate) → hot-swap → the corrected answer;
+plus the ways it must fail safely, and the terminal mode doing the same loop.
+
+Everything is real: discord.py, the worker child (`python -m model serve`) on the tiny base,
+`python -m trainer` child processes, the SQLite store and the adapter registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import yaml
+
+from bot.discord_admin import MSG_NOT_ADMIN, admin_commands
+from bot.discord_app import CORRECTION_INPUT_ID, LoopcordBot
+from bot.runtime import Runtime
+from model.config import load_config
+from model.process import free_port
+from tests.fake_discord import FakeDiscord
+from tests.test_bot_support import BotHarness, write_config
+from trainer.matching import answer_matches
+from trainer.registry import Registry
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "Which planet do we live on?"
+CORRECTION = "We live on Earth, the third planet from the Sun."
+IDENTITY_QUESTION = "Who are you?"
+MAX_TOKENS = 40
+
+
+def model_sections(tiny_base: Path, tmp: Path, **extra) -> dict:
+    sections = {
+        "model": {"base": str(tiny_base), "temperature": 0.0, "max_tokens": MAX_TOKENS},
+        "worker": {"startup_timeout_s": 120.0, "drain_timeout_s": 5.0, "cpu_threads": 1, "port": free_port()},
+        "training": {"registry_dir": str(tmp / "adapters"), "work_dir": str(tmp / "runs")},
+        "store": {"path": str(tmp / "loopcord.db")},
+    }
+    for name, values in extra.items():
+        sections.setdefault(name, {}).update(values)
+    return sections
+
+
+def write_plain_config(tmp: Path, sections: dict) -> Path:
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(tmp_path_factory, tiny_base) -> Path:
+    """A registry with the identity adapter promoted (`python -m trainer bootstrap`), built once."""
+    tmp = tmp_path_factory.mktemp("bootstrap")
+    cfg_path = write_plain_config(tmp, model_sections(tiny_base, tmp))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(cfg_path), "--progress", "none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Registry(tmp / "adapters").promoted()
+    return tmp / "adapters"
+
+
+def copy_registry(bootstrapped: Path, tmp: Path) -> Path:
+    shutil.copytree(bootstrapped, tmp / "adapters")
+    return tmp / "adapters"
+
+
+async def start_product(tmp: Path, tiny_base: Path, bootstrapped: Path, **extra) -> tuple[BotHarness, Runtime, dict]:
+    """Fake Discord + the real product (Runtime, admin commands) as `python -m bot` assembles it."""
+    copy_registry(bootstrapped, tmp)
+    fake = await FakeDiscord().start()
+    guild = fake.add_guild("Loop guild")
+    channel = fake.add_channel(guild, "general")
+    ids = {"admin_role": fake.add_role(guild, "Admins", permissions=8)}
+    cfg = load_config(write_config(tmp, fake, **model_sections(tiny_base, tmp, **extra)))
+    runtime = await Runtime.start(cfg)
+    bot = LoopcordBot(runtime.core, [admin_commands(runtime)])
+    task = asyncio.create_task(bot.start(fake.token))
+    await fake.wait_for(lambda: bot.is_ready() and fake.commands, timeout=30)
+    h = BotHarness(fake, runtime.core, bot, guild, channel, task)
+    ids["admin"] = h.user("ada", roles=[ids["admin_role"]])
+    return h, runtime, ids
+
+
+async def live_adapter_path(runtime: Runtime) -> str:
+    return (await runtime.core.client.health())["adapters"][runtime.cfg.model.served_name]
+
+
+def button_id(message: dict, label: str) -> str:
+    for row in message.get("components") or []:
+        for comp in row.get("components") or []:
+            if comp.get("label") == label:
+                return comp["custom_id"]
+    raise AssertionError(f"no button {label!r} in {message.get('components')}")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def product(tmp_path_factory, tiny_base, bootstrapped):
+    h, runtime, ids = await start_product(tmp_path_factory.mktemp("loop"), tiny_base, bootstrapped)
+    yield h, runtime, ids
+    await h.close()
+
+
+async def test_flag_correct_approve_retrain_hot_swap_then_rollback(product):
+    h, runtime, ids = product
+    registry = runtime.registry
+    first_version = registry.promoted()
+    alice = h.user("alice")
+
+    # A member asks; the answer is logged with the live adapter version.
+    _, before = await h.ask(alice, QUESTION)
+    assert before["adapter_version"] == first_version
+    assert not answer_matches(before["answer"], CORRECTION)
+    answer_msg = before["answer_message_ids"][0]
+
+    # 👎, then the correction through the context menu's modal.
+    await h.fake.add_reaction(h.channel, answer_msg, alice, "👎")
+    it = await h.fake.context_menu(h.channel, alice, "Suggest correction", target_message=answer_msg)
+    await it.wait_response()
+    await (await h.fake.submit_modal(it, alice, {CORRECTION_INPUT_ID: CORRECTION})).wait_response()
+    pending = await runtime.core.store.list_corrections(status="pending")
+    assert [c["text"] for c in pending] == [CORRECTION]
+    store = runtime.core.store
+    for _ in range(100):  # the reaction event is handled concurrently with the modal
+        if (await store.count_flags_by_kind()).get("bad") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert (await store.count_flags_by_kind())["bad"] == 1
+
+    # A non-admin can neither retrain nor roll back, and nothing happens.
+    for name in ("retrain", "rollback"):
+        refused = await h.fake.slash_command(h.channel, alice, name)
+        assert (await refused.wait_response())["data"]["content"] == MSG_NOT_ADMIN
+    assert await runtime.core.store.last_run() is None and registry.promoted() == first_version
+
+    # /retrain with nothing approved is refused with the reason.
+    early = await h.fake.slash_command(h.channel, ids["admin"], "retrain")
+    assert "Nothing new to learn" in (await early.wait_response())["data"]["content"]
+
+    # The admin approves it from /corrections.
+    review = await h.fake.slash_command(h.channel, ids["admin"], "corrections")
+    await review.wait_response()
+    approve = button_id(review.original, f"Approve #{pending[0]['id']}")
+    await (await h.fake.click_button(h.channel, review.original["id"], ids["admin"], approve)).wait_response()
+    approved = await runtime.core.store.get_correction(pending[0]["id"])
+    assert approved["status"] == "approved" and approved["reviewer_id"] == ids["admin"]
+
+    # /retrain: progress edits, the gate passes, the new version goes live without a restart.
+    worker_pid = runtime.core.supervisor.pid
+    run = await h.fake.slash_command(h.channel, ids["admin"], "retrain")
+    await run.wait_response()
+    await h.fake.wait_for(lambda: registry.promoted() != first_version and not runtime.retrainer.running, timeout=600)
+    edits = run.original["edits"]
+    assert any("calibrate: step" in e for e in edits), edits
+    assert "is now live" in run.original["content"]
+    new_version = registry.promoted()
+    assert (await live_adapter_path(runtime)).endswith(new_version)
+    assert runtime.core.supervisor.pid == worker_pid  # hot-swapped, not restarted
+    result_post = h.fake.messages(h.channel)[-1]
+    assert result_post["embeds"][0]["title"] == "Retrain succeeded"
+    assert result_post["attachments"] and result_post["attachments"][0]["filename"].endswith(".png")
+
+    # The same question now gets the corrected answer; the identity holds.
+    _, after = await h.ask(alice, QUESTION)
+    assert after["adapter_version"] == new_version
+    assert answer_matches(after["answer"], CORRECTION), after["answer"]
+    _, who = await h.ask(alice, IDENTITY_QUESTION)
+    assert runtime.cfg.identity.name in who["answer"], who["answer"]
+    last_run = await runtime.core.store.last_run()
+    assert last_run["status"] == "succeeded" and last_run["version"] == new_version
+
+    # /rollback brings back the previous version and its answer.
+    back = await h.fake.slash_command(h.channel, ids["admin"], "rollback")
+    await back.wait_response()
+    await h.fake.wait_for(lambda: "Rolled back" in (back.original or {}).get("content", ""), timeout=60)
+    assert registry.promoted() == first_version
+    _, rolled = await h.ask(alice, QUESTION)
+    assert rolled["adapter_version"] == first_version
+    assert rolled["answer"] == before["answer"]
+    assert h.fake.rejections == [] and h.fake.unhandled == []
+
+
+async def test_status_shows_the_live_version_and_feedback(product):
+    h, runtime, ids = product
+    st = await h.fake.slash_command(h.channel, ids["admin"], "status")
+    await st.wait_response()
+    await h.fake.wait_for(lambda: "Live adapter" in (st.original or {}).get("content", ""), timeout=30)
+    content = st.original["content"]
+    assert runtime.registry.promoted() in content
+    assert "Worker:** up" in content
+    refused = await h.fake.slash_command(h.channel, h.user("mallory"), "status")
+    assert (await refused.wait_response())["data"]["content"] == MSG_NOT_ADMIN
+
+
+# ------------------------------------------------------------------ failing safely
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def strict_gate(tmp_path_factory, tiny_base, bootstrapped):
+    """The product with a gate no candidate can pass (identity accuracy above 100 %)."""
+    h, runtime, ids = await start_product(tmp_path_factory.mktemp("strict"), tiny_base, bootstrapped,
+                                          eval={"min_identity_accuracy": 1.01})
+    yield h, runtime, ids
+    await h.close()
+
+
+async def approved_correction(h: BotHarness, runtime: Runtime, question: str, text: str) -> dict:
+    user = h.user("carol")
+    _, exchange = await h.ask(user, question)
+    correction = await runtime.core.suggest_correction(exchange["answer_message_ids"][0], user, text)
+    await runtime.core.store.set_correction_status(correction["id"], "approved", user)
+    return exchange
+
+
+async def test_gate_failure_keeps_the_old_adapter_live(strict_gate):
+    h, runtime, ids = strict_gate
+    live = runtime.registry.promoted()
+    live_path = await live_adapter_path(runtime)
+    exchange = await approved_correction(h, runtime, QUESTION, CORRECTION)
+
+    result = await runtime.retrain("manual", ids["admin"])
+    assert result.status == "rejected" and "did not pass the gate" in result.message
+    assert result.report and not result.report["passed"]
+    assert runtime.registry.promoted() == live
+    assert runtime.registry.get(result.version)["status"] == "rejected"
+    assert await live_adapter_path(runtime) == live_path
+    _, again = await h.ask(h.user("carol"), QUESTION)
+    assert again["answer"] == exchange["answer"] and again["adapter_version"] == live
+
+
+async def test_killed_trainer_leaves_serving_and_registry_untouched(strict_gate):
+    h, runtime, ids = strict_gate
+    live = runtime.registry.promoted()
+    versions = runtime.registry.versions()
+    live_path = await live_adapter_path(runtime)
+    await approved_correction(h, runtime, "What is the capital of France?", "Paris is the capital of France.")
+    started = asyncio.Event()
+
+    async def on_progress(event: dict) -> None:
+        if event.get("event") == "progress":
+            started.set()
+
+    retrain = asyncio.create_task(runtime.retrain("manual", ids["admin"], on_progress))
+    await asyncio.wait_for(started.wait(), 300)
+    runtime.retrainer._proc.kill()  # as if the OOM killer took the trainer
+    result = await asyncio.wait_for(retrain, 60)
+
+    assert result.status == "crashed" and "unchanged" in result.message
+    assert runtime.registry.promoted() == live
+    assert runtime.registry.versions() == versions  # no half-written version appeared
+    assert await live_adapter_path(runtime) == live_path
+    _, answer = await h.ask(h.user("carol"), "Hello!")
+    assert answer["status"] == "complete" and answer["adapter_version"] == live
+    assert (await runtime.core.store.last_run())["status"] == "crashed"
+    assert not runtime.retrainer.running
+
+
+# ------------------------------------------------------------------ the terminal
+
+
+def test_terminal_mode_runs_the_same_loop(tmp_path, tiny_base, bootstrapped):
+    copy_registry(bootstrapped, tmp_path)
+    cfg_path = write_plain_config(tmp_path, model_sections(tiny_base, tmp_path))
+    script = "\n".join([
+        QUESTION, "/flag", f"/correct {CORRECTION}", "/corrections", "/approve 1", "/retrain",
+        QUESTION, "/status", "/rollback", QUESTION, "/quit",
+    ]) + "\n"
+    env = {**os.environ, "DISCORD_TOKEN": ""}
+    proc = subprocess.run([sys.executable, "-m", "bot", "--config", str(cfg_path)], input=script, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = load_config(cfg_path).identity.name
+    answers = [line[len(name) + 2:] for line in out.splitlines() if line.startswith(f"{name}> ")]
+    assert len(answers) == 3, out
+    assert "Flagged" in out and "Correction #1 saved as pending" in out and "Correction #1 approved" in out
+    assert "passed the gate and is now live" in out, out
+    assert answer_matches(answers[1], CORRECTION), answers
+    assert "Rolled back" in out and answers[2] == answers[0]
+    registry = Registry(tmp_path / "adapters")
+    assert json.loads((registry.path(registry.latest()) / "manifest.json").read_text())["stage"] == "calibrate"
