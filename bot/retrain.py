@@ -147,7 +147,9 @@ class Retrainer:
             await self._wake_worker()
             result.seconds = time.monotonic() - started
             await self.store.finish_run(run_id, status=result.status, version=result.version, report=result.report, message=result.message)
-            if result.status == "succeeded":
+            if result.status in ("succeeded", "rejected"):
+                # Consumed: a rejected run's corrections still ride along in every later
+                # export, but they alone do not trigger another (scheduled) run.
                 await self.store.mark_corrections_trained(run_id, [r["id"] for r in rows])
         return result
 

@@ -20,7 +20,9 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from bot.discord_admin import MSG_NOT_ADMIN, admin_commands
+from bot.core import MSG_RETRAINING
+from bot.discord_admin import MSG_NOT_ADMIN, admin_commands, start_schedule
+from bot.schedule import scheduled_retrain_once
 from bot.discord_app import CORRECTION_INPUT_ID, LoopcordBot
 from bot.runtime import Runtime
 from model.config import load_config
@@ -206,9 +208,11 @@ async def test_status_shows_the_live_version_and_feedback(product):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def strict_gate(tmp_path_factory, tiny_base, bootstrapped):
-    """The product with a gate no candidate can pass (identity accuracy above 100 %)."""
+    """The product with a gate no candidate can pass (identity accuracy above 100 %), whose
+    worker sleeps while training (`gpu_policy: pause`, as on a small GPU)."""
     h, runtime, ids = await start_product(tmp_path_factory.mktemp("strict"), tiny_base, bootstrapped,
-                                          eval={"min_identity_accuracy": 1.01})
+                                          eval={"min_identity_accuracy": 1.01},
+                                          training={"gpu_policy": "pause"})
     yield h, runtime, ids
     await h.close()
 
@@ -251,6 +255,11 @@ async def test_killed_trainer_leaves_serving_and_registry_untouched(strict_gate)
 
     retrain = asyncio.create_task(runtime.retrain("manual", ids["admin"], on_progress))
     await asyncio.wait_for(started.wait(), 300)
+    # gpu_policy: pause — the worker sleeps and users are told why, at once.
+    assert (await runtime.core.client.health())["sleeping"] is True
+    _, during = await h.ask(h.user("dave"), "Are you there?")
+    assert during["status"] == "error"
+    assert h.final_contents(during) == [MSG_RETRAINING]
     runtime.retrainer._proc.kill()  # as if the OOM killer took the trainer
     result = await asyncio.wait_for(retrain, 60)
 
@@ -262,6 +271,31 @@ async def test_killed_trainer_leaves_serving_and_registry_untouched(strict_gate)
     assert answer["status"] == "complete" and answer["adapter_version"] == live
     assert (await runtime.core.store.last_run())["status"] == "crashed"
     assert not runtime.retrainer.running
+    assert (await runtime.core.client.health())["sleeping"] is False
+
+
+async def test_schedule_retrains_only_when_enough_corrections_wait(strict_gate):
+    h, runtime, ids = strict_gate
+    admin_channel = h.new_channel("admins")
+    runtime.cfg.discord.admin_channel = admin_channel
+    waiting = await runtime.core.store.count_untrained_approved()
+    assert waiting >= 1  # the killed run's correction was not consumed
+    runs_before = (await runtime.core.store.last_run())["id"]
+
+    assert await scheduled_retrain_once(runtime.retrainer, min_corrections=waiting + 1) is None
+    assert (await runtime.core.store.last_run())["id"] == runs_before
+
+    runtime.cfg.training.schedule_hours, runtime.cfg.training.schedule_min_corrections = 0.0003, waiting
+    schedule = start_schedule(h.bot, runtime)
+    try:
+        await h.fake.wait_for(lambda: h.fake.messages(admin_channel), timeout=600)
+    finally:
+        schedule.cancel()
+    post = h.fake.messages(admin_channel)[0]
+    assert post["embeds"][0]["title"] == "Retrain rejected"
+    run = await runtime.core.store.last_run()
+    assert run["trigger"] == "schedule" and run["status"] == "rejected"
+    assert await runtime.core.store.count_untrained_approved() == 0  # consumed: no re-run every tick
 
 
 # ------------------------------------------------------------------ the terminal
