@@ -212,40 +212,13 @@ class Retrainer:
         return target
 
     async def _trainer(self, args: list[str], progress: Progress) -> tuple[int, Optional[dict], list[str]]:
-        """Run `python -m trainer ARGS`; relay JSON progress; returns (exit code, done/error event, stderr tail)."""
-        cmd = [sys.executable, "-m", "trainer", *args]
-        if self.cfg.source:
-            cmd += ["--config", str(self.cfg.source)]
-        self._proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL, cwd=str(self.cfg.root), env=child_env(),
-        )
-        tail: list[str] = []
-        final: dict = {}
+        def started(proc: asyncio.subprocess.Process) -> None:
+            self._proc = proc
 
-        async def read_stdout():
-            async for raw in self._proc.stdout:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("{"):
-                    continue
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") in ("done", "error"):
-                    final.update(event)
-                await progress(event)
-
-        async def read_stderr():
-            async for raw in self._proc.stderr:
-                tail.append(raw.decode("utf-8", "replace").rstrip())
-                del tail[:-TRAINER_TAIL_LINES]
-
-        await asyncio.gather(read_stdout(), read_stderr())
-        code = await self._proc.wait()
-        self._proc = None
-        log.info("trainer %s exited %s", args[0], code)
-        return code, (final or None), [t for t in tail if t.strip()]
+        try:
+            return await run_trainer(self.cfg, args, progress, on_start=started)
+        finally:
+            self._proc = None
 
     async def _kill_trainer(self) -> None:
         proc = self._proc
@@ -269,6 +242,48 @@ class Retrainer:
             finally:
                 self.paused_worker = False
                 self.on_pause(False)
+
+
+async def run_trainer(
+    cfg: Config, args: list[str], on_event: Progress,
+    on_start: Optional[Callable[[asyncio.subprocess.Process], None]] = None,
+) -> tuple[int, Optional[dict], list[str]]:
+    """Run `python -m trainer ARGS --config ...`; relay its JSON-lines events.
+
+    Returns (exit code, the final done/error event, the last lines of stderr)."""
+    cmd = [sys.executable, "-m", "trainer", *args]
+    if cfg.source:
+        cmd += ["--config", str(cfg.source)]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(),
+    )
+    if on_start:
+        on_start(proc)
+    tail: list[str] = []
+    final: dict = {}
+
+    async def read_stdout():
+        async for raw in proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue  # stdout carries JSON lines only; anything else is noise
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") in ("done", "error"):
+                final.update(event)
+            await on_event(event)
+
+    async def read_stderr():
+        async for raw in proc.stderr:
+            tail.append(raw.decode("utf-8", "replace").rstrip())
+            del tail[:-TRAINER_TAIL_LINES]
+
+    await asyncio.gather(read_stdout(), read_stderr())
+    code = await proc.wait()
+    log.info("trainer %s exited %s", args[0], code)
+    return code, (final or None), [t for t in tail if t.strip()]
 
 
 def child_env() -> dict[str, str]:

@@ -11,11 +11,9 @@ and call the same operations, so the two behave alike. Start-up order:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import json
 import logging
-import sys
+import time
 from typing import Awaitable, Callable, Optional
 
 from model.config import Config
@@ -23,11 +21,12 @@ from trainer.registry import Registry
 
 from bot import admin
 from bot.core import MSG_RETRAINING, Core
-from bot.retrain import Retrainer, RetrainResult, child_env
+from bot.retrain import Retrainer, RetrainResult, format_progress, run_trainer
 
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], Awaitable[None]]
+BOOTSTRAP_REPORT_S = 10.0  # first-run progress: one line per stage, then at most one per this
 
 
 class BootstrapError(RuntimeError):
@@ -44,38 +43,19 @@ def needs_bootstrap(cfg: Config, registry: Registry) -> bool:
 
 
 async def bootstrap(cfg: Config, say: Say) -> None:
-    """Run `python -m trainer bootstrap`, relaying its progress a line at a time."""
-    cmd = [sys.executable, "-m", "trainer", "bootstrap", "--progress", "json"]
-    if cfg.source:
-        cmd += ["--config", str(cfg.source)]
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(),
-    )
-    last_stage, errors, tail = None, [], []
+    """Run `python -m trainer bootstrap`, relaying its progress: a line per stage, then at
+    most one per BOOTSTRAP_REPORT_S (minutes of silence look like a hang)."""
+    last = {"stage": None, "at": 0.0}
 
-    async def read_stdout():
-        nonlocal last_stage
-        async for raw in proc.stdout:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue
-            if event.get("event") == "error":
-                errors.append(event.get("message", ""))
-            stage = event.get("stage") or event.get("phase")
-            if stage and stage != last_stage:
-                last_stage = stage
-                await say(f"… {stage}")
+    async def relay(event: dict) -> None:
+        stage, now = event.get("stage"), time.monotonic()
+        if event.get("event") == "progress" and (stage != last["stage"] or now - last["at"] >= BOOTSTRAP_REPORT_S):
+            last.update(stage=stage, at=now)
+            await say(format_progress(event))
 
-    async def read_stderr():
-        async for raw in proc.stderr:
-            tail.append(raw.decode("utf-8", "replace").rstrip())
-            del tail[:-10]
-
-    await asyncio.gather(read_stdout(), read_stderr())
-    if await proc.wait() != 0:
-        reason = errors[-1] if errors else (tail[-1] if tail else f"exit status {proc.returncode}")
+    code, final, tail = await run_trainer(cfg, ["bootstrap", "--progress", "json"], relay)
+    if code != 0:
+        reason = (final or {}).get("message") or (tail[-1] if tail else f"exit status {code}")
         raise BootstrapError(f"building the demo model failed: {reason}")
 
 
