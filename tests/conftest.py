@@ -42,9 +42,12 @@ def tiny_base() -> Path:
 
     out = CACHE / f"demo-base-{_fingerprint()}"
     if not (out / "model.safetensors").exists():
-        tmp = out.with_suffix(".tmp")
+        # Build privately, then rename: two test runs building at once never mix files.
+        tmp = CACHE / f".building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         build_default(tmp, steps=TEST_PRETRAIN_STEPS)
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except OSError:  # another run finished first; its copy is as good
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
