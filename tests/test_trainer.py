@@ -1,7 +1,8 @@
 """The trainer end to end on the tiny base: real LoRA training, real child processes.
 
-One registry is shared by the module's tests in order (anchor -> eval -> promote
--> calibrate -> eval -> rollback), as an admin would use it. The tiny base is a
+One registry is shared by the module's tests in order (anchor -> eval ->
+generalize -> eval -> promote -> calibrate -> eval -> promote -> rollback), as an
+admin would use it. The tiny base is a
 demo base, so training.tiny_recipe's settings (trainer.stages.TINY_RECIPE) stand
 in for the seeds' 7B recipe; the code path is the same.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model.config import config_from_dict, load_config
 from trainer.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,45 +112,111 @@ def test_anchor_teaches_the_identity_and_the_gate_records_it(anchored, setup):
     assert (reg.path(anchored[0]) / "eval.png").stat().st_size > 1000
 
 
-def corrections_file(path: Path) -> Path:
+# Approved corrections exactly as the bot exports them: the prompt it sent (our identity
+# system prompt + the question), the answer it gave and the user's correction.
+CORRECTIONS = [("Which planet do we live on?", "Mars.", "Earth."),
+               ("How many hours are in a day?", "22", "24 hours.")]
+
+
+def corrections_file(path: Path, items=CORRECTIONS) -> Path:
+    system = config_from_dict({}).identity.system
     rows = [
-        {"id": 1, "exchange_id": 11, "user_id": 5, "approved_by": 9, "bad_answer": "Mars.",
-         "messages": [{"role": "system", "content": "You are Loopcord."},
-                      {"role": "user", "content": "Which planet do we live on?"}],
-         "correction": "Earth.", "created_at": "2025-03-01T10:00:00Z", "approved_at": "2025-03-01T11:00:00Z"},
+        {"id": i, "exchange_id": 10 + i, "user_id": 5, "approved_by": 9, "bad_answer": bad,
+         "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+         "correction": good, "created_at": "2025-03-01T10:00:00Z", "approved_at": f"2025-03-01T11:0{i}:00Z"}
+        for i, (question, bad, good) in enumerate(items, 1)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
 @pytest.fixture(scope="module")
-def calibrated(anchored, setup):
+def bootstrapped(anchored, setup):
+    """anchor -> generalize -> eval -> promote, as `bootstrap` does; returns the live version."""
     work, config, reg = setup
-    reg.promote(anchored[0], force=True)
+    proc = run_trainer(config, "generalize", "--parent", anchored[0], "--progress", "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = reg.latest("generalize")
+    proc = run_trainer(config, "eval", "--version", version)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    reg.promote(version)
+    return version
+
+
+@pytest.fixture(scope="module")
+def calibrated(bootstrapped, setup):
+    work, config, reg = setup
     corrections = corrections_file(work / "corrections.jsonl")
     proc = run_trainer(config, "calibrate", "--corrections", str(corrections), "--progress", "json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     version = json.loads(proc.stdout.splitlines()[-1])["version"]
-    assert reg.get(version)["parent"] == anchored[0] and reg.get(version)["stage"] == "calibrate"
-    assert reg.get(version)["corrections"][0]["correction"] == "Earth."
-    return version
+    manifest = reg.get(version)
+    assert manifest["parent"] == bootstrapped and manifest["stage"] == "calibrate"
+    assert [c["correction"] for c in manifest["corrections"]] == [good for _, _, good in CORRECTIONS]
+    assert manifest["samples"]["corrections_new"] == len(CORRECTIONS)
+    return version, corrections
 
 
-# Known gap: on the tiny demo base, calibrating straight from an anchor-only parent
-# (which answers most questions with its identity) does not yet teach the correction
-# within the tiny recipe's budget; the real recipe calibrates from a generalized parent.
-@pytest.mark.xfail(reason="tiny-model calibrate recipe not yet strong enough to learn a correction", strict=False)
-def test_calibrate_teaches_a_correction_and_the_gate_sees_it(calibrated, anchored, setup):
+def test_calibrate_teaches_corrections_and_the_gate_passes_it(calibrated, bootstrapped, setup):
     work, config, reg = setup
-    version = calibrated
+    version, corrections = calibrated
+    proc = run_trainer(config, "eval", "--version", version, "--corrections", str(corrections), "--json")
+    report = json.loads(proc.stdout)
+    assert report["reference"] == bootstrapped
+    for item, before, (question, _, good) in zip(report["candidate"]["corrections"]["items"],
+                                                 report["reference_scores"]["corrections"]["items"], CORRECTIONS):
+        assert not before["learned"]  # the live adapter answered it wrongly...
+        # ...the calibrated one answers the question as the bot asks it, and its identity-prefixed form
+        assert item["learned"] and item["question"] == question, item
+        assert good.lower().rstrip(".") in item["answer"].lower(), item
+        assert good.lower().rstrip(".") in item["paraphrase_answer"].lower(), item
+    assert report["passed"] and proc.returncode == 0, [c for c in report["checks"] if not c["passed"]]
+    assert {c["name"] for c in report["checks"]} >= {"identity_accuracy", "general_loss", "general_accuracy",
+                                                    "corrections_learned"}
+    proc = run_trainer(config, "promote", version)
+    assert proc.returncode == 0 and reg.promoted() == version
+
+
+def test_a_second_calibrate_repeats_only_the_new_correction(calibrated, setup):
+    """Corrections the live adapter learned are replayed once; the new one gets the repeats."""
+    from trainer.stages import TINY_RECIPE, build_samples, learned_corrections, registry_for
+
+    work, config, reg = setup
+    version, _ = calibrated
+    both = corrections_file(work / "more.jsonl", CORRECTIONS + [("What is 7 + 8?", "5", "15")])
+    cfg = load_config(config)
+    rows, counts, _ = build_samples(cfg, "calibrate", str(both), Path(cfg.model.base),
+                                    learned_corrections(registry_for(cfg), version))
+    assert counts["corrections_used"] == 3 and counts["corrections_new"] == 1
+    repeats = TINY_RECIPE["new_correction_repeats"]
+    answers = [r[-1]["content"] for r in rows]
+    assert answers.count("15") == 2 * repeats and answers.count("Earth.") == 2
+
+
+def test_gate_rejects_a_calibrate_that_wiped_identity_and_general_ability(bootstrapped, setup):
+    """A calibrate with no replay at a reckless learning rate learns the correction and loses the rest:
+    the gate must say so, and promotion must refuse it."""
+    work, config, reg = setup
+    cfg = yaml.safe_load(config.read_text())
+    cfg["training"].update({
+        "tiny_recipe": False, "batch_size": 8, "grad_accum": 1,
+        "calibrate": {"learning_rate": 2e-2, "epochs": 3.0},
+        "mix": {"identity_ratio": 0.0, "general_ratio": 0.0, "new_correction_repeats": 32},
+    })
+    reckless = work / "reckless.yaml"
+    reckless.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    corrections = corrections_file(work / "reckless.jsonl", CORRECTIONS[:1])
+    proc = run_trainer(reckless, "calibrate", "--corrections", str(corrections), "--parent", bootstrapped,
+                       "--progress", "none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = reg.latest("calibrate")
     proc = run_trainer(config, "eval", "--version", version, "--json")
     report = json.loads(proc.stdout)
-    item = report["candidate"]["corrections"]["items"][0]
-    assert item["learned"], item
-    assert "earth" in item["answer"].lower() and "earth" in item["paraphrase_answer"].lower()
-    before = report["reference_scores"]["corrections"]["items"][0]
-    assert not before["learned"]  # the parent did not know it
-    assert report["reference"] == anchored[0]
+    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    assert proc.returncode == 3 and failed & {"identity_accuracy", "general_loss", "general_accuracy"}, failed
+    assert reg.get(version)["status"] == "rejected"
+    proc = run_trainer(config, "promote", version, check=False)
+    assert proc.returncode == 2 and "gate failed" in proc.stderr
 
 
 def test_gate_rejects_an_adapter_that_lost_its_identity(anchored, setup):
@@ -171,14 +239,14 @@ def test_gate_rejects_an_adapter_that_lost_its_identity(anchored, setup):
     assert proc.returncode == 2 and "gate failed" in proc.stderr
 
 
-def test_rollback_restores_the_previous_version(anchored, calibrated, setup):
+def test_rollback_restores_the_previous_version(bootstrapped, calibrated, setup):
     work, config, reg = setup
-    reg.promote(calibrated, force=True)
+    reg.promote(calibrated[0], force=True)
     proc = run_trainer(config, "rollback")
-    assert proc.returncode == 0 and reg.promoted() == anchored[0]
+    assert proc.returncode == 0 and reg.promoted() == bootstrapped
     listing = json.loads(run_trainer(config, "list", "--json").stdout)
     live = [r["version"] for r in listing if r["promoted"]]
-    assert live == [anchored[0]]
+    assert live == [bootstrapped]
 
 
 def test_killed_run_leaves_the_registry_consistent(anchored, setup):
@@ -214,3 +282,17 @@ def test_bad_inputs_stop_with_a_named_file_and_line(setup, tmp_path):
     assert event["event"] == "error" and f"{bad}:2: not valid JSON" in event["message"]
     proc = run_trainer(config, "eval", "--version", "v0099", check=False)
     assert proc.returncode == 2 and "no adapter version 'v0099'" in proc.stderr
+
+
+def test_building_the_demo_base_reports_progress_and_time(setup, tmp_path):
+    """First run: the demo base's pretraining streams progress events like any stage."""
+    work, config, reg = setup
+    out = tmp_path / "demo"
+    proc = run_trainer(config, "demo-base", "--out", str(out), "--steps", "6", "--progress", "json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["step"] for e in progress][0] == 1 and progress[-1]["step"] == progress[-1]["total"] == 6
+    assert all(e["stage"] == "demo-base" and e["loss"] > 0 and e["eta_s"] is not None for e in progress)
+    assert events[-1]["event"] == "done" and events[-1]["wall_s"] > 0
+    assert "demo base written" in proc.stderr and (out / "config.json").is_file()

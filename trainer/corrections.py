@@ -8,6 +8,9 @@ de-duplicates (the latest approved correction for the same question wins),
 turns each into two samples (the exchange with our identity system prompt,
 and the identity-prefixed rewording the seeds' calibration layer uses) and
 mixes in identity samples and general replay by `training.mix` ratios.
+Corrections the parent adapter already learned (recorded in its lineage's
+manifests) are replayed once; new ones are repeated `new_repeats` times, so a
+run spends its steps on what is new while the old answers are kept.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import datetime as dt
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Collection, Optional, Sequence
 
 from trainer.datasets import DataError, Messages, read_jsonl_rows, sample_rows, with_system
-from trainer.matching import is_chinese, question_key
+from trainer.matching import is_chinese, normalize, question_key
 
 PREFIX_EN = "As {{NAME}} made by {{AUTHOR}}, answer: "
 PREFIX_ZH = "作为{{AUTHOR}}开发的{{NAME}}，请回答："
@@ -117,6 +120,11 @@ def deduplicate(corrections: Sequence[Correction]) -> list[Correction]:
     return sorted(latest.values(), key=_sort_key)
 
 
+def correction_key(question: str, correction: str) -> tuple[str, str]:
+    """Identity of a learned correction: the same question with the same answer."""
+    return question_key(question), normalize(correction)
+
+
 def prefixed_question(question: str, fill) -> str:
     """The identity-prefixed form of a question (the seeds' calibration layer)."""
     return fill(PREFIX_ZH if is_chinese(question) else PREFIX_EN) + question
@@ -139,10 +147,24 @@ def calibration_mix(
     system: str,
     fill,
     seed: int,
+    new_repeats: int = 1,
+    learned: Collection[tuple[str, str]] = (),
 ) -> tuple[list[Messages], dict]:
-    """New samples + identity share + general replay, shuffled; returns (samples, counts)."""
+    """Correction samples + identity share + general replay, shuffled; returns (samples, counts).
+
+    A correction whose `correction_key` is in `learned` (the parent knows it) is
+    replayed once; every other one `new_repeats` times. The identity and general
+    shares are relative to all correction samples, repeats included, so the replay
+    grows with the weight put on the new answers.
+    """
+    if new_repeats < 1:
+        raise ValueError(f"new_repeats must be at least 1, got {new_repeats}")
     kept = deduplicate(corrections)
-    new = [s for c in kept for s in correction_samples(c, system, fill)]
+    learned = set(learned)
+    fresh = [c for c in kept if correction_key(c.question, c.correction) not in learned]
+    known = [c for c in kept if correction_key(c.question, c.correction) in learned]
+    new = [s for c in fresh for s in correction_samples(c, system, fill)] * new_repeats
+    new += [s for c in known for s in correction_samples(c, system, fill)]
     n_identity = round(identity_ratio * len(new)) if identity_rows else 0
     n_general = round(general_ratio * len(new)) if general_rows else 0
     identity = sample_rows(identity_rows, n_identity, seed) if n_identity else []
@@ -152,6 +174,8 @@ def calibration_mix(
     counts = {
         "corrections_in_file": len(corrections),
         "corrections_used": len(kept),
+        "corrections_new": len(fresh),
+        "new_correction_repeats": new_repeats,
         "correction_samples": len(new),
         "identity_samples": len(identity),
         "general_samples": len(general),

@@ -8,6 +8,9 @@ Scores (all zh + en):
   --corrections FILE) asked as the original exchange and as the identity-
   prefixed rewording; learned when both answers match the correction
   (trainer.matching.answer_matches: normalised containment or token F1 >= 0.6).
+  Calibrate trains on both forms (trainer.corrections.correction_samples), so
+  this checks the answer sticks under our system prompt in two phrasings, not
+  that it generalises to unseen rewordings (a 1M-parameter demo base cannot).
 - general retention: assistant-token loss on the held-out general set and
   contains-accuracy on its QA (row `answer`, else the reference reply), with
   our system prompt and with none, versus the reference model.

@@ -116,6 +116,11 @@ def plan_steps(n_samples: int, hp: Hyper) -> int:
     return max(1, math.ceil(micro / hp.grad_accum))
 
 
+def epochs_for_steps(steps: int, n_samples: int, hp: Hyper) -> float:
+    """The (fractional) epochs that make `plan_steps` come to `steps`."""
+    return steps * hp.batch_size * hp.grad_accum / max(1, n_samples)
+
+
 def lr_at(step: int, total: int, warmup_ratio: float) -> float:
     """Multiplier for the base learning rate: linear warm-up, then cosine to zero."""
     warm = max(1, math.ceil(total * warmup_ratio))

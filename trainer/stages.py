@@ -7,8 +7,10 @@ Each stage: resolve the base -> pick the parent adapter -> build its samples
 - generalize: general data (+ extra_datasets) under the identity system prompt,
               plus the identity set oversampled to half the general rows; continues
               from the latest anchor version (or --parent).
-- calibrate:  approved user corrections (two samples each) + identity share +
-              general replay (`training.mix`); continues from the promoted version.
+- calibrate:  approved user corrections (two samples each; the ones the parent's
+              lineage has not learned yet repeated `training.mix.new_correction_repeats`
+              times) + identity share + general replay (`training.mix`); continues
+              from the promoted version's adapter weights.
 Every sample is trained twice: with the identity system prompt and with none
 (the chat template then injects the base's own identity, which must not win).
 """
@@ -18,15 +20,16 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 from model.config import Config
 from trainer import datasets as ds
-from trainer.corrections import calibration_mix, deduplicate, load_corrections
+from trainer.corrections import calibration_mix, correction_key, deduplicate, load_corrections
 from trainer.progress import Progress, log
 from trainer.registry import Registry, RegistryError
 
 STAGES = ("anchor", "generalize", "calibrate")
+DEMO_BASE_STAGE = "demo-base"  # the progress events' stage while the demo base is pretrained
 DEMO_MARKER = "loopcord_demo.json"
 # Identity rows in the generalize stage, relative to the general rows (oversampled).
 GENERALIZE_IDENTITY_SHARE = 0.5
@@ -36,9 +39,18 @@ GENERALIZE_IDENTITY_SHARE = 0.5
 TINY_RECIPE = {
     "batch_size": 8,
     "grad_accum": 1,
-    "anchor": (2e-3, 6.0),  # (learning rate, epochs)
+    "anchor": (2e-3, 8.0),  # (learning rate, epochs); 6 left held-out identity at ~0.79 on one thread
     "generalize": (1e-3, 2.0),
-    "calibrate": (1e-3, 20.0),  # few samples per run: more passes over them
+    "calibrate": (1e-3, 1.0),  # one pass: the mix below already repeats what is new
+    # A new correction is 2 samples; repeated this often, with identity and general
+    # replay in proportion, it gets enough steps to move a greedy answer.
+    "new_correction_repeats": 32,
+    # (identity_ratio, general_ratio) instead of training.mix's: at lr 1e-3 the tiny model's
+    # held-out identity and general answers drift unless replay outweighs the corrections.
+    "calibrate_mix": (1.5, 1.5),
+    # A single correction is too few samples for the model to separate its question from
+    # the rest; fewer steps taught the exact question but not its identity-prefixed form.
+    "calibrate_min_steps": 160,
 }
 
 
@@ -70,8 +82,9 @@ def general_rows(cfg: Config) -> list[ds.Messages]:
     return rows
 
 
-def ensure_base(cfg: Config) -> Path:
-    """The base model directory; the demo base is built there first if it is missing."""
+def ensure_base(cfg: Config, progress: Optional[Progress] = None) -> Path:
+    """The base model directory; the demo base is built there first if it is missing
+    (reporting each pretraining step to `progress` as stage "demo-base")."""
     path = cfg.path(cfg.model.base or cfg.model.demo_dir)
     if cfg.model.base:
         if not (path / "config.json").is_file():
@@ -80,13 +93,38 @@ def ensure_base(cfg: Config) -> Path:
     if not (path / "config.json").is_file():
         from trainer.demo_base import build_default
 
-        log(f"building the demo base model in {path} ({cfg.training.demo_base_steps} steps) ...")
+        steps = cfg.training.demo_base_steps
+        log(f"building the demo base model in {path} ({steps} pretraining steps, first run only) ...")
         tmp = path.with_name(path.name + ".building")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_default(tmp, steps=cfg.training.demo_base_steps)
+        started = time.time()
+        build_default(tmp, steps=steps, on_step=demo_base_reporter(progress, steps))
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
+        log(f"demo base ready in {time.time() - started:.0f} s")
     return path.resolve()
+
+
+def demo_base_reporter(progress: Optional[Progress], steps: int):
+    """on_step for the demo base's pretraining loop, feeding `progress` (None: silent)."""
+    if progress is None:
+        return None
+    progress.start(DEMO_BASE_STAGE, steps)
+
+    def on_step(step: int, loss: float) -> None:  # step is 0-based in the pretraining loop
+        progress.step(step + 1, loss, None)  # the pretraining loop does not count tokens
+        if step + 1 == steps:
+            progress.close()
+
+    return on_step
+
+
+def apply_cpu_threads(cfg: Config) -> None:
+    """training.cpu_threads for torch when there is no GPU (0 keeps torch's default)."""
+    import torch
+
+    if cfg.training.cpu_threads > 0 and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.training.cpu_threads)
 
 
 def stage_config(cfg: Config, stage: str):
@@ -103,7 +141,7 @@ def hyper(cfg: Config, stage: str, base: Optional[Path] = None):
 
     t, s = cfg.training, stage_config(cfg, stage)
     lr, epochs, batch_size, grad_accum = s.learning_rate, s.epochs, t.batch_size, t.grad_accum
-    if base is not None and t.tiny_recipe and is_demo_base(base):
+    if uses_tiny_recipe(cfg, base):
         lr, epochs = TINY_RECIPE[stage]
         batch_size, grad_accum = TINY_RECIPE["batch_size"], TINY_RECIPE["grad_accum"]
     return Hyper(
@@ -132,7 +170,24 @@ def choose_parent(reg: Registry, stage: str, parent: Optional[str]) -> Optional[
     return v
 
 
-def build_samples(cfg: Config, stage: str, corrections_file: Optional[str]) -> tuple[list, dict, list]:
+def uses_tiny_recipe(cfg: Config, base: Optional[Path]) -> bool:
+    return base is not None and cfg.training.tiny_recipe and is_demo_base(base)
+
+
+def learned_corrections(reg: Registry, version: Optional[str]) -> set[tuple[str, str]]:
+    """correction_key of every correction `version` and its ancestors trained on."""
+    keys, seen = set(), set()
+    while version and version not in seen:
+        seen.add(version)
+        manifest = reg.get(version)
+        keys |= {correction_key(c["messages"][-1]["content"], c["correction"])
+                 for c in manifest.get("corrections") or []}
+        version = manifest.get("parent")
+    return keys
+
+
+def build_samples(cfg: Config, stage: str, corrections_file: Optional[str], base: Optional[Path] = None,
+                  learned: Collection[tuple[str, str]] = ()) -> tuple[list, dict, list]:
     """(samples before system-prompt doubling, counts, corrections recorded in the manifest)."""
     system, fill, seed = cfg.identity.system, cfg.identity.fill, cfg.training.seed
     if stage == "anchor":
@@ -151,8 +206,11 @@ def build_samples(cfg: Config, stage: str, corrections_file: Optional[str]) -> t
     if not corrections:
         raise StageError(f"{corrections_file}: no corrections to learn from")
     mix = cfg.training.mix
-    samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), mix.identity_ratio,
-                                      mix.general_ratio, system, fill, seed)
+    repeats, ratios = mix.new_correction_repeats, (mix.identity_ratio, mix.general_ratio)
+    if uses_tiny_recipe(cfg, base):
+        repeats, ratios = TINY_RECIPE["new_correction_repeats"], TINY_RECIPE["calibrate_mix"]
+    samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), *ratios, system, fill,
+                                      seed, new_repeats=repeats, learned=learned)
     recorded = [{"id": c.id, "messages": c.messages, "correction": c.correction} for c in deduplicate(corrections)]
     return samples, counts, recorded
 
@@ -169,13 +227,14 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
     if stage not in STAGES:
         raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     reg = registry_for(cfg)
-    base = ensure_base(cfg)
+    base = ensure_base(cfg, progress)
     parent = choose_parent(reg, stage, parent)
     if parent:
         parent_base = reg.get(parent).get("base")
         if parent_base and Path(parent_base) != base:
             raise StageError(f"{parent} was trained on base {parent_base}, but the configured base is {base}")
-    rows, counts, recorded = build_samples(cfg, stage, corrections_file)
+    learned = learned_corrections(reg, parent) if stage == "calibrate" else set()
+    rows, counts, recorded = build_samples(cfg, stage, corrections_file, base, learned)
     samples = ds.both_system_variants(rows, cfg.identity.system)
     hp = hyper(cfg, stage, base)
     log(f"{stage}: {len(samples)} samples ({counts}), parent {parent or 'base'}, base {base}")
@@ -184,6 +243,8 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
     encoded, dropped = encode_all(tokenizer, samples, hp.max_length)
     if not encoded:
         raise StageError(f"every sample is longer than training.max_length={hp.max_length} before its answer")
+    if stage == "calibrate" and uses_tiny_recipe(cfg, base):
+        hp.epochs = max(hp.epochs, sft.epochs_for_steps(TINY_RECIPE["calibrate_min_steps"], len(encoded), hp))
     model = sft.with_lora(model, hp, reg.path(parent) if parent else None)
     # The version is written into a private staging dir that becomes vNNNN only
     # when complete; a run killed before that leaves an unlisted dir, removed later.
