@@ -6,6 +6,7 @@
   rollback [--to V]                                    back to the previously live version
   list [--json]                                        versions, stages, gate results
   demo-base --out DIR [--steps N]                      build the tiny embedded base model
+                                                       (progress stage "demo-base")
   bootstrap                                            fresh install: demo base if needed,
                                                        anchor + generalize + eval + promote
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER, EXIT_GATE_FAILED = 0, 1, 2, 3
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", help="version to roll back to")
     s = sub.add_parser("list", parents=[common], help="list versions")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("demo-base", parents=[common], help="build the tiny demo base model")
+    s = sub.add_parser("demo-base", parents=[common, train_opts], help="build the tiny demo base model")
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=int, default=None, help="pretraining steps (default training.demo_base_steps)")
     s = sub.add_parser("bootstrap", parents=[common, train_opts],
@@ -124,12 +126,15 @@ def cmd_list(cfg, args) -> int:
     return EXIT_OK
 
 
-def cmd_demo_base(cfg, args) -> int:
+def cmd_demo_base(cfg, args, progress) -> int:
     from trainer.demo_base import build_default
+    from trainer.stages import demo_base_reporter
 
     steps = args.steps or cfg.training.demo_base_steps
-    out = build_default(args.out, steps=steps)
-    print(f"demo base written to {os.path.abspath(out)} ({steps} steps)")
+    started = time.time()
+    out = build_default(args.out, steps=steps, on_step=demo_base_reporter(progress, steps))
+    progress.done(path=os.path.abspath(out), stage="demo-base", steps=steps, wall_s=round(time.time() - started, 1))
+    _say(f"demo base written to {os.path.abspath(out)} ({steps} steps, {time.time() - started:.0f} s)", progress)
     return EXIT_OK
 
 
@@ -143,7 +148,8 @@ def cmd_bootstrap(cfg, args, progress) -> int:
         _say(f"already bootstrapped: {reg.promoted()} is promoted", progress)
         progress.done(version=reg.promoted(), path=str(reg.path(reg.promoted()).resolve()), stage="bootstrap")
         return EXIT_OK
-    ensure_base(cfg)
+    started = time.time()
+    ensure_base(cfg, progress)
     version, _ = run_stage(cfg, "anchor", progress)
     if not args.skip_generalize:
         version, _ = run_stage(cfg, "generalize", progress, parent=version)
@@ -154,7 +160,7 @@ def cmd_bootstrap(cfg, args, progress) -> int:
                          f"({', '.join(c['name'] for c in report['checks'] if not c['passed'])}); not promoted")
     reg.promote(version)
     progress.done(version=version, path=str(reg.path(version).resolve()), stage="bootstrap", promoted=True)
-    _say(f"bootstrap: promoted {version}", progress)
+    _say(f"bootstrap: promoted {version} ({time.time() - started:.0f} s)", progress)
     return EXIT_OK
 
 
@@ -187,12 +193,17 @@ def main(argv=None) -> int:
     progress = Progress(getattr(args, "progress", "none") or "none")
     try:
         cfg = load_config(args.config)
+        if args.command not in ("promote", "rollback", "list"):  # the commands that run torch
+            from trainer.stages import apply_cpu_threads
+
+            apply_cpu_threads(cfg)
         if args.command in ("anchor", "generalize", "calibrate"):
             return cmd_train(cfg, args, progress)
         if args.command == "bootstrap":
             return cmd_bootstrap(cfg, args, progress)
-        handler = {"eval": cmd_eval, "promote": cmd_promote, "rollback": cmd_rollback, "list": cmd_list,
-                   "demo-base": cmd_demo_base}[args.command]
+        if args.command == "demo-base":
+            return cmd_demo_base(cfg, args, progress)
+        handler = {"eval": cmd_eval, "promote": cmd_promote, "rollback": cmd_rollback, "list": cmd_list}[args.command]
         return handler(cfg, args)
     except GateFailed as exc:
         return _fail(progress, str(exc), EXIT_GATE_FAILED)

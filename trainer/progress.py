@@ -51,15 +51,16 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
 
-    def step(self, step: int, loss: float, tokens: int) -> None:
-        """Called after optimizer step `step` (1-based) with its loss and tokens processed."""
-        self._tokens += tokens
+    def step(self, step: int, loss: float, tokens: Optional[int]) -> None:
+        """Called after optimizer step `step` (1-based) with its loss and tokens processed
+        (None: not counted; tokens_per_s is then null)."""
+        self._tokens += tokens or 0
         elapsed = max(time.time() - self._start, 1e-9)
-        tps = self._tokens / elapsed
+        tps = self._tokens / elapsed if tokens is not None else None
         eta = elapsed / step * (self.total - step) if step else None
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
+            self._bar.set_postfix(loss=f"{loss:.4f}", **({"tok_s": f"{tps:.0f}"} if tps is not None else {}))
         now = time.time()
         if step == self.total or now - self._last_emit >= JSON_MIN_INTERVAL_S or step == 1:
             self._last_emit = now
