@@ -160,8 +160,11 @@ async def test_flag_correct_approve_retrain_hot_swap_then_rollback(product):
     worker_pid = runtime.core.supervisor.pid
     run = await h.fake.slash_command(h.channel, ids["admin"], "retrain")
     await run.wait_response()
-    await h.fake.wait_for(lambda: registry.promoted() != first_version and not runtime.retrainer.running, timeout=600)
+    await h.fake.wait_for(lambda: "is now live" in run.original["content"] or "❌" in run.original["content"],
+                          timeout=600)
     edits = run.original["edits"]
+    run_row = await runtime.core.store.last_run()
+    assert run_row["status"] == "succeeded", (run_row["message"], (run_row["report"] or {}).get("checks"))
     assert any("calibrate: step" in e for e in edits), edits
     assert "is now live" in run.original["content"]
     new_version = registry.promoted()
