@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from model.config import config_from_dict, load_config
+from trainer.matching import normalize
 from trainer.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +114,9 @@ def test_anchor_teaches_the_identity_and_the_gate_records_it(anchored, setup):
 
 
 # Approved corrections exactly as the bot exports them: the prompt it sent (our identity
-# system prompt + the question), the answer it gave and the user's correction.
+# system prompt + the question), the answer it gave and the user's correction. The first
+# is in no training set (the live adapter cannot know it); the second is a general-set
+# question the tiny model answers wrongly on some runs and rightly on others.
 CORRECTIONS = [("Which planet do we live on?", "Mars.", "Earth."),
                ("How many hours are in a day?", "22", "24 hours.")]
 
@@ -163,12 +166,13 @@ def test_calibrate_teaches_corrections_and_the_gate_passes_it(calibrated, bootst
     proc = run_trainer(config, "eval", "--version", version, "--corrections", str(corrections), "--json")
     report = json.loads(proc.stdout)
     assert report["reference"] == bootstrapped
-    for item, before, (question, _, good) in zip(report["candidate"]["corrections"]["items"],
-                                                 report["reference_scores"]["corrections"]["items"], CORRECTIONS):
-        assert not before["learned"]  # the live adapter answered it wrongly...
-        # ...the calibrated one answers the question as the bot asks it, and its identity-prefixed form
+    before = report["reference_scores"]["corrections"]["items"][0]
+    assert normalize(before["answer"]) != normalize("Earth."), before  # the live adapter did not say it...
+    for item, (question, _, good) in zip(report["candidate"]["corrections"]["items"], CORRECTIONS):
+        # ...the calibrated one gives the correction to the question as the bot asks it (exactly,
+        # up to case and punctuation) and to its identity-prefixed form
         assert item["learned"] and item["question"] == question, item
-        assert good.lower().rstrip(".") in item["answer"].lower(), item
+        assert normalize(item["answer"]) == normalize(good), item
         assert good.lower().rstrip(".") in item["paraphrase_answer"].lower(), item
     assert report["passed"] and proc.returncode == 0, [c for c in report["checks"] if not c["passed"]]
     assert {c["name"] for c in report["checks"]} >= {"identity_accuracy", "general_loss", "general_accuracy",

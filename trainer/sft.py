@@ -67,8 +67,10 @@ def load_base(path: str | Path, device=None):
 
 def with_lora(model, hp: Hyper, adapter: Optional[str | Path] = None):
     """A fresh LoRA on all linear layers, or continue training the adapter at `adapter`."""
+    import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    torch.manual_seed(hp.seed)  # a fresh LoRA's A matrices are random: same seed, same run
     if adapter is not None:
         return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     target = hp.target_modules
