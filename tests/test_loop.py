@@ -36,7 +36,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Which planet do we live on?"
-CORRECTION = "We live on Earth, the third planet from the Sun."
+CORRECTION = "Earth."  # short, in words the tiny model knows (it cannot learn unseen words)
 IDENTITY_QUESTION = "Who are you?"
 MAX_TOKENS = 40
 
