@@ -124,16 +124,16 @@ class StoreConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str = "all-linear"
+    r: int = 8  # LoRA rank
+    alpha: int = 32  # LoRA alpha (scale = alpha / r)
+    dropout: float = 0.05  # LoRA dropout
+    target_modules: str = "all-linear"  # "all-linear" or a comma-separated list of module names
 
 
 @dataclass
 class StageConfig:
-    learning_rate: float = 1e-4
-    epochs: float = 3.0
+    learning_rate: float = 1e-4  # peak learning rate (cosine decay after warm-up)
+    epochs: float = 3.0  # passes over the stage's data
 
 
 def _stage(lr: float, epochs: float) -> Any:
@@ -152,21 +152,22 @@ class MixConfig:
 
 @dataclass
 class TrainingConfig:
-    registry_dir: str = ".loopcord/adapters"
-    work_dir: str = ".loopcord/runs"
+    registry_dir: str = ".loopcord/adapters"  # adapter versions (PEFT dirs + manifest.json)
+    work_dir: str = ".loopcord/runs"  # per-run files (exported corrections)
+    # concurrent: keep serving while training; pause: the worker sleeps (frees the GPU) during a run
     gpu_policy: Literal["concurrent", "pause"] = "concurrent"
     schedule_hours: float = 0.0  # 0 disables the schedule
-    schedule_min_corrections: int = 5
+    schedule_min_corrections: int = 5  # a scheduled run needs at least this many new approved corrections
     lora: LoraConfig = field(default_factory=LoraConfig)
-    max_length: int = 2048
-    batch_size: int = 1
-    grad_accum: int = 16
-    warmup_ratio: float = 0.05
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    anchor: StageConfig = _stage(2e-4, 5.0)
-    generalize: StageConfig = _stage(1e-4, 3.0)
-    calibrate: StageConfig = _stage(5e-5, 2.0)
+    max_length: int = 2048  # tokens per sample; longer samples are dropped (and counted)
+    batch_size: int = 1  # samples per micro-batch
+    grad_accum: int = 16  # micro-batches per optimizer step
+    warmup_ratio: float = 0.05  # share of steps spent warming up the learning rate
+    gradient_checkpointing: bool = False  # trade compute for memory (7B on a 24 GB card)
+    seed: int = 42  # data order, sampling and LoRA init
+    anchor: StageConfig = _stage(2e-4, 5.0)  # identity data
+    generalize: StageConfig = _stage(1e-4, 3.0)  # general data with the identity system prompt
+    calibrate: StageConfig = _stage(5e-5, 2.0)  # corrections + identity + general replay
     mix: MixConfig = field(default_factory=MixConfig)
     # Extra datasets on disk: "path" or "path#N" (alpaca JSON/JSONL, messages JSONL, datasets dir).
     extra_datasets: list[str] = field(default_factory=list)
@@ -187,11 +188,11 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    min_identity_accuracy: float = 0.8
-    min_corrections_learned: float = 0.5
+    min_identity_accuracy: float = 0.8  # share of held-out identity questions answered as us
+    min_corrections_learned: float = 0.5  # share of the run's corrections the candidate gets right
     max_general_loss_increase: float = 0.15  # relative to the parent
     max_general_accuracy_drop: float = 0.1  # absolute
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # tokens generated per identity / correction question
     # Held-out sets; empty: the shipped data/identity_eval.jsonl and data/general_eval.jsonl.
     identity_data: Optional[str] = None  # paraphrased identity questions (placeholders filled)
     general_data: Optional[str] = None  # general QA rows; optional 'answer' = string a reply must contain
