@@ -9,7 +9,6 @@ Everything is real: discord.py, the worker child (`python -m model serve`) on th
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
@@ -304,24 +303,27 @@ async def test_schedule_retrains_only_when_enough_corrections_wait(strict_gate):
 # ------------------------------------------------------------------ the terminal
 
 
-def test_terminal_mode_runs_the_same_loop(tmp_path, tiny_base, bootstrapped):
+async def test_terminal_mode_runs_the_same_loop(tmp_path, tiny_base, bootstrapped):
     copy_registry(bootstrapped, tmp_path)
     cfg_path = write_plain_config(tmp_path, model_sections(tiny_base, tmp_path))
-    script = "\n".join([
+    script = "\n".join([  # /new: each question is asked afresh, so the answers compare
         QUESTION, "/flag", f"/correct {CORRECTION}", "/corrections", "/approve 1", "/retrain",
-        QUESTION, "/status", "/rollback", QUESTION, "/quit",
+        "/new", QUESTION, "/status", "/rollback", "/new", QUESTION, "/quit",
     ]) + "\n"
-    env = {**os.environ, "DISCORD_TOKEN": ""}
-    proc = subprocess.run([sys.executable, "-m", "bot", "--config", str(cfg_path)], input=script, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=env)
-    out = proc.stdout
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(cfg_path), cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DISCORD_TOKEN": ""})
+    stdout, stderr = await asyncio.wait_for(proc.communicate(script.encode()), 900)
+    out = stdout.decode()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
     name = load_config(cfg_path).identity.name
     answers = [line[len(name) + 2:] for line in out.splitlines() if line.startswith(f"{name}> ")]
     assert len(answers) == 3, out
     assert "Flagged" in out and "Correction #1 saved as pending" in out and "Correction #1 approved" in out
     assert "passed the gate and is now live" in out, out
-    assert answer_matches(answers[1], CORRECTION), answers
-    assert "Rolled back" in out and answers[2] == answers[0]
+    assert not answer_matches(answers[0], CORRECTION) and answer_matches(answers[1], CORRECTION), answers
+    assert "Live adapter: v0003" in out
+    assert "Rolled back: v0002 is live again" in out and answers[2] == answers[0]
     registry = Registry(tmp_path / "adapters")
-    assert json.loads((registry.path(registry.latest()) / "manifest.json").read_text())["stage"] == "calibrate"
+    assert registry.promoted() == "v0002" and registry.get("v0003")["stage"] == "calibrate"
