@@ -66,7 +66,7 @@ async def latencies(runtime: Runtime, n: int) -> list[float]:
 
 async def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="loop-bench-"))
-    base = Path(args.base) if args.base else tmp / "demo-base"
+    base = Path(args.base).resolve() if args.base else tmp / "demo-base"
     if not args.base:
         from trainer.demo_base import build_default
 
