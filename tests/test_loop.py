@@ -227,22 +227,6 @@ async def approved_correction(h: BotHarness, runtime: Runtime, question: str, te
     return exchange
 
 
-async def test_gate_failure_keeps_the_old_adapter_live(strict_gate):
-    h, runtime, ids = strict_gate
-    live = runtime.registry.promoted()
-    live_path = await live_adapter_path(runtime)
-    exchange = await approved_correction(h, runtime, QUESTION, CORRECTION)
-
-    result = await runtime.retrain("manual", ids["admin"])
-    assert result.status == "rejected" and "did not pass the gate" in result.message
-    assert result.report and not result.report["passed"]
-    assert runtime.registry.promoted() == live
-    assert runtime.registry.get(result.version)["status"] == "rejected"
-    assert await live_adapter_path(runtime) == live_path
-    _, again = await h.ask(h.user("carol"), QUESTION)
-    assert again["answer"] == exchange["answer"] and again["adapter_version"] == live
-
-
 async def test_killed_trainer_leaves_serving_and_registry_untouched(strict_gate):
     h, runtime, ids = strict_gate
     live = runtime.registry.promoted()
@@ -276,14 +260,17 @@ async def test_killed_trainer_leaves_serving_and_registry_untouched(strict_gate)
     assert (await runtime.core.client.health())["sleeping"] is False
 
 
-async def test_schedule_retrains_only_when_enough_corrections_wait(strict_gate):
+async def test_scheduled_run_rejected_by_the_gate_keeps_the_old_adapter_live(strict_gate):
     h, runtime, ids = strict_gate
     admin_channel = h.new_channel("admins")
     runtime.cfg.discord.admin_channel = admin_channel
+    live, live_path = runtime.registry.promoted(), await live_adapter_path(runtime)
+    before = await approved_correction(h, runtime, QUESTION, CORRECTION)
     waiting = await runtime.core.store.count_untrained_approved()
-    assert waiting >= 1  # the killed run's correction was not consumed
+    assert waiting == 2  # this one and the killed run's, which that run did not consume
     runs_before = (await runtime.core.store.last_run())["id"]
 
+    # Too few waiting: the schedule does nothing.
     assert await scheduled_retrain_once(runtime.retrainer, min_corrections=waiting + 1) is None
     assert (await runtime.core.store.last_run())["id"] == runs_before
 
@@ -297,6 +284,14 @@ async def test_schedule_retrains_only_when_enough_corrections_wait(strict_gate):
     assert post["embeds"][0]["title"] == "Retrain rejected"
     run = await runtime.core.store.last_run()
     assert run["trigger"] == "schedule" and run["status"] == "rejected"
+    assert "did not pass the gate" in run["message"] and not run["report"]["passed"]
+
+    # The gate said no: nothing changed for users.
+    assert runtime.registry.promoted() == live
+    assert runtime.registry.get(run["version"])["status"] == "rejected"
+    assert await live_adapter_path(runtime) == live_path
+    _, again = await h.ask(h.user("carol"), QUESTION)
+    assert again["answer"] == before["answer"] and again["adapter_version"] == live
     assert await runtime.core.store.count_untrained_approved() == 0  # consumed: no re-run every tick
 
 
