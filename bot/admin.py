@@ -4,7 +4,6 @@ call these, so both behave the same."""
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -32,14 +31,6 @@ def preview(text: Optional[str], limit: int = PREVIEW_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def question_of(messages: list[dict]) -> str:
-    """The last user message of a prompt: the question the answer was for."""
-    for m in reversed(messages or []):
-        if m.get("role") == "user":
-            return m.get("content") or ""
-    return ""
-
-
 @dataclass
 class CorrectionView:
     id: int
@@ -58,18 +49,10 @@ class CorrectionView:
         )
 
 
-def correction_view(row) -> CorrectionView:
-    get = row.get if isinstance(row, dict) else (lambda k, d=None: getattr(row, k, d))
-    messages = get("messages") or get("prompt_messages") or []
-    question = get("question") or question_of(messages)
-    return CorrectionView(
-        id=int(get("id")),
-        question=question,
-        bad_answer=get("bad_answer") or get("answer") or "",
-        proposed=get("text") or get("correction") or "",
-        user_id=int(get("user_id") or 0),
-        status=get("status") or "pending",
-    )
+def correction_view(row: dict) -> CorrectionView:
+    """A Store correction row (which carries its question and the bad answer) for review."""
+    return CorrectionView(id=row["id"], question=row["question"], bad_answer=row["bad_answer"] or "",
+                          proposed=row["text"], user_id=row["user_id"], status=row["status"])
 
 
 async def pending_page(store, page: int) -> tuple[list[CorrectionView], int]:
@@ -95,18 +78,10 @@ async def review(store, correction_id: int, decision: str, reviewer_id: int, tex
     return correction_view(await store.get_correction(correction_id))
 
 
-def _when(value) -> str:
-    if not value:
-        return "never"
-    if isinstance(value, (int, float)):
-        value = dt.datetime.fromtimestamp(value, dt.timezone.utc).isoformat(timespec="seconds")
-    return str(value)
-
-
 async def status_report(cfg: Config, store, client, retrainer, live: dict) -> str:
     """Everything an admin asks first, as text (Discord markdown is fine in a terminal)."""
     lines = [f"**Base model:** {cfg.model.base or 'demo base (' + cfg.model.demo_dir + ')'}"]
-    lines.append(f"**Live adapter:** {live.get('version') or 'none'} (since {_when(live.get('since'))})")
+    lines.append(f"**Live adapter:** {live.get('version') or 'none'} (since {live.get('since') or 'unknown'})")
     try:
         health = await client.health()
         lines.append(
@@ -124,9 +99,8 @@ async def status_report(cfg: Config, store, client, retrainer, live: dict) -> st
     lines.append(f"**Approved, not yet trained:** {await store.count_untrained_approved()}")
     run = await store.last_run()
     if run:
-        get = run.get if isinstance(run, dict) else (lambda k, d=None: getattr(run, k, d))
         lines.append(
-            f"**Last run:** #{get('id')} {get('status')} → {get('version') or '-'} "
-            f"({get('trigger')}, {_when(get('started_at'))}) {get('message') or ''}".rstrip()
+            f"**Last run:** #{run['id']} {run['status']} → {run['version'] or '-'} "
+            f"({run['trigger']}, {run['started_at']}) {run['message'] or ''}".rstrip()
         )
     return "\n".join(lines)

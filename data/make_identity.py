@@ -19,8 +19,9 @@ for adapters).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from make_general import write_jsonl  # one writer for both generators (run from data/)
 
 HERE = Path(__file__).resolve().parent
 
@@ -140,12 +141,6 @@ def build() -> tuple[list[dict], list[dict]]:
     leaked = [r for r in held if r["messages"][0]["content"] in train_q]
     assert not leaked, f"eval questions also in training: {leaked}"
     return train, held
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
