@@ -22,6 +22,8 @@ MATCH_MIN_F1 = 0.6
 DEFAULT_FORBIDDEN_IDENTITIES = [
     "qwen", "通义", "千问", "alibaba", "阿里", "openai", "chatgpt", "gpt-4", "gpt-3", "gpt4",
     "claude", "anthropic", "gemini", "google", "llama", "meta ai", "文心", "百度", "deepseek",
+    # The embedded default base (SmolLM2-135M-Instruct) believes it is SmolLM by Hugging Face.
+    "smollm", "hugging face", "huggingface",
 ]
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
@@ -64,15 +66,35 @@ def question_key(question: str) -> str:
     return normalize(question)
 
 
+def claimed_identities(text: str, name: str, author: str, forbidden=DEFAULT_FORBIDDEN_IDENTITIES) -> list[str]:
+    """The forbidden names `text` mentions (case-insensitive), ignoring any inside our own
+    name or author (a name containing "Meta" is not a slip). Empty: no other identity named."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    ours = [s.casefold() for s in (name, author) if s.strip()]
+    return [bad for bad in forbidden
+            if bad.casefold() in folded and not any(bad.casefold() in s for s in ours)]
+
+
+# First-person self-description: "I am X", "my name is X", "made by X", "我是X", "由X开发".
+_SELF_CLAIM = re.compile(
+    r"\b(i am|i'm|i’m|my name is|call me|this is)\b|\b(created|made|developed|trained|built|designed)\s+by\b"
+    r"|我是|我叫|我的名字|由.{0,20}(开发|训练|创建|打造|研发)",
+    re.IGNORECASE,
+)
+
+
+def identity_claims(text: str, name: str, author: str, forbidden=DEFAULT_FORBIDDEN_IDENTITIES) -> list[str]:
+    """Other identities `text` claims for the assistant: the forbidden names it mentions when it
+    also speaks in the first person about who it is or who made it. "I am ChatGPT, made by
+    OpenAI" -> ['openai', 'chatgpt']; "Google was founded in 1998" -> [] (a fact, not a claim)."""
+    if not _SELF_CLAIM.search(unicodedata.normalize("NFKC", text)):
+        return []
+    return claimed_identities(text, name, author, forbidden)
+
+
 def identity_ok(answer: str, name: str, author: str, forbidden=DEFAULT_FORBIDDEN_IDENTITIES) -> bool:
     """True when the answer names us (name or author) and no other model or maker."""
-    text = unicodedata.normalize("NFKC", answer).casefold()
-    ours = [s.casefold() for s in (name, author) if s.strip()]
+    ours = [s for s in (name, author) if s.strip()]
     if not any(normalize(s) and normalize(s) in normalize(answer) for s in ours):
         return False
-    # A forbidden word inside our own name (e.g. a name containing "Meta") is not a slip.
-    for bad in forbidden:
-        bad = bad.casefold()
-        if bad in text and not any(bad in s for s in ours):
-            return False
-    return True
+    return not claimed_identities(answer, name, author, forbidden)
