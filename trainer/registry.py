@@ -7,13 +7,22 @@ Layout of `training.registry_dir`:
       manifest.json        version, parent, stage, base, data hash, sample counts,
                            hyperparameters, metrics, gate, status, created time
     v0002/ ...
-    PROMOTED               the promoted version's name (replaced atomically)
+    PROMOTED               the promoted version's name (replaced atomically); the truth
     history.jsonl          promotions and rollbacks, one JSON object per line
     .staging-<pid>-<n>/    a version being written; never listed, never promotable
 
 A version appears only by renaming a complete staging dir, so a run killed at
 any moment leaves nothing half-written that could be promoted, and PROMOTED is
-only ever swapped with os.replace. This module imports no torch: the bot uses it.
+only ever swapped with os.replace. PROMOTED is written before history.jsonl; a
+run killed between the two is repaired by `check()` (the bot calls it at start)
+or by the next writer, which append the missing event. Directories are created
+0700 (adapters are trained on users' words). This module imports no torch: the
+bot uses it (its read API: versions, get, promoted, history, promotion_stack,
+live_since, describe, check).
+
+Rollback history is a stack: a promotion pushes, a plain rollback pops, and an
+explicit `rollback --to V` pushes V on top of the version it replaced (so a plain
+rollback afterwards returns there).
 
 status in a manifest: "candidate" (new), "rejected" (gate failed), "promoted"
 (promoted at least once), "rolled_back" (an admin rolled away from it).
@@ -22,13 +31,14 @@ status in a manifest: "candidate" (new), "rejected" (gate failed), "promoted"
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Iterator, Optional
+
+from trainer.protocol import now_iso
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 MANIFEST = "manifest.json"
@@ -37,29 +47,40 @@ HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 STAGING_PREFIX = ".staging-"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TMP_SUFFIX = ".tmp"
+DIR_MODE = 0o700
 
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done; str() says why in words."""
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def format_version(n: int) -> str:
     return f"v{n:04d}"
 
 
+def _tmp_path(path: Path) -> Path:
+    # The pid in the name lets `check()` tell a dead writer's leftovers from a live one's.
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file beside `path`, fsync, and os.replace it into place."""
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temp file beside `path`, fsync, and os.replace it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,6 +99,14 @@ class Registry:
     def __init__(self, path: str | os.PathLike):
         self.root = Path(path)
 
+    @classmethod
+    def from_config(cls, cfg) -> "Registry":
+        """The registry `training.registry_dir` names (relative to the config's directory)."""
+        return cls(cfg.path(cfg.training.registry_dir))
+
+    def _mkdir_root(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+
     # ---- reading --------------------------------------------------------
 
     def versions(self) -> list[str]:
@@ -94,25 +123,47 @@ class Registry:
         return self.root / version
 
     def get(self, version: str) -> dict:
-        """The manifest of `version`; RegistryError if there is no such version."""
-        f = self.path(version) / MANIFEST
+        """The manifest of `version`; RegistryError (naming the file) if it is missing or unreadable."""
+        f = self.path(version or "") / MANIFEST
         if not VERSION_RE.match(version or "") or not f.is_file():
             known = ", ".join(self.versions()) or "none yet"
             raise RegistryError(f"no adapter version {version!r} in {self.root} (versions: {known})")
-        return json.loads(f.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{f}: the manifest of {version} cannot be read ({exc}); restore the file "
+                                f"or move {self.path(version)} out of the registry") from None
+        if not isinstance(manifest, dict):
+            raise RegistryError(f"{f}: the manifest of {version} is not a JSON object")
+        return manifest
 
     def promoted(self) -> Optional[str]:
+        """The promoted version, None if nothing was ever promoted. A PROMOTED file naming a
+        version that is not there is an error (never read as "nothing promoted": that would
+        rebuild the identity from scratch)."""
         f = self.root / PROMOTED_FILE
         try:
             v = f.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
-        return v if v in self.versions() else None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{f} cannot be read ({exc})") from None
+        if not v:
+            return None
+        if v not in self.versions():
+            known = ", ".join(self.versions()) or "none"
+            raise RegistryError(f"{f} names {v!r}, but {self.root} has no complete version {v!r} "
+                                f"(versions: {known}); restore it, or roll back with "
+                                f"`python -m trainer rollback --to VERSION`")
+        return v
 
     def latest(self, stage: Optional[str] = None) -> Optional[str]:
         for v in reversed(self.versions()):
-            if stage is None or self.get(v).get("stage") == stage:
-                return v
+            try:
+                if stage is None or self.get(v).get("stage") == stage:
+                    return v
+            except RegistryError:
+                continue  # a broken manifest is reported by list/check, not here
         return None
 
     def history(self) -> list[dict]:
@@ -129,11 +180,16 @@ class Registry:
         return out
 
     def promotion_stack(self) -> list[str]:
-        """Versions that have been live, most recent last; rolling back pops the top."""
+        """Versions that have been live, the live one last: what a plain rollback walks back.
+
+        A promotion or an explicit `rollback --to V` pushes (V moves to the top); a plain
+        rollback pops the top."""
         stack: list[str] = []
         for e in self.history():
             v = e.get("version")
-            if e.get("action") == "rollback" and e.get("from") in stack:
+            if not v:
+                continue
+            if e.get("action") == "rollback" and not e.get("explicit") and e.get("from") in stack:
                 stack.remove(e["from"])
             if v in stack:
                 stack.remove(v)
@@ -144,12 +200,39 @@ class Registry:
         existing = set(self.versions())
         return [v for v in stack if v in existing]
 
+    def live_since(self) -> Optional[str]:
+        """When the promoted version became live (its last promotion or rollback event)."""
+        current = self.promoted()
+        for e in reversed(self.history()):
+            if e.get("version") == current:
+                return e.get("at")
+        return None
+
+    def check(self) -> list[str]:
+        """Start-up check and repair: PROMOTED names a complete version (else RegistryError),
+        history agrees with PROMOTED (a missing event, from a kill mid-promote, is appended),
+        dead writers' temp files and staging dirs are removed. Returns what was repaired."""
+        if not self.root.exists():
+            return []
+        repaired = [f"removed {name}" for name in self.clean_stale_staging() + self.clean_stale_temp_files()]
+        current = self.promoted()  # raises if it names a missing version
+        if current:
+            with self.locked():
+                if self._repair_history(current):
+                    repaired.append(f"history.jsonl: recorded that {current} is promoted")
+                manifest = self.get(current)
+                if manifest.get("status") != "promoted":
+                    write_json_atomic(self.path(current) / MANIFEST, {
+                        **manifest, "status": "promoted", "promoted_at": manifest.get("promoted_at") or now_iso()})
+                    repaired.append(f"{current}/{MANIFEST}: status set to promoted")
+        return repaired
+
     # ---- writing --------------------------------------------------------
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Serialise writers (trainer runs, bot admin commands) on one lock file."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._mkdir_root()
         with open(self.root / LOCK_FILE, "a+") as fh:
             try:
                 import fcntl
@@ -164,13 +247,13 @@ class Registry:
 
     def new_staging_dir(self) -> Path:
         """A fresh private dir to write a version into; stale ones of dead runs are removed."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._mkdir_root()
         self.clean_stale_staging()
         n = 0
         while True:
             p = self.root / f"{STAGING_PREFIX}{os.getpid()}-{n}"
             try:
-                p.mkdir()
+                p.mkdir(mode=DIR_MODE)
                 return p
             except FileExistsError:
                 n += 1
@@ -183,6 +266,50 @@ class Registry:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
         return removed
+
+    def clean_stale_temp_files(self) -> list[str]:
+        """`.NAME.<pid>.tmp` files of writers that died mid-write, in the root and in versions."""
+        removed = []
+        for p in [*self.root.glob(f".*{TMP_SUFFIX}"), *self.root.glob(f"v*/.*{TMP_SUFFIX}")]:
+            pid = p.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(str(p.relative_to(self.root)))
+        return removed
+
+    def import_adapter(self, source: str | os.PathLike, manifest: dict) -> str:
+        """Register an outside PEFT LoRA adapter directory (e.g. trained by ms-swift) as a new
+        candidate version; its files are copied, the source is left as it is."""
+        src = Path(source)
+        config_file = src / "adapter_config.json"
+        if not src.is_dir():
+            raise RegistryError(f"{src}: not a directory (expected a PEFT adapter directory)")
+        missing = [f for f in ADAPTER_FILES if not (src / f).is_file()]
+        if missing:
+            raise RegistryError(f"{src}: not a PEFT adapter directory, missing {', '.join(missing)} "
+                                "(save it with save_pretrained(..., safe_serialization=True))")
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{config_file}: cannot be read ({exc})") from None
+        if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
+            raise RegistryError(f"{config_file}: peft_type is {config.get('peft_type') if isinstance(config, dict) else None!r}; "
+                                "only LoRA adapters can be served")
+        staging = self.new_staging_dir()
+        try:
+            for f in ADAPTER_FILES:
+                shutil.copyfile(src / f, staging / f)
+            version = self.commit(staging, {
+                "stage": "imported", "parent": None, "source": str(src.resolve()),
+                "source_base": config.get("base_model_name_or_path"),
+                "lora": {k: config.get(k) for k in ("r", "lora_alpha", "target_modules")},
+                "corrections": [], "metrics": {}, **manifest,
+            })
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return version
 
     def commit(self, staging: Path, manifest: dict) -> str:
         """Turn a complete staging dir into the next version; returns its name."""
@@ -204,15 +331,32 @@ class Registry:
             write_json_atomic(self.path(version) / MANIFEST, manifest)
         return manifest
 
-    def _set_pointer(self, version: str, action: str, previous: Optional[str], forced: bool) -> None:
-        event = {"action": action, "version": version, "from": previous, "at": now_iso(), "forced": forced}
+    def _append_history(self, event: dict) -> None:
         with open(self.root / HISTORY_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        tmp = self.root / f".{PROMOTED_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(version + "\n", encoding="utf-8")
-        os.replace(tmp, self.root / PROMOTED_FILE)
+
+    def _repair_history(self, current: str) -> bool:
+        """Append the event a kill between PROMOTED and history.jsonl lost (caller holds the lock)."""
+        history = self.history()
+        last = history[-1].get("version") if history else None
+        if last == current:
+            return False
+        self._append_history({"action": "promote", "version": current, "from": last, "at": now_iso(),
+                              "forced": False, "repaired": True})
+        return True
+
+    def _set_pointer(self, version: str, action: str, previous: Optional[str], forced: bool,
+                     explicit: bool = False) -> None:
+        # PROMOTED first: it is what serving reads; history is repaired from it if we die here.
+        if previous:
+            self._repair_history(previous)
+        write_text_atomic(self.root / PROMOTED_FILE, version + "\n")
+        event = {"action": action, "version": version, "from": previous, "at": now_iso(), "forced": forced}
+        if action == "rollback":
+            event["explicit"] = explicit
+        self._append_history(event)
 
     def promote(self, version: str, force: bool = False) -> str:
         """Make `version` the live adapter; only a gate-passed one unless forced."""
@@ -241,10 +385,13 @@ class Registry:
                 if not earlier:
                     raise RegistryError("nothing to roll back to: no earlier promoted version")
                 to = earlier[-1]
+                explicit = False
+            else:
+                explicit = True
             self.get(to)  # exists?
             if to == current:
                 raise RegistryError(f"{to} is already the promoted version")
-            self._set_pointer(to, "rollback", current, False)
+            self._set_pointer(to, "rollback", current, False, explicit=explicit)
             if current:
                 write_json_atomic(self.path(current) / MANIFEST, {**self.get(current), "status": "rolled_back"})
             write_json_atomic(self.path(to) / MANIFEST, {**self.get(to), "status": "promoted"})
@@ -255,7 +402,13 @@ class Registry:
         live = self.promoted()
         rows = []
         for v in self.versions():
-            m = self.get(v)
+            try:
+                m = self.get(v)
+            except RegistryError as exc:  # one broken version must not hide the others
+                rows.append({"version": v, "stage": None, "parent": None, "status": "broken",
+                             "gate_passed": None, "promoted": v == live, "created_at": None,
+                             "samples": None, "error": str(exc)})
+                continue
             gate = m.get("gate") or {}
             rows.append({
                 "version": v,

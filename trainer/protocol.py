@@ -1,0 +1,106 @@
+"""The trainer's public contract with whoever runs it (the bot, a script, CI).
+
+`python -m trainer COMMAND --progress json` prints one JSON object per line on
+stdout and nothing else. Every run ends with exactly one final event:
+
+    {"event": "done", "command": ..., ...}      the command did its job
+    {"event": "error", "message": ..., "exit_code": N}   it did not
+
+and exits with an `ExitCode`. Before the first training step there is always a
+`phase` event, so a slow start never looks like a hang. What each command's
+`done` event carries (the bot needs nothing else):
+
+    calibrate/anchor/generalize  version, path, stage, parent, samples, train
+    eval        version, verdict ("passed"/"failed"), passed, reference, metrics,
+                checks, report (path of eval.json), chart (path of eval.png),
+                learned / not_learned (the corrections checked, by id)
+    promote     version, path, previous
+    rollback    version (live now), path, previous (rolled away from)
+    import      version, path, source
+
+A failed gate is a `done` event with verdict "failed" and exit code 3.
+This module imports nothing heavy: the bot imports it (and trainer.registry's
+read API), never the trainer's internals.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+from typing import Any, Optional
+
+REPORT_FILE = "eval.json"  # the gate's full report, inside the version's directory
+CHART_FILE = "eval.png"  # scores of every evaluated version
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    UNEXPECTED = 1  # a bug or an environment failure: the stderr tail says what
+    USER = 2  # a problem the user can fix: config, data, registry
+    GATE_FAILED = 3  # `eval` (or bootstrap) ran, and the candidate did not pass
+
+
+class EventKind(StrEnum):
+    PHASE = "phase"  # a named step started (loading, scoring, ...): {"phase", "message"}
+    PROGRESS = "progress"  # {"stage", "step", "total", "loss", "tokens_per_s", "eta_s"}
+    DONE = "done"
+    ERROR = "error"
+
+
+class Command(StrEnum):
+    ANCHOR = "anchor"
+    GENERALIZE = "generalize"
+    CALIBRATE = "calibrate"
+    EVAL = "eval"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    IMPORT = "import"
+    LIST = "list"
+    DEMO_BASE = "demo-base"
+    BOOTSTRAP = "bootstrap"
+
+
+class Verdict(StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+def now_iso() -> str:
+    """The one timestamp format of the project: UTC, seconds, ISO 8601."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one trainer run ended, read from its final event and exit code."""
+
+    command: str
+    exit_code: int
+    event: dict = field(default_factory=dict)  # the final done/error event ({} if none came)
+    stderr_tail: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.event.get("event") == EventKind.DONE and self.exit_code in (ExitCode.OK, ExitCode.GATE_FAILED)
+
+    @property
+    def version(self) -> Optional[str]:
+        return self.event.get("version")
+
+    @property
+    def verdict(self) -> Optional[Verdict]:
+        v = self.event.get("verdict")
+        return Verdict(v) if v in tuple(Verdict) else None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.event.get(key, default)
+
+    @property
+    def reason(self) -> str:
+        """Why it failed, in the trainer's words (or the exit status)."""
+        if self.event.get("message"):
+            return str(self.event["message"])
+        if self.stderr_tail:
+            return self.stderr_tail[-1]
+        return f"exit status {self.exit_code}"
