@@ -1,7 +1,10 @@
 """`python -m trainer ...`: the trainer's command line.
 
   anchor | generalize | calibrate --corrections FILE   train a stage -> new candidate version
-  eval --version V [--corrections FILE] [--json]       gate a version (exit 0 passed, 3 failed)
+  eval (--version V | --adapter DIR) [--corrections FILE] [--json]
+                                                       gate a version (exit 0 passed, 3 failed)
+  import DIR                                           register an outside PEFT LoRA adapter
+                                                       (e.g. trained by ms-swift) as a version
   promote V [--force]                                  make V live (gate must have passed)
   rollback [--to V]                                    back to the previously live version
   list [--json]                                        versions, stages, gate results
@@ -10,10 +13,10 @@
   bootstrap                                            fresh install: demo base if needed,
                                                        anchor + generalize + eval + promote
 
-Every command takes --config FILE (default ./config.yaml, or $LOOPCORD_CONFIG).
-Training commands take --progress {auto,tqdm,json,none}; with json, stdout holds
-only JSON lines (see trainer.progress). Exit codes: 0 ok, 2 a problem the user can
-fix (config, data, registry), 3 the gate failed, 1 anything unexpected.
+Every command takes --config FILE (default ./config.yaml, or $LOOPCORD_CONFIG) and
+--progress {auto,tqdm,json,none}; with json, stdout holds only JSON lines ending in
+one done/error event (the contract, exit codes included, is trainer.protocol).
+The command functions here stay thin: parse, call the stage/gate/registry, report.
 """
 
 from __future__ import annotations
@@ -25,36 +28,54 @@ import sys
 import time
 import traceback
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USER, EXIT_GATE_FAILED = 0, 1, 2, 3
+from trainer.protocol import CHART_FILE, REPORT_FILE, Command, ExitCode, Verdict
+
+EVAL_EPILOG = """--version names a registry version (see `python -m trainer list`); --adapter takes an
+outside PEFT LoRA adapter directory instead, registers it as a new version first
+(as `import` does) and evaluates that.
+
+exit status: 0 the gate passed; 3 the gate FAILED (the report says which check; the
+version stays unpromoted); 2 a problem you can fix (unknown version, bad config or
+data); 1 anything unexpected (see stderr)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description="loopcord LoRA trainer")
+    p = argparse.ArgumentParser(prog="python -m trainer", description="loopcord LoRA trainer",
+                                epilog="exit status: 0 ok, 1 unexpected, 2 a problem you can fix, 3 the gate failed")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=None, help="config file (default ./config.yaml)")
-    train_opts = argparse.ArgumentParser(add_help=False)
-    train_opts.add_argument("--progress", default="auto", choices=("auto", "tqdm", "json", "none"))
+    common.add_argument("--progress", default="auto", choices=("auto", "tqdm", "json", "none"),
+                        help="json: stdout carries only JSON-lines events (for the bot)")
     sub = p.add_subparsers(dest="command", required=True)
-    for stage in ("anchor", "generalize", "calibrate"):
-        s = sub.add_parser(stage, parents=[common, train_opts], help=f"train the {stage} stage")
+    for stage in (Command.ANCHOR, Command.GENERALIZE, Command.CALIBRATE):
+        s = sub.add_parser(stage, parents=[common], help=f"train the {stage} stage")
         s.add_argument("--parent", help="continue from this version instead of the default")
-        if stage == "calibrate":
+        if stage == Command.CALIBRATE:
             s.add_argument("--corrections", required=True, help="approved corrections JSONL (bot export)")
-    s = sub.add_parser("eval", parents=[common], help="run the evaluation gate on a version")
-    s.add_argument("--version", required=True)
+    s = sub.add_parser(Command.EVAL, parents=[common], help="run the evaluation gate on a version",
+                       description="Score a version against the one it would replace and decide.",
+                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="registry version to evaluate, e.g. v0003")
+    which.add_argument("--adapter", metavar="DIR", help="outside PEFT adapter dir: import it, then evaluate it")
     s.add_argument("--corrections", help="corrections JSONL to check (default: those the version trained on)")
     s.add_argument("--json", action="store_true", help="print the full report as JSON")
-    s = sub.add_parser("promote", parents=[common], help="make a version the live adapter")
+    s = sub.add_parser(Command.IMPORT, parents=[common], help="register an outside PEFT LoRA adapter as a version",
+                       description="Copy a PEFT LoRA adapter directory (adapter_config.json + "
+                                   "adapter_model.safetensors, e.g. from ms-swift) into the registry "
+                                   "as a new candidate version; evaluate it before promoting.")
+    s.add_argument("dir", help="the adapter directory")
+    s = sub.add_parser(Command.PROMOTE, parents=[common], help="make a version the live adapter")
     s.add_argument("version")
     s.add_argument("--force", action="store_true", help="promote even if the gate did not pass")
-    s = sub.add_parser("rollback", parents=[common], help="go back to the previously promoted version")
+    s = sub.add_parser(Command.ROLLBACK, parents=[common], help="go back to the previously promoted version")
     s.add_argument("--to", help="version to roll back to")
-    s = sub.add_parser("list", parents=[common], help="list versions")
+    s = sub.add_parser(Command.LIST, parents=[common], help="list versions")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser("demo-base", parents=[common, train_opts], help="build the tiny demo base model")
+    s = sub.add_parser(Command.DEMO_BASE, parents=[common], help="build the tiny demo base model")
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=int, default=None, help="pretraining steps (default training.demo_base_steps)")
-    s = sub.add_parser("bootstrap", parents=[common, train_opts],
+    s = sub.add_parser(Command.BOOTSTRAP, parents=[common],
                        help="fresh install: demo base, anchor, generalize, eval, promote")
     s.add_argument("--skip-generalize", action="store_true", help="anchor only (faster, weaker)")
     return p
@@ -66,24 +87,48 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(cfg, args, progress) -> int:
     from trainer.stages import run_stage
 
+    progress.phase("load", f"{args.command}: loading the base model and building samples")
     version, manifest = run_stage(cfg, args.command, progress, getattr(args, "corrections", None), args.parent)
     path = str(_registry(cfg).path(version).resolve())
-    progress.done(version=version, path=path, stage=args.command, parent=manifest.get("parent"),
-                  samples=manifest["samples"], train=manifest["train"])
+    progress.done(command=args.command, version=version, path=path, stage=args.command,
+                  parent=manifest.get("parent"), samples=manifest["samples"], train=manifest["train"])
     _say(f"{args.command}: wrote candidate {version} at {path}", progress)
-    return EXIT_OK
+    return ExitCode.OK
 
 
-def cmd_eval(cfg, args) -> int:
+def cmd_eval(cfg, args, progress) -> int:
     from trainer.gate import evaluate, report_json
     from trainer.progress import log
 
-    report = evaluate(cfg, args.version, args.corrections, log=log)
-    if args.json:
+    reg = _registry(cfg)
+    version = args.version or _import(cfg, args.adapter, progress)
+    reg.get(version)  # an unknown version is a clear error before any model loads
+    progress.phase("eval", f"evaluating {version} (identity, corrections, general retention)")
+    report = evaluate(cfg, version, args.corrections, log=log)
+    if args.json and progress.mode != "json":
         print(report_json(report))
     else:
-        print(format_report(report))
-    return EXIT_OK if report["passed"] else EXIT_GATE_FAILED
+        _say(format_report(report), progress)
+    progress.done(**eval_outcome(reg, version, report))
+    return ExitCode.OK if report["passed"] else ExitCode.GATE_FAILED
+
+
+def eval_outcome(reg, version: str, report: dict) -> dict:
+    """The eval `done` event: the verdict and everything a caller shows, from the report."""
+    items = ((report.get("candidate") or {}).get("corrections") or {}).get("items") or []
+    corrections = [{k: item.get(k) for k in ("id", "learned", "question", "correction", "answer")} for item in items]
+    chart = reg.path(version) / CHART_FILE
+    return {
+        "command": Command.EVAL, "version": version, "path": str(reg.path(version).resolve()),
+        "verdict": Verdict.PASSED if report["passed"] else Verdict.FAILED, "passed": bool(report["passed"]),
+        "reference": report.get("reference"), "checks": report.get("checks") or [],
+        "metrics": reg.get(version).get("metrics") or {},
+        "report": str((reg.path(version) / REPORT_FILE).resolve()),
+        "chart": str(chart.resolve()) if chart.exists() else None,
+        "corrections": corrections,
+        "learned": [c["id"] for c in corrections if c["learned"]],
+        "not_learned": [c["id"] for c in corrections if not c["learned"]],
+    }
 
 
 def format_report(report: dict) -> str:
@@ -91,39 +136,68 @@ def format_report(report: dict) -> str:
     for c in report["checks"]:
         mark = "ok  " if c["passed"] else "FAIL"
         lines.append(f"  {mark} {c['name']}: {c['value']} (needs {c['op']} {c['limit']})")
-    for f in report["candidate"]["identity"]["failures"][:3]:
-        lines.append(f"  identity miss ({f['prompt']}): {f['question']!r} -> {f['answer']!r}")
-    for item in report["candidate"]["corrections"]["items"]:
-        if not item["learned"]:
-            lines.append(f"  not learned: {item['question']!r} -> {item['answer']!r} (wanted {item['correction']!r})")
+    candidate = report.get("candidate") or {}
+    for f in ((candidate.get("identity") or {}).get("failures") or [])[:3]:
+        lines.append(f"  identity miss ({f.get('prompt')}): {f.get('question')!r} -> {f.get('answer')!r}")
+    for item in (candidate.get("corrections") or {}).get("items") or []:
+        if not item.get("learned"):
+            lines.append(f"  not learned: {item.get('question')!r} -> {item.get('answer')!r} "
+                         f"(wanted {item.get('correction')!r})")
     return "\n".join(lines)
 
 
-def cmd_promote(cfg, args) -> int:
-    v = _registry(cfg).promote(args.version, force=args.force)
-    print(f"promoted {v}")
-    return EXIT_OK
+def _import(cfg, source: str, progress) -> str:
+    from trainer.stages import ensure_base
+
+    reg = _registry(cfg)
+    # The same base the stages train on, so an imported version can be a calibrate parent.
+    version = reg.import_adapter(source, {"base": str(ensure_base(cfg, progress))})
+    _say(f"imported {source} as {version}", progress)
+    return version
 
 
-def cmd_rollback(cfg, args) -> int:
-    v = _registry(cfg).rollback(args.to)
-    print(f"rolled back to {v}")
-    return EXIT_OK
+def cmd_import(cfg, args, progress) -> int:
+    reg = _registry(cfg)
+    version = _import(cfg, args.dir, progress)
+    progress.done(command=Command.IMPORT, version=version, path=str(reg.path(version).resolve()),
+                  source=os.path.abspath(args.dir))
+    return ExitCode.OK
 
 
-def cmd_list(cfg, args) -> int:
+def cmd_promote(cfg, args, progress) -> int:
+    reg = _registry(cfg)
+    previous = reg.promoted()
+    v = reg.promote(args.version, force=args.force)
+    progress.done(command=Command.PROMOTE, version=v, path=str(reg.path(v).resolve()), previous=previous)
+    _say(f"promoted {v}", progress)
+    return ExitCode.OK
+
+
+def cmd_rollback(cfg, args, progress) -> int:
+    reg = _registry(cfg)
+    previous = reg.promoted()
+    v = reg.rollback(args.to)
+    progress.done(command=Command.ROLLBACK, version=v, path=str(reg.path(v).resolve()), previous=previous)
+    _say(f"rolled back to {v}", progress)
+    return ExitCode.OK
+
+
+def cmd_list(cfg, args, progress) -> int:
     rows = _registry(cfg).describe()
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     if not rows:
         print("no versions yet")
     for r in rows:
+        if r["status"] == "broken":
+            print(f"{r['version']}  BROKEN: {r['error']}")
+            continue
         gate = {True: "passed", False: "failed", None: "-"}[r["gate_passed"]]
         live = " <- promoted" if r["promoted"] else ""
         print(f"{r['version']}  {r['stage']:<10} parent={r['parent'] or 'base':<6} gate={gate:<6} "
               f"status={r['status']}  {r['created_at']}{live}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_demo_base(cfg, args, progress) -> int:
@@ -132,10 +206,12 @@ def cmd_demo_base(cfg, args, progress) -> int:
 
     steps = args.steps or cfg.training.demo_base_steps
     started = time.time()
+    progress.phase("demo-base", f"building the demo base ({steps} pretraining steps)")
     out = build_default(args.out, steps=steps, on_step=demo_base_reporter(progress, steps))
-    progress.done(path=os.path.abspath(out), stage="demo-base", steps=steps, wall_s=round(time.time() - started, 1))
+    progress.done(command=Command.DEMO_BASE, path=os.path.abspath(out), stage="demo-base", steps=steps,
+                  wall_s=round(time.time() - started, 1))
     _say(f"demo base written to {os.path.abspath(out)} ({steps} steps, {time.time() - started:.0f} s)", progress)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_bootstrap(cfg, args, progress) -> int:
@@ -146,22 +222,26 @@ def cmd_bootstrap(cfg, args, progress) -> int:
     reg = _registry(cfg)
     if reg.promoted():
         _say(f"already bootstrapped: {reg.promoted()} is promoted", progress)
-        progress.done(version=reg.promoted(), path=str(reg.path(reg.promoted()).resolve()), stage="bootstrap")
-        return EXIT_OK
+        progress.done(command=Command.BOOTSTRAP, version=reg.promoted(),
+                      path=str(reg.path(reg.promoted()).resolve()), stage="bootstrap")
+        return ExitCode.OK
     started = time.time()
+    progress.phase("load", "bootstrap: preparing the base model")
     ensure_base(cfg, progress)
     version, _ = run_stage(cfg, "anchor", progress)
     if not args.skip_generalize:
         version, _ = run_stage(cfg, "generalize", progress, parent=version)
+    progress.phase("eval", f"evaluating {version}")
     report = evaluate(cfg, version, log=log)
     log(format_report(report))
     if not report["passed"]:
         raise GateFailed(f"bootstrap: {version} did not pass the gate "
                          f"({', '.join(c['name'] for c in report['checks'] if not c['passed'])}); not promoted")
     reg.promote(version)
-    progress.done(version=version, path=str(reg.path(version).resolve()), stage="bootstrap", promoted=True)
+    progress.done(**{**eval_outcome(reg, version, report), "command": Command.BOOTSTRAP, "stage": "bootstrap",
+                     "promoted": True})
     _say(f"bootstrap: promoted {version} ({time.time() - started:.0f} s)", progress)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 class GateFailed(RuntimeError):
@@ -174,12 +254,21 @@ class GateFailed(RuntimeError):
 def _registry(cfg):
     from trainer.registry import Registry
 
-    return Registry(cfg.path(cfg.training.registry_dir))
+    return Registry.from_config(cfg)
 
 
 def _say(message: str, progress) -> None:
     # In json mode stdout is reserved for JSON lines.
     print(message, file=sys.stderr if progress.mode == "json" else sys.stdout, flush=True)
+
+
+COMMANDS = {
+    Command.ANCHOR: cmd_train, Command.GENERALIZE: cmd_train, Command.CALIBRATE: cmd_train,
+    Command.EVAL: cmd_eval, Command.IMPORT: cmd_import, Command.PROMOTE: cmd_promote,
+    Command.ROLLBACK: cmd_rollback, Command.LIST: cmd_list, Command.DEMO_BASE: cmd_demo_base,
+    Command.BOOTSTRAP: cmd_bootstrap,
+}
+NO_TORCH = (Command.PROMOTE, Command.ROLLBACK, Command.LIST, Command.IMPORT)
 
 
 def main(argv=None) -> int:
@@ -193,30 +282,23 @@ def main(argv=None) -> int:
     progress = Progress(getattr(args, "progress", "none") or "none")
     try:
         cfg = load_config(args.config)
-        if args.command not in ("promote", "rollback", "list"):  # the commands that run torch
+        if args.command not in NO_TORCH:
             from trainer.stages import apply_cpu_threads
 
             apply_cpu_threads(cfg)
-        if args.command in ("anchor", "generalize", "calibrate"):
-            return cmd_train(cfg, args, progress)
-        if args.command == "bootstrap":
-            return cmd_bootstrap(cfg, args, progress)
-        if args.command == "demo-base":
-            return cmd_demo_base(cfg, args, progress)
-        handler = {"eval": cmd_eval, "promote": cmd_promote, "rollback": cmd_rollback, "list": cmd_list}[args.command]
-        return handler(cfg, args)
+        return int(COMMANDS[Command(args.command)](cfg, args, progress))
     except GateFailed as exc:
-        return _fail(progress, str(exc), EXIT_GATE_FAILED)
+        return _fail(progress, str(exc), ExitCode.GATE_FAILED)
     except (ConfigError, DataError, RegistryError, StageError) as exc:
-        return _fail(progress, str(exc), EXIT_USER)
+        return _fail(progress, str(exc), ExitCode.USER)
     except KeyboardInterrupt:
-        return _fail(progress, "interrupted", EXIT_UNEXPECTED)
+        return _fail(progress, "interrupted", ExitCode.UNEXPECTED)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: report, don't hide
         traceback.print_exc(file=sys.stderr)
-        return _fail(progress, f"{type(exc).__name__}: {exc}", EXIT_UNEXPECTED)
+        return _fail(progress, f"{type(exc).__name__}: {exc}", ExitCode.UNEXPECTED)
 
 
-def _fail(progress, message: str, code: int) -> int:
-    progress.error(message)
+def _fail(progress, message: str, code: ExitCode) -> int:
+    progress.error(message, exit_code=code)
     print(f"error: {message}", file=sys.stderr, flush=True)
-    return code
+    return int(code)

@@ -1,9 +1,13 @@
 """Progress reporting for training stages: tqdm on a terminal, JSON lines for the bot.
 
-`--progress json` prints exactly one JSON object per line on stdout:
+`--progress json` prints exactly one JSON object per line on stdout (the event
+kinds and what a `done` event carries are the contract in trainer.protocol):
+  {"event":"phase","phase","message"}                       a named step begins
   {"event":"progress","stage","step","total","loss","tokens_per_s","eta_s"}
-  {"event":"done","version","path",...}   or   {"event":"error","message"}
-Everything else (logs, warnings) goes to stderr, so stdout stays parseable.
+      (step 0 as soon as a stage's plan is known, before its first slow step)
+  {"event":"done","command","version",...}   or   {"event":"error","message","exit_code"}
+Exactly one done/error event ends a run (later ones are dropped). Everything else
+(logs, warnings) goes to stderr, so stdout stays parseable.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 import sys
 import time
 from typing import Optional
+
+from trainer.protocol import EventKind
 
 MODES = ("auto", "tqdm", "json", "none")
 # JSON progress lines at most this often (the bot edits a Discord message with them).
@@ -37,8 +43,13 @@ class Progress:
         self.total = 0
         self._start = time.time()
         self._tokens = 0
+        self.finished = False  # a done/error event went out: nothing more may follow it
 
     def emit(self, event: dict) -> None:
+        if self.finished:
+            return
+        if event.get("event") in (EventKind.DONE, EventKind.ERROR):
+            self.finished = True
         if self.mode == "json":
             self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
             self.out.flush()
@@ -50,6 +61,15 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
+        # Step 0: the plan is known; the first optimizer step may be a long way off on a CPU.
+        self.emit({"event": EventKind.PROGRESS, "stage": stage, "step": 0, "total": total,
+                   "loss": None, "tokens_per_s": None, "eta_s": None})
+
+    def phase(self, phase: str, message: str) -> None:
+        """A named step begins (loading the base, scoring, promoting): shown while nothing counts."""
+        self.emit({"event": EventKind.PHASE, "phase": phase, "message": message})
+        if self.mode == "tqdm":
+            log(message)
 
     def step(self, step: int, loss: float, tokens: Optional[int]) -> None:
         """Called after optimizer step `step` (1-based) with its loss and tokens processed
@@ -65,7 +85,7 @@ class Progress:
         if step == self.total or now - self._last_emit >= JSON_MIN_INTERVAL_S or step == 1:
             self._last_emit = now
             self.emit({
-                "event": "progress", "stage": self.stage, "step": step, "total": self.total,
+                "event": EventKind.PROGRESS, "stage": self.stage, "step": step, "total": self.total,
                 "loss": _num(loss), "tokens_per_s": _num(tps, 1), "eta_s": _num(eta, 1),
             })
 
@@ -76,11 +96,12 @@ class Progress:
 
     def done(self, **info) -> None:
         self.close()
-        self.emit({"event": "done", **info})
+        self.emit({"event": EventKind.DONE, **info})
 
-    def error(self, message: str) -> None:
+    def error(self, message: str, exit_code: Optional[int] = None) -> None:
         self.close()
-        self.emit({"event": "error", "message": message})
+        self.emit({"event": EventKind.ERROR, "message": message,
+                   **({"exit_code": int(exit_code)} if exit_code is not None else {})})
 
 
 def log(message: str) -> None:
