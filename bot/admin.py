@@ -5,6 +5,7 @@ call these, so both behave the same."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional
 
 from model.client import ModelError
@@ -78,19 +79,18 @@ async def review(store, correction_id: int, decision: str, reviewer_id: int, tex
     return correction_view(await store.get_correction(correction_id))
 
 
-async def status_report(cfg: Config, store, client, retrainer, live: dict) -> str:
-    """Everything an admin asks first, as text (Discord markdown is fine in a terminal)."""
+async def status_report(cfg: Config, store, client, retrainer, live, registry=None) -> str:
+    """Everything an admin asks first, as text (Discord markdown is fine in a terminal).
+
+    `live` is the Runtime's LiveAdapter (the truth about what answers use); the server's
+    own account is shown when it gives one (vLLM's /health is an empty 200)."""
     lines = [f"**Base model:** {cfg.model.base or 'demo base (' + cfg.model.demo_dir + ')'}"]
-    lines.append(f"**Live adapter:** {live.get('version') or 'none'} (since {live.get('since') or 'unknown'})")
-    try:
-        health = await client.health()
-        lines.append(
-            f"**Worker:** up on {health.get('device', '?')}, queue {health.get('queue_depth', 0)}, "
-            f"running {health.get('running', 0)}" + (", asleep" if health.get("sleeping") else "")
-        )
-    except ModelError as exc:
-        lines.append(f"**Worker:** unreachable ({exc.message})")
-    if retrainer.running:
+    lines.append(f"**Live adapter:** {live.version or 'none (the base model answers)'}"
+                 + (f" (since {live.since or 'unknown'})" if live.version else ""))
+    if registry is not None and live.version:
+        lines += _version_lines(registry, live.version)
+    lines += await _server_lines(cfg, client, live)
+    if retrainer is not None and retrainer.running:
         lines.append("**Retrain:** running now")
     flags = await store.count_flags_by_kind()
     corrections = await store.count_corrections_by_status()
@@ -104,3 +104,56 @@ async def status_report(cfg: Config, store, client, retrainer, live: dict) -> st
             f"({run['trigger']}, {run['started_at']}) {run['message'] or ''}".rstrip()
         )
     return "\n".join(lines)
+
+
+def _version_lines(registry, version: str) -> list[str]:
+    """What the live version was trained on, its gate result, and the rollback stack."""
+    from trainer.registry import RegistryError
+
+    try:
+        manifest = registry.get(version)
+        stack = registry.promotion_stack()
+    except RegistryError as exc:
+        return [f"**Registry:** ⚠️ {exc}"]
+    n = len(manifest.get("corrections") or [])
+    trained = f"{manifest.get('stage') or '?'} stage" + (f", {n} correction{'s' if n != 1 else ''}" if n else "")
+    gate = manifest.get("gate") or {}
+    verdict = {True: "passed", False: "failed"}.get(gate.get("passed"), "not run")
+    metrics = manifest.get("metrics") or {}
+    scores = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in metrics.items()
+                       if k in ("identity_accuracy", "corrections_learned", "general_accuracy") and isinstance(v, (int, float)))
+    out = [f"**Trained on:** {trained} (parent {manifest.get('parent') or 'base'})",
+           f"**Gate:** {verdict}" + (f" ({scores})" if scores else "")
+           + (f"; failed {', '.join(gate['failed'])}" if gate.get("failed") else "")]
+    earlier = [v for v in stack if v != version]
+    out.append("**Rollback history:** " + (" → ".join(stack) + f" (/rollback goes to {earlier[-1]})"
+                                           if earlier else "nothing earlier to roll back to"))
+    return out
+
+
+async def _server_lines(cfg: Config, client, live) -> list[str]:
+    try:
+        health = await client.health()
+    except ModelError as exc:
+        return [f"**Worker:** unreachable ({exc.message})"]
+    if health:
+        line = (f"**Worker:** up on {health.get('device', '?')}, queue {health.get('queue_depth', 0)}, "
+                f"running {health.get('running', 0)}" + (", asleep" if health.get("sleeping") else ""))
+    else:
+        line = f"**Worker:** up at {client.base_url} (its /health gives no details)"
+    lines = [line]
+    try:
+        models = await client.models()
+    except ModelError:
+        return lines
+    served = {m.get("id"): m for m in models if isinstance(m, dict)}
+    entry = served.get(cfg.model.served_name)
+    if live.version and entry is None:
+        lines.append(f"**Server:** ⚠️ does not list {cfg.model.served_name!r}; answers will fail until it is loaded")
+    elif entry is not None:
+        root = entry.get("root") or ""
+        where = f" from {root}" if root else ""
+        lines.append(f"**Server:** serves {cfg.model.served_name!r}{where}")
+        if live.path and root and Path(root).name != Path(live.path).name:
+            lines.append(f"**Server:** ⚠️ that is not the live version {live.version}")
+    return lines

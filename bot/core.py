@@ -1,9 +1,12 @@
 """The bot's runtime, free of Discord: answer conversations, take feedback, forget users.
 
 `Core` owns the config, the store, the model client (and the worker child when
-the bot runs its own), the in-flight limit, the per-user rate limit and the
-choice of model (the promoted adapter's alias when the server lists it, else
-the base). The Discord front-end (`discord_app.py`) and the terminal front-end
+the bot runs its own), the in-flight limit and the per-user rate limit. Which
+adapter is live is not its fact: the `Runtime` owns it (`LiveAdapter`, set from
+the registry at start and at every swap-in/rollback) and Core reads it through
+a callable. Answers request `model.served_name` while an adapter is live, the
+base model only when nothing is promoted; nothing on the answer path asks the
+server what it serves (vLLM's /health is an empty 200). The Discord front-end (`discord_app.py`) and the terminal front-end
 (`local.py`) both drive it with plain data: `Request`s of `Turn`s in, text
 deltas and `AnswerResult`s out.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
@@ -32,8 +36,6 @@ from bot.store import Store
 from bot.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
-
-MODEL_CHOICE_TTL_S = 5.0  # re-ask the server which models it serves at most this often
 
 # What users read when something goes wrong (details go to the log).
 MSG_UNREACHABLE = "⚠️ The model is not reachable right now. Please try again in a minute."
@@ -62,10 +64,23 @@ class Request:
     message_id: Optional[int] = None
 
 
-@dataclass
-class ModelChoice:
-    name: str  # the `model` field of requests
-    adapter_version: Optional[str]  # None when answering with the base model
+@dataclass(frozen=True)
+class LiveAdapter:
+    """The adapter answers use: its registry version, directory and since when (ISO time).
+    `version` None: nothing promoted, answers come from the base model."""
+
+    version: Optional[str] = None
+    path: Optional[Path] = None
+    since: Optional[str] = None
+
+
+NO_ADAPTER = LiveAdapter()
+
+
+class AnswerStatus(StrEnum):
+    COMPLETE = "complete"
+    CUT_OFF = "cut_off"
+    ERROR = "error"
 
 
 @dataclass
@@ -74,7 +89,7 @@ class AnswerResult:
 
     prompt: list[dict]
     text: str = ""
-    status: str = "complete"  # complete | cut_off | error
+    status: str = AnswerStatus.COMPLETE
     model: Optional[str] = None
     adapter_version: Optional[str] = None
     notice: Optional[str] = None  # user-facing words for an error
@@ -120,6 +135,7 @@ class Core:
         client: ModelClient,
         supervisor: Optional[WorkerSupervisor] = None,
         max_in_flight: Optional[int] = None,
+        live: Callable[[], LiveAdapter] = lambda: NO_ADAPTER,
     ):
         self.cfg = cfg
         self.store = store
@@ -127,8 +143,8 @@ class Core:
         self.supervisor = supervisor
         self.limiter = InflightLimiter(max_in_flight or cfg.discord.max_in_flight or cfg.worker.max_batch_size)
         self.rate_limiter = RateLimiter(cfg.discord.user_rate_limit, cfg.discord.user_rate_window_s)
-        self._choice: Optional[ModelChoice] = None
-        self._choice_at = 0.0
+        self.live = live  # the Runtime's live adapter (the one owner of that fact)
+        self._base_id: Optional[str] = None  # the server's base model id, asked once
         # Set while the worker sleeps for a retrain (gpu_policy: pause): users get this at once.
         self.paused_notice: Optional[str] = None
 
@@ -144,13 +160,12 @@ class Core:
         supervisor = None
         try:
             if cfg.model.url:
-                base_url = cfg.model.url
+                base_url, api_key = cfg.model.url, secret(cfg.model.api_key_env)
             else:
                 supervisor = WorkerSupervisor(cfg, port=worker_port, adapters=adapters)
                 await supervisor.start()
-                base_url = supervisor.base_url
-            client = ModelClient(base_url, api_key=secret(cfg.model.api_key_env),
-                                 timeout=cfg.model.request_timeout_s)
+                base_url, api_key = supervisor.base_url, supervisor.api_key  # a per-run key if none set
+            client = ModelClient(base_url, api_key=api_key, timeout=cfg.model.request_timeout_s)
         except BaseException:
             if supervisor is not None:
                 await supervisor.stop()
@@ -176,30 +191,15 @@ class Core:
         return build_prompt(self.cfg.identity.system, turns,
                             token_budget=d.context_token_budget, max_messages=d.max_history_messages)
 
-    def invalidate_model_choice(self) -> None:
-        """Forget the cached model choice (after an adapter is loaded or unloaded)."""
-        self._choice = None
-
-    async def choose_model(self) -> ModelChoice:
-        """The promoted adapter's alias if the server serves it, else the base model."""
-        if self._choice is not None and time.monotonic() - self._choice_at < MODEL_CHOICE_TTL_S:
-            return self._choice
-        served = self.cfg.model.served_name
-        ids = [m.get("id") for m in await self.client.models()]
-        if served in ids:
-            choice = ModelChoice(served, await self._adapter_version(served))
-        else:
-            choice = ModelChoice(await self.client.base_model_id(), None)
-        self._choice, self._choice_at = choice, time.monotonic()
-        return choice
-
-    async def _adapter_version(self, name: str) -> Optional[str]:
-        """The registry version behind an adapter alias: its directory's name."""
-        try:
-            path = (await self.client.health()).get("adapters", {}).get(name)
-        except ModelError:
-            return None
-        return Path(path).name if path else name
+    async def model_for_answer(self) -> tuple[str, Optional[str]]:
+        """(the request's `model`, the adapter version behind it): the served alias while an
+        adapter is live, else the base model's id (asked of the server once, then kept)."""
+        live = self.live()
+        if live.version:
+            return self.cfg.model.served_name, live.version
+        if self._base_id is None:
+            self._base_id = await self.client.base_model_id()
+        return self._base_id, None
 
     def answer(
         self,
@@ -213,16 +213,15 @@ class Core:
     async def _generate(self, result: AnswerResult, on_queue) -> AsyncIterator[str]:
         start = time.perf_counter()
         if self.paused_notice:
-            result.status, result.notice, result.total_ms = "error", self.paused_notice, 0.0
+            result.status, result.notice, result.total_ms = AnswerStatus.ERROR, self.paused_notice, 0.0
             return
         try:
             async with self.limiter.slot(on_queue):
                 start = time.perf_counter()  # time the model, not the queue
-                choice = await self.choose_model()
-                result.model, result.adapter_version = choice.name, choice.adapter_version
+                result.model, result.adapter_version = await self.model_for_answer()
                 m = self.cfg.model
                 async for delta in self.client.stream_chat(
-                    result.prompt, model=choice.name, max_tokens=m.max_tokens,
+                    result.prompt, model=result.model, max_tokens=m.max_tokens,
                     temperature=m.temperature, top_p=m.top_p,
                 ):
                     if not delta:
@@ -240,12 +239,10 @@ class Core:
 
     def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)
-        if isinstance(exc, ModelError) and not isinstance(exc, ModelUnavailable):
-            self.invalidate_model_choice()  # e.g. the adapter was unloaded under us
-        if isinstance(exc, ModelUnavailable):
-            self.invalidate_model_choice()
+        if result.adapter_version is None and isinstance(exc, ModelError):
+            self._base_id = None  # ask again next time: the server may have restarted with another id
         result.notice = notice
-        result.status = "cut_off" if result.text.strip() else "error"
+        result.status = AnswerStatus.CUT_OFF if result.text.strip() else AnswerStatus.ERROR
 
     @property
     def worker_state(self) -> Optional[str]:

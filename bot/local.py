@@ -217,7 +217,7 @@ async def run(cfg: Config) -> int:
         return 2
     terminal = Terminal(runtime)
     try:
-        terminal.say(f"{cfg.identity.name} is ready (adapter {runtime.live['version'] or 'none'}). /help lists commands.")
+        terminal.say(f"{cfg.identity.name} is ready (adapter {runtime.live.version or 'none'}). /help lists commands.")
         interactive = sys.stdin.isatty()
         async for line in read_lines(lambda: terminal.say(PROMPT, end="") if interactive else None):
             if not await terminal.handle(line):

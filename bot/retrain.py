@@ -3,11 +3,15 @@
 The bot never trains in its own process. A retrain exports the approved
 corrections as JSONL, runs `python -m trainer calibrate --progress json` as a
 child process (relaying its JSON-lines progress), then `python -m trainer eval`
-(the gate). Only a version that passes is promoted in the registry and loaded
-into the worker under the served alias (`/v1/load_lora_adapter`, in place), so
-new requests see it at once. A failed gate, a crashed or killed trainer, or a
-failed load leaves the registry's promoted version and the live adapter as they
-were. Discord commands, the schedule and the terminal all call `Retrainer`.
+(the gate), then `python -m trainer promote`; it reads only their final events
+(trainer.protocol) and the registry's read API, never trainer internals. Only a
+version that passes is promoted and loaded into the worker under the served
+alias (`/v1/load_lora_adapter`, in place), so new requests see it at once, and
+the Runtime is told (it owns which adapter is live). A failed gate, a crashed or
+killed trainer, or a failed load leaves the promoted version and the live
+adapter as they were. Corrections the new version did not learn are named in the
+result and stay approved for the next run. Discord commands, the schedule and
+the terminal all call `Retrainer`.
 """
 
 from __future__ import annotations
@@ -15,34 +19,41 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
 from model.client import ModelClient, ModelError
 from model.config import Config
-from trainer import gate
+from model.process import child_env
+from trainer.protocol import Command, EventKind, Outcome, Verdict
 from trainer.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 
-GATE_FAILED_EXIT = 3  # `python -m trainer eval` exit status when the gate rejects
 TRAINER_TAIL_LINES = 20  # stderr lines kept for the report when the trainer fails
 
 Progress = Callable[[dict], Awaitable[None]]
 
 
 class RetrainRefused(Exception):
-    """A retrain cannot start now; str() says why in words for the user."""
+    """A retrain (or rollback) cannot be done now; str() says why in words for the user."""
+
+
+class RunStatus(StrEnum):
+    SUCCEEDED = "succeeded"  # gate passed, promoted, live
+    REJECTED = "rejected"  # the gate said no; the live adapter is unchanged
+    FAILED = "failed"  # passed, but could not be promoted or loaded; unchanged
+    CRASHED = "crashed"  # the trainer died or the run was cancelled; unchanged
 
 
 @dataclass
 class RetrainResult:
-    status: str  # succeeded | rejected | failed | crashed
+    status: RunStatus
     message: str  # one paragraph for the user
     version: Optional[str] = None
     report: Optional[dict] = None
@@ -50,23 +61,24 @@ class RetrainResult:
     seconds: float = 0.0
     n_corrections: int = 0
     stderr_tail: list[str] = field(default_factory=list)
+    not_learned: list[dict] = field(default_factory=list)  # {"id", "question", "correction"}: stay approved
 
 
 def format_progress(event: dict) -> str:
     """One human line for a trainer progress event (Discord edit / terminal)."""
     kind = event.get("event")
-    if kind == "progress":
+    if kind == EventKind.PROGRESS:
         parts = [f"🛠️ {event.get('stage', 'training')}: step {event.get('step', '?')}/{event.get('total', '?')}"]
         if event.get("loss") is not None:
             parts.append(f"loss {float(event['loss']):.3f}")
         if event.get("eta_s") is not None:
             parts.append(f"ETA {format_seconds(float(event['eta_s']))}")
         return " · ".join(parts)
-    if kind == "phase":
+    if kind == EventKind.PHASE:
         return f"🛠️ {event.get('message') or event.get('phase')}"
-    if kind == "done":
-        return f"✅ trained {event.get('version')}"
-    if kind == "error":
+    if kind == EventKind.DONE:
+        return f"✅ {event.get('command') or 'trained'} {event.get('version') or ''}".rstrip()
+    if kind == EventKind.ERROR:
         return f"❌ {event.get('message')}"
     return f"🛠️ {kind}"
 
@@ -76,14 +88,30 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def _num(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
+
+
 def summarize_report(report: dict) -> str:
-    """The gate report (trainer.gate's eval.json) in a few lines of words."""
+    """The gate report (eval.json) in a few lines of words."""
     lines = [f"Gate for {report.get('version')} vs {report.get('reference')}: "
              f"{'passed ✅' if report.get('passed') else 'failed ❌'}"]
     for check in report.get("checks") or []:
         mark = "✅" if check.get("passed") else "❌"
-        lines.append(f"{mark} {check['name']}: {check['value']:.3f} (needs {check['op']} {check['limit']:.3f})")
+        lines.append(f"{mark} {check.get('name')}: {_num(check.get('value'))} "
+                     f"(needs {check.get('op')} {_num(check.get('limit'))})")
     return "\n".join(lines)
+
+
+def _not_learned_text(items: list[dict]) -> str:
+    named = "; ".join(f"#{c['id']} ({_preview(c.get('correction'))})" for c in items)
+    return (f" It did not learn correction{'s' if len(items) > 1 else ''} {named}: "
+            f"{'they stay' if len(items) > 1 else 'it stays'} approved for the next retrain.")
+
+
+def _preview(text: Optional[str], limit: int = 60) -> str:
+    text = " ".join((text or "").split())
+    return f"“{text if len(text) <= limit else text[: limit - 1] + '…'}”"
 
 
 class Retrainer:
@@ -95,7 +123,7 @@ class Retrainer:
         self.cfg = cfg
         self.store = store
         self.client = client
-        self.registry = Registry(cfg.path(cfg.training.registry_dir))
+        self.registry = Registry.from_config(cfg)
         self.on_live_changed = on_live_changed
         self.on_pause = on_pause or (lambda paused: None)
         self._lock = asyncio.Lock()
@@ -110,7 +138,11 @@ class Retrainer:
         """Number of new approved corrections; raises RetrainRefused with the reason."""
         if self._lock.locked() or await self.store.running_run():
             raise RetrainRefused("A retrain is already running; wait for it to finish.")
-        if self.registry.promoted() is None:
+        try:
+            promoted = self.registry.promoted()
+        except RegistryError as exc:
+            raise RetrainRefused(f"The adapter registry needs attention first: {exc}") from None
+        if promoted is None:
             raise RetrainRefused("No adapter is promoted yet: run `python -m trainer bootstrap` first.")
         new = await self.store.count_untrained_approved()
         if new == 0:
@@ -129,94 +161,108 @@ class Retrainer:
         parent = self.registry.promoted()
         run_id = await self.store.start_run(trigger=trigger, started_by=started_by, parent_version=parent, n_corrections=len(rows))
         run_dir = self.cfg.path(self.cfg.training.work_dir) / f"run-{run_id:05d}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         corrections = run_dir / "corrections.jsonl"
         corrections.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        result = RetrainResult(status="crashed", message="", n_corrections=len(rows))
+        result = RetrainResult(status=RunStatus.CRASHED, message="", n_corrections=len(rows))
         try:
             await self._pause_worker()
             result = await self._train_gate_promote(corrections, progress, result)
         except asyncio.CancelledError:
             await self._kill_trainer()
-            result.status, result.message = "crashed", "The retrain was cancelled; the live adapter is unchanged."
+            result.status, result.message = RunStatus.CRASHED, "The retrain was cancelled; the live adapter is unchanged."
             raise
         except Exception as exc:  # anything unexpected: report it, keep serving what we had
             log.exception("retrain run %s failed", run_id)
-            result.status, result.message = "crashed", f"The retrain failed unexpectedly ({exc}); the live adapter is unchanged."
+            result.status = RunStatus.CRASHED
+            result.message = f"The retrain failed unexpectedly ({exc}); the live adapter is unchanged."
         finally:
             await self._wake_worker()
             result.seconds = time.monotonic() - started
             await self.store.finish_run(run_id, status=result.status, version=result.version, report=result.report, message=result.message)
-            if result.status in ("succeeded", "rejected"):
+            if result.status in (RunStatus.SUCCEEDED, RunStatus.REJECTED):
                 # Consumed: a rejected run's corrections still ride along in every later
-                # export, but they alone do not trigger another (scheduled) run.
-                await self.store.mark_corrections_trained(run_id, [r["id"] for r in rows])
+                # export, but they alone do not trigger another (scheduled) run. A live
+                # version that did not learn a correction leaves it waiting for the next run.
+                unlearned = {c["id"] for c in result.not_learned} if result.status == RunStatus.SUCCEEDED else set()
+                await self.store.mark_corrections_trained(run_id, [r["id"] for r in rows if r["id"] not in unlearned])
         return result
 
     async def _train_gate_promote(self, corrections: Path, progress: Progress, result: RetrainResult) -> RetrainResult:
-        code, done, tail = await self._trainer(["calibrate", "--corrections", str(corrections), "--progress", "json"], progress)
-        if code != 0 or not done:
-            reason = (done or {}).get("message") or (tail[-1] if tail else f"exit status {code}")
-            result.status, result.stderr_tail = "crashed", tail
-            result.message = f"Training stopped before it finished ({reason}). The live adapter is unchanged."
+        trained = await self._trainer([Command.CALIBRATE, "--corrections", str(corrections)], progress)
+        if not trained.ok or not trained.version:
+            result.status, result.stderr_tail = RunStatus.CRASHED, list(trained.stderr_tail)
+            result.message = f"Training stopped before it finished ({trained.reason}). The live adapter is unchanged."
             return result
-        result.version = done["version"]
-        await progress({"event": "phase", "phase": "eval", "message": f"evaluating {result.version} against {self.registry.promoted()}"})
-        code, _, tail = await self._trainer(["eval", "--version", result.version, "--corrections", str(corrections)], progress)
-        result.report = _load_report(self.registry.path(result.version))
-        result.chart = _find_chart(self.registry.path(result.version))
-        if code == GATE_FAILED_EXIT or (result.report and not result.report.get("passed", code == 0)):
-            result.status = "rejected"
-            result.message = f"{result.version} did not pass the gate, so the live adapter stays {self.registry.promoted()}."
-            return result
-        if code != 0:
-            result.status, result.stderr_tail = "crashed", tail
-            result.message = f"The evaluation of {result.version} failed ({tail[-1] if tail else code}); the live adapter is unchanged."
-            return result
+        result.version = trained.version
         previous = self.registry.promoted()
-        self.registry.promote(result.version)  # the gate passed, so this cannot refuse
+        await progress({"event": EventKind.PHASE, "phase": "eval",
+                        "message": f"evaluating {result.version} against {previous}"})
+        gate = await self._trainer([Command.EVAL, "--version", result.version, "--corrections", str(corrections)],
+                                   progress)
+        if not gate.ok or gate.verdict is None:
+            result.status, result.stderr_tail = RunStatus.CRASHED, list(gate.stderr_tail)
+            result.message = f"The evaluation of {result.version} failed ({gate.reason}); the live adapter is unchanged."
+            return result
+        result.report = _load_json(gate.get("report"))
+        result.chart = Path(gate.get("chart")) if gate.get("chart") and Path(gate.get("chart")).exists() else None
+        result.not_learned = [{k: c.get(k) for k in ("id", "question", "correction")}
+                              for c in gate.get("corrections") or [] if not c.get("learned")]
+        if gate.verdict != Verdict.PASSED:
+            result.status = RunStatus.REJECTED
+            result.message = f"{result.version} did not pass the gate, so the live adapter stays {previous}."
+            return result
+        promoted = await self._trainer([Command.PROMOTE, result.version], progress)
+        if not promoted.ok:
+            result.status, result.stderr_tail = RunStatus.FAILED, list(promoted.stderr_tail)
+            result.message = f"{result.version} passed the gate but could not be promoted ({promoted.reason}); still serving {previous}."
+            return result
         try:
             await self.swap_in(result.version)
         except ModelError as exc:
             if previous:
-                self.registry.rollback(to=previous)
-            result.status = "failed"
+                await self._trainer([Command.ROLLBACK, "--to", previous], progress)
+            result.status = RunStatus.FAILED
             result.message = f"{result.version} passed the gate but could not be loaded into the worker ({exc.message}); still serving {previous}."
             return result
         log.info("promoted %s and hot-swapped it", result.version)
-        result.status = "succeeded"
+        result.status = RunStatus.SUCCEEDED
         result.message = f"{result.version} passed the gate and is now live."
+        if result.not_learned:
+            result.message += _not_learned_text(result.not_learned)
         return result
 
     async def swap_in(self, version: str) -> None:
-        """Load `version`'s adapter into the worker under the served alias."""
+        """Load `version`'s adapter into the worker under the served alias, then tell the owner."""
         await self.client.load_adapter(self.cfg.model.served_name, str(self.registry.path(version)))
         if self.on_live_changed:
             self.on_live_changed(version)
 
     async def rollback(self, to: Optional[str] = None) -> str:
-        """Re-point the registry to `to` (default: the previous promoted) and hot-swap it."""
+        """Re-point the registry to `to` (default: the previous promoted; `python -m trainer
+        rollback`) and hot-swap it; on a failed load the registry goes back to what was live."""
         if self._lock.locked():
             raise RetrainRefused("A retrain is running; roll back after it finishes.")
-        current = self.registry.promoted()
-        try:
-            target = self.registry.rollback(to=to)
-        except RegistryError as exc:
-            raise RetrainRefused(str(exc)) from None
-        try:
-            await self.swap_in(target)
-        except ModelError:
-            if current:
-                self.registry.rollback(to=current)
-            raise
-        return target
+        async with self._lock:
+            current = self.registry.promoted()
+            outcome = await self._trainer([Command.ROLLBACK, *(["--to", to] if to else [])], _ignore)
+            if not outcome.ok or not outcome.version:
+                raise RetrainRefused(f"Cannot roll back: {outcome.reason}.")
+            target = outcome.version
+            try:
+                await self.swap_in(target)
+            except ModelError:
+                if current:
+                    await self._trainer([Command.ROLLBACK, "--to", current], _ignore)
+                raise
+            return target
 
-    async def _trainer(self, args: list[str], progress: Progress) -> tuple[int, Optional[dict], list[str]]:
+    async def _trainer(self, args: list[str], progress: Progress) -> Outcome:
         def started(proc: asyncio.subprocess.Process) -> None:
             self._proc = proc
 
         try:
-            return await run_trainer(self.cfg, args, progress, on_start=started)
+            return await run_trainer(self.cfg, [*args, "--progress", "json"], progress, on_start=started)
         finally:
             self._proc = None
 
@@ -247,10 +293,10 @@ class Retrainer:
 async def run_trainer(
     cfg: Config, args: list[str], on_event: Progress,
     on_start: Optional[Callable[[asyncio.subprocess.Process], None]] = None,
-) -> tuple[int, Optional[dict], list[str]]:
+) -> Outcome:
     """Run `python -m trainer ARGS --config ...`; relay its JSON-lines events.
 
-    Returns (exit code, the final done/error event, the last lines of stderr)."""
+    Returns its Outcome: exit code, the final done/error event, the last lines of stderr."""
     cmd = [sys.executable, "-m", "trainer", *args]
     if cfg.source:
         cmd += ["--config", str(cfg.source)]
@@ -271,7 +317,7 @@ async def run_trainer(
                 continue  # stdout carries JSON lines only; anything else is noise
             if not isinstance(event, dict):
                 continue
-            if event.get("event") in ("done", "error"):
+            if event.get("event") in (EventKind.DONE, EventKind.ERROR) and not final:
                 final.update(event)
             await on_event(event)
 
@@ -283,27 +329,19 @@ async def run_trainer(
     await asyncio.gather(read_stdout(), read_stderr())
     code = await proc.wait()
     log.info("trainer %s exited %s", args[0], code)
-    return code, (final or None), [t for t in tail if t.strip()]
-
-
-def child_env() -> dict[str, str]:
-    """Environment for `python -m trainer` children: they run in the config's directory
-    (so relative paths agree with ours) and must import this checkout even when it is
-    not pip-installed."""
-    repo = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": repo + (os.pathsep + path if path else "")}
+    return Outcome(command=str(args[0]), exit_code=code, event=final,
+                   stderr_tail=tuple(t for t in tail if t.strip()))
 
 
 async def _ignore(_: dict) -> None:
     return None
 
 
-def _load_report(version_dir: Path) -> Optional[dict]:
-    f = version_dir / gate.REPORT_FILE
-    return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
-
-
-def _find_chart(version_dir: Path) -> Optional[Path]:
-    f = version_dir / gate.CHART_FILE
-    return f if f.exists() else None
+def _load_json(path: Optional[str]) -> Optional[dict]:
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("gate report %s could not be read", path)
+        return None

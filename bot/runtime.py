@@ -2,39 +2,83 @@
 
 Discord (`discord_app.py`) and the terminal (`local.py`) both start a `Runtime`
 and call the same operations, so the two behave alike. Start-up order:
-1. With no base model configured and nothing promoted yet, build the demo base
+1. Take the data directory's instance lock (one bot per `.loopcord/`) and check
+   the registry (a PROMOTED naming a missing version stops the start).
+2. With no base model configured and nothing promoted yet, build the demo base
    and its identity adapter (`python -m trainer bootstrap`, a few CPU minutes).
-2. Start (or reach) the model worker; the worker child loads the promoted
-   adapter under the served alias at every (re)start.
-3. With an external server (`model.url`), load the promoted adapter into it.
+3. Start (or reach) the model worker; the worker child loads the live adapter
+   under the served alias at every (re)start.
+4. With an external server (`model.url`), load the live adapter into it.
+
+The Runtime is the one owner of which adapter is live (`self.live`): set from the
+registry at start and by the retrainer at every swap-in and rollback; the core
+reads it for every answer, /status shows it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
+import os
 import time
-from typing import Awaitable, Callable, Optional
+from pathlib import Path
+from typing import Awaitable, Callable, Optional, TextIO
 
 from model.config import Config
-from trainer.registry import Registry
+from trainer.protocol import Command, ExitCode, now_iso
+from trainer.registry import Registry, RegistryError
 
 from bot import admin
-from bot.core import MSG_RETRAINING, Core
+from bot.core import MSG_RETRAINING, Core, LiveAdapter
 from bot.retrain import Retrainer, RetrainResult, format_progress, run_trainer
+from bot.supervisor import WorkerStartError
 
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], Awaitable[None]]
 BOOTSTRAP_REPORT_S = 10.0  # first-run progress: one line per stage, then at most one per this
+INSTANCE_LOCK_FILE = "bot.lock"
 
 
 class BootstrapError(RuntimeError):
     """The first-run build of the demo model failed; the message says why."""
 
 
-def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+class StartupError(WorkerStartError):
+    """The bot cannot start (another instance, a broken registry); the message says what to do."""
+
+
+class InstanceLock:
+    """One bot per data directory: an flock held for the bot's lifetime (released by the
+    kernel if the bot dies, so a crash never leaves a stale lock behind)."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / INSTANCE_LOCK_FILE
+        self._fh: Optional[TextIO] = None
+
+    def acquire(self) -> "InstanceLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise StartupError(f"another loopcord bot (pid {holder}) is already running on {self.path.parent}; "
+                               "stop it first, or give this one its own data directory (store.path)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
 
 
 def needs_bootstrap(cfg: Config, registry: Registry) -> bool:
@@ -53,45 +97,64 @@ async def bootstrap(cfg: Config, say: Say) -> None:
             last.update(stage=stage, at=now)
             await say(format_progress(event))
 
-    code, final, tail = await run_trainer(cfg, ["bootstrap", "--progress", "json"], relay)
-    if code != 0:
-        reason = (final or {}).get("message") or (tail[-1] if tail else f"exit status {code}")
-        raise BootstrapError(f"building the demo model failed: {reason}")
+    outcome = await run_trainer(cfg, [Command.BOOTSTRAP, "--progress", "json"], relay)
+    if outcome.exit_code != ExitCode.OK or not outcome.ok:
+        raise BootstrapError(f"building the demo model failed: {outcome.reason}")
 
 
 class Runtime:
     """Everything a front-end needs, started in order and closed in reverse."""
 
-    def __init__(self, cfg: Config, core: Core, registry: Registry):
+    def __init__(self, cfg: Config, registry: Registry, lock: Optional[InstanceLock] = None):
         self.cfg = cfg
-        self.core = core
         self.registry = registry
-        self.live: dict = {"version": registry.promoted(), "since": _promoted_since(registry)}
-        self.retrainer = Retrainer(cfg, core.store, core.client, on_live_changed=self._live_changed,
-                                   on_pause=self._paused)
+        self.lock = lock
+        self.live = live_from_registry(registry)
+        self.core: Optional[Core] = None
+        self.retrainer: Optional[Retrainer] = None
 
     @classmethod
     async def start(cls, cfg: Config, say: Optional[Say] = None, worker_port: Optional[int] = None) -> "Runtime":
         say = say or _log_say
-        registry = Registry(cfg.path(cfg.training.registry_dir))
-        if needs_bootstrap(cfg, registry):
-            await say("First run: building the demo model and its identity adapter (a few minutes on a CPU)…")
-            await bootstrap(cfg, say)
-        core = await Core.create(cfg, worker_port=worker_port, adapters=lambda: _live_adapters(cfg, registry))
-        runtime = cls(cfg, core, registry)
-        if cfg.model.url and registry.promoted():
-            await runtime.retrainer.swap_in(registry.promoted())  # an external server starts without it
+        lock = InstanceLock(data_dir(cfg)).acquire()
+        runtime: Optional[Runtime] = None
+        try:
+            registry = Registry.from_config(cfg)
+            try:
+                for repair in registry.check():
+                    log.warning("registry repaired at start: %s", repair)
+                if needs_bootstrap(cfg, registry):
+                    await say("First run: building the demo model and its identity adapter (a few minutes on a CPU)…")
+                    await bootstrap(cfg, say)
+                runtime = cls(cfg, registry, lock)
+            except RegistryError as exc:
+                raise StartupError(f"the adapter registry is not usable: {exc}") from None
+            runtime.core = await Core.create(cfg, worker_port=worker_port, adapters=runtime.worker_adapters)
+            runtime.core.live = lambda: runtime.live
+            runtime.retrainer = Retrainer(cfg, runtime.core.store, runtime.core.client,
+                                          on_live_changed=runtime._live_changed, on_pause=runtime._paused)
+            if cfg.model.url and runtime.live.version:
+                await runtime.retrainer.swap_in(runtime.live.version)  # an external server starts without it
+        except BaseException:
+            if runtime is not None and runtime.core is not None:
+                await runtime.core.close()
+            lock.release()
+            raise
         return runtime
 
+    def worker_adapters(self) -> dict[str, str]:
+        """What the worker child loads at each (re)start: the live adapter under the served alias."""
+        return {self.cfg.model.served_name: str(self.live.path)} if self.live.version else {}
+
     def _live_changed(self, version: str) -> None:
-        self.live = {"version": version, "since": now_iso()}
-        self.core.invalidate_model_choice()
+        self.live = LiveAdapter(version, self.registry.path(version), now_iso())
 
     def _paused(self, paused: bool) -> None:
         self.core.paused_notice = MSG_RETRAINING if paused else None
 
     async def status(self) -> str:
-        return await admin.status_report(self.cfg, self.core.store, self.core.client, self.retrainer, self.live)
+        return await admin.status_report(self.cfg, self.core.store, self.core.client, self.retrainer, self.live,
+                                         self.registry)
 
     async def rollback(self, to: Optional[str] = None) -> str:
         version = await self.retrainer.rollback(to)
@@ -101,22 +164,25 @@ class Runtime:
         return await self.retrainer.retrain(trigger, started_by, progress)
 
     async def close(self) -> None:
-        await self.core.close()
+        try:
+            if self.core is not None:
+                await self.core.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
-def _live_adapters(cfg: Config, registry: Registry) -> dict[str, str]:
+def data_dir(cfg: Config) -> Path:
+    """The bot's data directory: where its store lives (`.loopcord/` by default)."""
+    return cfg.path(cfg.store.path).parent
+
+
+def live_from_registry(registry: Registry) -> LiveAdapter:
     version = registry.promoted()
-    return {cfg.model.served_name: str(registry.path(version))} if version else {}
-
-
-def _promoted_since(registry: Registry) -> Optional[str]:
-    try:
-        history = registry.history()
-    except (OSError, ValueError):
-        return None
-    return history[-1].get("time") or history[-1].get("at") if history else None
+    if not version:
+        return LiveAdapter()
+    return LiveAdapter(version, registry.path(version), registry.live_since())
 
 
 async def _log_say(text: str) -> None:
     log.info("%s", text)
-

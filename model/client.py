@@ -283,14 +283,27 @@ class ModelClient:
             raise self._unreachable(exc, f"{method} {path}") from None
 
     async def health(self) -> dict:
-        return await self._request("GET", "/health")
+        """The server's /health as a dict: loopcord's worker reports its state there; vLLM's
+        answers an empty 200, read as {} (the server is up and says nothing more)."""
+        body = await self._request("GET", "/health")
+        if isinstance(body, str):
+            try:
+                body = json.loads(body) if body.strip() else {}
+            except ValueError:
+                body = {}
+        return body if isinstance(body, dict) else {}
 
     async def models(self) -> list[dict]:
-        return (await self._request("GET", "/v1/models"))["data"]
+        body = await self._request("GET", "/v1/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ModelError(f"the model server's /v1/models has no 'data' list: {str(body)[:200]}")
+        return [m for m in data if isinstance(m, dict)]
 
     async def base_model_id(self) -> str:
+        """The id of the model that is not an adapter (vLLM and loopcord: `parent` null)."""
         for entry in await self.models():
-            if entry.get("parent") is None:
+            if entry.get("parent") is None and isinstance(entry.get("id"), str):
                 return entry["id"]
         raise ModelError("the model server lists no base model")
 
