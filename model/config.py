@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import pydantic
 import yaml
 
 DEFAULT_CONFIG_PATH = "config.yaml"
@@ -288,9 +289,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
-        return float(value)
+        return _finite_float(value, key)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
@@ -317,7 +316,53 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _finite_float(value: Any, key: str) -> float:
+    """A finite number; YAML 1.1 reads `1e-4` (no dot) as a string, so numeric strings count.
+
+    The same pydantic rule the worker's API uses (model.protocol: allow_inf_nan=False):
+    `.nan`, `.inf` and `1e400` are refused here instead of breaking every answer later.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}: must be a number, got {value!r}")
+    try:
+        return _FINITE_FLOAT.validate_python(value.strip() if isinstance(value, str) else value)
+    except pydantic.ValidationError:
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}") from None
+
+
+_FINITE_FLOAT = pydantic.TypeAdapter(typing.Annotated[float, pydantic.Field(allow_inf_nan=False)])
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Bounds on timeouts, limits and shares (issue 10 #12): each a one-line error naming the key."""
+    checks = [  # (key, value, ok, what it must be)
+        ("model.request_timeout_s", cfg.model.request_timeout_s, lambda v: v > 0, "greater than 0"),
+        ("worker.startup_timeout_s", cfg.worker.startup_timeout_s, lambda v: v > 0, "greater than 0"),
+        ("worker.drain_timeout_s", cfg.worker.drain_timeout_s, lambda v: v >= 0, "0 or more"),
+        ("discord.user_rate_limit", cfg.discord.user_rate_limit, lambda v: v >= 0, "0 or more"),
+        ("discord.user_rate_window_s", cfg.discord.user_rate_window_s, lambda v: v > 0, "greater than 0"),
+        ("discord.guild_ready_timeout", cfg.discord.guild_ready_timeout, lambda v: v >= 0, "0 or more"),
+        ("discord.max_in_flight", cfg.discord.max_in_flight, lambda v: v >= 0, "0 or more"),
+        ("discord.context_token_budget", cfg.discord.context_token_budget, lambda v: v > 0, "greater than 0"),
+        ("discord.max_history_messages", cfg.discord.max_history_messages, lambda v: v >= 0, "0 or more"),
+        ("training.schedule_hours", cfg.training.schedule_hours, lambda v: v >= 0, "0 or more"),
+        ("training.warmup_ratio", cfg.training.warmup_ratio, lambda v: 0 <= v <= 1, "between 0 and 1"),
+        ("training.lora.dropout", cfg.training.lora.dropout, lambda v: 0 <= v < 1, "at least 0 and below 1"),
+        ("training.lora.alpha", cfg.training.lora.alpha, lambda v: v > 0, "greater than 0"),
+    ]
+    for stage in ("anchor", "generalize", "calibrate"):
+        checks.append((f"training.{stage}.learning_rate", getattr(cfg.training, stage).learning_rate,
+                       lambda v: v > 0, "greater than 0"))
+    for key, value, ok, what in checks:
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {what}, got {value}")
+    for key, value in (("model.api_key_env", cfg.model.api_key_env), ("discord.token_env", cfg.discord.token_env)):
+        if not value.strip():
+            raise ConfigError(f"{key}: must name an environment variable, got an empty string")
+
+
 def _validate(cfg: Config) -> None:
+    _validate_ranges(cfg)
     positive = {
         "worker.port": cfg.worker.port,
         "worker.max_batch_size": cfg.worker.max_batch_size,
