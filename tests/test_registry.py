@@ -99,3 +99,135 @@ def test_registry_module_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ history, checks, repairs
+
+
+def test_rollback_history_is_a_stack_that_survives_rollbacks_and_repromotions(tmp_path):
+    reg = Registry(tmp_path)
+    v1, v2, v3 = (add_version(reg, passed=True) for _ in range(3))
+    for v in (v2, v3):
+        reg.promote(v)
+    assert reg.rollback() == v2  # the issue's sequence: /rollback, /rollback v0003, /rollback
+    assert reg.rollback(to=v3) == v3
+    assert reg.promotion_stack() == [v2, v3]
+    assert reg.rollback() == v2
+    reg.promote(v1)  # a re-promotion pushes; rollback walks back through it
+    assert reg.rollback() == v2
+
+
+def test_promoted_naming_a_missing_version_is_an_error_not_nothing_promoted(tmp_path):
+    reg = Registry(tmp_path)
+    add_version(reg, passed=True)
+    (tmp_path / "PROMOTED").write_text("v0009\n")
+    with pytest.raises(RegistryError, match=r"PROMOTED names 'v0009'.*versions: v0001"):
+        reg.promoted()
+    with pytest.raises(RegistryError, match="v0009"):
+        reg.check()
+
+
+def test_a_truncated_manifest_is_named_and_does_not_hide_the_other_versions(tmp_path):
+    reg = Registry(tmp_path)
+    v1, v2, v3 = (add_version(reg, passed=True) for _ in range(3))
+    reg.promote(v1)
+    reg.promote(v3)
+    (tmp_path / v2 / "manifest.json").write_text('{"stage": "anc')
+    with pytest.raises(RegistryError, match=rf"{v2}/manifest.json.*manifest of {v2}"):
+        reg.get(v2)
+    rows = {r["version"]: r for r in reg.describe()}
+    assert rows[v2]["status"] == "broken" and "manifest.json" in rows[v2]["error"]
+    assert rows[v1]["gate_passed"] is True
+    assert reg.rollback() == v1  # other versions roll back as before
+
+
+def test_a_kill_between_promoted_and_history_is_repaired_at_start(tmp_path):
+    reg = Registry(tmp_path)
+    v1, v2 = (add_version(reg, passed=True) for _ in range(2))
+    reg.promote(v1)
+    # SIGKILL after PROMOTED was replaced, before history.jsonl and the manifest were written,
+    # with the dead writer's temp file left inside the version directory.
+    (tmp_path / "PROMOTED").write_text(v2 + "\n")
+    stale = tmp_path / v2 / ".manifest.json.999999999.tmp"
+    stale.write_text("{")
+    repairs = reg.check()
+    assert not stale.exists()
+    assert reg.history()[-1]["version"] == v2 and reg.history()[-1]["repaired"] is True
+    assert reg.get(v2)["status"] == "promoted"
+    assert reg.promotion_stack() == [v1, v2] and reg.rollback() == v1
+    assert len(repairs) == 3
+    assert reg.check() == []  # nothing left to repair
+
+
+def test_registry_directories_are_private(tmp_path):
+    reg = Registry(tmp_path / "adapters")
+    v = add_version(reg)
+    assert (tmp_path / "adapters").stat().st_mode & 0o777 == 0o700
+    assert reg.path(v).stat().st_mode & 0o777 == 0o700
+
+
+# ------------------------------------------------------------------ the trainer's protocol
+
+
+def trainer(tmp_path, *args):
+    import subprocess
+    import sys
+
+    config = tmp_path / "config.yaml"
+    if not config.exists():
+        base = tmp_path / "base"
+        base.mkdir()
+        (base / "config.json").write_text("{}")
+        config.write_text(f"model:\n  base: {base}\ntraining:\n  registry_dir: {tmp_path / 'reg'}\n")
+    out = subprocess.run([sys.executable, "-m", "trainer", *args, "--config", str(config), "--progress", "json"],
+                         capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    return out.returncode, events, out.stderr
+
+
+def test_promote_and_rollback_end_with_exactly_one_done_event(tmp_path):
+    code, events, _ = trainer(tmp_path, "list")  # writes the config
+    reg = Registry(tmp_path / "reg")
+    v1, v2 = (add_version(reg, passed=True) for _ in range(2))
+    code, events, _ = trainer(tmp_path, "promote", v1)
+    assert code == 0 and events == [{"event": "done", "command": "promote", "version": v1,
+                                     "path": str(reg.path(v1).resolve()), "previous": None}]
+    trainer(tmp_path, "promote", v2)
+    code, events, _ = trainer(tmp_path, "rollback")
+    assert code == 0 and [(e["event"], e["version"], e["previous"]) for e in events] == [("done", v1, v2)]
+    code, events, stderr = trainer(tmp_path, "rollback")
+    assert code == 2 and events == [{"event": "error", "exit_code": 2,
+                                     "message": "nothing to roll back to: no earlier promoted version"}]
+
+
+def test_import_registers_an_outside_peft_adapter_and_refuses_what_is_not_one(tmp_path):
+    outside = tmp_path / "swift-output" / "checkpoint-50"
+    outside.mkdir(parents=True)
+    (outside / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct",
+         "target_modules": ["q_proj", "v_proj"]}))
+    (outside / "adapter_model.safetensors").write_bytes(b"weights")
+    code, events, _ = trainer(tmp_path, "import", str(outside))
+    assert code == 0 and len(events) == 1 and events[0]["event"] == "done" and events[0]["version"] == "v0001"
+    reg = Registry(tmp_path / "reg")
+    m = reg.get("v0001")
+    assert m["stage"] == "imported" and m["source"] == str(outside) and m["status"] == "candidate"
+    assert m["source_base"] == "Qwen/Qwen2.5-7B-Instruct" and m["base"] == str(tmp_path / "base")
+    assert (reg.path("v0001") / "adapter_model.safetensors").read_bytes() == b"weights"
+    (outside / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    code, events, _ = trainer(tmp_path, "import", str(outside))
+    assert code == 2 and "only LoRA adapters" in events[-1]["message"]
+    code, events, _ = trainer(tmp_path, "import", str(tmp_path / "nowhere"))
+    assert code == 2 and "not a directory" in events[-1]["message"]
+    assert reg.versions() == ["v0001"]
+
+
+def test_eval_help_explains_version_and_exit_status_3():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "trainer", "eval", "--help"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
+    assert "--version" in out and "registry version" in out
+    assert "3 the gate FAILED" in out

@@ -184,6 +184,9 @@ def cmd_rollback(cfg, args, progress) -> int:
 
 def cmd_list(cfg, args, progress) -> int:
     rows = _registry(cfg).describe()
+    if progress.mode == "json":  # stdout carries JSON lines only: the rows ride in the done event
+        progress.done(command=Command.LIST, versions=rows)
+        return ExitCode.OK
     if args.json:
         print(json.dumps(rows, indent=2))
         return ExitCode.OK
