@@ -1,14 +1,17 @@
-"""Prometheus text-format metrics for the worker, with no dependency.
+"""Prometheus metrics for the worker, on `prometheus_client` (as vLLM's are).
 
 Counters, gauges and histograms updated from the engine thread and the HTTP
-loop (hence the lock), rendered by `render()` for GET /metrics. Names follow
-vLLM's where one exists, under the `loopcord_worker_` prefix.
+loop (prometheus_client's metrics are thread-safe), rendered by `render()` for
+GET /metrics in the Prometheus text format. Names follow vLLM's where one
+exists, under the `loopcord_worker_` prefix. Each `WorkerMetrics` has its own
+registry, so several workers (or tests) in one process never share counts.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()  # no `_created` series: vLLM turns them off too; they are noise on /metrics
 
 PREFIX = "loopcord_worker_"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -16,74 +19,53 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, upper in enumerate(self.buckets):
-            if value <= upper:
-                self.counts[i] += 1
-        self.total += 1
-        self.sum += value
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out += [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum}", f"{name}_count {self.total}"]
-        return out
-
-
 class WorkerMetrics:
     def __init__(self):
-        self._lock = threading.Lock()
-        self.requests = defaultdict(int)  # HTTP status -> count (chat completions)
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
-        self.batch_size = Histogram(BATCH_BUCKETS)
-        self.queue_depth = 0
-        self.running = 0
-        self.adapter_loads = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, p = self.registry, PREFIX
+        # prometheus_client adds the _total suffix to counters itself.
+        self._requests = Counter(f"{p}requests", "Chat completion requests by HTTP status.", ["status"], registry=r)
+        self._prompt_tokens = Counter(f"{p}prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self._generation_tokens = Counter(f"{p}generation_tokens", "Tokens generated.", registry=r)
+        self._adapter_loads = Counter(f"{p}adapter_loads", "LoRA adapter loads (hot-swaps included).", registry=r)
+        self._waiting = Gauge(f"{p}num_requests_waiting", "Requests queued, not yet running.", registry=r)
+        self._running = Gauge(f"{p}num_requests_running", "Sequences in the running batch.", registry=r)
+        self._hist = {
+            "ttft": Histogram(f"{p}time_to_first_token_seconds", "Time from arrival to the first token.",
+                              buckets=TTFT_BUCKETS, registry=r),
+            "tpot": Histogram(f"{p}time_per_output_token_seconds", "Time between output tokens of a sequence.",
+                              buckets=TPOT_BUCKETS, registry=r),
+            "batch_size": Histogram(f"{p}batch_size", "Sequences per decode step.", buckets=BATCH_BUCKETS,
+                                    registry=r),
+        }
 
     def request_done(self, status: int) -> None:
-        with self._lock:
-            self.requests[status] += 1
+        self._requests.labels(status=str(status)).inc()
 
     def tokens(self, prompt: int = 0, generated: int = 0) -> None:
-        with self._lock:
-            self.prompt_tokens += prompt
-            self.generation_tokens += generated
+        if prompt:
+            self._prompt_tokens.inc(prompt)
+        if generated:
+            self._generation_tokens.inc(generated)
 
     def observe(self, hist: str, value: float) -> None:
-        with self._lock:
-            getattr(self, hist).observe(value)
+        """`hist`: "ttft", "tpot" or "batch_size"."""
+        self._hist[hist].observe(value)
 
     def set_load(self, queue_depth: int, running: int) -> None:
-        with self._lock:
-            self.queue_depth, self.running = queue_depth, running
+        self._waiting.set(queue_depth)
+        self._running.set(running)
+
+    def adapter_loaded(self) -> None:
+        self._adapter_loads.inc()
+
+    @property
+    def adapter_loads(self) -> int:
+        return int(self._adapter_loads._value.get())
+
+    @adapter_loads.setter
+    def adapter_loads(self, value: int) -> None:  # `metrics.adapter_loads += 1` keeps working
+        self._adapter_loads.inc(max(0, value - self.adapter_loads))
 
     def render(self) -> str:
-        p = PREFIX
-        with self._lock:
-            lines = [f"# HELP {p}requests_total Chat completion requests by HTTP status.",
-                     f"# TYPE {p}requests_total counter"]
-            lines += [f'{p}requests_total{{status="{s}"}} {n}' for s, n in sorted(self.requests.items())]
-            for name, value, kind, help_ in (
-                ("prompt_tokens_total", self.prompt_tokens, "counter", "Prompt tokens prefilled."),
-                ("generation_tokens_total", self.generation_tokens, "counter", "Tokens generated."),
-                ("adapter_loads_total", self.adapter_loads, "counter", "LoRA adapter loads (hot-swaps included)."),
-                ("num_requests_waiting", self.queue_depth, "gauge", "Requests queued, not yet running."),
-                ("num_requests_running", self.running, "gauge", "Sequences in the running batch."),
-            ):
-                lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} {kind}", f"{p}{name} {value}"]
-            for name, hist, help_ in (
-                ("time_to_first_token_seconds", self.ttft, "Time from arrival to the first token."),
-                ("time_per_output_token_seconds", self.tpot, "Time between output tokens of a sequence."),
-                ("batch_size", self.batch_size, "Sequences per decode step."),
-            ):
-                lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} histogram"] + hist.lines(p + name)
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode("utf-8")

@@ -161,13 +161,13 @@ async def test_stop_string_cuts_the_answer_without_leaking_it(client):
 
 async def test_eight_concurrent_requests_are_batched(worker, client):
     before_count = await metric(worker.url, "loopcord_worker_batch_size_count")
-    before_single = await metric(worker.url, 'loopcord_worker_batch_size_bucket{le="1"}')
+    before_single = await metric(worker.url, 'loopcord_worker_batch_size_bucket{le="1.0"}')
     prompts = [[{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}] for i in range(8)]
     answers = await asyncio.gather(*[
         client.chat(p, model="tiny", max_tokens=40, **GREEDY) for p in prompts])
     assert len(answers) == 8 and all(isinstance(a, str) for a in answers)
     steps = await metric(worker.url, "loopcord_worker_batch_size_count") - before_count
-    single = await metric(worker.url, 'loopcord_worker_batch_size_bucket{le="1"}') - before_single
+    single = await metric(worker.url, 'loopcord_worker_batch_size_bucket{le="1.0"}') - before_single
     assert steps > 0 and single < steps, "no decode step ran more than one sequence"
 
 
