@@ -32,6 +32,7 @@ from model.config import Config, secret
 from bot.context import Turn, build_prompt
 from bot.inflight import InflightLimiter
 from bot.policy import RateLimiter
+from bot.privacy import ForgetReport, forget_everywhere
 from bot.store import Store
 from bot.supervisor import WorkerSupervisor
 
@@ -144,6 +145,9 @@ class Core:
         self.limiter = InflightLimiter(max_in_flight or cfg.discord.max_in_flight or cfg.worker.max_batch_size)
         self.rate_limiter = RateLimiter(cfg.discord.user_rate_limit, cfg.discord.user_rate_window_s)
         self.live = live  # the Runtime's live adapter (the one owner of that fact)
+        # Called when the server says the served alias does not exist (an external server
+        # restarted without it): the Runtime loads the live adapter again.
+        self.on_adapter_missing: Callable[[], None] = lambda: None
         self._base_id: Optional[str] = None  # the server's base model id, asked once
         # Set while the worker sleeps for a retrain (gpu_policy: pause): users get this at once.
         self.paused_notice: Optional[str] = None
@@ -241,6 +245,8 @@ class Core:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)
         if result.adapter_version is None and isinstance(exc, ModelError):
             self._base_id = None  # ask again next time: the server may have restarted with another id
+        elif isinstance(exc, ModelBadRequest) and exc.status == 404:
+            self.on_adapter_missing()
         result.notice = notice
         result.status = AnswerStatus.CUT_OFF if result.text.strip() else AnswerStatus.ERROR
 
@@ -307,7 +313,6 @@ class Core:
             cid = await self.store.add_correction(exchange["id"], user_id, text)
         return await self.store.get_correction(cid)
 
-    async def forget_me(self, user_id: int) -> dict[str, int]:
-        counts = await self.store.forget_user(user_id)
-        log.info("forgot user %s: %s", user_id, counts)
-        return counts
+    async def forget_me(self, user_id: int) -> ForgetReport:
+        """The store, run exports and registry records lose the user's text (bot.privacy)."""
+        return await forget_everywhere(self.cfg, self.store, user_id)

@@ -414,11 +414,8 @@ class LoopcordBot(discord.Client):
         await self.answer(InteractionTarget(interaction), request)
 
     async def on_forget_me(self, interaction: discord.Interaction) -> None:
-        counts = await self.core.forget_me(interaction.user.id)
-        total = sum(counts.values())
-        detail = ", ".join(f"{n} {table}" for table, n in counts.items())
-        await interaction.response.send_message(
-            f"Done: I deleted {total} stored rows about you ({detail}).", ephemeral=True)
+        report = await self.core.forget_me(interaction.user.id)
+        await interaction.response.send_message(report.message(), ephemeral=True)
 
     def interaction_facts(self, interaction: discord.Interaction) -> MessageFacts:
         channel = interaction.channel

@@ -130,9 +130,9 @@ class Terminal:
         self.say(f"Correction #{correction['id']} saved as {correction['status']}. Approve it with /approve {correction['id']}.")
 
     async def cmd_forget_me(self, args, rest) -> None:
-        counts = await self.core.forget_me(LOCAL_USER_ID)
+        report = await self.core.forget_me(LOCAL_USER_ID)
         self.turns, self.last_answer_id = [], None
-        self.say(f"Deleted {sum(counts.values())} stored rows about you ({_counts(counts)}).")
+        self.say(report.message())
 
     async def cmd_new(self, args, rest) -> None:
         self.turns, self.last_answer_id = [], None

@@ -7,7 +7,12 @@ training sample. The schema is versioned with `PRAGMA user_version`; each entry
 of `MIGRATIONS` moves the file one version forward inside a transaction.
 
 Writes go through one asyncio lock (one writer at a time on one connection) and
-are retried when another process holds the database (`SQLITE_BUSY`).
+are retried when another process holds the database (`SQLITE_BUSY`). A full disk
+is a `StoreFull` naming the file, never a confusing follow-on error.
+
+Privacy: the file is created 0600 in a 0700 directory (it holds what users
+wrote), `secure_delete` is on so deleted text is overwritten, and
+`forget_user` checkpoints and vacuums so no copy lingers in the WAL.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import asyncio
 import datetime as _dt
 import json
 import logging
+import os
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, TypeVar
 
@@ -28,6 +35,11 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000  # SQLite waits this long for another process's lock
 BUSY_RETRIES = 5  # then we retry the whole statement this many times
 BUSY_RETRY_DELAY_S = 0.2
+DB_FILE_MODE = 0o600  # the store holds what users wrote: owner only
+DB_DIR_MODE = 0o700
+# The asker of a forgotten exchange that others' corrections still point at (ids are positive).
+FORGOTTEN_USER_ID = -1
+FORGOTTEN_REASON = "its question was deleted by the person who asked it (/forget-me)"
 
 EXCHANGE_STATUSES = ("complete", "cut_off", "error")
 FLAG_KINDS = ("bad", "good")
@@ -104,11 +116,29 @@ MIGRATIONS: list[str] = [
     CREATE INDEX corrections_status ON corrections(status);
     CREATE INDEX corrections_user ON corrections(user_id);
     """,
+    # v2: an exchange whose asker used /forget-me while others' corrections point at it
+    # keeps its row (so their corrections stay on record) but loses the asker's text.
+    """
+    ALTER TABLE exchanges ADD COLUMN forgotten_at TEXT;
+    """,
 ]
 
 
 class StoreError(RuntimeError):
     """The store cannot be used; the message names the file and what is wrong."""
+
+
+class StoreFull(StoreError):
+    """The disk (or the file's size limit) is full: nothing was written."""
+
+
+class TooManyPending(ValueError):
+    """A user already has the allowed number of corrections waiting for review."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"You already have {limit} corrections waiting for review; "
+                         "please wait until an admin has looked at them.")
+        self.limit = limit
 
 
 def now_iso() -> str:
@@ -129,6 +159,25 @@ def _split_statements(script: str) -> list[str]:
     if current.strip():
         statements.append(current.strip())
     return statements
+
+
+def _is_full(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.Error) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    )
+
+
+def _create_private(path: Path) -> None:
+    """Create the directory (0700) and the database file (0600) before SQLite does, so the
+    umask never leaves them readable by others; tighten an existing file's mode too."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=DB_DIR_MODE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, DB_FILE_MODE)
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.fchmod(fd, DB_FILE_MODE)  # SQLite gives -wal/-shm the database file's mode
+    finally:
+        os.close(fd)
 
 
 def _is_busy(exc: BaseException) -> bool:
@@ -160,7 +209,7 @@ class Store:
         path = Path(path)
         try:
             if str(path) != ":memory:":
-                path.parent.mkdir(parents=True, exist_ok=True)
+                _create_private(path)
             db = await aiosqlite.connect(str(path), isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
@@ -171,6 +220,7 @@ class Store:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")  # WAL keeps this crash-safe
             await db.execute("PRAGMA foreign_keys = ON")
+            await db.execute("PRAGMA secure_delete = ON")  # deleted text is zeroed, not left in free pages
             await store._migrate()
         except sqlite3.DatabaseError as exc:
             await db.close()
@@ -202,12 +252,28 @@ class Store:
                     await self._db.execute(statement)
                 await self._db.execute(f"PRAGMA user_version = {target}")
                 await self._db.execute("COMMIT")
-            except BaseException:
-                await self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                await self._rollback()
+                if _is_full(exc):
+                    raise self._full_error() from None
                 raise
             log.info("store %s migrated to schema version %d", self.path, target)
 
     # -------------------------------------------------------------- plumbing
+
+    def _full_error(self) -> StoreFull:
+        return StoreFull(f"disk full: cannot write to the store at {self.path}; "
+                         "free some space (nothing was saved from this action)")
+
+    async def _rollback(self) -> None:
+        """Roll back if a transaction is still open. SQLite ends some failed transactions
+        itself (SQLITE_FULL does), and a ROLLBACK then would replace the real error with
+        "cannot rollback - no transaction is active"."""
+        if self._db.in_transaction:
+            try:
+                await self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("rollback after a failed write failed too: %s", exc)
 
     async def _transact(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
         """Run `body` in one write transaction; retried when another process holds the lock."""
@@ -220,9 +286,11 @@ class Store:
                         await self._db.execute("COMMIT")
                         return result
                     except BaseException:
-                        await self._db.execute("ROLLBACK")
+                        await self._rollback()
                         raise
                 except sqlite3.OperationalError as exc:
+                    if _is_full(exc):
+                        raise self._full_error() from None
                     if not _is_busy(exc) or attempt == BUSY_RETRIES:
                         raise
                     log.warning("store busy (%s), retrying", exc)
@@ -357,17 +425,35 @@ class Store:
         status: str = "pending",
         reviewer_id: Optional[int] = None,
         reason: Optional[str] = None,
+        max_pending: int = 0,
     ) -> int:
-        """Store a correction of an answer; approved ones carry their reviewer."""
+        """Store a correction of an answer; approved ones carry their reviewer.
+
+        With `max_pending` > 0, a pending correction from a user who already has that many
+        waiting raises TooManyPending (counted in the same transaction, so a burst cannot
+        slip past the limit)."""
         if status not in CORRECTION_STATUSES:
             raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
         reviewed_at = now_iso() if status != "pending" else None
-        (cur,) = await self._write(
-            [("INSERT INTO corrections (exchange_id, user_id, text, status, reviewer_id,"
-              " review_reason, reviewed_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
-              (exchange_id, user_id, text, status, reviewer_id, reason, reviewed_at, now_iso()))]
-        )
-        return cur.lastrowid
+
+        async def body(db: aiosqlite.Connection) -> int:
+            if status == "pending" and max_pending > 0:
+                async with db.execute("SELECT COUNT(*) FROM corrections WHERE user_id = ? AND status = 'pending'",
+                                      (user_id,)) as cur:
+                    if (await cur.fetchone())[0] >= max_pending:
+                        raise TooManyPending(max_pending)
+            cur = await db.execute(
+                "INSERT INTO corrections (exchange_id, user_id, text, status, reviewer_id,"
+                " review_reason, reviewed_at, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (exchange_id, user_id, text, status, reviewer_id, reason, reviewed_at, now_iso()))
+            return cur.lastrowid
+
+        return await self._transact(body)
+
+    async def count_pending_of(self, user_id: int) -> int:
+        row = await self._fetchone(
+            "SELECT COUNT(*) FROM corrections WHERE user_id = ? AND status = 'pending'", (user_id,))
+        return row[0]
 
     async def get_correction(self, correction_id: int) -> Optional[dict]:
         row = await self._fetchone(
@@ -414,13 +500,18 @@ class Store:
 
     async def count_untrained_approved(self) -> int:
         row = await self._fetchone(
-            "SELECT COUNT(*) FROM corrections WHERE status = 'approved' AND trained_run_id IS NULL"
+            "SELECT COUNT(*) FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"
+            " WHERE c.status = 'approved' AND c.trained_run_id IS NULL AND e.forgotten_at IS NULL"
         )
         return row[0]
 
     async def export_approved_corrections(self, only_untrained: bool = False) -> list[dict]:
-        """Approved corrections in the trainer's JSONL record format, oldest first."""
+        """Approved corrections in the trainer's JSONL record format, oldest first.
+
+        Corrections whose question was forgotten are left out: without it there is no
+        sample to train, and its text must not travel to the trainer again."""
         where = " AND c.trained_run_id IS NULL" if only_untrained else ""
+        where += " AND e.forgotten_at IS NULL"
         rows = await self._fetchall(
             "SELECT c.id, c.exchange_id, c.text, c.user_id, c.reviewer_id, c.created_at,"
             " c.reviewed_at, e.prompt_messages, e.answer FROM corrections c"
@@ -500,35 +591,112 @@ class Store:
 
     # ---------------------------------------------------------------- privacy
 
-    async def forget_user(self, user_id: int) -> dict[str, int]:
-        """Delete everything stored about a user; returns the rows deleted per table.
+    async def forget_user(self, user_id: int) -> Forgotten:
+        """Delete everything stored about a user and what they wrote; see `Forgotten`.
 
-        Their exchanges go (with any flags/corrections attached to them), as do the
-        flags and corrections they made on other people's exchanges. Where they
-        acted as a reviewer or started a run, their id is blanked, not the record.
+        Their exchanges go with their flags and corrections, as do the flags and
+        corrections they made elsewhere. An exchange of theirs that *someone else*
+        corrected is kept as a husk: the asker's question, the bot's answer and the
+        asker's id are blanked, the other person's correction stays on record (theirs to
+        forget), and it is never exported for training again (no question, no sample;
+        a still-pending one is closed as rejected with the reason). Where they reviewed a
+        correction or started a run, their id is blanked, not the record. Gate reports
+        kept in the runs table lose the entries of the corrections that went. Then the
+        WAL is checkpointed and the file vacuumed (with secure_delete on), so the text is
+        not left in the database's bytes either.
         """
 
-        async def body(db: aiosqlite.Connection) -> dict[str, int]:
-            counts = {}
+        async def body(db: aiosqlite.Connection) -> Forgotten:
+            async def ids(sql: str, args) -> list[int]:
+                async with db.execute(sql, args) as cur:
+                    return [r[0] for r in await cur.fetchall()]
+
             owned = "(SELECT id FROM exchanges WHERE user_id = ?)"
-            for table in ("flags", "corrections"):
-                cur = await db.execute(
-                    f"DELETE FROM {table} WHERE user_id = ? OR exchange_id IN {owned}",
-                    (user_id, user_id),
-                )
-                counts[table] = cur.rowcount
-            cur = await db.execute("DELETE FROM exchanges WHERE user_id = ?", (user_id,))
+            others = "SELECT 1 FROM corrections o WHERE o.exchange_id = e.id AND o.user_id != ?"
+            husks = await ids(f"SELECT e.id FROM exchanges e WHERE e.user_id = ? AND EXISTS ({others})",
+                              (user_id, user_id))
+            gone_exchanges = await ids(f"SELECT e.id FROM exchanges e WHERE e.user_id = ? AND NOT EXISTS ({others})",
+                                       (user_id, user_id))
+            # Every correction whose exported record carries this user's text: their own, and
+            # others' on their exchanges (the record holds the question).
+            scrub = await ids(f"SELECT id FROM corrections WHERE user_id = ? OR exchange_id IN {owned}",
+                              (user_id, user_id))
+            counts = {}
+            cur = await db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,))
+            counts["flags"] = cur.rowcount
+            cur = await db.execute("DELETE FROM corrections WHERE user_id = ?", (user_id,))
+            counts["corrections"] = cur.rowcount
+            marks = ",".join("?" * len(gone_exchanges))
+            if gone_exchanges:  # their flags/corrections by others go with them (cascade)
+                async with db.execute(f"SELECT COUNT(*) FROM flags WHERE exchange_id IN ({marks})",
+                                      gone_exchanges) as cur:
+                    counts["flags"] += (await cur.fetchone())[0]
+            cur = await db.execute(f"DELETE FROM exchanges WHERE id IN ({marks})", gone_exchanges)
             counts["exchanges"] = cur.rowcount
+            for eid in husks:
+                await db.execute(
+                    "UPDATE exchanges SET user_id = ?, prompt_messages = '[]', answer = '',"
+                    " request_message_id = NULL, forgotten_at = ? WHERE id = ?",
+                    (FORGOTTEN_USER_ID, now_iso(), eid))
+                await db.execute(
+                    "UPDATE corrections SET status = 'rejected', review_reason = ?, reviewed_at = ?"
+                    " WHERE exchange_id = ? AND status = 'pending'", (FORGOTTEN_REASON, now_iso(), eid))
+            counts["exchanges_blanked"] = len(husks)
             await db.execute("UPDATE corrections SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
             await db.execute("UPDATE training_runs SET started_by = NULL WHERE started_by = ?", (user_id,))
-            return counts
+            async with db.execute("SELECT id, report FROM training_runs WHERE report IS NOT NULL") as cur:
+                reports = list(await cur.fetchall())
+            for run_id, report in reports:
+                cleaned = without_corrections(json.loads(report), set(scrub))
+                if cleaned != json.loads(report):
+                    await db.execute("UPDATE training_runs SET report = ? WHERE id = ?",
+                                     (json.dumps(cleaned), run_id))
+            return Forgotten(counts=counts, correction_ids=tuple(scrub))
 
-        return await self._transact(body)
+        forgotten = await self._transact(body)
+        await self.compact()
+        return forgotten
+
+    async def compact(self) -> None:
+        """Copy the WAL into the file, truncate it and rebuild the file: deleted rows leave
+        no bytes behind (secure_delete zeroes freed pages; VACUUM drops them)."""
+        async with self._write_lock:
+            try:
+                # execute_fetchall: an unread result row would keep a statement open and
+                # VACUUM refuses to run while one is.
+                await self._db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+                await self._db.execute_fetchall("VACUUM")
+                await self._db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError as exc:
+                if _is_full(exc):  # VACUUM needs room for a copy; the rows are gone already
+                    raise self._full_error() from None
+                raise
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What `forget_user` removed: rows per table, and the ids of the corrections whose
+    exported records (run files, gate reports) carried the user's text."""
+
+    counts: dict[str, int]
+    correction_ids: tuple[int, ...]
+
+
+def without_corrections(data: Any, correction_ids: set[int]) -> Any:
+    """`data` (parsed JSON: an exported record list, a manifest, a gate report) without the
+    correction records whose id is in `correction_ids`. A correction record is a mapping
+    with an "id" and a "correction" text, wherever it sits."""
+    if isinstance(data, dict):
+        return {k: without_corrections(v, correction_ids) for k, v in data.items()}
+    if isinstance(data, list):
+        return [without_corrections(v, correction_ids) for v in data
+                if not (isinstance(v, dict) and "correction" in v and v.get("id") in correction_ids)]
+    return data
 
 
 _CORRECTION_SELECT = (
     "SELECT c.*, e.prompt_messages, e.answer AS bad_answer, e.user_id AS asker_id,"
-    " e.channel_id, e.guild_id FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"
+    " e.channel_id, e.guild_id, e.forgotten_at FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"
 )
 
 
