@@ -17,12 +17,14 @@ reads it for every answer, /status shows it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, Optional, TextIO
 
+from model.client import ModelError
 from model.config import Config
 from trainer.protocol import Command, ExitCode, now_iso
 from trainer.registry import Registry, RegistryError
@@ -112,6 +114,7 @@ class Runtime:
         self.live = live_from_registry(registry)
         self.core: Optional[Core] = None
         self.retrainer: Optional[Retrainer] = None
+        self._reload: Optional[asyncio.Task] = None
 
     @classmethod
     async def start(cls, cfg: Config, say: Optional[Say] = None, worker_port: Optional[int] = None) -> "Runtime":
@@ -131,6 +134,7 @@ class Runtime:
                 raise StartupError(f"the adapter registry is not usable: {exc}") from None
             runtime.core = await Core.create(cfg, worker_port=worker_port, adapters=runtime.worker_adapters)
             runtime.core.live = lambda: runtime.live
+            runtime.core.on_adapter_missing = runtime._adapter_missing
             runtime.retrainer = Retrainer(cfg, runtime.core.store, runtime.core.client,
                                           on_live_changed=runtime._live_changed, on_pause=runtime._paused)
             if cfg.model.url and runtime.live.version:
@@ -145,6 +149,19 @@ class Runtime:
     def worker_adapters(self) -> dict[str, str]:
         """What the worker child loads at each (re)start: the live adapter under the served alias."""
         return {self.cfg.model.served_name: str(self.live.path)} if self.live.version else {}
+
+    def _adapter_missing(self) -> None:
+        """The server lost the live adapter (a vLLM restart): load it again, once at a time."""
+        if self.live.version and (self._reload is None or self._reload.done()):
+            self._reload = asyncio.create_task(self._reload_live(), name="reload-live-adapter")
+
+    async def _reload_live(self) -> None:
+        version, path = self.live.version, self.live.path
+        try:
+            await self.core.client.load_adapter(self.cfg.model.served_name, str(path))
+            log.warning("the model server had lost adapter %s; loaded it again", version)
+        except ModelError as exc:
+            log.error("reloading adapter %s into the model server failed: %s", version, exc.message)
 
     def _live_changed(self, version: str) -> None:
         self.live = LiveAdapter(version, self.registry.path(version), now_iso())

@@ -174,6 +174,17 @@ async def test_a_failed_load_on_the_server_leaves_the_old_adapter_live(promoted_
     assert (await ask(runtime)).text == "still v0002"
 
 
+async def test_a_restarted_server_that_lost_the_adapter_gets_it_back(promoted_runtime, vllm):
+    runtime = promoted_runtime
+    vllm.loras.clear()  # vLLM restarted: it serves the base only
+    failed = await ask(runtime)
+    assert failed.status == "error" and "does not exist" in failed.display
+    await runtime._reload  # the bot loads the live adapter again, in the background
+    assert vllm.loras == {SERVED: str(runtime.registry.path("v0002"))}
+    assert (await ask(runtime)).text == "answer from v0002"
+    assert runtime.live.version == "v0002"
+
+
 async def test_with_nothing_promoted_the_base_answers_and_status_says_so(tmp_path, vllm):
     runtime = await Runtime.start(load_config(write_config(tmp_path, vllm.url)))
     try:
