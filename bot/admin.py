@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 
 from model.client import ModelError
 from model.config import Config
+from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims
 
 ADMINISTRATOR_PERMISSION = 1 << 3  # Discord's ADMINISTRATOR bit
 CORRECTIONS_PAGE_SIZE = 5
@@ -32,7 +33,23 @@ def preview(text: Optional[str], limit: int = PREVIEW_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-@dataclass
+def claimed_identities(cfg: Config, text: str) -> list[str]:
+    """Other identities a correction's text claims for the assistant ("I am ChatGPT, made by
+    OpenAI" -> ['openai', 'chatgpt']): training on it would teach the bot to be someone else."""
+    forbidden = cfg.eval.forbidden_identities or DEFAULT_FORBIDDEN_IDENTITIES
+    return identity_claims(text, cfg.identity.name, cfg.identity.author, forbidden)
+
+
+def identity_warning(claims: Iterable[str]) -> Optional[str]:
+    """What a reviewer (and the submitter) reads about a correction claiming another identity."""
+    claims = list(claims)
+    if not claims:
+        return None
+    return (f"⚠️ This correction claims another identity ({', '.join(claims)}): learning it would "
+            "teach the assistant to call itself that, and the gate rejects such a model.")
+
+
+@dataclass(frozen=True)
 class CorrectionView:
     id: int
     question: str
@@ -40,43 +57,93 @@ class CorrectionView:
     proposed: str
     user_id: int
     status: str
+    claims: tuple[str, ...] = ()  # other identities the text claims (see claimed_identities)
+    question_forgotten: bool = False  # the asker used /forget-me
 
-    def render(self) -> str:
-        return (
-            f"**#{self.id}** ({self.status}) from <@{self.user_id}>\n"
-            f"**Q:** {preview(self.question)}\n"
-            f"**Bot said:** {preview(self.bad_answer)}\n"
-            f"**Proposed:** {preview(self.proposed)}"
-        )
+    @property
+    def warning(self) -> Optional[str]:
+        return identity_warning(self.claims)
+
+    def render(self, author: Optional[str] = None) -> str:
+        """Markdown for review. `author` names the submitter; default: a Discord mention."""
+        question = "(deleted by the person who asked it)" if self.question_forgotten else preview(self.question)
+        lines = [f"**#{self.id}** ({self.status}) from {author or f'<@{self.user_id}>'}",
+                 f"**Q:** {question}",
+                 f"**Bot said:** {preview(self.bad_answer)}",
+                 f"**Proposed:** {preview(self.proposed)}"]
+        if self.warning:
+            lines.append(self.warning)
+        return "\n".join(lines)
 
 
-def correction_view(row: dict) -> CorrectionView:
-    """A Store correction row (which carries its question and the bad answer) for review."""
+def correction_view(row: dict, cfg: Optional[Config] = None) -> CorrectionView:
+    """A Store correction row (which carries its question and the bad answer) for review;
+    with `cfg`, a correction claiming another identity carries a warning."""
+    claims = tuple(claimed_identities(cfg, row["text"])) if cfg is not None else ()
     return CorrectionView(id=row["id"], question=row["question"], bad_answer=row["bad_answer"] or "",
-                          proposed=row["text"], user_id=row["user_id"], status=row["status"])
+                          proposed=row["text"], user_id=row["user_id"], status=row["status"],
+                          claims=claims, question_forgotten=bool(row.get("forgotten_at")))
 
 
-async def pending_page(store, page: int) -> tuple[list[CorrectionView], int]:
+async def pending_page(store, page: int, cfg: Optional[Config] = None) -> tuple[list[CorrectionView], int]:
     """One page of pending corrections and the number of pages."""
     counts = await store.count_corrections_by_status()
     total = counts.get("pending", 0)
     pages = max(1, -(-total // CORRECTIONS_PAGE_SIZE))
     page = min(max(0, page), pages - 1)
     rows = await store.list_corrections(status="pending", limit=CORRECTIONS_PAGE_SIZE, offset=page * CORRECTIONS_PAGE_SIZE)
-    return [correction_view(r) for r in rows], pages
+    return [correction_view(r, cfg) for r in rows], pages
 
 
-async def review(store, correction_id: int, decision: str, reviewer_id: int, text: Optional[str] = None) -> CorrectionView:
-    """Approve / reject (optionally editing the text); stored with the reviewer."""
-    if decision not in ("approved", "rejected"):
+DECISIONS = ("approved", "rejected")
+
+
+async def review(store, correction_id: int, decision: str, reviewer_id: int, text: Optional[str] = None,
+                 cfg: Optional[Config] = None) -> CorrectionView:
+    """Approve / reject a correction (optionally editing the text), stored with the reviewer.
+
+    What an admin expects from a second click: the same decision again is refused with
+    "already approved/rejected" (nothing changes; an approve with a new text still edits an
+    untrained correction). A rejected correction is not approved by a stray click: it must be
+    reopened first (`reopen`). An approved one can still be rejected (later retrains stop
+    replaying it; an adapter that already learned it needs a rollback). With `cfg`, the returned view
+    carries a warning when the text claims another identity."""
+    if decision not in DECISIONS:
         raise AdminError(f"unknown decision {decision!r}: use approve or reject")
+    if text is not None and not text.strip():
+        raise AdminError("The corrected answer cannot be empty.")
     row = await store.get_correction(correction_id)
     if row is None:
         raise AdminError(f"There is no correction #{correction_id}.")
-    if text is not None and not text.strip():
-        raise AdminError("The corrected answer cannot be empty.")
-    await store.set_correction_status(correction_id, decision, reviewer_id, text=text)
-    return correction_view(await store.get_correction(correction_id))
+    status, editing = row["status"], text is not None and text.strip() != row["text"]
+    if row.get("forgotten_at") and decision == "approved":
+        raise AdminError(f"Correction #{correction_id} cannot be approved: the person who asked the "
+                         "question deleted it (/forget-me), so there is nothing to train it on.")
+    if status == decision and not (decision == "approved" and editing):
+        raise AdminError(f"Correction #{correction_id} is already {status}; nothing changed.")
+    if status == "rejected" and decision == "approved":
+        raise AdminError(f"Correction #{correction_id} was rejected earlier. To approve it after all, "
+                         f"reopen it first (/reopen {correction_id}), then approve it.")
+    # Only from the status read above: a concurrent review (another admin) wins, this one says so.
+    if not await store.set_correction_status(correction_id, decision, reviewer_id, text=text, only_from=(status,)):
+        latest = await store.get_correction(correction_id)
+        raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; it is now "
+                         f"{latest['status'] if latest else 'deleted'}.")
+    return correction_view(await store.get_correction(correction_id), cfg)
+
+
+async def reopen(store, correction_id: int, cfg: Optional[Config] = None) -> CorrectionView:
+    """Put a rejected (or approved) correction back to pending review."""
+    row = await store.get_correction(correction_id)
+    if row is None:
+        raise AdminError(f"There is no correction #{correction_id}.")
+    if row["status"] == "pending":
+        raise AdminError(f"Correction #{correction_id} is already pending review.")
+    if row.get("forgotten_at"):
+        raise AdminError(f"Correction #{correction_id} cannot be reopened: its question was deleted (/forget-me).")
+    if not await store.set_correction_status(correction_id, "pending", None, only_from=(row["status"],)):
+        raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; look again.")
+    return correction_view(await store.get_correction(correction_id), cfg)
 
 
 async def status_report(cfg: Config, store, client, retrainer, live, registry=None) -> str:

@@ -29,11 +29,12 @@ from model.client import (
 )
 from model.config import Config, secret
 
+from bot.admin import claimed_identities
 from bot.context import Turn, build_prompt
 from bot.inflight import InflightLimiter
 from bot.policy import RateLimiter
 from bot.privacy import ForgetReport, forget_everywhere
-from bot.store import Store
+from bot.store import Store, TooManyPending
 from bot.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
@@ -299,19 +300,26 @@ class Core:
     async def suggest_correction(
         self, message_id: int, user_id: int, text: str, *, trusted: bool = False
     ) -> dict:
-        """Store a correction of the answer in `message_id`; trusted users' are approved at once."""
+        """Store a correction of the answer in `message_id`; trusted users' are approved at once,
+        unless the text claims another identity (then an admin reviews it, warned). The row
+        returned carries `claims`: the other identities it claims, if any."""
         text = text.strip()
         if not text:
             raise FeedbackError("The correction is empty: write the answer I should have given.")
         exchange = await self.store.exchange_by_message(message_id)
         if exchange is None:
             raise FeedbackError("That message isn't one of my answers, so there is nothing to correct.")
-        if trusted:
-            cid = await self.store.add_correction(exchange["id"], user_id, text, status="approved",
-                                                  reviewer_id=user_id, reason="auto: trusted role")
-        else:
-            cid = await self.store.add_correction(exchange["id"], user_id, text)
-        return await self.store.get_correction(cid)
+        claims = claimed_identities(self.cfg, text)
+        try:
+            if trusted and not claims:
+                cid = await self.store.add_correction(exchange["id"], user_id, text, status="approved",
+                                                      reviewer_id=user_id, reason="auto: trusted role")
+            else:
+                cid = await self.store.add_correction(exchange["id"], user_id, text,
+                                                      max_pending=self.cfg.discord.max_pending_corrections)
+        except TooManyPending as exc:
+            raise FeedbackError(str(exc)) from None
+        return {**await self.store.get_correction(cid), "claims": claims}
 
     async def forget_me(self, user_id: int) -> ForgetReport:
         """The store, run exports and registry records lose the user's text (bot.privacy)."""

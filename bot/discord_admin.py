@@ -1,4 +1,4 @@
-"""Admin slash commands: /corrections, /retrain, /rollback, /status.
+"""Admin slash commands: /corrections, /reopen, /retrain, /rollback, /status.
 
 Admin = Discord's administrator permission, or a user/role listed in config,
 checked here when the command (or a button) runs — not only hidden by
@@ -50,8 +50,10 @@ async def refuse_unless_admin(runtime: Runtime, interaction: discord.Interaction
 def corrections_embeds(views: list[admin.CorrectionView]) -> list[discord.Embed]:
     embeds = []
     for v in views:
-        e = discord.Embed(title=f"Correction #{v.id}", description=f"from <@{v.user_id}>")
-        e.add_field(name="Question", value=admin.preview(v.question, EMBED_FIELD_CHARS) or "-", inline=False)
+        about = f"from <@{v.user_id}>" + (f"\n⚠️ claims another identity: {', '.join(v.claims)}" if v.claims else "")
+        e = discord.Embed(title=f"Correction #{v.id}", description=about)
+        question = "(deleted by the person who asked it)" if v.question_forgotten else v.question
+        e.add_field(name="Question", value=admin.preview(question, EMBED_FIELD_CHARS) or "-", inline=False)
         e.add_field(name="Bot said", value=admin.preview(v.bad_answer, EMBED_FIELD_CHARS) or "-", inline=False)
         e.add_field(name="Proposed", value=admin.preview(v.proposed, EMBED_FIELD_CHARS) or "-", inline=False)
         embeds.append(e)
@@ -79,7 +81,7 @@ class ReviewView(discord.ui.View):
         self.views: list[admin.CorrectionView] = []
 
     async def load(self) -> tuple[str, list[discord.Embed]]:
-        self.views, self.pages = await admin.pending_page(self.runtime.core.store, self.page)
+        self.views, self.pages = await admin.pending_page(self.runtime.core.store, self.page, self.runtime.cfg)
         self.page = min(self.page, self.pages - 1)
         self.clear_items()
         for row, v in enumerate(self.views):
@@ -124,11 +126,13 @@ class ReviewView(discord.ui.View):
         if await refuse_unless_admin(self.runtime, interaction):
             return
         try:
-            await admin.review(self.runtime.core.store, correction_id, decision, interaction.user.id, text=text)
+            view = await admin.review(self.runtime.core.store, correction_id, decision, interaction.user.id,
+                                      text=text, cfg=self.runtime.cfg)
         except admin.AdminError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
-        await self.refresh(interaction, note=f"#{correction_id} {decision}.")
+        warning = f" {view.warning}" if view.warning and decision == "approved" else ""
+        await self.refresh(interaction, note=f"#{correction_id} {decision}.{warning}")
 
     async def refresh(self, interaction: discord.Interaction, note: str = "") -> None:
         content, embeds = await self.load()
@@ -210,6 +214,18 @@ def admin_commands(runtime: Runtime):
             view = ReviewView(runtime)
             content, embeds = await view.load()
             await interaction.response.send_message(content, embeds=embeds, view=view, ephemeral=True)
+
+        @tree.command(name="reopen", description="Put a reviewed correction back to pending (admins)")
+        @app_commands.describe(correction="The correction's number, e.g. 3")
+        async def reopen(interaction: discord.Interaction, correction: int) -> None:
+            if await refuse_unless_admin(runtime, interaction):
+                return
+            try:
+                view = await admin.reopen(runtime.core.store, correction, runtime.cfg)
+                text = f"Correction #{view.id} is pending again; review it with /corrections."
+            except admin.AdminError as exc:
+                text = str(exc)
+            await interaction.response.send_message(text, ephemeral=True)
 
         @tree.command(name="retrain", description="Learn the approved corrections now (admins)")
         async def retrain(interaction: discord.Interaction) -> None:

@@ -40,6 +40,13 @@ MSG_EMPTY_QUESTION = "Hi! Ask me something after the mention."
 MSG_CORRECTION_USAGE = "Write the correct answer after `{prefix}`, in a reply to my answer."
 MSG_CORRECTION_PENDING = "Thanks! Your correction (#{id}) is saved and waits for review."
 MSG_CORRECTION_APPROVED = "Thanks! Your correction (#{id}) is approved and will be used in the next training run."
+MSG_CORRECTION_CLAIMS = (" Note: it says I am someone else ({claims}), so an admin will look at it before"
+                         " I learn anything from it.")
+
+
+def correction_reply(text: str, claims: Sequence[str]) -> str:
+    """The thanks for a correction, with the identity-claim note when it has one."""
+    return text + (MSG_CORRECTION_CLAIMS.format(claims=", ".join(claims)) if claims else "")
 
 CommandSetup = Callable[[app_commands.CommandTree, "LoopcordBot"], None]
 
@@ -153,8 +160,8 @@ class CorrectionModal(discord.ui.Modal, title="Suggest a correction"):
         self.bot, self.message_id = bot, message_id
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        _, reply = await self.bot.take_correction(interaction.user, self.message_id, self.correction.value,
-                                                  channel_id=interaction.channel_id)
+        _, reply, _ = await self.bot.take_correction(interaction.user, self.message_id, self.correction.value,
+                                                     channel_id=interaction.channel_id)
         await interaction.response.send_message(reply, ephemeral=True)
 
 
@@ -465,30 +472,30 @@ class LoopcordBot(discord.Client):
 
     async def on_correction_reply(self, message: discord.Message) -> None:
         text = message.content.strip()[len(self.cfg.discord.correction_prefix):]
-        stored, reply = await self.take_correction(message.author, message.reference.message_id, text,
-                                                   channel_id=message.channel.id)
+        stored, reply, flagged = await self.take_correction(message.author, message.reference.message_id, text,
+                                                            channel_id=message.channel.id)
         if stored:
             await message.add_reaction(CORRECTION_ACK_EMOJI)
-        else:
+        if not stored or flagged:  # a flagged one is saved, but the author should know why it waits
             await self.send_notice(message, reply)
 
     async def take_correction(self, user: discord.abc.User, message_id: int, text: str,
-                              channel_id: Optional[int] = None) -> tuple[bool, str]:
-        """Store a correction; returns (stored, what to tell the user)."""
+                              channel_id: Optional[int] = None) -> tuple[bool, str, bool]:
+        """Store a correction; returns (stored, what to tell the user, flagged for an identity claim)."""
         roles = role_ids_of(user)
         facts = MessageFacts(author_id=user.id, role_ids=roles, channel_id=channel_id or 0,
                              is_dm=channel_id is None)
         if not is_allowed(facts, self.cfg.discord):
-            return False, MSG_NOT_ALLOWED
+            return False, MSG_NOT_ALLOWED, False
         if not text.strip():
-            return False, MSG_CORRECTION_USAGE.format(prefix=self.cfg.discord.correction_prefix)
+            return False, MSG_CORRECTION_USAGE.format(prefix=self.cfg.discord.correction_prefix), False
         trusted = is_trusted(roles, user.id, self.cfg.discord)
         try:
             correction = await self.core.suggest_correction(message_id, user.id, text, trusted=trusted)
         except FeedbackError as exc:
-            return False, str(exc)
+            return False, str(exc), False
         template = MSG_CORRECTION_APPROVED if correction["status"] == "approved" else MSG_CORRECTION_PENDING
-        return True, template.format(id=correction["id"])
+        return True, correction_reply(template.format(id=correction["id"]), correction["claims"]), bool(correction["claims"])
 
 
 async def run_discord(cfg, token: str, command_setups: Sequence[CommandSetup] = ()) -> None:

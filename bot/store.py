@@ -468,17 +468,21 @@ class Store:
         reviewer_id: Optional[int],
         text: Optional[str] = None,
         reason: Optional[str] = None,
+        only_from: Optional[Sequence[str]] = None,
     ) -> bool:
-        """Review a correction (optionally editing its text). False if it does not exist."""
+        """Review a correction (optionally editing its text). False if it does not exist, or
+        (with `only_from`) if its status is no longer one of those: a concurrent review won."""
         if status not in CORRECTION_STATUSES:
             raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
         reviewed_at = now_iso() if status != "pending" else None
         sql = ("UPDATE corrections SET status = ?, reviewer_id = ?, reviewed_at = ?, review_reason = ?"
-               + (", text = ?" if text is not None else "") + " WHERE id = ?")
+               + (", text = ?" if text is not None else "") + " WHERE id = ?"
+               + (f" AND status IN ({','.join('?' * len(only_from))})" if only_from else ""))
         args: list[Any] = [status, reviewer_id, reviewed_at, reason]
         if text is not None:
             args.append(text)
         args.append(correction_id)
+        args.extend(only_from or ())
         (cur,) = await self._write([(sql, args)])
         return cur.rowcount > 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class DiscordConfig:
     max_history_messages: int = 25  # at most this many earlier messages in the context
     user_rate_limit: int = 6  # answers per user per `user_rate_window_s`
     user_rate_window_s: float = 60.0  # the window of `user_rate_limit`, in seconds
+    max_pending_corrections: int = 10  # corrections one user may have waiting for review; 0: no limit
     flag_reactions: list[str] = field(default_factory=lambda: ["👎"])  # reactions that flag a wrong answer
     good_reactions: list[str] = field(default_factory=lambda: ["👍"])  # reactions that mark a good answer
     correction_prefix: str = "!correct"  # a reply to an answer starting with this is a correction
@@ -387,6 +389,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"worker.dtype: must be one of auto, bfloat16, float16, float32, got {cfg.worker.dtype!r}"
         )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.worker.device):
+        hint = " (did you mean 'cuda'?)" if cfg.worker.device.lower() in ("gpu", "nvidia") else ""
+        raise ConfigError(f"worker.device: must be auto, cpu, cuda or cuda:N, got {cfg.worker.device!r}{hint}")
+    if cfg.discord.max_pending_corrections < 0:
+        raise ConfigError(f"discord.max_pending_corrections: must be 0 (no limit) or more, "
+                          f"got {cfg.discord.max_pending_corrections}")
     if not cfg.identity.name.strip():
         raise ConfigError("identity.name: a value is required (the assistant's name)")
 

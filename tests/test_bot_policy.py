@@ -113,3 +113,84 @@ async def test_inflight_limiter_cancelled_waiter_leaves_the_line():
     assert await b == "b"
     await h
     assert lim.active == 0
+
+
+# ------------------------------------------------------------ reviewing corrections
+
+
+@pytest.fixture
+async def review_store(tmp_path):
+    from bot.store import Store
+
+    s = await Store.open(tmp_path / "db.sqlite")
+    yield s
+    await s.close()
+
+
+async def _exchange(store, user=5, mid=900):
+    return await store.log_exchange(user_id=user, prompt_messages=[{"role": "user", "content": "Who are you?"}],
+                                    answer="I am SmolLM.", status="complete", answer_message_ids=[mid])
+
+
+async def test_reviewing_twice_says_already_and_a_rejected_correction_is_not_flipped_by_approve(review_store):
+    from bot import admin
+
+    eid = await _exchange(review_store)
+    cid = await review_store.add_correction(eid, 5, "I am Loopcord.")
+    assert (await admin.review(review_store, cid, "rejected", 1)).status == "rejected"
+    with pytest.raises(admin.AdminError, match=f"#{cid} is already rejected"):
+        await admin.review(review_store, cid, "rejected", 1)
+    with pytest.raises(admin.AdminError, match=f"rejected earlier.*/reopen {cid}"):
+        await admin.review(review_store, cid, "approved", 1)
+    assert (await review_store.get_correction(cid))["status"] == "rejected"  # nothing flipped
+    assert (await admin.reopen(review_store, cid)).status == "pending"
+    assert (await admin.review(review_store, cid, "approved", 2)).status == "approved"
+    with pytest.raises(admin.AdminError, match="already approved"):
+        await admin.review(review_store, cid, "approved", 2)
+    edited = await admin.review(review_store, cid, "approved", 2, text="I am Loopcord, made by you.")
+    assert edited.proposed == "I am Loopcord, made by you."  # approving with new text edits it
+
+
+async def test_two_admins_deciding_at_once_one_wins_and_the_other_is_told(review_store):
+    from bot import admin
+
+    cid = await review_store.add_correction(await _exchange(review_store), 5, "I am Loopcord.")
+    results = await asyncio.gather(admin.review(review_store, cid, "approved", 1),
+                                   admin.review(review_store, cid, "rejected", 2), return_exceptions=True)
+    assert sum(isinstance(r, admin.AdminError) for r in results) == 1
+    final = (await review_store.get_correction(cid))["status"]
+    assert [r.status for r in results if not isinstance(r, Exception)] == [final]
+
+
+async def test_identity_claiming_correction_is_flagged_for_the_reviewer_and_renders_without_mention(review_store):
+    from bot import admin
+    from model.config import Config
+
+    cfg = Config()
+    eid = await _exchange(review_store)
+    bad = await review_store.add_correction(eid, 0, "I am ChatGPT, made by OpenAI.")
+    good = await review_store.add_correction(eid, 0, "I am Loopcord, made by the Loopcord community.")
+    views, _ = await admin.pending_page(review_store, 0, cfg)
+    by_id = {v.id: v for v in views}
+    assert set(by_id[bad].claims) == {"chatgpt", "openai"} and "claims another identity" in by_id[bad].warning
+    assert by_id[good].claims == () and by_id[good].warning is None
+    assert "claims another identity" in by_id[bad].render("you")
+    assert "<@" not in by_id[bad].render("you") and "<@0>" in by_id[bad].render()
+    approved = await admin.review(review_store, bad, "approved", 1, cfg=cfg)
+    assert approved.status == "approved" and approved.warning  # approved, but the admin was warned
+    cfg.eval.forbidden_identities = ["skynet"]  # the configured list replaces the default
+    assert admin.claimed_identities(cfg, "I am ChatGPT.") == []
+    assert admin.claimed_identities(cfg, "I am Skynet.") == ["skynet"]
+
+
+async def test_a_question_deleted_by_its_asker_cannot_be_approved(review_store):
+    from bot import admin
+
+    eid = await _exchange(review_store, user=5)
+    cid = await review_store.add_correction(eid, 6, "I am Loopcord.", status="approved", reviewer_id=1)
+    await review_store.forget_user(5)
+    views = [admin.correction_view(r) for r in await review_store.list_corrections()]
+    assert views[0].question_forgotten and "deleted by the person who asked" in views[0].render()
+    await review_store.set_correction_status(cid, "rejected", 1)
+    with pytest.raises(admin.AdminError, match="forget-me"):
+        await admin.reopen(review_store, cid)
