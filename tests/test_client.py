@@ -257,3 +257,99 @@ async def test_many_concurrent_streams_share_one_pool_and_all_finish():
         finally:
             await client.aclose()
     assert outs == [[str(i)] for i in range(40)]
+
+
+# ------------------------------------------------------------------ the launcher (model.process)
+
+
+def _foreign_server():
+    """Something else answering /health with 200 on a loopback port (another bot's worker)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok", "loaded": true}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_port_in_use_is_an_error_naming_the_port():
+    from model.process import WorkerProcess, WorkerStartError
+
+    server = _foreign_server()
+    port = server.server_address[1]
+    try:
+        worker = WorkerProcess(["--model", "/nowhere"], port=port)
+        try:
+            worker.start(timeout=5)
+        except WorkerStartError as exc:
+            assert f"port {port}" in str(exc) and "already in use" in str(exc)
+        else:
+            raise AssertionError("a worker was 'started' on a port another server holds")
+        assert worker.proc is None  # nothing was spawned
+    finally:
+        server.shutdown()
+
+
+def test_the_start_up_wait_never_adopts_another_processs_server():
+    from model.process import WorkerProcess, WorkerStartError
+
+    server = _foreign_server()
+    try:
+        worker = WorkerProcess(port=server.server_address[1], api_key="this-runs-key")
+        # Our "worker" is a child that never listens; the port answers /health all the same.
+        worker.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            worker.wait_ready(timeout=1.5)
+        except WorkerStartError as exc:
+            assert "did not become ready" in str(exc)
+        else:
+            raise AssertionError("the wait accepted a server that is not our child")
+        finally:
+            worker.kill()
+    finally:
+        server.shutdown()
+
+
+def test_children_find_this_checkout_from_anywhere(tmp_path):
+    from model.process import child_env
+
+    out = subprocess.run([sys.executable, "-c", "import model.process, sys; print(model.process.REPO_ROOT)"],
+                         cwd=tmp_path, env=child_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(ROOT)
+
+
+def test_health_is_always_a_dict(tmp_path):
+    import asyncio
+
+    from aiohttp import web
+
+    async def scenario():
+        bodies = iter([b"", b"[1, 2]", b"not json", b'{"status": "ok"}'])
+
+        async def health(request):
+            return web.Response(body=next(bodies))  # vLLM: an empty 200 with no content type
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        client = ModelClient(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
+        try:
+            return [await client.health() for _ in range(4)]
+        finally:
+            await client.aclose()
+            await runner.cleanup()
+
+    assert asyncio.run(scenario()) == [{}, {}, {}, {"status": "ok"}]
