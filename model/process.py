@@ -220,8 +220,10 @@ class WorkerProcess:
             data = {}
         return data if isinstance(data, dict) else {}
 
-    def is_ours(self) -> bool:
+    def is_ours(self, health: Optional[dict] = None) -> bool:
         """The server answering on our port is our child (see the module docstring)."""
+        if health and isinstance(health.get("pid"), int) and health["pid"] != self.proc.pid:
+            return False  # a worker that reports its pid, and it is another process
         owns = listens_on(self.proc.pid, self.port)
         if owns is False:
             return False
@@ -241,7 +243,7 @@ class WorkerProcess:
                 raise WorkerStartError(f"the model worker exited with code {self.proc.returncode} during "
                                        f"start-up{self._log_tail() or '; its log above says why'}")
             health = self.health()
-            if health is not None and health.get("loaded", True) and self.is_ours():
+            if health is not None and health.get("loaded", True) and self.is_ours(health):
                 return health
             time.sleep(READY_POLL_S)
         raise WorkerStartError(f"the model worker did not become ready on {self.url} within {timeout:.0f} s "
