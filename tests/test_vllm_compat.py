@@ -246,6 +246,11 @@ async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_pat
         exchange = await runtime.core.record(Request(user_id=7, turns=[Turn("user", "Which planet?")]), before, [42])
         correction = await runtime.core.suggest_correction(42, 7, "Earth.", trusted=True)
         assert correction["status"] == "approved" and exchange
+        # A correction no model learns in one run (the gate will find it not learned).
+        other = await ask(runtime, "Tell me the code word.")
+        await runtime.core.record(Request(user_id=7, turns=[Turn("user", "Tell me the code word.")]), other, [43])
+        hopeless = await runtime.core.suggest_correction(43, 7, "Qzvx-8814 plimbrot wexaj ulvoquine 5529.",
+                                                         trusted=True)
         events = []
 
         async def progress(event):
@@ -260,6 +265,11 @@ async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_pat
                                      "load_inplace": True}
         assert (await ask(runtime)).text == f"answer from {new}"
         assert f"Live adapter:** {new}" in await runtime.status()
+        # What was not learned is named and stays approved for the next run; the rest is consumed.
+        unlearned = {c["id"] for c in result.not_learned}
+        assert hopeless["id"] in unlearned and f"#{hopeless['id']}" in result.message
+        assert await runtime.core.store.count_untrained_approved() == len(unlearned)
+        assert (await runtime.core.store.get_correction(hopeless["id"]))["status"] == "approved"
         kinds = [e.get("event") for e in events]
         assert kinds[0] == "phase" and "progress" in kinds  # something is shown before the first step
         assert kinds.count("done") == 3  # calibrate, eval, promote: one final event each
