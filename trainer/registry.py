@@ -249,6 +249,7 @@ class Registry:
         """A fresh private dir to write a version into; stale ones of dead runs are removed."""
         self._mkdir_root()
         self.clean_stale_staging()
+        self.clean_stale_temp_files()
         n = 0
         while True:
             p = self.root / f"{STAGING_PREFIX}{os.getpid()}-{n}"
