@@ -1,9 +1,10 @@
 """`python -m bot [--config FILE]`: run the Discord bot, or the terminal mode without a token.
 
 With the Discord token env var (`discord.token_env`) set, the bot connects to
-Discord; without it, `bot.local` runs the same core in the terminal. Start-up
-problems (bad config, unusable store, no model) stop with one line saying what
-to fix.
+Discord and logs to stderr (a service's log); without it, `bot.local` runs the
+same core as a terminal chat and logs to `bot.log` in the data directory
+(`--verbose`: on the terminal). Start-up problems (bad config, unusable store,
+no model) stop with one line saying what to fix.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bot", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="config file (default: $LOOPCORD_CONFIG or ./config.yaml)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="terminal mode: show the logs (ours, the worker's, the trainer's) on the terminal "
+                        "instead of only in the data directory's bot.log")
     return p.parse_args(argv)
 
 
@@ -46,15 +50,18 @@ async def _run_until_signalled(coro) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # Records go to stderr; in terminal mode (without --verbose) bot.local points stderr at
+    # the log file, so this one handler serves both modes.
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
     try:
         cfg = load_config(args.config)
         token = secret(cfg.discord.token_env)
         if token is None:
             from bot.local import main as local_main  # the terminal front-end
 
-            return local_main(cfg) or 0
+            return local_main(cfg, verbose=args.verbose) or 0
         from bot.discord_app import run_discord
 
         asyncio.run(_run_until_signalled(run_discord(cfg, token)))

@@ -5,6 +5,11 @@ question last); `build_prompt` keeps the newest turns that fit the token budget
 and the message cap, and always puts the identity system prompt first. Tokens
 are estimated from characters — loading a tokenizer in the bot would cost
 memory and start-up time for a number that only needs to be roughly right.
+
+The budget is the configured `discord.context_token_budget`, kept inside the
+model's own context (less the room the answer needs) when the server tells us
+its size. A question longer than that is trimmed by the front-end with
+`fit_question`, which also gives the user a short notice saying so.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ from typing import Literal, Optional
 CHARS_PER_TOKEN = 3.5  # conservative for English; CJK is ~1 char/token, see below
 TOKENS_PER_MESSAGE = 4  # chat-template overhead per message (<|im_start|>role ... <|im_end|>)
 TRUNCATION_MARK = "…"
+# The character estimate can undercount (code, digits, rare scripts): use this share of the
+# model's context, so a prompt the bot thinks fits is not refused by the server.
+CONTEXT_SAFETY = 0.75
+MIN_QUESTION_TOKENS = 16  # however tight the budget, a question keeps at least this much
+MSG_TRIMMED = ("✂️ Your message is too long for me to read whole (about {tokens} tokens; I can take "
+               "{budget} at once), so I read only the first part.")
 
 Role = Literal["user", "assistant"]
 _MENTION = re.compile(r"<@!?(\d+)>")
@@ -45,6 +56,35 @@ def message_tokens(content: str) -> int:
 def strip_mention(text: str, bot_id: int) -> str:
     """Remove the bot's own mention(s) from a message, keep other mentions."""
     return _MENTION.sub(lambda m: "" if int(m.group(1)) == bot_id else m.group(0), text).strip()
+
+
+def context_budget(configured: int, max_context: Optional[int], max_tokens: int) -> int:
+    """Tokens the prompt may use: the configured budget, within the model's context less the
+    answer's room (with CONTEXT_SAFETY for the estimate) when the model's context is known."""
+    if not max_context:
+        return configured
+    return max(min(configured, int((max_context - max_tokens) * CONTEXT_SAFETY)), 1)
+
+
+def question_budget(system: str, budget: int) -> int:
+    """Tokens the newest question may use when it is the whole conversation."""
+    return max(budget - message_tokens(system) - TOKENS_PER_MESSAGE, MIN_QUESTION_TOKENS)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A question fitted to the budget; `notice` tells the user when it was trimmed."""
+
+    text: str
+    notice: Optional[str] = None
+
+
+def fit_question(text: str, budget: int) -> Fitted:
+    """Trim `text` to about `budget` tokens, with a notice for the user when it was cut."""
+    tokens = estimate_tokens(text)
+    if tokens <= budget:
+        return Fitted(text)
+    return Fitted(_truncate_to_tokens(text, budget), MSG_TRIMMED.format(tokens=tokens, budget=budget))
 
 
 def _truncate_to_tokens(text: str, tokens: int) -> str:

@@ -30,7 +30,7 @@ from model.client import (
 from model.config import Config, secret
 
 from bot.admin import claimed_identities
-from bot.context import Turn, build_prompt
+from bot.context import Turn, build_prompt, context_budget, question_budget
 from bot.inflight import InflightLimiter
 from bot.policy import RateLimiter
 from bot.privacy import ForgetReport, forget_everywhere
@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 MSG_UNREACHABLE = "⚠️ The model is not reachable right now. Please try again in a minute."
 MSG_RESTARTING = "⚠️ The model is restarting. Please try again in a minute."
 MSG_OVERLOADED = "⚠️ The model is busy right now. Please try again in {seconds} seconds."
-MSG_BAD_REQUEST = "⚠️ The model could not take this request: {reason}"
+MSG_BAD_REQUEST = "⚠️ The model could not take this request; the details are in the bot's log."
+# A chat user cannot "lower max_tokens": say what they can do instead.
+MSG_TOO_LONG = "⚠️ This conversation is too long for me to read. Start a new one and ask again."
 MSG_FAILED = "⚠️ Something went wrong while answering; the details are in the bot's log."
 CUT_OFF_MARK = "\n\n… ⚠️ answer cut off: the model stopped responding"
 MSG_RATE_LIMITED = "You're sending questions faster than I can keep up. Please wait {seconds} s and ask again."
@@ -124,8 +126,8 @@ def _error_notice(exc: ModelError, worker_state: Optional[str]) -> str:
         return MSG_OVERLOADED.format(seconds=seconds)
     if isinstance(exc, ModelUnavailable):
         return MSG_RESTARTING if worker_state in ("starting", "restarting") else MSG_UNREACHABLE
-    if isinstance(exc, ModelBadRequest):
-        return MSG_BAD_REQUEST.format(reason=getattr(exc, "message", str(exc)))
+    if isinstance(exc, ModelBadRequest):  # the server's words are for API callers: log them only
+        return MSG_TOO_LONG if "context length" in exc.message.lower() else MSG_BAD_REQUEST
     return MSG_FAILED
 
 
@@ -152,6 +154,7 @@ class Core:
         self._base_id: Optional[str] = None  # the server's base model id, asked once
         # Set while the worker sleeps for a retrain (gpu_policy: pause): users get this at once.
         self.paused_notice: Optional[str] = None
+        self.max_context: Optional[int] = None  # the model's context in tokens, when the server says
 
     # ------------------------------------------------------------ lifecycle
 
@@ -176,7 +179,9 @@ class Core:
                 await supervisor.stop()
             await store.close()
             raise
-        return cls(cfg, store, client, supervisor)
+        core = cls(cfg, store, client, supervisor)
+        await core.learn_max_context()
+        return core
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -191,10 +196,28 @@ class Core:
         wait = self.rate_limiter.check(user_id)
         return MSG_RATE_LIMITED.format(seconds=max(int(wait + 0.999), 1)) if wait else None
 
+    async def learn_max_context(self) -> None:
+        """The model's context size: our worker's /health `max_context`, or vLLM's
+        `max_model_len` in /v1/models. Unknown (None) keeps the configured budget."""
+        try:
+            health = await self.client.health()
+            models = [] if health.get("max_context") else await self.client.models()
+        except ModelError as exc:
+            log.warning("could not learn the model's context size: %s", exc.message)
+            return
+        sizes = [health.get("max_context")] + [m.get("max_model_len") for m in models]
+        self.max_context = next((int(n) for n in sizes if isinstance(n, int) and n > 0), None)
+
+    def context_budget(self) -> int:
+        return context_budget(self.cfg.discord.context_token_budget, self.max_context, self.cfg.model.max_tokens)
+
+    def question_budget(self) -> int:
+        """Tokens a new question may take; front-ends trim longer ones with a notice (fit_question)."""
+        return question_budget(self.cfg.identity.system, self.context_budget())
+
     def prompt_for(self, turns: list[Turn]) -> list[dict]:
-        d = self.cfg.discord
         return build_prompt(self.cfg.identity.system, turns,
-                            token_budget=d.context_token_budget, max_messages=d.max_history_messages)
+                            token_budget=self.context_budget(), max_messages=self.cfg.discord.max_history_messages)
 
     async def model_for_answer(self) -> tuple[str, Optional[str]]:
         """(the request's `model`, the adapter version behind it): the served alias while an

@@ -10,6 +10,7 @@ outgrows one (render.py), and logged with every message id it ended up in.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Awaitable, Callable, Optional, Sequence
@@ -20,7 +21,7 @@ import discord.http
 import yarl
 from discord import app_commands
 
-from bot.context import Turn, strip_mention
+from bot.context import Turn, fit_question, strip_mention
 from bot.core import MSG_QUEUED, Core, FeedbackError, Request
 from bot.policy import MessageFacts, is_allowed, is_trusted, should_respond
 from bot.render import split_message, streaming_view
@@ -228,6 +229,9 @@ class LoopcordBot(discord.Client):
         turns = await self.conversation_of(message)
         if not turns or not turns[-1].content:
             return await self.send_notice(message, MSG_EMPTY_QUESTION)
+        turns[-1], notice = self.fit_question(turns[-1])
+        if notice:
+            await self.send_notice(message, notice)
         request = Request(message.author.id, turns, guild_id=message.guild.id if message.guild else None,
                           channel_id=message.channel.id, message_id=message.id)
         await self.answer(ReplyTarget(message), request)
@@ -416,9 +420,17 @@ class LoopcordBot(discord.Client):
         if notice := self.core.check_rate(interaction.user.id):
             return await interaction.response.send_message(notice, ephemeral=True)
         await interaction.response.defer(thinking=True)
-        request = Request(interaction.user.id, [Turn("user", question.strip())],
-                          guild_id=interaction.guild_id, channel_id=interaction.channel_id)
+        turn, notice = self.fit_question(Turn("user", question.strip()))
+        request = Request(interaction.user.id, [turn], guild_id=interaction.guild_id,
+                          channel_id=interaction.channel_id)
         await self.answer(InteractionTarget(interaction), request)
+        if notice:
+            await interaction.followup.send(notice, ephemeral=True)
+
+    def fit_question(self, turn: Turn) -> tuple[Turn, Optional[str]]:
+        """The question trimmed to what the model can read, and the notice saying so (or None)."""
+        fitted = fit_question(turn.content, self.core.question_budget())
+        return dataclasses.replace(turn, content=fitted.text), fitted.notice
 
     async def on_forget_me(self, interaction: discord.Interaction) -> None:
         report = await self.core.forget_me(interaction.user.id)

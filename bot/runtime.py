@@ -31,7 +31,7 @@ from trainer.registry import Registry, RegistryError
 
 from bot import admin
 from bot.core import MSG_RETRAINING, Core, LiveAdapter
-from bot.retrain import Retrainer, RetrainResult, format_progress, run_trainer
+from bot.retrain import Progress, Retrainer, RetrainResult, format_progress, run_trainer
 from bot.supervisor import WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,16 @@ def needs_bootstrap(cfg: Config, registry: Registry) -> bool:
     return not cfg.model.base and not cfg.model.url and registry.promoted() is None
 
 
-async def bootstrap(cfg: Config, say: Say) -> None:
-    """Run `python -m trainer bootstrap`, relaying its progress: a line per stage, then at
-    most one per BOOTSTRAP_REPORT_S (minutes of silence look like a hang)."""
+async def bootstrap(cfg: Config, say: Say, progress: Optional[Progress] = None) -> None:
+    """Run `python -m trainer bootstrap`, relaying its progress: every event to `progress`
+    when given (the terminal draws a live bar), else a line per stage, then at most one per
+    BOOTSTRAP_REPORT_S (minutes of silence look like a hang)."""
     last = {"stage": None, "at": 0.0}
 
     async def relay(event: dict) -> None:
+        if progress is not None:
+            await progress(event)
+            return
         stage, now = event.get("stage"), time.monotonic()
         if event.get("event") == "progress" and (stage != last["stage"] or now - last["at"] >= BOOTSTRAP_REPORT_S):
             last.update(stage=stage, at=now)
@@ -117,7 +121,8 @@ class Runtime:
         self._reload: Optional[asyncio.Task] = None
 
     @classmethod
-    async def start(cls, cfg: Config, say: Optional[Say] = None, worker_port: Optional[int] = None) -> "Runtime":
+    async def start(cls, cfg: Config, say: Optional[Say] = None, worker_port: Optional[int] = None,
+                    progress: Optional[Progress] = None) -> "Runtime":
         say = say or _log_say
         lock = InstanceLock(data_dir(cfg)).acquire()
         runtime: Optional[Runtime] = None
@@ -128,7 +133,7 @@ class Runtime:
                     log.warning("registry repaired at start: %s", repair)
                 if needs_bootstrap(cfg, registry):
                     await say("First run: building the demo model and its identity adapter (a few minutes on a CPU)…")
-                    await bootstrap(cfg, say)
+                    await bootstrap(cfg, say, progress)
                 runtime = cls(cfg, registry, lock)
             except RegistryError as exc:
                 raise StartupError(f"the adapter registry is not usable: {exc}") from None

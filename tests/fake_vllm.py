@@ -31,6 +31,7 @@ The "model" answers with a fixed text per adapter: `answers[lora_path]` if set, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -53,6 +54,7 @@ class FakeVLLM:
     loras: dict[str, str] = field(default_factory=dict)  # name -> path, in load order
     requests: list[dict] = field(default_factory=list)  # every request: {"method", "path", "body"}
     sleeping: bool = False
+    token_delay_s: float = 0.0  # pause before each streamed word (a real model takes time per token)
 
     def __post_init__(self):
         self.created = int(time.time())
@@ -194,6 +196,7 @@ class FakeVLLM:
         await send(chunk({"role": "assistant", "content": ""}))
         words = text.split(" ")
         for i, word in enumerate(words):
+            await asyncio.sleep(self.token_delay_s)
             await send(chunk({"content": word if i == 0 else " " + word}))
         await send(chunk({"content": ""}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
