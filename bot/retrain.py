@@ -325,6 +325,8 @@ async def run_trainer(
         async for raw in proc.stderr:
             tail.append(raw.decode("utf-8", "replace").rstrip())
             del tail[:-TRAINER_TAIL_LINES]
+            if tail[-1].strip():  # the trainer's logs and warnings belong in the bot's log
+                log.info("trainer %s: %s", args[0], tail[-1])
 
     await asyncio.gather(read_stdout(), read_stderr())
     code = await proc.wait()
