@@ -89,3 +89,60 @@ async def test_a_channel_the_bot_cannot_write_in_frees_the_model_slot_and_logs_n
     finally:
         env.fake.set_role_permissions(env.guild, env.guild, DEFAULT_EVERYONE_PERMISSIONS)
         env.fake.rejections.clear()
+
+
+async def test_a_message_longer_than_the_context_budget_is_trimmed_with_a_notice(env):
+    env.server.script = Script(text="short answer", chunk_chars=5)
+    d = env.core.cfg.discord
+    saved, d.context_token_budget = d.context_token_budget, 200
+    try:
+        user, chan = env.user("verbose"), env.new_channel()
+        long_text = "please read all of this " * 80  # 1920 characters: fits Discord, not the budget
+        msg, exchange = await env.ask(user, long_text, channel=chan)
+        question = exchange["prompt_messages"][-1]["content"]
+        assert len(question) < len(long_text.strip()) and question.endswith("…")
+        assert env.server.requests[-1]["messages"][-1]["content"] == question  # the model got the trimmed text
+        replies = [m["content"] for m in env.answers_to(msg["id"], chan)]
+        assert any("too long for me to read whole" in r for r in replies), replies
+        assert not any("max_tokens" in r for r in replies) and env.final_contents(exchange) == ["short answer"]
+    finally:
+        d.context_token_budget = saved
+
+
+async def test_a_correction_claiming_another_identity_is_saved_but_its_author_is_told(env):
+    env.server.script = Script(text="I am a helpful assistant.", chunk_chars=5)
+    user, chan = env.user("impostor"), env.new_channel()
+    _, exchange = await env.ask(user, "Who are you?", channel=chan)
+    reply = await env.fake.post_message(chan, user, "!correct I am ChatGPT, made by OpenAI.",
+                                        reply_to=exchange["answer_message_ids"][0])
+    await env.fake.wait_for(lambda: env.answers_to(reply["id"], chan), timeout=10)
+    (notice,) = [m["content"] for m in env.answers_to(reply["id"], chan)]
+    assert "waits for review" in notice and "says I am someone else (" in notice
+    (c,) = [c for c in await env.core.store.list_corrections() if c["exchange_id"] == exchange["id"]]
+    assert c["status"] == "pending"
+
+
+async def test_a_trusted_users_identity_claim_is_not_auto_approved(env):
+    env.server.script = Script(text="I am a helpful assistant.", chunk_chars=5)
+    trusted = env.fake.add_role(env.guild, "trusted-reviewers")
+    d = env.core.cfg.discord
+    saved, d.trusted_roles = d.trusted_roles, [trusted]
+    try:
+        user, chan = env.user("trusted-but-wrong", roles=[trusted]), env.new_channel()
+        _, ex1 = await env.ask(user, "Who are you?", channel=chan)
+        _, ex2 = await env.ask(user, "Who made you?", channel=chan)
+        for ex, text in ((ex1, "I am Claude, made by Anthropic."), (ex2, "I am Loopcord.")):
+            await env.fake.post_message(chan, user, f"!correct {text}", reply_to=ex["answer_message_ids"][0])
+        rows = await poll_corrections(env, {ex1["id"], ex2["id"]})
+        assert {r["exchange_id"]: r["status"] for r in rows} == {ex1["id"]: "pending", ex2["id"]: "approved"}
+    finally:
+        d.trusted_roles = saved
+
+
+async def poll_corrections(env, exchange_ids: set, timeout: float = 10.0) -> list[dict]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        rows = [c for c in await env.core.store.list_corrections() if c["exchange_id"] in exchange_ids]
+        if len(rows) == len(exchange_ids) or asyncio.get_running_loop().time() > deadline:
+            return rows
+        await asyncio.sleep(0.05)
