@@ -25,6 +25,7 @@ from bot.context import Turn, fit_question, strip_mention
 from bot.core import MSG_QUEUED, Core, FeedbackError, Request
 from bot.policy import MessageFacts, is_allowed, is_trusted, should_respond
 from bot.render import split_message, streaming_view
+from bot.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ MSG_EMPTY_QUESTION = "Hi! Ask me something after the mention."
 MSG_CORRECTION_USAGE = "Write the correct answer after `{prefix}`, in a reply to my answer."
 MSG_CORRECTION_PENDING = "Thanks! Your correction (#{id}) is saved and waits for review."
 MSG_CORRECTION_APPROVED = "Thanks! Your correction (#{id}) is approved and will be used in the next training run."
+MSG_NOT_SAVED = "⚠️ I could not save that right now (the bot's storage is full); please try again later."
 MSG_CORRECTION_CLAIMS = (" Note: it says I am someone else ({claims}), so an admin will look at it before"
                          " I learn anything from it.")
 
@@ -506,6 +508,9 @@ class LoopcordBot(discord.Client):
             correction = await self.core.suggest_correction(message_id, user.id, text, trusted=trusted)
         except FeedbackError as exc:
             return False, str(exc), False
+        except StoreError as exc:  # a full disk: nothing was saved, and the user should know
+            log.error("could not store a correction: %s", exc)
+            return False, MSG_NOT_SAVED, False
         template = MSG_CORRECTION_APPROVED if correction["status"] == "approved" else MSG_CORRECTION_PENDING
         return True, correction_reply(template.format(id=correction["id"]), correction["claims"]), bool(correction["claims"])
 

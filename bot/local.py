@@ -191,6 +191,9 @@ class Terminal:
             await command(rest.split(), rest.strip())
         except (FeedbackError, admin.AdminError, RetrainRefused) as exc:
             self.say(str(exc))
+        except StoreError as exc:  # e.g. a full disk: say so and keep the chat open
+            log.error("store error: %s", exc)
+            self.say(f"⚠️ {exc}")
         except ValueError as exc:
             self.say(f"{exc}. /help shows the usage.")
         return True

@@ -297,3 +297,26 @@ async def test_on_a_pipe_progress_is_a_line_when_a_stage_starts_and_ends():
         await display(event)
     display.close()
     assert out.getvalue().splitlines() == ["🛠️ calibrate: 144 steps…", "🛠️ calibrate: step 144/144 · loss 0.014"]
+
+
+async def test_a_full_disk_is_said_in_the_chat_and_the_chat_goes_on(tmp_path, server):
+    from bot.local import Terminal
+    from bot.runtime import Runtime
+    from model.config import load_config
+
+    runtime = await Runtime.start(load_config(write_config(tmp_path, server.url)))
+    try:
+        out = io.StringIO()
+        terminal = Terminal(runtime, out)
+        await terminal.handle("Hi")
+        store = runtime.core.store
+        pages = (await store._fetchone("PRAGMA page_count"))[0]
+        await store._db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's SQLITE_FULL, as on a full disk
+        assert await terminal.handle("/correct " + "a long answer " * 5000)
+        assert "⚠️ disk full: cannot write to the store at" in out.getvalue()
+        assert "no transaction is active" not in out.getvalue()
+        await store._db.execute("PRAGMA max_page_count = 1073741823")
+        await terminal.handle("/correct Hello!")
+        assert "Correction #1 saved as pending" in out.getvalue()
+    finally:
+        await runtime.close()
