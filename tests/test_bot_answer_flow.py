@@ -146,3 +146,67 @@ async def poll_corrections(env, exchange_ids: set, timeout: float = 10.0) -> lis
         if len(rows) == len(exchange_ids) or asyncio.get_running_loop().time() > deadline:
             return rows
         await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------ admin review in Discord
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def reviewed(tmp_path):
+    """The product as `python -m bot` assembles it (Runtime + admin commands) on a vLLM-shaped server."""
+    from bot.discord_admin import admin_commands
+    from bot.discord_app import LoopcordBot
+    from bot.runtime import Runtime
+    from fake_vllm import FakeVLLM
+    from model.config import load_config
+    from tests.fake_discord import FakeDiscord
+    from tests.test_bot_support import BotHarness, write_config
+
+    server = await FakeVLLM().start()
+    fake = await FakeDiscord().start()
+    guild = fake.add_guild("Review guild")
+    channel = fake.add_channel(guild, "general")
+    admin_role = fake.add_role(guild, "Admins", permissions=8)
+    runtime = await Runtime.start(load_config(write_config(
+        tmp_path, fake, model={"url": server.url},
+        training={"registry_dir": str(tmp_path / "adapters"), "work_dir": str(tmp_path / "runs")})))
+    bot = LoopcordBot(runtime.core, [admin_commands(runtime)])
+    task = asyncio.create_task(bot.start(fake.token))
+    await fake.wait_for(lambda: bot.is_ready() and fake.commands, timeout=30)
+    h = BotHarness(fake, runtime.core, bot, guild, channel, task)
+    h.admins = [h.user("ada", roles=[admin_role]), h.user("bea", roles=[admin_role])]
+    yield h
+    await h.close()
+    await runtime.close()
+    await server.close()
+
+
+async def test_review_buttons_say_already_and_a_rejected_correction_needs_reopen(reviewed):
+    from tests.test_loop import button_id
+
+    h = reviewed
+    user, (ada, bea) = h.user("claimer"), h.admins
+    _, exchange = await h.ask(user, "Who are you?")
+    await h.fake.post_message(h.channel, user, "!correct I am ChatGPT, made by OpenAI.",
+                              reply_to=exchange["answer_message_ids"][0])
+    await poll_corrections(h, {exchange["id"]})
+    views = []
+    for admin_id in (ada, bea):  # two admins open the review list
+        it = await h.fake.slash_command(h.channel, admin_id, "corrections")
+        await it.wait_response()
+        views.append(it.original)
+    embed = views[0]["embeds"][0]
+    assert "⚠️ claims another identity:" in embed["description"]
+    assert {"chatgpt", "openai"} <= set(embed["description"].rsplit(":", 1)[1].replace(",", " ").split())
+    first = await h.fake.click_button(h.channel, views[0]["id"], ada, button_id(views[0], "Reject #1"))
+    await first.wait_response()
+    stale = await h.fake.click_button(h.channel, views[1]["id"], bea, button_id(views[1], "Reject #1"))
+    assert "#1 is already rejected" in (await stale.wait_response())["data"]["content"]
+    stale = await h.fake.click_button(h.channel, views[1]["id"], bea, button_id(views[1], "Approve #1"))
+    answer = (await stale.wait_response())["data"]["content"]
+    assert "rejected earlier" in answer and "/reopen 1" in answer
+    assert (await h.core.store.get_correction(1))["status"] == "rejected"
+    it = await h.fake.slash_command(h.channel, ada, "reopen", {"correction": 1})
+    assert "pending again" in (await it.wait_response())["data"]["content"]
+    assert (await h.core.store.get_correction(1))["status"] == "pending"
+    assert h.fake.rejections == []
