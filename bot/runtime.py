@@ -186,6 +186,8 @@ class Runtime:
         return await self.retrainer.retrain(trigger, started_by, progress)
 
     async def close(self) -> None:
+        if self._reload is not None and not self._reload.done():
+            self._reload.cancel()
         try:
             if self.core is not None:
                 await self.core.close()
