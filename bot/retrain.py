@@ -134,9 +134,9 @@ class Retrainer:
     def running(self) -> bool:
         return self._lock.locked()
 
-    async def check_can_start(self) -> int:
+    async def check_can_start(self, holding_lock: bool = False) -> int:
         """Number of new approved corrections; raises RetrainRefused with the reason."""
-        if self._lock.locked() or await self.store.running_run():
+        if (self._lock.locked() and not holding_lock) or await self.store.running_run():
             raise RetrainRefused("A retrain is already running; wait for it to finish.")
         try:
             promoted = self.registry.promoted()
@@ -153,6 +153,7 @@ class Retrainer:
         """Export → calibrate → gate → promote → hot-swap. Raises RetrainRefused."""
         await self.check_can_start()
         async with self._lock:
+            await self.check_can_start(holding_lock=True)  # a second caller that waited finds nothing left
             return await self._run(trigger, started_by, progress or _ignore)
 
     async def _run(self, trigger: str, started_by: Optional[int], progress: Progress) -> RetrainResult:
