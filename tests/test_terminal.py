@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOG_NOISE = re.compile(r"\b(INFO|WARNING|DEBUG)\b|FutureWarning|UserWarning|Loading weights|Traceback")
 
 
-def write_config(tmp: Path, url: str, **sections) -> Path:
+def write_config(tmp: Path, url, **sections) -> Path:
     data = {"model": {"url": url, "max_tokens": 64},
             "store": {"path": str(tmp / "data" / "loopcord.db")},
             "training": {"registry_dir": str(tmp / "data" / "adapters"), "work_dir": str(tmp / "data" / "runs")}}
@@ -320,3 +320,75 @@ async def test_a_full_disk_is_said_in_the_chat_and_the_chat_goes_on(tmp_path, se
         assert "Correction #1 saved as pending" in out.getvalue()
     finally:
         await runtime.close()
+
+
+# ------------------------------------------------------------------ with the real worker and trainer
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory) -> Path:
+    """A tiny base barely pretrained (its answers are noise): enough to start the real worker
+    and trainer, whose logs and warnings must stay out of the chat."""
+    from tiny_model import build_default
+
+    return build_default(tmp_path_factory.mktemp("quick-base") / "base", steps=2)
+
+
+def promoted_adapter(tmp: Path, config: Path, base: Path) -> str:
+    """An identity adapter in the registry (random LoRA init, imported and promoted as an
+    admin would import one from ms-swift) — no training run needed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.save_pretrained(str(tmp / "lora"))
+    for args in (["import", str(tmp / "lora")], ["promote", "v0001", "--force"]):
+        subprocess.run([sys.executable, "-m", "trainer", *args, "--config", str(config), "--progress", "none"],
+                       cwd=ROOT, env=bot_env(), check=True, capture_output=True, timeout=300)
+    return "v0001"
+
+
+def worker_config(tmp: Path, base: Path) -> Path:
+    from model.process import free_port
+
+    return write_config(tmp, None, model={"base": str(base), "max_tokens": 16, "temperature": 0.0},
+                        worker={"port": free_port(), "startup_timeout_s": 180.0, "drain_timeout_s": 5.0,
+                                "cpu_threads": 1},
+                        training={"profile": "seeds-7b", "calibrate_min_steps": 400, "cpu_threads": 1})
+
+
+@pytest.mark.slow
+async def test_real_worker_and_trainer_logs_stay_out_of_the_chat_and_ctrl_c_cancels_a_retrain(tmp_path, quick_base):
+    config = worker_config(tmp_path, quick_base)
+    live = promoted_adapter(tmp_path, config, quick_base)
+    bot = PtyBot(config)
+    try:
+        await bot.expect(r"you> ", timeout=240)
+        bot.send("Hello there\r")
+        at = await bot.expect(r"Loopcord> [^\n]*\n", timeout=120)
+        for line in ("/flag", "/correct Hello! I am Loopcord.", "/approve 1", "/retrain"):
+            bot.send(line + "\r")
+        at = await bot.expect(r"Retraining on 1 new approved correction… \(Ctrl-C cancels\)", after=at, timeout=60)
+        await bot.expect(r"🛠️ calibrate: loading", after=at, timeout=240)  # the trainer child is at work
+        log_file = tmp_path / "data" / "bot.log"
+        for _ in range(600):  # its stderr reaches the log file, not the chat
+            if "trainer calibrate:" in log_file.read_text():
+                break
+            await asyncio.sleep(0.1)
+        bot.send("\x03")
+        at = await bot.expect(rf"⏹ Retrain cancelled; the live adapter is {live}\.", after=at, timeout=60)
+        await bot.expect(r"you> ", after=at, timeout=30)
+        bot.send("\x04")
+        code, _ = await bot.wait_exit(timeout=60)
+    finally:
+        bot.kill()
+    assert code == 0, bot.text
+    assert not LOG_NOISE.search(bot.text), bot.text
+    assert len(re.findall(r"step \d+/\d+", bot.text)) == 0  # a live bar, not a line per step
+    log = (tmp_path / "data" / "bot.log").read_text()
+    assert "loopcord worker serving" in log  # the worker's own log landed in the file
+    assert "trainer calibrate:" in log  # and the trainer's (its stderr, line by line)
+    from trainer.registry import Registry
+
+    assert Registry(tmp_path / "data" / "adapters").promoted() == live
