@@ -604,10 +604,11 @@ class Store:
         asker's id are blanked, the other person's correction stays on record (theirs to
         forget), and it is never exported for training again (no question, no sample;
         a still-pending one is closed as rejected with the reason). Where they reviewed a
-        correction or started a run, their id is blanked, not the record. Gate reports
-        kept in the runs table lose the entries of the corrections that went. Then the
-        WAL is checkpointed and the file vacuumed (with secure_delete on), so the text is
-        not left in the database's bytes either.
+        correction or started a run, their id is blanked, not the record. Their questions
+        quoted as history in other people's prompts (a thread, a reply chain) are replaced
+        by ERASED_TEXT, and gate reports kept in the runs table lose the entries of the
+        corrections that went (see `Erasure`). Then the WAL is checkpointed and the file
+        vacuumed (with secure_delete on), so the text is not left in the database's bytes.
         """
 
         async def body(db: aiosqlite.Connection) -> Forgotten:
@@ -625,6 +626,10 @@ class Store:
             # others' on their exchanges (the record holds the question).
             scrub = await ids(f"SELECT id FROM corrections WHERE user_id = ? OR exchange_id IN {owned}",
                               (user_id, user_id))
+            # What they asked: the last user turn of each prompt the bot answered for them.
+            async with db.execute("SELECT prompt_messages FROM exchanges WHERE user_id = ?", (user_id,)) as cur:
+                asked = [_question(json.loads(r[0])) for r in await cur.fetchall()]
+            erasure = Erasure(frozenset(scrub), frozenset(q for q in asked if q.strip()))
             counts = {}
             cur = await db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,))
             counts["flags"] = cur.rowcount
@@ -646,16 +651,27 @@ class Store:
                     "UPDATE corrections SET status = 'rejected', review_reason = ?, reviewed_at = ?"
                     " WHERE exchange_id = ? AND status = 'pending'", (FORGOTTEN_REASON, now_iso(), eid))
             counts["exchanges_blanked"] = len(husks)
+            counts["quotes_erased"] = 0
+            if erasure.texts:  # their words quoted as history in others' prompts
+                async with db.execute("SELECT id, prompt_messages FROM exchanges") as cur:
+                    prompts = list(await cur.fetchall())
+                for eid, raw in prompts:
+                    prompt = json.loads(raw)
+                    cleaned = erasure.apply(prompt)
+                    if cleaned != prompt:
+                        counts["quotes_erased"] += 1
+                        await db.execute("UPDATE exchanges SET prompt_messages = ? WHERE id = ?",
+                                         (json.dumps(cleaned, ensure_ascii=False), eid))
             await db.execute("UPDATE corrections SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
             await db.execute("UPDATE training_runs SET started_by = NULL WHERE started_by = ?", (user_id,))
             async with db.execute("SELECT id, report FROM training_runs WHERE report IS NOT NULL") as cur:
                 reports = list(await cur.fetchall())
             for run_id, report in reports:
-                cleaned = without_corrections(json.loads(report), set(scrub))
+                cleaned = erasure.apply(json.loads(report))
                 if cleaned != json.loads(report):
                     await db.execute("UPDATE training_runs SET report = ? WHERE id = ?",
                                      (json.dumps(cleaned), run_id))
-            return Forgotten(counts=counts, correction_ids=tuple(scrub))
+            return Forgotten(counts=counts, erasure=erasure)
 
         forgotten = await self._transact(body)
         await self.compact()
@@ -677,25 +693,55 @@ class Store:
                 raise
 
 
+ERASED_TEXT = "[deleted by its author]"  # stands in for a forgotten user's words quoted elsewhere
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What to take out of records made from the store (exported corrections, manifests,
+    gate reports, other people's prompts): the correction records of `correction_ids`
+    entirely, and, in a conversation's history, any user message whose text is one of
+    `texts` (replaced by ERASED_TEXT, so the conversation keeps its shape). A prompt's last
+    user message is its asker's own question and is never touched: someone else asking the
+    same words is not the forgotten user. Matching is by exact text, so an identical
+    message by someone else earlier in a history is erased too — the safe side."""
+
+    correction_ids: frozenset[int] = frozenset()
+    texts: frozenset[str] = frozenset()
+
+    def drops(self, record: Any) -> bool:
+        return isinstance(record, dict) and "correction" in record and record.get("id") in self.correction_ids
+
+    def apply(self, data: Any) -> Any:
+        """`data` (parsed JSON) with the erasure applied, wherever the records sit."""
+        if isinstance(data, dict):
+            return {k: self.apply(v) for k, v in data.items()}
+        if isinstance(data, list):
+            if data and all(isinstance(m, dict) and "role" in m for m in data):
+                return self._history(data)
+            return [self.apply(v) for v in data if not self.drops(v)]
+        return data
+
+    def _history(self, messages: list[dict]) -> list[dict]:
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        return [{**m, "content": ERASED_TEXT}
+                if i != last_user and m.get("role") == "user" and m.get("content") in self.texts else m
+                for i, m in enumerate(messages)]
+
+
 @dataclass(frozen=True)
 class Forgotten:
-    """What `forget_user` removed: rows per table, and the ids of the corrections whose
-    exported records (run files, gate reports) carried the user's text."""
+    """What `forget_user` removed: rows per table, and the erasure that files made from the
+    store (run exports, registry records) need too."""
 
     counts: dict[str, int]
-    correction_ids: tuple[int, ...]
+    erasure: Erasure
 
 
-def without_corrections(data: Any, correction_ids: set[int]) -> Any:
-    """`data` (parsed JSON: an exported record list, a manifest, a gate report) without the
-    correction records whose id is in `correction_ids`. A correction record is a mapping
-    with an "id" and a "correction" text, wherever it sits."""
-    if isinstance(data, dict):
-        return {k: without_corrections(v, correction_ids) for k, v in data.items()}
-    if isinstance(data, list):
-        return [without_corrections(v, correction_ids) for v in data
-                if not (isinstance(v, dict) and "correction" in v and v.get("id") in correction_ids)]
-    return data
+def _question(prompt: list) -> str:
+    """The question a prompt asked: its last user turn."""
+    return next((m.get("content") or "" for m in reversed(prompt)
+                 if isinstance(m, dict) and m.get("role") == "user"), "")
 
 
 _CORRECTION_SELECT = (
@@ -709,7 +755,7 @@ def _correction_row(row: aiosqlite.Row) -> dict:
     prompt = json.loads(out.pop("prompt_messages"))
     out["messages"] = prompt
     # The question is the last user turn of the prompt the model answered.
-    out["question"] = next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+    out["question"] = _question(prompt)
     return out
 
 

@@ -125,7 +125,8 @@ async def test_forget_user_deletes_only_their_rows(store):
     await store.add_correction(theirs, 1, "mine")
     await store.add_correction(theirs, 3, "keep", status="approved", reviewer_id=1)
     forgotten = await store.forget_user(1)
-    assert forgotten.counts == {"flags": 2, "corrections": 1, "exchanges": 1, "exchanges_blanked": 0}
+    assert forgotten.counts == {"flags": 2, "corrections": 1, "exchanges": 1, "exchanges_blanked": 0,
+                                "quotes_erased": 0}
     assert await store.get_exchange(mine) is None
     assert await store.get_exchange(theirs) is not None
     assert await store.count_flags_by_kind() == {"bad": 1, "good": 0}
@@ -146,7 +147,7 @@ async def test_forget_keeps_others_corrections_but_not_the_askers_words_and_neve
     assert await store.count_untrained_approved() == 1
     forgotten = await store.forget_user(1)
     assert forgotten.counts["exchanges_blanked"] == 1 and forgotten.counts["exchanges"] == 0
-    assert set(forgotten.correction_ids) == {approved, pending, own}
+    assert forgotten.erasure.correction_ids == {approved, pending, own}
     husk = await store.get_exchange(asked)
     assert husk["user_id"] != 1 and husk["prompt_messages"] == [] and husk["answer"] == ""
     assert husk["request_message_id"] is None
@@ -288,7 +289,7 @@ async def test_forget_me_rewrites_run_exports_and_registry_records(tmp_path):
     (version / "eval.json").write_text(json.dumps({"corrections": {"items": [
         {"id": on_mine, "question": SECRET_Q, "correction": "fix", "learned": True}]}}))
     forgotten = await s.forget_user(1)
-    files = forget_files(forgotten.correction_ids, tmp_path / "runs", tmp_path / "registry")
+    files = forget_files(forgotten.erasure, tmp_path / "runs", tmp_path / "registry")
     assert files.files_rewritten == 3
     for f in (run_file, version / "manifest.json", version / "eval.json"):
         assert SECRET_Q not in f.read_text() and "fix by someone else" not in f.read_text()
@@ -296,3 +297,32 @@ async def test_forget_me_rewrites_run_exports_and_registry_records(tmp_path):
     assert json.loads((version / "manifest.json").read_text())["corrections"][0]["id"] == keep
     assert [r["id"] for r in await s.export_approved_corrections()] == [keep]  # the next replay
     await s.close()
+
+
+async def test_forget_erases_the_users_words_quoted_in_other_peoples_prompts(tmp_path):
+    """In a thread, the next person's prompt carries the earlier messages as history."""
+    from bot.privacy import forget_files
+    from bot.store import ERASED_TEXT
+
+    s = await Store.open(tmp_path / "db.sqlite")
+    system = {"role": "system", "content": "You are Loopcord."}
+    mine = await s.log_exchange(user_id=1, prompt_messages=[system, {"role": "user", "content": SECRET_Q}],
+                                answer="first answer", status="complete", answer_message_ids=[71])
+    history = [system, {"role": "user", "content": SECRET_Q}, {"role": "assistant", "content": "first answer"},
+               {"role": "user", "content": "and what about dogs?"}]
+    theirs = await s.log_exchange(user_id=2, prompt_messages=history, answer="dogs", status="complete",
+                                  answer_message_ids=[72])
+    keep = await s.add_correction(theirs, 2, "Dogs are great.", status="approved", reviewer_id=9)
+    run_file = tmp_path / "runs" / "run-00001" / "corrections.jsonl"
+    run_file.parent.mkdir(parents=True)
+    run_file.write_text("".join(json.dumps(r) + "\n" for r in await s.export_approved_corrections()))
+    forgotten = await s.forget_user(1)
+    assert forgotten.counts["quotes_erased"] == 1 and await s.get_exchange(mine) is None
+    prompt = (await s.get_exchange(theirs))["prompt_messages"]
+    assert [m["content"] for m in prompt] == ["You are Loopcord.", ERASED_TEXT, "first answer", "and what about dogs?"]
+    (exported,) = await s.export_approved_corrections()  # still a sample, with the quote erased
+    assert exported["id"] == keep and SECRET_Q not in json.dumps(exported)
+    forget_files(forgotten.erasure, tmp_path / "runs", tmp_path / "registry")
+    assert SECRET_Q not in run_file.read_text() and "Dogs are great." in run_file.read_text()
+    await s.close()
+    assert not any(SECRET_Q.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
