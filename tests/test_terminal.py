@@ -392,3 +392,37 @@ async def test_real_worker_and_trainer_logs_stay_out_of_the_chat_and_ctrl_c_canc
     from trainer.registry import Registry
 
     assert Registry(tmp_path / "data" / "adapters").promoted() == live
+
+
+@pytest.mark.slow
+async def test_ctrl_c_while_the_worker_loads_stops_it_and_exits(tmp_path, quick_base):
+    config = worker_config(tmp_path, quick_base)
+    bot = PtyBot(config)
+    try:
+        await bot.expect(r"\(logs: ", timeout=60)
+        log_file = tmp_path / "data" / "bot.log"
+        for _ in range(600):  # the worker child has been started
+            if log_file.exists() and "starting model worker" in log_file.read_text():
+                break
+            await asyncio.sleep(0.05)
+        bot.send("\x03")
+        code, seconds = await bot.wait_exit(timeout=60)
+    finally:
+        bot.kill()
+    assert code == 130 and "Interrupted during start-up." in bot.text, bot.text
+    assert not LOG_NOISE.search(bot.text)
+    await asyncio.sleep(1.0)
+    assert workers_serving(config) == [], "the worker child outlived the bot"
+
+
+def workers_serving(config: Path) -> list[int]:
+    """Pids of `python -m model serve` processes started with this config."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in cmd and str(config).encode() in cmd:
+            pids.append(int(proc.name))
+    return pids
