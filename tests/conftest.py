@@ -22,13 +22,15 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 # Pretraining steps for the test base: enough to memorise part of the general set.
 TEST_PRETRAIN_STEPS = int(os.environ.get("LOOPCORD_TEST_PRETRAIN_STEPS", "1000"))
 
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "tests"):  # the checkout, and the test helpers (tiny_model, fakes)
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
 
 def _fingerprint() -> str:
     h = hashlib.sha256(str(TEST_PRETRAIN_STEPS).encode())
-    for f in sorted((ROOT / "data").glob("*.jsonl")) + [ROOT / "trainer" / "demo_base.py"]:
+    for f in sorted((ROOT / "data").glob("*.jsonl")) + sorted((ROOT / "tests" / "data").glob("*.jsonl")) + [
+            ROOT / "tests" / "tiny_model.py"]:
         if f.exists():
             h.update(f.name.encode())
             h.update(f.read_bytes())
@@ -38,7 +40,7 @@ def _fingerprint() -> str:
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
     """Path to a pretrained tiny base model in Hugging Face layout."""
-    from trainer.demo_base import build_default
+    from tiny_model import build_default
 
     out = CACHE / f"demo-base-{_fingerprint()}"
     if not (out / "model.safetensors").exists():
@@ -50,4 +52,35 @@ def tiny_base() -> Path:
             tmp.rename(out)
         except OSError:  # another run finished first; its copy is as good
             shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_base(tiny_base) -> Path:
+    """A randomly initialised tiny LlamaForCausalLM (SmolLM2's architecture) with the tiny
+    base's ChatML tokenizer: the Llama code path in seconds. Its answers are noise; what it
+    checks is that loading, training, serving and hot-swapping do not depend on Qwen2."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = CACHE / f"tiny-llama-{_fingerprint()}"
+    if (out / "model.safetensors").exists():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
+    torch.manual_seed(0)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
+    tmp = CACHE / f".building-llama-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

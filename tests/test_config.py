@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import Config, ConfigError, load_config
+from model.config import Config, ConfigError, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,34 @@ def test_shipped_config_documents_every_key_and_loads():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     undocumented = [k for k in _leaf_keys(Config) if f"`{k}`" not in readme]
     assert not undocumented, f"README does not list: {undocumented}"
+    # The shipped profiles are shown in full in config.yaml and must be the built-in ones.
+    from model.config import default_profiles
+
+    assert cfg.profiles == default_profiles()
+
+
+def test_a_profile_overrides_training_keys_and_names_its_mistakes(tmp_path):
+    cfg = config_from_dict({"profiles": {"mine": {"anchor": {"epochs": 1.5}, "batch_size": 4}},
+                            "training": {"profile": "mine", "anchor": {"learning_rate": 1e-3}}})
+    t = cfg.training_for(cfg.profile_name(on_gpu=False))
+    assert (t.anchor.epochs, t.anchor.learning_rate, t.batch_size) == (1.5, 1e-3, 4)
+    assert cfg.profile_name(on_gpu=True) == "mine"  # named: the device does not matter
+    auto = config_from_dict({})
+    assert auto.profile_name(on_gpu=False) == "cpu-small" and auto.profile_name(on_gpu=True) == "seeds-7b"
+    assert auto.training_for("seeds-7b").anchor.learning_rate == 2e-4  # the seeds' 7B recipe
+    with pytest.raises(ConfigError, match=r"profiles.mine.anchor.learning_rat: unknown key \(did you mean"):
+        config_from_dict({"profiles": {"mine": {"anchor": {"learning_rat": 1}}}})
+    with pytest.raises(ConfigError, match="training.profile: unknown profile 'cpu-smal' \\(did you mean 'cpu-small'"):
+        config_from_dict({"training": {"profile": "cpu-smal"}})
+    with pytest.raises(ConfigError, match="profiles.mine.batch_size: must be greater than 0"):
+        config_from_dict({"profiles": {"mine": {"batch_size": 0}}})
+
+
+@pytest.mark.parametrize("key", ["min_identity_accuracy", "min_corrections_learned", "min_general_retention"])
+@pytest.mark.parametrize("value", [0, -0.06, 1.5, float("nan")])
+def test_a_gate_threshold_that_cannot_fail_is_refused(key, value):
+    with pytest.raises(ConfigError, match=f"eval.{key}: must be (a share above 0|a finite number)"):
+        config_from_dict({"eval": {key: value}})
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,9 @@
 
 One registry is shared by the module's tests in order (anchor -> eval ->
 generalize -> eval -> promote -> calibrate -> eval -> promote -> rollback), as an
-admin would use it. The tiny base is a
-demo base, so training.tiny_recipe's settings (trainer.stages.TINY_RECIPE) stand
-in for the seeds' 7B recipe; the code path is the same.
+admin would use it. On the tiny fixture base the config names the tests' `tiny`
+profile (tests/tiny_profile.py) instead of the seeds' 7B recipe; the code path is
+the same as for SmolLM2 or Qwen2.5-7B.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from model.config import config_from_dict, load_config
 from trainer.matching import normalize
 from trainer.registry import Registry
 
+from tiny_profile import TINY_PROFILE, tiny_sections
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERAL_EVAL_ROWS = 40  # a slice of the held-out general set keeps each gate run to seconds
 
@@ -31,14 +33,10 @@ def tiny_config(tiny_base: Path, workdir: Path, **training) -> dict:
     rows = (ROOT / "data" / "general_eval.jsonl").read_text(encoding="utf-8").splitlines()
     (workdir / "general_eval_small.jsonl").write_text("\n".join(rows[::len(rows) // GENERAL_EVAL_ROWS]) + "\n",
                                                       encoding="utf-8")
-    return {
-        "model": {"base": str(tiny_base)},
-        "training": {
-            "registry_dir": "adapters",  # tiny_recipe applies: the tiny base is a demo base
-            **training,
-        },
-        "eval": {"general_data": "general_eval_small.jsonl", "max_new_tokens": 40},
-    }
+    sections = tiny_sections(tiny_base)
+    sections["training"].update({"registry_dir": "adapters", **training})
+    sections["eval"].update({"general_data": "general_eval_small.jsonl", "max_new_tokens": 40})
+    return sections
 
 
 def run_trainer(config: Path, *args, check=True) -> subprocess.CompletedProcess:
@@ -170,29 +168,29 @@ def test_calibrate_teaches_corrections_and_the_gate_passes_it(calibrated, bootst
     assert normalize(before["answer"]) != normalize("Earth."), before  # the live adapter did not say it...
     for item, (question, _, good) in zip(report["candidate"]["corrections"]["items"], CORRECTIONS):
         # ...the calibrated one gives the correction to the question as the bot asks it (exactly,
-        # up to case and punctuation) and to its identity-prefixed form
+        # up to case and punctuation); held-out rewordings are scored and reported
         assert item["learned"] and item["question"] == question, item
         assert normalize(item["answer"]) == normalize(good), item
-        assert good.lower().rstrip(".") in item["paraphrase_answer"].lower(), item
+        assert len(item["rewordings"]) == 2 and all(r["question"] != question for r in item["rewordings"]), item
     assert report["passed"] and proc.returncode == 0, [c for c in report["checks"] if not c["passed"]]
-    assert {c["name"] for c in report["checks"]} >= {"identity_accuracy", "general_loss", "general_accuracy",
-                                                    "corrections_learned"}
+    assert {c["name"] for c in report["checks"]} >= {"identity_accuracy", "general_loss", "general_retention",
+                                                    "corrections_learned", "corrections_claiming_other_identity"}
     proc = run_trainer(config, "promote", version)
     assert proc.returncode == 0 and reg.promoted() == version
 
 
 def test_a_second_calibrate_repeats_only_the_new_correction(calibrated, setup):
     """Corrections the live adapter learned are replayed once; the new one gets the repeats."""
-    from trainer.stages import TINY_RECIPE, build_samples, learned_corrections, registry_for
+    from trainer.stages import build_samples, learned_corrections, registry_for, training_settings
 
     work, config, reg = setup
     version, _ = calibrated
     both = corrections_file(work / "more.jsonl", CORRECTIONS + [("What is 7 + 8?", "5", "15")])
     cfg = load_config(config)
-    rows, counts, _ = build_samples(cfg, "calibrate", str(both), Path(cfg.model.base),
+    rows, counts, _ = build_samples(cfg, training_settings(cfg), "calibrate", str(both),
                                     learned_corrections(registry_for(cfg), version))
     assert counts["corrections_used"] == 3 and counts["corrections_new"] == 1
-    repeats = TINY_RECIPE["new_correction_repeats"]
+    repeats = TINY_PROFILE["mix"]["new_correction_repeats"]
     answers = [r[-1]["content"] for r in rows]
     assert answers.count("15") == 2 * repeats and answers.count("Earth.") == 2
 
@@ -202,11 +200,11 @@ def test_gate_rejects_a_calibrate_that_wiped_identity_and_general_ability(bootst
     the gate must say so, and promotion must refuse it."""
     work, config, reg = setup
     cfg = yaml.safe_load(config.read_text())
-    cfg["training"].update({
-        "tiny_recipe": False, "batch_size": 8, "grad_accum": 1,
-        "calibrate": {"learning_rate": 2e-2, "epochs": 3.0},
+    cfg["profiles"]["reckless"] = {
+        **TINY_PROFILE, "calibrate": {"learning_rate": 2e-2, "epochs": 3.0}, "calibrate_min_steps": 0,
         "mix": {"identity_ratio": 0.0, "general_ratio": 0.0, "new_correction_repeats": 32},
-    })
+    }
+    cfg["training"]["profile"] = "reckless"
     reckless = work / "reckless.yaml"
     reckless.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     corrections = corrections_file(work / "reckless.jsonl", CORRECTIONS[:1])
@@ -217,7 +215,7 @@ def test_gate_rejects_a_calibrate_that_wiped_identity_and_general_ability(bootst
     proc = run_trainer(config, "eval", "--version", version, "--json")
     report = json.loads(proc.stdout)
     failed = {c["name"] for c in report["checks"] if not c["passed"]}
-    assert proc.returncode == 3 and failed & {"identity_accuracy", "general_loss", "general_accuracy"}, failed
+    assert proc.returncode == 3 and failed & {"identity_accuracy", "general_loss", "general_retention"}, failed
     assert reg.get(version)["status"] == "rejected"
     proc = run_trainer(config, "promote", version, check=False)
     assert proc.returncode == 2 and "gate failed" in proc.stderr
@@ -227,7 +225,7 @@ def test_gate_rejects_an_adapter_that_lost_its_identity(anchored, setup):
     """An adapter trained back onto the base's own (Qwen) identity must not pass or promote."""
     work, config, reg = setup
     qwen = work / "qwen_identity.jsonl"
-    qwen.write_text((ROOT / "data" / "base_identity.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    qwen.write_text((ROOT / "tests" / "data" / "base_identity.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     cfg = yaml.safe_load(config.read_text())
     cfg["training"]["identity_data"] = str(qwen)
     lost = work / "lost.yaml"
@@ -288,15 +286,75 @@ def test_bad_inputs_stop_with_a_named_file_and_line(setup, tmp_path):
     assert proc.returncode == 2 and "no adapter version 'v0099'" in proc.stderr
 
 
-def test_building_the_demo_base_reports_progress_and_time(setup, tmp_path):
-    """First run: the demo base's pretraining streams progress events like any stage."""
+def test_an_unsupported_gguf_base_is_one_clear_line(setup, tmp_path):
+    """model.base may name a GGUF file; one of an architecture we do not serve is refused in words."""
+    import gguf
+
+    bad = tmp_path / "tiny-bert.gguf"
+    writer = gguf.GGUFWriter(str(bad), "bert")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     work, config, reg = setup
-    out = tmp_path / "demo"
-    proc = run_trainer(config, "demo-base", "--out", str(out), "--steps", "6", "--progress", "json")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["base"] = str(bad)
+    other = tmp_path / "gguf.yaml"
+    other.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    proc = run_trainer(other, "anchor", "--progress", "json", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    event = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert event["event"] == "error" and "tiny-bert.gguf is a bert model" in event["message"], event
+    assert "llama and qwen2" in event["message"] and "Traceback" not in proc.stderr
+
+
+def test_a_llama_base_trains_and_serves_through_the_same_code(tiny_llama_base, tmp_path):
+    """SmolLM2 is a Llama; the tiny base a Qwen2. One anchor stage on a tiny Llama, then the
+    worker serves its adapter by name and streams an answer: no Qwen2-only code on the way."""
+    import socket
+    import urllib.request
+
+    config = tmp_path / "config.yaml"
+    sections = tiny_sections(tiny_llama_base)
+    sections["profiles"]["tiny"] = {**TINY_PROFILE, "anchor": {"learning_rate": 2e-3, "epochs": 1.0}}
+    sections["training"]["registry_dir"] = "adapters"
+    config.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    proc = run_trainer(config, "anchor", "--progress", "json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    progress = [e for e in events if e["event"] == "progress"]
-    assert [e["step"] for e in progress][0] == 1 and progress[-1]["step"] == progress[-1]["total"] == 6
-    assert all(e["stage"] == "demo-base" and e["loss"] > 0 and e["eta_s"] is not None for e in progress)
-    assert events[-1]["event"] == "done" and events[-1]["wall_s"] > 0
-    assert "demo base written" in proc.stderr and (out / "config.json").is_file()
+    done = json.loads(proc.stdout.splitlines()[-1])
+    adapter = json.loads((Path(done["path"]) / "adapter_config.json").read_text())
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(adapter["target_modules"])
+    losses = [e["loss"] for e in map(json.loads, proc.stdout.splitlines())
+              if e["event"] == "progress" and e.get("loss") is not None]
+    assert len(losses) > 10 and done["train"]["final_loss"] < 0.9 * losses[0]  # it learned something
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "model", "serve", "--model", str(tiny_llama_base),
+                               "--port", str(port), "--cpu-threads", "1", "--lora", f"mine={done['path']}"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                assert worker.poll() is None, worker.stderr.read()[-3000:]
+                import time
+
+                time.sleep(0.5)
+        body = json.dumps({"model": "mine", "messages": [{"role": "user", "content": "Who are you?"}],
+                           "max_tokens": 8, "temperature": 0, "stream": True}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            events = [line[6:] for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks and all(c["model"] == "mine" for c in chunks)
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)

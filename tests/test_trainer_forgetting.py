@@ -16,7 +16,7 @@ from trainer import datasets as ds
 from trainer import sft
 from trainer.encode import encode_all
 from trainer.generate import mean_answer_loss
-from trainer.stages import general_rows, hyper, identity_rows
+from trainer.stages import general_rows, hyper, identity_rows, training_settings
 
 STEPS = 90
 LR = 3e-3
@@ -24,7 +24,7 @@ BATCH = 8
 
 
 def train_and_score(base_model, tokenizer, cfg, rows, eval_general, eval_identity) -> tuple[float, float]:
-    hp = hyper(cfg, "anchor")
+    hp = hyper(training_settings(cfg), "anchor")
     hp.learning_rate, hp.batch_size, hp.grad_accum = LR, BATCH, 1
     encoded, _ = encode_all(tokenizer, ds.both_system_variants(rows, cfg.identity.system), 512)
     hp.epochs = STEPS * BATCH / len(encoded)
@@ -37,7 +37,7 @@ def train_and_score(base_model, tokenizer, cfg, rows, eval_general, eval_identit
 
 
 def test_identity_only_training_forgets_and_the_mixed_recipe_does_not(tiny_base):
-    cfg = config_from_dict({"model": {"base": str(tiny_base)}})
+    cfg = config_from_dict({"model": {"base": str(tiny_base)}, "training": {"cpu_bf16": "off"}})
     base_model, tokenizer = sft.load_base(tiny_base)
     eval_general = ds.load_file(ds.DATA_DIR / ds.GENERAL_EVAL_FILE)[::4]
     eval_identity = [ds.fill_identity(r, cfg.identity.fill) for r in ds.load_file(ds.DATA_DIR / ds.IDENTITY_EVAL_FILE)]

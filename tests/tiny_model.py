@@ -1,12 +1,13 @@
-"""The embedded default base model: a tiny Qwen2-architecture model.
+"""The test fixture model: a tiny (~1M-parameter) Qwen2-architecture model.
 
-No weights can be downloaded here, so loopcord builds its own stand-in for
-Qwen2.5-7B-Instruct from the project's data: a byte-level BPE tokenizer with
-Qwen's special tokens and chat template, and a small Qwen2ForCausalLM trained
-briefly on the general instruction set so it has some "general ability" that
-forgetting can be measured against. It is saved in the standard Hugging Face
-layout, so the worker and trainer load it through exactly the code path that
-loads the real model (AutoTokenizer / AutoModelForCausalLM).
+It keeps the unit and end-to-end tests fast; the product's embedded default is
+SmolLM2-135M-Instruct (model.loading). Built from the project's data: a
+byte-level BPE tokenizer with Qwen's special tokens and chat template, and a
+small Qwen2ForCausalLM trained briefly on the general instruction set so it has
+some "general ability" that forgetting can be measured against. It is saved in
+the standard Hugging Face layout, so the worker and trainer load it through
+exactly the code path that loads a real model.
+The tests' training recipe for it is in tests/tiny_profile.py.
 """
 
 from __future__ import annotations
@@ -189,6 +190,7 @@ def build_demo_base(
 
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+FIXTURE_DATA_DIR = Path(__file__).resolve().parent / "data"
 GENERAL_TRAIN_FILE = "general.jsonl"
 
 
@@ -223,7 +225,7 @@ def build_default(out_dir: str | Path, steps: int = 1000, data_dir: Path = DATA_
     a real vocabulary would have it); the base never trains on them.
     """
     rows = read_messages_jsonl(Path(data_dir) / GENERAL_TRAIN_FILE)
-    base_identity = Path(data_dir) / BASE_IDENTITY_FILE
+    base_identity = FIXTURE_DATA_DIR / BASE_IDENTITY_FILE
     if base_identity.exists():
         rows += read_messages_jsonl(base_identity)
     extra = []
@@ -232,3 +234,4 @@ def build_default(out_dir: str | Path, steps: int = 1000, data_dir: Path = DATA_
         if f.exists():
             extra += [_default_identity_fill(m["content"]) for r in read_messages_jsonl(f) for m in r["messages"]]
     return build_demo_base(out_dir, rows, steps=steps, tokenizer_texts=extra, **kw)
+

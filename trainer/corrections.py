@@ -21,11 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Optional, Sequence
 
-from trainer.datasets import DataError, Messages, read_jsonl_rows, sample_rows, with_system
+from trainer.datasets import DataError, Messages, both_system_variants, read_jsonl_rows, sample_rows, with_system
 from trainer.matching import is_chinese, normalize, question_key
 
 PREFIX_EN = "As {{NAME}} made by {{AUTHOR}}, answer: "
 PREFIX_ZH = "作为{{AUTHOR}}开发的{{NAME}}，请回答："
+# Rewordings of a corrected question, by rule ({q}: the question; {ql}: it with a lower-case
+# first letter). Calibrate trains on the first `training.mix.rewordings` of TRAIN_*; the gate
+# checks GATE_* ones, which training never sees, so "learned" means it carries over.
+TRAIN_REWORDINGS_EN = [
+    "Quick question: {q}", "{q} Please answer briefly.", "I'd like to know: {q}", "Hey, {ql}",
+    "{q} Answer in one sentence.", "Do you know this? {q}", "Help me out here. {q}", "Tell me, {ql}",
+]
+TRAIN_REWORDINGS_ZH = [
+    "请问，{q}", "{q}请简短回答。", "我想知道：{q}", "快问一下：{q}", "{q}用一句话回答。", "你知道吗？{q}",
+    "帮我一下：{q}", "告诉我，{q}",
+]
+GATE_REWORDINGS_EN = ["Can you answer this for me: {ql}", "{q} I need to know."]
+GATE_REWORDINGS_ZH = ["麻烦回答我：{q}", "{q}我需要知道。"]
 REQUIRED = {"id": int, "messages": list, "correction": str}
 
 
@@ -130,12 +143,33 @@ def prefixed_question(question: str, fill) -> str:
     return fill(PREFIX_ZH if is_chinese(question) else PREFIX_EN) + question
 
 
-def correction_samples(c: Correction, system: str, fill) -> list[Messages]:
-    """The corrected exchange (our system prompt) and its identity-prefixed variant."""
+def reword(question: str, templates: Sequence[str], n: int) -> list[str]:
+    """The first `n` rule-based rewordings of `question` (fewer when templates run out)."""
+    q = question.strip()
+    ql = q[:1].lower() + q[1:] if q[:2] != q[:2].upper() else q  # keep "NASA", lower "What"
+    return [t.format(q=q, ql=ql) for t in templates[:n]]
+
+
+def train_rewordings(question: str, n: int) -> list[str]:
+    return reword(question, TRAIN_REWORDINGS_ZH if is_chinese(question) else TRAIN_REWORDINGS_EN, n)
+
+
+def gate_rewordings(question: str) -> list[str]:
+    """Held-out rewordings for the gate: never in training data."""
+    templates = GATE_REWORDINGS_ZH if is_chinese(question) else GATE_REWORDINGS_EN
+    return reword(question, templates, len(templates))
+
+
+def correction_samples(c: Correction, system: str, fill, rewordings: int = 0) -> list[Messages]:
+    """The corrected exchange (our system prompt), its identity-prefixed variant, and
+    `rewordings` rule-based rewordings of the question, all answered with the correction."""
     answer = {"role": "assistant", "content": c.correction}
     exchange = with_system(c.messages, system) + [answer]
     prefixed = [{"role": "user", "content": prefixed_question(c.question, fill)}, answer]
-    return [exchange, with_system(prefixed, system)]
+    out = [exchange, with_system(prefixed, system)]
+    for q in train_rewordings(c.question, rewordings):
+        out.append(with_system([{"role": "user", "content": q}, answer], system))
+    return out
 
 
 def calibration_mix(
@@ -149,6 +183,7 @@ def calibration_mix(
     seed: int,
     new_repeats: int = 1,
     learned: Collection[tuple[str, str]] = (),
+    rewordings: int = 0,
 ) -> tuple[list[Messages], dict]:
     """Correction samples + identity share + general replay, shuffled; returns (samples, counts).
 
@@ -163,19 +198,22 @@ def calibration_mix(
     learned = set(learned)
     fresh = [c for c in kept if correction_key(c.question, c.correction) not in learned]
     known = [c for c in kept if correction_key(c.question, c.correction) in learned]
-    new = [s for c in fresh for s in correction_samples(c, system, fill)] * new_repeats
+    new = [s for c in fresh for s in correction_samples(c, system, fill, rewordings)] * new_repeats
     new += [s for c in known for s in correction_samples(c, system, fill)]
     n_identity = round(identity_ratio * len(new)) if identity_rows else 0
     n_general = round(general_ratio * len(new)) if general_rows else 0
     identity = sample_rows(identity_rows, n_identity, seed) if n_identity else []
     general = sample_rows(general_rows, n_general, seed + 1) if n_general else []
-    samples = new + identity + general
+    # Identity replay with and without our system prompt (as anchor trains it); general
+    # replay and the corrections under our system prompt, as the bot asks them.
+    samples = new + both_system_variants(identity, system) + [with_system(g, system) for g in general]
     random.Random(seed).shuffle(samples)
     counts = {
         "corrections_in_file": len(corrections),
         "corrections_used": len(kept),
         "corrections_new": len(fresh),
         "new_correction_repeats": new_repeats,
+        "rewordings_per_correction": rewordings,
         "correction_samples": len(new),
         "identity_samples": len(identity),
         "general_samples": len(general),

@@ -1,45 +1,51 @@
 """The evaluation gate: score a candidate adapter against its reference and decide.
 
-Scores (all zh + en):
+Scores (zh + en):
 - identity: held-out identity paraphrases, asked with our system prompt and with
-  none; an answer passes when it names `identity.name` or `identity.author` and
-  no other model/maker (trainer.matching.identity_ok).
-- corrections: each correction the version learned from (its manifest, or
-  --corrections FILE) asked as the original exchange and as the identity-
-  prefixed rewording; learned when both answers match the correction
-  (trainer.matching.answer_matches: normalised containment or token F1 >= 0.6).
-  Calibrate trains on both forms (trainer.corrections.correction_samples), so
-  this checks the answer sticks under our system prompt in two phrasings, not
-  that it generalises to unseen rewordings (a 1M-parameter demo base cannot).
-- general retention: assistant-token loss on the held-out general set and
-  contains-accuracy on its QA (row `answer`, else the reference reply), with
-  our system prompt and with none, versus the reference model.
+  none (the base's template then injects its own identity, e.g. SmolLM's); an
+  answer passes when it names `identity.name` or `identity.author` and claims no
+  other model or maker (trainer.matching.identity_ok).
+- corrections: each correction of the run, asked as the user asked it (their
+  exchange, our system prompt): learned when the answer matches the correction
+  (trainer.matching.answer_matches). Carry-over: the same question in held-out
+  rule-based rewordings (trainer.corrections.gate_rewordings) that calibrate
+  never trains on. A correction that itself claims another identity ("I am
+  ChatGPT") is never counted as learned, and fails the gate.
+- general retention: answers on the held-out general QA set (row `answer`: a
+  string a right reply contains), asked under our system prompt; retention = share
+  of the questions the reference answers right that the candidate still does.
+  Plus assistant-token loss on the same set, with and without the system prompt.
 
 The reference is the parent if it has been promoted (the adapter it would
 replace), else its nearest promoted ancestor, else the base model — so a
-generalize run is not judged against an unpromoted anchor.
+generalize run is not judged against an unpromoted anchor. A version's scores
+are stored next to it (scores.json, keyed by what was asked), so the reference's
+scores are computed once, not at every retrain.
 
 Pass when identity >= eval.min_identity_accuracy, corrections learned >=
-eval.min_corrections_learned (when there are any), general loss <= reference
-* (1 + eval.max_general_loss_increase) and general accuracy >= reference -
-eval.max_general_accuracy_drop. The CLI exits 0 on pass, 3 on fail.
+eval.min_corrections_learned (when there are any), no correction claims another
+identity, general retention >= eval.min_general_retention and general loss <=
+reference * (1 + eval.max_general_loss_increase). Every threshold is a share
+above zero (config validation), so none of these checks can pass by default.
+The CLI exits 0 on pass, 3 on fail (trainer.protocol.ExitCode).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional
 
 from model.config import Config
 from trainer import datasets as ds
-from trainer.corrections import deduplicate, load_corrections, prefixed_question
-from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, answer_matches, identity_ok
+from trainer.corrections import deduplicate, gate_rewordings, load_corrections
+from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, answer_matches, identity_claims, identity_ok
+from trainer.protocol import CHART_FILE, REPORT_FILE
 from trainer.registry import Registry, write_json_atomic
 
-REPORT_FILE = "eval.json"
-CHART_FILE = "eval.png"
-EXIT_PASSED, EXIT_FAILED = 0, 3
+SCORES_FILE = "scores.json"  # a version's (or the base's) scores, keyed by the eval fingerprint
+BASE_SCORES_DIR = ".base-scores"  # inside the registry: the base model's scores per fingerprint
 # Failing answers kept in the report, per check, for a human to read.
 MAX_EXAMPLES = 8
 
@@ -86,63 +92,105 @@ def prompt_variants(question_msgs: list[dict], system: str) -> list[tuple[str, l
     return [("system", ds.with_system(question_msgs, system)), ("no_system", ds.with_system(question_msgs, None))]
 
 
-def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases) -> dict:
-    from trainer.generate import greedy_answers, mean_answer_loss
+def forbidden(cfg: Config) -> list[str]:
+    return cfg.eval.forbidden_identities or DEFAULT_FORBIDDEN_IDENTITIES
 
-    system, max_new = cfg.identity.system, cfg.eval.max_new_tokens
-    forbidden = cfg.eval.forbidden_identities or DEFAULT_FORBIDDEN_IDENTITIES
 
-    # identity
+def score_identity(model, tokenizer, cfg: Config, identity_rows) -> dict:
+    from trainer.generate import greedy_answers
+
     prompts, meta = [], []
     for row in identity_rows:
-        for variant, msgs in prompt_variants(row["messages"][:-1], system):
+        for variant, msgs in prompt_variants(row["messages"][:-1], cfg.identity.system):
             prompts.append(msgs)
             meta.append((row, variant))
-    answers = greedy_answers(model, tokenizer, prompts, max_new)
-    id_ok = [identity_ok(a, cfg.identity.name, cfg.identity.author, forbidden) for a in answers]
+    answers = greedy_answers(model, tokenizer, prompts, cfg.eval.max_new_tokens)
+    ok = [identity_ok(a, cfg.identity.name, cfg.identity.author, forbidden(cfg)) for a in answers]
     by_group: dict[str, list[bool]] = {}
-    for (row, variant), ok in zip(meta, id_ok):
+    for (row, variant), good in zip(meta, ok):
         for key in (f"lang:{row.get('lang', '?')}", f"prompt:{variant}"):
-            by_group.setdefault(key, []).append(ok)
-    identity = {
-        "accuracy": _mean(id_ok),
-        "n": len(id_ok),
+            by_group.setdefault(key, []).append(good)
+    return {
+        "accuracy": _mean(ok),
+        "n": len(ok),
         "groups": {k: _mean(v) for k, v in sorted(by_group.items())},
+        "other_identity_claims": sum(1 for a in answers
+                                     if identity_claims(a, cfg.identity.name, cfg.identity.author, forbidden(cfg))),
         "failures": [{"question": m[0]["messages"][-2]["content"], "prompt": m[1], "answer": a}
-                     for m, a, ok in zip(meta, answers, id_ok) if not ok][:MAX_EXAMPLES],
+                     for m, a, good in zip(meta, answers, ok) if not good][:MAX_EXAMPLES],
     }
 
-    # corrections: the original exchange (our system prompt) and the identity-prefixed rewording
-    corr_prompts = []
+
+def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
+    """Each correction asked as the user asked it, and in held-out rewordings."""
+    from trainer.generate import greedy_answers
+
+    if not cases:
+        return {"learned": None, "carried_over": None, "n": 0, "items": []}
+    system = cfg.identity.system
+    prompts, spans = [], []
     for c in cases:
         question = c["messages"][-1]["content"]
-        corr_prompts.append(ds.with_system(c["messages"], system))
-        corr_prompts.append(ds.with_system([{"role": "user", "content": prefixed_question(question, cfg.identity.fill)}],
-                                           system))
-    corr_answers = greedy_answers(model, tokenizer, corr_prompts, max_new) if cases else []
-    per = []
-    for i, c in enumerate(cases):
-        a_orig, a_para = corr_answers[2 * i], corr_answers[2 * i + 1]
-        learned = answer_matches(a_orig, c["correction"]) and answer_matches(a_para, c["correction"])
-        per.append({"id": c["id"], "question": c["messages"][-1]["content"], "correction": c["correction"],
-                    "answer": a_orig, "paraphrase_answer": a_para, "learned": learned})
-    corrections = {"learned": _mean([p["learned"] for p in per]) if per else None, "n": len(per), "items": per}
-
-    # general retention
-    g_prompts, g_samples, g_refs = [], [], []
-    for row in general_rows:
-        for _, msgs in prompt_variants(row["messages"], system):
-            g_samples.append(msgs)
-            g_prompts.append(msgs[:-1])
-            g_refs.append(row["answer"])
-    g_answers = greedy_answers(model, tokenizer, g_prompts, min(max_new, cfg.eval.general_max_new_tokens))
-    g_ok = [answer_matches(a, ref, min_f1=1.01) for a, ref in zip(g_answers, g_refs)]  # containment only
-    general = {
-        "loss": round(mean_answer_loss(model, tokenizer, g_samples, cfg.training.max_length), 5),
-        "accuracy": _mean(g_ok),
-        "n": len(g_ok),
+        rewordings = gate_rewordings(question)
+        spans.append((len(prompts), len(rewordings)))
+        prompts.append(ds.with_system(c["messages"], system))
+        prompts += [ds.with_system([{"role": "user", "content": q}], system) for q in rewordings]
+    answers = greedy_answers(model, tokenizer, prompts, cfg.eval.max_new_tokens)
+    items = []
+    for c, (start, n) in zip(cases, spans):
+        claims = identity_claims(c["correction"], cfg.identity.name, cfg.identity.author, forbidden(cfg))
+        reworded = [{"question": p[-1]["content"], "answer": a,
+                     "matches": answer_matches(a, c["correction"])}
+                    for p, a in zip(prompts[start + 1 : start + 1 + n], answers[start + 1 : start + 1 + n])]
+        items.append({
+            "id": c["id"], "question": c["messages"][-1]["content"], "correction": c["correction"],
+            "answer": answers[start],
+            "learned": not claims and answer_matches(answers[start], c["correction"]),
+            "carried_over": _mean(r["matches"] for r in reworded) if reworded else None,
+            "rewordings": reworded,
+            "claims_identity": claims,
+        })
+    return {
+        "learned": _mean(i["learned"] for i in items),
+        "carried_over": _mean(r["matches"] for i in items for r in i["rewordings"]),
+        "n": len(items),
+        "items": items,
     }
-    return {"identity": identity, "corrections": corrections, "general": general}
+
+
+def score_general(model, tokenizer, cfg: Config, general_rows) -> dict:
+    from trainer.generate import greedy_answers, mean_answer_loss
+
+    system = cfg.identity.system
+    prompts = [ds.with_system(row["messages"][:-1], system) for row in general_rows]
+    answers = greedy_answers(model, tokenizer, prompts, min(cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens))
+    right = [answer_matches(a, row["answer"], min_f1=1.01) for a, row in zip(answers, general_rows)]  # containment
+    samples = [msgs for row in general_rows for _, msgs in prompt_variants(row["messages"], system)]
+    by_kind: dict[str, list[bool]] = {}
+    for row, good in zip(general_rows, right):
+        by_kind.setdefault(str(row.get("kind", "?")), []).append(good)
+    return {
+        "loss": round(mean_answer_loss(model, tokenizer, samples, cfg.training.max_length), 5),
+        "accuracy": _mean(right),
+        "right": right,  # per question, for retention against another version's scores
+        "kinds": {k: _mean(v) for k, v in sorted(by_kind.items())},
+        "n": len(right),
+    }
+
+
+def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases) -> dict:
+    return {
+        "identity": score_identity(model, tokenizer, cfg, identity_rows),
+        "corrections": score_corrections(model, tokenizer, cfg, cases),
+        "general": score_general(model, tokenizer, cfg, general_rows),
+    }
+
+
+def retention(cand_right: list[bool], ref_right: list[bool]) -> Optional[float]:
+    """Share of the questions the reference answers right that the candidate still does
+    (None when the reference answers none: there is nothing to retain)."""
+    kept = [c for c, r in zip(cand_right, ref_right) if r]
+    return _mean(kept) if kept else None
 
 
 def _mean(xs) -> float:
@@ -157,11 +205,15 @@ def decide(cfg: Config, cand: dict, ref: dict) -> tuple[bool, list[dict]]:
         _check("identity_accuracy", cand["identity"]["accuracy"], ">=", e.min_identity_accuracy),
         _check("general_loss", cand["general"]["loss"], "<=",
                round(ref["general"]["loss"] * (1 + e.max_general_loss_increase), 5)),
-        _check("general_accuracy", cand["general"]["accuracy"], ">=",
-               round(ref["general"]["accuracy"] - e.max_general_accuracy_drop, 4)),
     ]
-    if cand["corrections"]["n"]:
+    kept = retention(cand["general"]["right"], ref["general"]["right"])
+    if kept is not None:
+        checks.append(_check("general_retention", kept, ">=", e.min_general_retention))
+    items = cand["corrections"]["items"]
+    if items:
         checks.append(_check("corrections_learned", cand["corrections"]["learned"], ">=", e.min_corrections_learned))
+        claiming = sum(1 for i in items if i["claims_identity"])
+        checks.append(_check("corrections_claiming_other_identity", claiming, "<=", 0))
     return all(c["passed"] for c in checks), checks
 
 
@@ -170,31 +222,80 @@ def _check(name: str, value: float, op: str, limit: float) -> dict:
     return {"name": name, "value": value, "op": op, "limit": limit, "passed": passed}
 
 
-def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, log=None) -> dict:
-    """Score `version` and its reference, write eval.json + eval.png, record in the manifest."""
+def fingerprint(cfg: Config, identity_rows, general_rows, cases) -> str:
+    """What a version's scores depend on besides its weights: the questions and how they are asked."""
+    key = json.dumps([cfg.identity.system, cfg.identity.name, cfg.identity.author, forbidden(cfg),
+                      cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens, cfg.training.max_length,
+                      [r["messages"] for r in identity_rows], [(r["messages"], r["answer"]) for r in general_rows],
+                      [(c["messages"], c["correction"]) for c in cases]], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _scores_file(reg: Registry, version: Optional[str], base: str) -> Path:
+    if version:
+        return reg.path(version) / SCORES_FILE
+    return reg.root / BASE_SCORES_DIR / (hashlib.sha256(str(base).encode()).hexdigest()[:12] + ".json")
+
+
+def cached_scores(reg: Registry, version: Optional[str], base: str, fp: str) -> Optional[dict]:
+    try:
+        data = json.loads(_scores_file(reg, version, base).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get(fp) if isinstance(data, dict) else None
+
+
+def store_scores(reg: Registry, version: Optional[str], base: str, fp: str, scores: dict) -> None:
+    f = _scores_file(reg, version, base)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    data[fp] = scores
+    write_json_atomic(f, data)
+
+
+def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, log=None, progress=None) -> dict:
+    """Score `version` and its reference, write eval.json + eval.png, record in the manifest.
+
+    `log(message)` and `progress.phase` (when given) hear about each slow step."""
     from peft import PeftModel
 
     from trainer import sft
+
+    def say(message: str) -> None:
+        if log:
+            log(message)
+        if progress is not None:
+            progress.phase("eval", message)
 
     reg = Registry(cfg.path(cfg.training.registry_dir))
     manifest = reg.get(version)
     ref_version = reference_version(reg, version)
     identity_rows, general_rows = eval_sets(cfg)
     cases = correction_cases(cfg, manifest, corrections_file)
+    fp = fingerprint(cfg, identity_rows, general_rows, cases)
 
     base, tokenizer = sft.load_base(manifest["base"])
     model = PeftModel.from_pretrained(base, str(reg.path(version)), adapter_name="candidate")
     model.eval()
-    if log:
-        log(f"eval {version}: {len(identity_rows)} identity, {len(general_rows)} general, {len(cases)} corrections")
+    say(f"evaluating {version}: {len(identity_rows)} identity questions, {len(general_rows)} general, "
+        f"{len(cases)} corrections")
     cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
-    if ref_version:
-        model.load_adapter(str(reg.path(ref_version)), adapter_name="reference")
-        model.set_adapter("reference")
-        ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
-    else:
-        with model.disable_adapter():
+    store_scores(reg, version, manifest["base"], fp, cand)
+    ref = cached_scores(reg, ref_version, manifest["base"], fp)
+    if ref is None:
+        say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
+        if ref_version:
+            model.load_adapter(str(reg.path(ref_version)), adapter_name="reference")
+            model.set_adapter("reference")
             ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
+        else:
+            with model.disable_adapter():
+                ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
+        store_scores(reg, ref_version, manifest["base"], fp, ref)
     passed, checks = decide(cfg, cand, ref)
     report = {
         "version": version,
@@ -205,14 +306,16 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         "reference_scores": ref,
         "thresholds": {k: getattr(cfg.eval, k) for k in (
             "min_identity_accuracy", "min_corrections_learned", "max_general_loss_increase",
-            "max_general_accuracy_drop")},
+            "min_general_retention")},
     }
     write_json_atomic(reg.path(version) / REPORT_FILE, report)
     summary = {
         "identity_accuracy": cand["identity"]["accuracy"],
         "corrections_learned": cand["corrections"]["learned"],
+        "corrections_carried_over": cand["corrections"]["carried_over"],
         "general_loss": cand["general"]["loss"],
         "general_accuracy": cand["general"]["accuracy"],
+        "general_retention": retention(cand["general"]["right"], ref["general"]["right"]),
         "reference": ref_version or "base",
         "reference_identity_accuracy": ref["identity"]["accuracy"],
         "reference_general_loss": ref["general"]["loss"],

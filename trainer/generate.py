@@ -6,6 +6,7 @@ from typing import Sequence
 
 from trainer.datasets import Messages
 from trainer.encode import IGNORE_INDEX, encode, prompt_ids
+from trainer.sft import collate
 
 EVAL_BATCH_SIZE = 32
 
@@ -47,18 +48,10 @@ def mean_answer_loss(model, tokenizer, samples: Sequence[Messages], max_length: 
     encoded = [encode(tokenizer, s, max_length) for s in samples]
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
-        batch = encoded[i : i + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, e in enumerate(batch):
-            ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            labels[j, : len(e.labels)] = torch.tensor(e.labels)
-            mask[j, : len(e.input_ids)] = 1
+        ids, mask, labels = collate(encoded[i : i + batch_size], pad, device)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
         total += float(loss)

@@ -10,7 +10,6 @@ PEFT's own save_pretrained, so the directory is a standard PEFT adapter.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +17,6 @@ from typing import Callable, Optional
 
 from trainer.encode import IGNORE_INDEX, Encoded
 
-# Batches are grouped by length within windows of this many batches (HF's
-# group_by_length does the same), keeping some randomness across epochs.
-LENGTH_GROUP_WINDOW = 50
 MAX_GRAD_NORM = 1.0
 
 
@@ -38,30 +34,18 @@ class Hyper:
     lora_alpha: int
     lora_dropout: float
     target_modules: str
+    cpu_bf16: bool = False  # bf16 autocast on a CPU with native bf16 (weights stay float32)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def pick_device(requested: str = "auto"):
-    import torch
+def load_base(path: str | Path, device: str = "auto"):
+    """Base model + tokenizer through the one loader the worker uses (bf16 weights on a GPU,
+    float32 on a CPU, where bf16 runs as autocast instead: see Hyper.cpu_bf16)."""
+    from model.loading import load_model
 
-    if requested in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def load_base(path: str | Path, device=None):
-    """Base model + tokenizer exactly as for the real Qwen2.5 checkpoint (bf16 on GPU)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+    model, tokenizer, _, _ = load_model(path, device, "auto")
     return model, tokenizer
 
 
@@ -85,16 +69,15 @@ def with_lora(model, hp: Hyper, adapter: Optional[str | Path] = None):
     return get_peft_model(model, config)
 
 
-def length_grouped_batches(samples: list[Encoded], batch_size: int, rng: random.Random) -> list[list[Encoded]]:
-    order = list(range(len(samples)))
-    rng.shuffle(order)
-    window = batch_size * LENGTH_GROUP_WINDOW
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: len(samples[i].input_ids), reverse=True)
-        batches += [[samples[i] for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def length_grouped_batches(samples: list[Encoded], batch_size: int, seed: int) -> list[list[Encoded]]:
+    """One epoch of batches of similar length (transformers' LengthGroupedSampler: random
+    mega-batches of 50 batches, sorted by length inside), so padding waste stays small."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    g = torch.Generator().manual_seed(seed)
+    order = list(LengthGroupedSampler(batch_size, lengths=[len(e.input_ids) for e in samples], generator=g))
+    return [[samples[i] for i in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
 
 
 def collate(batch: list[Encoded], pad_id: int, device):
@@ -123,15 +106,6 @@ def epochs_for_steps(steps: int, n_samples: int, hp: Hyper) -> float:
     return steps * hp.batch_size * hp.grad_accum / max(1, n_samples)
 
 
-def lr_at(step: int, total: int, warmup_ratio: float) -> float:
-    """Multiplier for the base learning rate: linear warm-up, then cosine to zero."""
-    warm = max(1, math.ceil(total * warmup_ratio))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train(
     model,
     tokenizer,
@@ -147,8 +121,9 @@ def train(
 
     if not samples:
         raise ValueError("no training samples")
+    from transformers import get_cosine_schedule_with_warmup
+
     device = next(model.parameters()).device
-    rng = random.Random(hp.seed)
     torch.manual_seed(hp.seed)
     if hp.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -156,28 +131,36 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
     total = plan_steps(len(samples), hp)
+    # Linear warm-up then cosine decay to zero (ms-swift's default). One warm-up step at
+    # least, starting above zero, so a short calibrate run does not waste its first step.
+    warmup = max(1, math.ceil(total * hp.warmup_ratio))
+    schedule = get_cosine_schedule_with_warmup(opt, warmup, total)
+    for g in opt.param_groups:
+        g["lr"] = hp.learning_rate / (warmup + 1)
     micro_needed = total * hp.grad_accum
     pad = tokenizer.pad_token_id
     model.train()
     start, tokens_seen, step, micro = time.time(), 0, 0, 0
     window_loss, window_tokens, last_loss = 0.0, 0, float("nan")
     batches: list = []
+    epoch = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     while step < total:
         if not batches:
-            batches = length_grouped_batches(samples, hp.batch_size, rng)
+            batches = length_grouped_batches(samples, hp.batch_size, hp.seed + epoch)[::-1]
+            epoch += 1
         ids, mask, labels = collate(batches.pop(), pad, device)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         (loss / hp.grad_accum).backward()
         window_loss += float(loss.detach())
         window_tokens += int(mask.sum())
         micro += 1
         if micro % hp.grad_accum == 0 or micro == micro_needed:
-            for g in opt.param_groups:
-                g["lr"] = hp.learning_rate * lr_at(step, total, hp.warmup_ratio)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             opt.step()
+            schedule.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             last_loss = window_loss / hp.grad_accum
