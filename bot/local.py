@@ -463,8 +463,11 @@ class Session:
                 if quitting:
                     break
                 t.cancelled(Terminal.activity(line))
-            elif task.exception() is not None:
-                raise task.exception()
+            elif task.exception() is not None:  # a bug or a surprise: keep the chat, log the details
+                exc = task.exception()
+                log.error("command %r failed", line.strip()[:80], exc_info=exc)
+                t.end_line()
+                t.say(f"⚠️ That failed ({getattr(exc, 'message', None) or exc}); the details are in the log.")
             elif not task.result():
                 return 0
         t.end_line()
