@@ -587,8 +587,9 @@ def main(cfg: Config, verbose: bool = False) -> int:
             return asyncio.run(run(cfg, quiet.user_err))
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
-        except (StoreError, WorkerStartError):
-            raise  # `python -m bot` prints these one-line start-up errors on the real stderr
+        except (StoreError, WorkerStartError) as exc:  # start-up problems: one line, and where the log is
+            print(f"error: {exc}" + ("" if verbose else f" (log: {path})"), file=quiet.user_err)
+            return 2
         except Exception as exc:  # anything unexpected: one line here, the traceback in the log
             log.exception("terminal mode failed")
             print(f"error: {exc} (details in {path})", file=quiet.user_err)

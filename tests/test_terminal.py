@@ -426,3 +426,19 @@ def workers_serving(config: Path) -> list[int]:
         if b"serve" in cmd and str(config).encode() in cmd:
             pids.append(int(proc.name))
     return pids
+
+
+def test_a_second_bot_on_the_same_data_directory_says_so_in_one_line(tmp_path):
+    from bot.runtime import InstanceLock
+
+    config = write_config(tmp_path, "http://127.0.0.1:9")  # never reached: the lock comes first
+    lock = InstanceLock(tmp_path / "data").acquire()  # as a running bot holds it
+    try:
+        result = subprocess.run([sys.executable, "-m", "bot", "--config", str(config)], cwd=ROOT, env=bot_env(),
+                                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        lock.release()
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: another loopcord bot") and "bot.log" in line
+    assert not LOG_NOISE.search(result.stdout)
