@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import discord
 import discord.gateway
