@@ -153,10 +153,11 @@ class Terminal:
         }
 
     def say(self, text: str = "", end: str = "\n") -> None:
-        if text or end:
-            self.out.write(text + end)
+        written = text + end
+        if written:
+            self.out.write(written)
             self.out.flush()
-            self.at_line_start = (text + end).endswith("\n") if (text + end) else self.at_line_start
+            self.at_line_start = written.endswith("\n")
 
     def end_line(self) -> None:
         """Finish a half-written line (an answer cut by Ctrl-C) before saying more."""
@@ -165,12 +166,12 @@ class Terminal:
 
     @staticmethod
     def activity(line: str) -> str:
-        """What Ctrl-C would cancel for this input line, in words."""
+        """What Ctrl-C would cancel for this input line, in words: "answer", "retrain", "/status"…"""
         line = line.strip()
         if not line.startswith("/"):
             return "answer"
-        return {"/retrain": "retrain", "/rollback": "rollback", "/forget-me": "forget-me"}.get(
-            line.partition(" ")[0], line.partition(" ")[0])
+        command = line.partition(" ")[0]
+        return "retrain" if command == "/retrain" else command
 
     async def handle(self, line: str) -> bool:
         """Act on one input line; False means quit."""
