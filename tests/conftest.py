@@ -38,21 +38,48 @@ def _fingerprint() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_base() -> Path:
-    """Path to a pretrained tiny base model in Hugging Face layout."""
+def tiny_base(pytestconfig) -> Path:
+    """Path to a pretrained tiny base model in Hugging Face layout (built once, then cached;
+    the build reports its progress on the terminal, so a first run never sits silent)."""
+    import time
+
     from tiny_model import build_default
 
     out = CACHE / f"demo-base-{_fingerprint()}"
     if not (out / "model.safetensors").exists():
+        say = _reporter(pytestconfig)
+        say(f"building the tiny test model ({TEST_PRETRAIN_STEPS} pretraining steps, cached in {out.parent}) ...")
+        started, last = time.monotonic(), [time.monotonic()]
+
+        def on_step(step: int, loss: float) -> None:
+            if time.monotonic() - last[0] >= 30 or step + 1 == TEST_PRETRAIN_STEPS:
+                last[0] = time.monotonic()
+                say(f"  tiny test model: step {step + 1}/{TEST_PRETRAIN_STEPS}, loss {loss:.2f}, "
+                    f"{time.monotonic() - started:.0f} s")
+
         # Build privately, then rename: two test runs building at once never mix files.
         tmp = CACHE / f".building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        build_default(tmp, steps=TEST_PRETRAIN_STEPS)
+        build_default(tmp, steps=TEST_PRETRAIN_STEPS, on_step=on_step)
         try:
             tmp.rename(out)
         except OSError:  # another run finished first; its copy is as good
             shutil.rmtree(tmp, ignore_errors=True)
+        say(f"tiny test model ready in {time.monotonic() - started:.0f} s")
     return out
+
+
+def _reporter(pytestconfig):
+    """A line on the terminal even while pytest captures output (-q included)."""
+    tr = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def say(text: str) -> None:
+        if tr is not None:
+            tr.write_line(f"[loopcord] {text}")
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    return say
 
 
 @pytest.fixture(scope="session")

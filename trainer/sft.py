@@ -95,6 +95,27 @@ def collate(batch: list[Encoded], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def answer_loss(model, ids, mask, labels):
+    """Mean cross-entropy over the answer tokens, with the output layer applied only there.
+
+    Labels mask everything but the assistant's answers, a fraction of each sample; the
+    output layer is the biggest matrix of a small model (SmolLM2: 49k x 576), so computing
+    logits for every position wastes most of its cost. Same value as the model's own
+    loss (`model(..., labels=labels).loss`), which stays the fallback for a model without
+    the usual `.model` / `.lm_head` split."""
+    import torch.nn.functional as F
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(causal, "model", None), getattr(causal, "lm_head", None)
+    if body is None or head is None:
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[keep])
+    return F.cross_entropy(logits.float(), targets[keep])
+
+
 def plan_steps(n_samples: int, hp: Hyper) -> int:
     """Optimizer steps for `epochs` passes (fractional epochs allowed)."""
     micro = math.ceil(n_samples * hp.epochs / hp.batch_size)
@@ -152,7 +173,7 @@ def train(
             epoch += 1
         ids, mask, labels = collate(batches.pop(), pad, device)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = answer_loss(model, ids, mask, labels)
         (loss / hp.grad_accum).backward()
         window_loss += float(loss.detach())
         window_tokens += int(mask.sum())
