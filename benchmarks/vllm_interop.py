@@ -215,10 +215,19 @@ def answers_in(transcript: str, name: str) -> list[str]:
 # ------------------------------------------------------------------ main
 
 
+def newest_tiny_base() -> Path:
+    """The tiny base pytest built last (tests/conftest.py caches it under tests/.cache)."""
+    built = sorted((ROOT / "tests" / ".cache").glob("demo-base-*/model.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not built:
+        raise SystemExit("no tiny base in tests/.cache yet: run any test that uses `tiny_base` first")
+    return built[-1].parent
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="vLLM venv (built if missing)")
     p.add_argument("--base", type=Path, default=None, help="HF base model dir (default: the converted SmolLM2)")
+    p.add_argument("--tiny", action="store_true", help="the test suite's cached tiny Qwen2 base (tests/.cache)")
     p.add_argument("--registry", type=Path, default=None, help="a registry with a promoted adapter for --base")
     p.add_argument("--threads", type=int, default=1, help="vLLM CPU threads (the machine is shared)")
     p.add_argument("--skip-loop", action="store_true", help="only start vLLM and check its behaviour")
@@ -226,7 +235,7 @@ def main() -> int:
     args = p.parse_args()
 
     python = ensure_venv(args.venv)
-    base = args.base or SMOLLM2_HF
+    base = args.base or (newest_tiny_base() if args.tiny else SMOLLM2_HF)
     if not (base / "config.json").exists():
         print(f"no base model at {base} (config.json missing)", file=sys.stderr)
         return 2
@@ -277,6 +286,7 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGKILL)
     print(json.dumps({k: v for k, v in figures.items() if k != "facts"}, indent=1), flush=True)
     print(f"work dir (transcript, vllm.log): {work}")
+    (work / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
     if not args.no_write:
         write_section("vllm_interop", render(figures, cmd))
     return 0
