@@ -232,6 +232,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="vLLM CPU threads (the machine is shared)")
     p.add_argument("--skip-loop", action="store_true", help="only start vLLM and check its behaviour")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
+    p.add_argument("--with-earlier", type=Path, action="append", default=[],
+                   help="figures.json of an earlier run to report beside this one")
     args = p.parse_args()
 
     python = ensure_venv(args.venv)
@@ -288,21 +290,40 @@ def main() -> int:
     print(f"work dir (transcript, vllm.log): {work}")
     (work / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
     if not args.no_write:
-        write_section("vllm_interop", render(figures, cmd))
+        earlier = [json.loads(p.read_text()) for p in args.with_earlier]
+        write_section("vllm_interop", render(figures, cmd, earlier))
     return 0
 
 
-def render(f: dict, cmd: list[str]) -> str:
+def fact_lines(f: dict) -> list[str]:
     facts = f.get("facts", {})
-    lines = [f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py` (vLLM {f['vllm']}, base `{f['base']}`,",
-             "1 OpenMP thread, --max-num-seqs 2, --enforce-eager, float32).", "",
-             f"- vLLM start to first 200 on /health: {f.get('start_s')} s",
-             f"- /health: HTTP {facts.get('health', {}).get('status')}, body {facts.get('health', {}).get('body')!r}, "
-             f"content type {facts.get('health', {}).get('content_type')!r}",
-             f"- load without load_inplace of a loaded name: HTTP {facts.get('reload_without_inplace', {}).get('status')}; "
-             f"with load_inplace: HTTP {facts.get('reload_inplace', {}).get('status')}",
-             f"- unknown model: HTTP {facts.get('unknown_model', {}).get('status')} "
-             f"type {((facts.get('unknown_model') or {}).get('body') or {}).get('error', {}).get('type')!r}"]
+
+    def err(key: str) -> str:
+        entry = facts.get(key) or {}
+        body = entry.get("body") if isinstance(entry.get("body"), dict) else {}
+        e = body.get("error") if isinstance(body.get("error"), dict) else {}
+        return f"HTTP {entry.get('status')} {e.get('type')!r} {e.get('message')!r}"
+
+    lora_cards = facts.get("models_with_lora") or [{}]
+    return [
+        f"- vLLM start to first 200 on /health: {f.get('start_s')} s",
+        f"- /health: HTTP {facts.get('health', {}).get('status')}, body {facts.get('health', {}).get('body')!r}, "
+        f"content type {facts.get('health', {}).get('content_type')!r}",
+        f"- /v1/models base card keys: {sorted((facts.get('models', {}).get('data') or [{}])[0])}; a LoRA's card: "
+        f"root = its path, parent = {lora_cards[0].get('parent')!r}",
+        f"- load_lora_adapter: HTTP {facts.get('load', {}).get('status')} {facts.get('load', {}).get('body')!r} "
+        f"(content type {facts.get('load', {}).get('content_type')!r}); same name again without load_inplace: "
+        f"{err('reload_without_inplace')}; with load_inplace: HTTP {facts.get('reload_inplace', {}).get('status')}",
+        f"- unknown model: {err('unknown_model')}; missing adapter dir: {err('missing_adapter')}; "
+        f"unload of an unknown name: {err('unload_unknown')}",
+        f"- POST /sleep without VLLM_SERVER_DEV_MODE: HTTP {facts.get('sleep_without_dev_mode', {}).get('status')}",
+    ]
+
+
+def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
+    lines = [f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py{' --tiny' if 'cache' in f['base'] else ''}` "
+             f"(vLLM {f['vllm']}, base `{f['base']}`, 1 OpenMP thread, --max-num-seqs 2, --enforce-eager, "
+             "float32). Every fact tests/fake_vllm.py claims, asked of the real server:", "", *fact_lines(f)]
     if f.get("registry_build_s"):
         lines.append(f"- trainer bootstrap for this base (not timed against vLLM): {f['registry_build_s']} s")
     loop = f.get("loop")
@@ -313,6 +334,9 @@ def render(f: dict, cmd: list[str]) -> str:
                   f"after retrain: {loop['corrected']}; rollback restored the first answer: {loop['rollback_restored']}; "
                   f"/status worked: {loop['status_ok']}",
                   f"- answers: {loop['answers']}"]
+    for e in earlier:
+        lines += ["", f"Earlier run, `--skip-loop` on base `{e['base']}` (same checks, same answers):", "",
+                  *fact_lines(e)]
     lines += ["", "Server command:", "", "```", " ".join(cmd), "```"]
     return "\n".join(lines)
 
