@@ -28,6 +28,7 @@ from model.config import load_config
 from model.process import free_port
 from tests.fake_discord import FakeDiscord
 from tests.test_bot_support import BotHarness, write_config
+from tests.tiny_profile import tiny_sections
 from trainer.matching import answer_matches
 from trainer.registry import Registry
 
@@ -41,12 +42,13 @@ MAX_TOKENS = 40
 
 
 def model_sections(tiny_base: Path, tmp: Path, **extra) -> dict:
-    sections = {
-        "model": {"base": str(tiny_base), "temperature": 0.0, "max_tokens": MAX_TOKENS},
+    sections = tiny_sections(tiny_base)  # the tiny base with the tests' training recipe (profile "tiny")
+    sections["model"].update({"temperature": 0.0, "max_tokens": MAX_TOKENS})
+    sections["training"].update({"registry_dir": str(tmp / "adapters"), "work_dir": str(tmp / "runs")})
+    sections.update({
         "worker": {"startup_timeout_s": 120.0, "drain_timeout_s": 5.0, "cpu_threads": 1, "port": free_port()},
-        "training": {"registry_dir": str(tmp / "adapters"), "work_dir": str(tmp / "runs")},
         "store": {"path": str(tmp / "loopcord.db")},
-    }
+    })
     for name, values in extra.items():
         sections.setdefault(name, {}).update(values)
     return sections
@@ -93,7 +95,9 @@ async def start_product(tmp: Path, tiny_base: Path, bootstrapped: Path, **extra)
 
 
 async def live_adapter_path(runtime: Runtime) -> str:
-    return (await runtime.core.client.health())["adapters"][runtime.cfg.model.served_name]
+    """What the server says it serves under the alias (/v1/models, as vLLM reports it)."""
+    (card,) = [m for m in await runtime.core.client.models() if m["id"] == runtime.cfg.model.served_name]
+    return card["root"]
 
 
 def button_id(message: dict, label: str) -> str:
