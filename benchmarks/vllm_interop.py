@@ -180,15 +180,31 @@ def write_config(work: Path, url: str, base: Path, tiny: bool = False) -> Path:
     return path
 
 
-def probe_adapter(base: Path, out: Path) -> Path:
-    """A freshly initialised (untrained) PEFT LoRA for `base`: enough to check vLLM's LoRA API."""
+def probe_adapter(base: Path, out: Path, random_b: bool = False) -> Path:
+    """A freshly initialised (untrained) PEFT LoRA for `base`: enough to check vLLM's LoRA API.
+    `random_b`: both LoRA matrices random, so its answers differ from the base's."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=not random_b))
     peft.save_pretrained(out)
     return out
+
+
+def outside_registry(work: Path, config: Path, base: Path) -> None:
+    """Two outside adapters through the trainer's own CLI (`import`, `promote --force`): v0001
+    changes nothing (B = 0), v0002 changes every answer; v0002 is live. No training needed."""
+    for name, random_b in (("zero", False), ("random", True)):
+        probe_adapter(base, work / "outside" / name, random_b)
+        run([sys.executable, "-m", "trainer", "import", str(work / "outside" / name), "--config", str(config)],
+            cwd=ROOT, env=child_env({"HF_HUB_OFFLINE": "1"}))
+    for version in ("v0001", "v0002"):
+        run([sys.executable, "-m", "trainer", "promote", version, "--force", "--config", str(config)],
+            cwd=ROOT, env=child_env())
 
 
 def ensure_registry(work: Path, config: Path, source: Path | None) -> float:
@@ -202,9 +218,15 @@ def ensure_registry(work: Path, config: Path, source: Path | None) -> float:
     return time.monotonic() - started
 
 
-async def drive_terminal(config: Path) -> tuple[str, float]:
-    script = "\n".join([QUESTION, "/status", "/flag", f"/correct {CORRECTION}", "/approve 1", "/retrain",
-                        "/new", QUESTION, "/status", "/rollback", "/status", "/new", QUESTION, "/quit"]) + "\n"
+LOOP_SCRIPT = [QUESTION, "/status", "/flag", f"/correct {CORRECTION}", "/approve 1", "/retrain",
+               "/new", QUESTION, "/status", "/rollback", "/status", "/new", QUESTION, "/quit"]
+# --no-retrain: answers from the live adapter, /status, /rollback (an in-place load), answers again.
+SWAP_SCRIPT = [QUESTION, "/status", "/rollback", "/status", "/new", QUESTION, "/rollback v0002", "/new", QUESTION,
+               "/quit"]
+
+
+async def drive_terminal(config: Path, lines: list[str] = LOOP_SCRIPT) -> tuple[str, float]:
+    script = "\n".join(lines) + "\n"
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "--config", str(config), cwd=ROOT, stdin=asyncio.subprocess.PIPE,
@@ -237,6 +259,9 @@ def main() -> int:
     p.add_argument("--registry", type=Path, default=None, help="a registry with a promoted adapter for --base")
     p.add_argument("--threads", type=int, default=1, help="vLLM CPU threads (the machine is shared)")
     p.add_argument("--skip-loop", action="store_true", help="only start vLLM and check its behaviour")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="two imported untrained adapters instead of a trained registry: answers, /status, "
+                        "/rollback in place, no training (minutes instead of an hour on a busy CPU)")
     p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
     p.add_argument("--with-earlier", type=Path, action="append", default=[],
                    help="figures.json of an earlier run to report beside this one")
@@ -257,6 +282,9 @@ def main() -> int:
 
     if args.skip_loop:
         adapter = probe_adapter(base, work / "probe")
+    elif args.no_retrain:
+        outside_registry(work, config, base)
+        adapter = work / "outside" / "zero"
     else:
         figures["registry_build_s"] = round(ensure_registry(work, config, args.registry), 1)
         reg = Registry(work / "adapters")
@@ -270,7 +298,27 @@ def main() -> int:
         figures["start_s"] = round(wait_up(url, proc, START_TIMEOUT_S), 1)
         figures["facts"] = check_facts(url, adapter)
         print(json.dumps(figures["facts"], indent=1)[:4000], flush=True)
-        if not args.skip_loop:
+        if args.no_retrain:
+            transcript, wall = asyncio.run(drive_terminal(config, SWAP_SCRIPT))
+            (work / "transcript.txt").write_text(transcript)
+            print(transcript[-6000:], flush=True)
+            from model.config import load_config
+
+            answers = answers_in(transcript, load_config(config).identity.name)
+            status, _, body = http("POST", url + "/v1/chat/completions", {
+                "model": SERVED_BASE, "max_tokens": 40, "temperature": 0.0,
+                "messages": [{"role": "system", "content": load_config(config).identity.system},
+                             {"role": "user", "content": QUESTION}]})
+            base_answer = json.loads(body)["choices"][0]["message"]["content"] if status == 200 else None
+            figures["swap"] = {
+                "wall_s": round(wall, 1), "answers": answers, "base_answer": base_answer,
+                "rolled_back_to_base_weights": len(answers) == 3 and answers[1] == base_answer,
+                "adapter_changed_answers": len(answers) == 3 and answers[0] != answers[1],
+                "back_to_v0002": len(answers) == 3 and answers[2] == answers[0],
+                "status_ok": transcript.count("Live adapter:") == 2 and "Traceback" not in transcript,
+                "status_after_rollback_says_v0001": "Live adapter: v0001" in transcript,
+            }
+        elif not args.skip_loop:
             transcript, wall = asyncio.run(drive_terminal(config))
             (work / "transcript.txt").write_text(transcript)
             print(transcript[-6000:], flush=True)
@@ -340,6 +388,17 @@ def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
                   f"after retrain: {loop['corrected']}; rollback restored the first answer: {loop['rollback_restored']}; "
                   f"/status worked: {loop['status_ok']}",
                   f"- answers: {loop['answers']}"]
+    swap = f.get("swap")
+    if swap:
+        lines += [f"- `--no-retrain`: two outside PEFT adapters registered with `python -m trainer import` and "
+                  f"`promote --force` (v0001: B = 0, the base's answers; v0002: random, other answers); the terminal "
+                  f"bot through vLLM: question, /status, /rollback (in-place load of v0001), /status, question, "
+                  f"/rollback v0002, question: {swap['wall_s']} s wall",
+                  f"- answers: {swap['answers']}; vLLM's base model asked directly: {swap['base_answer']!r}",
+                  f"- v0002 changed the answer: {swap['adapter_changed_answers']}; after /rollback the answer is the "
+                  f"base's: {swap['rolled_back_to_base_weights']}; back on v0002 it is v0002's again: "
+                  f"{swap['back_to_v0002']}; /status worked against the empty /health: {swap['status_ok']} and "
+                  f"named v0001 after the rollback: {swap['status_after_rollback_says_v0001']}"]
     for e in earlier:
         lines += ["", f"Earlier run, `--skip-loop` on base `{e['base']}` (same checks, same answers):", "",
                   *fact_lines(e)]
