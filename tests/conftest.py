@@ -6,6 +6,7 @@ the first run pays a short CPU pretraining and later runs load it from disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -70,14 +71,12 @@ def tiny_base(pytestconfig) -> Path:
 
 
 def _reporter(pytestconfig):
-    """A line on the terminal even while pytest captures output (-q included)."""
-    tr = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    """A line on the terminal at once, even while pytest captures output (-q included)."""
+    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
 
     def say(text: str) -> None:
-        if tr is not None:
-            tr.write_line(f"[loopcord] {text}")
-        else:
-            print(text, file=sys.stderr, flush=True)
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            print(f"\n[loopcord] {text}", file=sys.stderr, flush=True)
 
     return say
 
