@@ -7,13 +7,18 @@ internal name when it is admitted, so it finishes on the version it started
 with, while requests arriving after the load call returned get the new one.
 An old version is deleted from the model when its last request releases it.
 
-`check_adapter_dir` validates an adapter directory against the base before
-anything touches the model, so a bad path leaves the old adapter serving.
+`read_adapter` reads an adapter directory into memory and validates it against
+the base (shapes, finite weights) before anything touches the model, so a bad
+or half-written adapter leaves the old one serving; the engine then loads the
+in-memory copy, never a memory-mapped file (a file rewritten under a mapping
+kills the process with SIGBUS). `within_roots` limits which directories may be
+loaded at all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,45 +128,108 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
     }
 
 
-def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    if weights.suffix == ".safetensors":
-        from safetensors import safe_open
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter read fully into memory: nothing is served from a file that can change."""
 
-        with safe_open(str(weights), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    path: str
+    config: dict  # adapter_config.json
+    weights: dict  # tensor name -> torch.Tensor (a private copy, never memory-mapped)
+
+
+def _bad(message: str) -> APIError:
+    return APIError(400, message, param="lora_path")
+
+
+def _read_weights(weights: Path) -> dict:
+    """The state dict from bytes in memory: a file rewritten meanwhile is an error, not a SIGBUS."""
+    import io
+
     import torch
 
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return {k: tuple(v.shape) for k, v in state.items()}
+    data = weights.read_bytes()
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load
+
+        return load(data)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def check_adapter_dir(path: str, shapes: dict[str, tuple[int, int]]) -> dict:
-    """Validate a PEFT LoRA adapter dir against the base; returns its config. 400 otherwise."""
+def read_adapter(path: str, shapes: Optional[dict[str, tuple[int, int]]]) -> AdapterFiles:
+    """Read and validate a PEFT LoRA adapter dir against the base; 400 naming the problem otherwise."""
+    import torch
+
     where = Path(path)
     if not where.is_dir():
-        raise APIError(400, f"adapter path {path!r} is not a directory", param="lora_path", code="invalid_adapter")
+        raise _bad(f"adapter path {path!r} is not a directory")
     cfg_file = where / ADAPTER_CONFIG
     if not cfg_file.is_file():
-        raise APIError(400, f"{path!r} is not a PEFT adapter: {ADAPTER_CONFIG} is missing",
-                       param="lora_path", code="invalid_adapter")
+        raise _bad(f"{path!r} is not a PEFT adapter: {ADAPTER_CONFIG} is missing")
     try:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise APIError(400, f"{cfg_file}: not valid JSON ({exc})", param="lora_path", code="invalid_adapter")
+        raise _bad(f"{cfg_file}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
-        raise APIError(400, f"{path!r} is not a LoRA adapter (peft_type={kind!r})",
-                       param="lora_path", code="invalid_adapter")
-    weights = next((where / f for f in WEIGHT_FILES if (where / f).is_file()), None)
-    if weights is None:
-        raise APIError(400, f"{path!r} has no adapter weights ({' or '.join(WEIGHT_FILES)})",
-                       param="lora_path", code="invalid_adapter")
+        raise _bad(f"{path!r} is not a LoRA adapter (peft_type={kind!r})")
+    weights_file = next((where / f for f in WEIGHT_FILES if (where / f).is_file()), None)
+    if weights_file is None:
+        raise _bad(f"{path!r} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
     try:
-        tensors = _tensor_shapes(weights)
-    except Exception as exc:  # corrupt file: any reader error is the user's file
-        raise APIError(400, f"{weights}: cannot read adapter weights ({exc})", param="lora_path", code="invalid_adapter")
-    _check_shapes(path, tensors, shapes)
-    return config
+        weights = _read_weights(weights_file)
+    except Exception as exc:  # truncated, rewritten or corrupt: any reader error is the file's
+        raise _bad(f"{weights_file}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise _bad(f"{weights_file}: not a state dict of tensors")
+    bad = next((k for k, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise _bad(f"adapter {path!r} has non-finite weights (NaN or infinity in {bad}); it would answer nothing")
+    if shapes is not None:
+        _check_shapes(path, {k: tuple(t.shape) for k, t in weights.items()}, shapes)
+    return AdapterFiles(path, config, weights)
+
+
+def attach(model, internal: str, files: AdapterFiles):
+    """Add the in-memory adapter to `model` (wrapping it in a PeftModel the first time); returns the model.
+
+    What `PeftModel.load_adapter` does, minus its file reading: config from the
+    parsed adapter_config.json, weights from the private state dict.
+    """
+    from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+    config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**files.config))
+    config.inference_mode = True
+    if isinstance(model, PeftModel):
+        model.add_adapter(internal, config)
+    else:
+        model = PeftModel(model, config, adapter_name=internal)
+    result = set_peft_model_state_dict(model, files.weights, adapter_name=internal)
+    missing = [k for k in result.missing_keys if internal in k and "lora_" in k]
+    if missing:
+        raise ValueError(f"adapter weights are missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.eval()
+    return model
+
+
+def check_adapter_dir(path: str, shapes: dict[str, tuple[int, int]]) -> dict:
+    """Validate an adapter dir (see `read_adapter`); returns its config."""
+    return read_adapter(path, shapes).config
+
+
+def within_roots(path: str, roots: list[Path]) -> Optional[Path]:
+    """`path` resolved, if it lies inside one of `roots`; None otherwise.
+
+    Decided on the resolved name alone, before anything is read, so the answer
+    (and the error a caller sees) is the same whether the path exists or not.
+    """
+    try:
+        resolved = Path(os.path.expanduser(path)).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    for root in roots:
+        if resolved == root or resolved.is_relative_to(root):
+            return resolved
+    return None
 
 
 def _check_shapes(path: str, tensors: dict, shapes: dict[str, tuple[int, int]]) -> None:
@@ -172,12 +240,10 @@ def _check_shapes(path: str, tensors: dict, shapes: dict[str, tuple[int, int]]) 
             module = key.split(part)[0]
             module = module[len(PEFT_KEY_PREFIX):] if module.startswith(PEFT_KEY_PREFIX) else module
             if module not in shapes:
-                raise APIError(400, f"adapter {path!r} is incompatible with the base model: it targets "
-                               f"'{module}', which the base does not have", param="lora_path",
-                               code="incompatible_adapter")
+                raise _bad(f"adapter {path!r} is incompatible with the base model: it targets "
+                           f"'{module}', which the base does not have")
             expected = shapes[module][0] if part == ".lora_A." else shapes[module][1]
             if len(shape) != 2 or shape[dim] != expected:
                 side = "input" if part == ".lora_A." else "output"
-                raise APIError(400, f"adapter {path!r} is incompatible with the base model: '{module}' has "
-                               f"{side} size {expected}, the adapter's {key} has shape {list(shape)}",
-                               param="lora_path", code="incompatible_adapter")
+                raise _bad(f"adapter {path!r} is incompatible with the base model: '{module}' has "
+                           f"{side} size {expected}, the adapter's {key} has shape {list(shape)}")

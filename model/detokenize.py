@@ -36,11 +36,16 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Whatever is left at the end (a truly invalid byte run decodes as U+FFFD)."""
+        """Whatever is left at the end, minus an incomplete character.
+
+        Generation cut off (max_tokens) in the middle of a multi-byte character
+        leaves bytes that decode as U+FFFD; vLLM never emits those, and neither
+        do we: a client sees whole characters or nothing.
+        """
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return new_text[len(prefix_text) :]
+        return new_text[len(prefix_text) :].rstrip(REPLACEMENT_CHAR)
 
 
 class StopStrings:
@@ -51,6 +56,7 @@ class StopStrings:
         self.text = ""  # everything generated so far
         self.released = 0  # chars of `text` handed out
         self.stopped = False
+        self.matched: Optional[str] = None  # the stop string that ended generation (vLLM's stop_reason)
 
     def _held_tail(self, start: int) -> int:
         """Length of the longest tail of text[start:] that is a prefix of a stop string."""
@@ -68,9 +74,9 @@ class StopStrings:
         if self.stopped or not delta:
             return ""
         self.text += delta
-        hits = [i for i in (self.text.find(s, self.released) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s, i in ((s, self.text.find(s, self.released)) for s in self.stops) if i >= 0]
         if hits:
-            end = min(hits)
+            end, self.matched = min(hits, key=lambda h: h[0])
             self.stopped = True
         else:
             end = len(self.text) - self._held_tail(self.released)

@@ -417,18 +417,18 @@ class Engine:
 
     # ---------------- model changes (run through `call`) ----------------
 
-    def load_adapter(self, internal: str, path: str) -> None:
-        """Inject a LoRA adapter under a fresh internal name (engine thread only)."""
-        from peft import PeftModel
+    def load_adapter(self, internal: str, path: str, files=None) -> None:
+        """Inject a LoRA adapter under a fresh internal name (engine thread only).
+
+        `files` is the adapter already read into memory (model.adapters.read_adapter);
+        the weights are never memory-mapped from `path`, which may be rewritten.
+        """
+        from model.adapters import attach, read_adapter
 
         self._active = None  # loading changes peft's active adapter: re-select before the next forward
         try:
-            if not self.peft:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=internal, is_trainable=False)
-                self.peft = True
-            else:
-                self.model.load_adapter(path, adapter_name=internal, is_trainable=False)
-            self.model.eval()
+            self.model = attach(self.model, internal, files or read_adapter(path, None))
+            self.peft = True
         except Exception:
             self.delete_adapter(internal)
             raise

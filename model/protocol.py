@@ -1,8 +1,18 @@
-"""The OpenAI chat-completions subset: validate requests, shape responses.
+"""The API's one validation layer, and the response objects OpenAI and vLLM return.
 
-Pure functions, no torch and no HTTP: `parse_chat_request` turns a decoded
-JSON body into a `ChatRequest` or raises `APIError(400)` naming the parameter;
-the `*_object` helpers build the exact JSON objects OpenAI (and vLLM) return.
+Request bodies are pydantic models, as vLLM's are (vllm/entrypoints/openai/
+protocol.py): a typed schema states every bound once, non-finite numbers
+(`NaN`, `Infinity`, `1e400`) are refused by `allow_inf_nan=False`, the JSON
+parser (pydantic-core's) refuses lone surrogates and nesting beyond its
+recursion limit, and every failure becomes a 400 naming the parameter
+(`parse_body`). Nothing invalid reaches tokenization or sampling.
+
+Where vLLM has a rule, we follow it: `seed` within a signed 64-bit integer,
+a positive temperature below 0.01 raised to 0.01 (vLLM's `_MAX_TEMP`, so
+`1e-300` cannot overflow the softmax), `stream_options` only with `stream`.
+
+The `*_object` helpers build the exact JSON objects OpenAI (and vLLM) return.
+Pure functions, no torch and no HTTP.
 """
 
 from __future__ import annotations
@@ -10,16 +20,123 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from model.errors import APIError, bad_request
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
-MAX_STOP_STRINGS = 16  # as OpenAI caps `stop` (4) but generous for vLLM users
+MAX_STOP_STRINGS = 16  # OpenAI caps `stop` at 4; generous for vLLM users
+MIN_TEMPERATURE = 1e-2  # vLLM's _MAX_TEMP: smaller positive temperatures are raised to this
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.long, as vLLM bounds `seed`
+MAX_ERROR_VALUE_CHARS = 40  # a refused value is quoted back only when short
 
 
-@dataclass
+def _utf8(text: str) -> str:
+    """Text a tokenizer can encode: refuse lone surrogates (possible from a Python caller)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text contains an unpaired surrogate at position {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
+
+
+class _Body(BaseModel):
+    # strict: "5" is not 5 and "true" is not true; extra keys are ignored, as OpenAI's and vLLM's are.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: Text
+
+
+class Message(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[Text, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = True  # vLLM's default once stream_options is given
+    continuous_usage_stats: Optional[bool] = False  # accepted; usage is sent once, at the end
+
+
+class ChatCompletionBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    model: Optional[Text] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    stop: Union[NonEmptyText, Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)], None] = None
+    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    n: Optional[int] = Field(1, ge=1, le=1)
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past end-of-turn
+
+
+
+class LoadLoRABody(_Body):
+    lora_name: NonEmptyText
+    lora_path: NonEmptyText
+    load_inplace: bool = False  # vLLM: replacing a loaded name must say so
+
+
+class UnloadLoRABody(_Body):
+    lora_name: NonEmptyText
+
+
+Body = TypeVar("Body", bound=_Body)
+
+
+def _problem(exc: ValidationError) -> APIError:
+    """The first validation error as a 400 naming its parameter (as vLLM's `param`)."""
+    errors = exc.errors(include_url=False, include_input=True)
+    # a union reports one error per member: the deepest one says what was actually wrong
+    first = errors[0].get("loc", ())[:1]
+    err = max((e for e in errors if e.get("loc", ())[:1] == first), key=lambda e: (len(e.get("loc", ())), e.get("type") != "string_type"))
+    loc = [str(p) for p in err.get("loc", ())]
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "json_invalid":
+        return bad_request(f"the request body is not valid JSON: {err.get('ctx', {}).get('error', msg)}")
+    if not loc:
+        if err.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+            return bad_request("the request body must be a JSON object")
+        return bad_request(msg.removeprefix("Value error, "))
+    value = err.get("input")
+    shown = ""
+    if isinstance(value, (bool, int, float)):
+        shown = f", got {value!r}"
+    elif isinstance(value, str) and len(value) <= MAX_ERROR_VALUE_CHARS and value.isprintable():
+        shown = f", got {value!r}"  # (a lone surrogate is not printable: never echoed into a UTF-8 body)
+    # union members add their type name to the location ("stop.list[...]"); users never wrote those
+    where = ".".join(p for p in loc if p.isdigit() or (p.isidentifier() and p != "str"))
+    return bad_request(f"{where}: {msg.removeprefix('Value error, ')}{shown}", loc[0])
+
+
+def parse_body(model: type[Body], body: Union[bytes, str, dict, Any]) -> Body:
+    """Validate a request body (raw JSON or already decoded) against `model`; 400 otherwise."""
+    try:
+        if isinstance(body, (bytes, bytearray, str)):
+            return model.model_validate_json(body)
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _problem(exc) from None
+
+
+@dataclass(frozen=True)
 class ChatRequest:
+    """A validated chat request, normalised for the engine."""
+
     messages: list[dict]
     model: Optional[str]
     max_tokens: Optional[int] = None
@@ -28,106 +145,31 @@ class ChatRequest:
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     stream: bool = False
-    ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past end-of-turn
-    include_usage: bool = True  # the last chunk always carries usage (see server docs)
+    ignore_eos: bool = False
+    include_usage: bool = True  # non-streamed answers always carry usage; streams only when asked
 
 
-def _number(body: dict, key: str, default: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"'{key}' must be a number, got {value!r}", key)
-    return float(value)
-
-
-def _text_of(content: Any, index: int) -> str:
-    """Message content as text: a string, or OpenAI's list of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise bad_request(f"messages[{index}].content: only text parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad_request(f"messages[{index}].content must be a string, got {content!r}", "messages")
-
-
-def parse_messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise bad_request(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
-        role = m.get("role")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
-        if "content" not in m or m["content"] is None:
-            raise bad_request(f"messages[{i}] has no 'content'", "messages")
-        out.append({"role": role, "content": _text_of(m["content"], i)})
-    return out
-
-
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate a decoded /v1/chat/completions body (400 naming the bad parameter)."""
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    messages = parse_messages(body.get("messages"))
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"'model' must be a string, got {model!r}", "model")
-
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise bad_request(f"'max_tokens' must be a positive integer, got {max_tokens!r}", "max_tokens")
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise bad_request(f"'temperature' must be 0 or more, got {temperature}", "temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise bad_request("'stop' must be a non-empty string or a list of them", "stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise bad_request(f"'stop' allows at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
-
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad_request(f"'seed' must be an integer, got {seed!r}", "seed")
-    n = body.get("n", 1)
-    if n != 1:
-        raise bad_request(f"only n=1 is supported, got {n!r}", "n")
-
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad_request(f"'stream' must be true or false, got {stream!r}", "stream")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise bad_request(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object", "stream_options")
+def parse_chat_request(body: Union[bytes, str, dict, Any]) -> ChatRequest:
+    """Validate a /v1/chat/completions body (400 naming the bad parameter)."""
+    req = parse_body(ChatCompletionBody, body)
+    if req.stream_options is not None and not req.stream:  # as vLLM
+        raise bad_request("stream_options can only be given when stream is true", "stream_options")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = MIN_TEMPERATURE
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stream = bool(req.stream)
     return ChatRequest(
-        messages=messages,
-        model=model,
-        max_tokens=max_tokens,
+        messages=[{"role": m.role, "content": m.text()} for m in req.messages],
+        model=req.model,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         temperature=temperature,
-        top_p=top_p,
+        top_p=1.0 if req.top_p is None else req.top_p,
         stop=stop,
-        seed=seed,
+        seed=req.seed,
         stream=stream,
-        ignore_eos=ignore_eos,
-        include_usage=True,  # always: the bot logs token counts (stream_options honoured trivially)
+        ignore_eos=req.ignore_eos,
+        include_usage=(not stream) or bool(req.stream_options and req.stream_options.include_usage),
     )
 
 
@@ -163,7 +205,9 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_object(cid: str, model: str, text: str, finish_reason: str, usage: dict) -> dict:
+def completion_object(cid: str, model: str, text: str, finish_reason: str, usage: dict,
+                      stop_reason: Union[str, int, None] = None) -> dict:
+    """`stop_reason` is vLLM's extra: the stop string that ended the answer (None for EOS/length)."""
     return {
         "id": cid,
         "object": "chat.completion",
@@ -175,6 +219,7 @@ def completion_object(cid: str, model: str, text: str, finish_reason: str, usage
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish_reason,
+                "stop_reason": stop_reason,
             }
         ],
         "usage": usage,
@@ -188,21 +233,24 @@ def chunk_object(
     delta: Optional[dict] = None,
     finish_reason: Optional[str] = None,
     usage: Optional[dict] = None,
+    stop_reason: Union[str, int, None] = None,
 ) -> dict:
     """One `chat.completion.chunk`; a usage-only chunk has empty `choices` (as OpenAI)."""
-    choices = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    ]
-    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [] if delta is None else [choice]}
     if usage is not None:
         out["usage"] = usage
     return out
 
 
-def model_list_object(base_id: str, base_root: str, adapters: dict[str, str], created: int) -> dict:
+def model_list_object(base_id: str, base_root: Optional[str], adapters: dict[str, Optional[str]],
+                      created: int, max_model_len: Optional[int] = None) -> dict:
     """GET /v1/models: base first (parent None), then adapters (parent = base id), as vLLM."""
     data = [{"id": base_id, "object": "model", "created": created, "owned_by": "loopcord",
-             "root": base_root, "parent": None}]
+             "root": base_root, "parent": None, "max_model_len": max_model_len}]
     for name, path in adapters.items():
         data.append({"id": name, "object": "model", "created": created, "owned_by": "loopcord",
                      "root": path, "parent": base_id})

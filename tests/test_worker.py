@@ -23,6 +23,8 @@ GREEDY = {"temperature": 0}
 IGNORE_EOS = {"ignore_eos": True}  # vLLM's parameter: keeps a request running for max_tokens
 ONE_THREAD = ["--cpu-threads", "1"]  # the test machine is small and shared
 LONG = 1500  # tokens: long enough that a request is surely still running when we act on it
+KEY = "test-worker-key"  # control routes (load/unload, sleep/wake) need the key
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def make_adapter(base, out, seed: int):
@@ -53,14 +55,15 @@ def worker(tiny_base, adapter_dirs, tmp_path_factory):
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     proc = WorkerProcess(["--model", str(tiny_base), "--served-model-name", "tiny", *ONE_THREAD,
                           "--lora", f"a={adapter_dirs['a']}", "--lora", f"b={adapter_dirs['b']}",
-                          "--max-batch-size", "16"], log_path=log).start()
+                          "--adapter-root", str(tmp_path_factory.getbasetemp()),
+                          "--max-batch-size", "16"], log_path=log, api_key=KEY).start()
     yield proc
     proc.stop()
 
 
 @pytest.fixture
 async def client(worker):
-    c = ModelClient(worker.url)
+    c = ModelClient(worker.url, api_key=KEY)
     yield c
     await c.aclose()
 
@@ -68,7 +71,7 @@ async def client(worker):
 async def post(url: str, body, path="/v1/chat/completions", headers=None):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     async with aiohttp.ClientSession() as s:
-        async with s.post(url + path, data=data, headers=headers or {"Content-Type": "application/json"}) as r:
+        async with s.post(url + path, data=data, headers=headers or {"Content-Type": "application/json", **AUTH}) as r:
             text = await r.text()
             return r.status, (json.loads(text) if r.content_type == "application/json" else text), r.headers
 
@@ -113,8 +116,9 @@ async def test_stream_joins_to_the_non_streamed_answer(client):
 
 
 async def test_sse_stream_follows_the_openai_chunk_protocol(worker):
-    body = {"model": "tiny", "messages": ASK, "max_tokens": 24, "temperature": 0, "stream": True}
-    async with aiohttp.ClientSession() as s:
+    body = {"model": "tiny", "messages": ASK, "max_tokens": 24, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession(headers=AUTH) as s:
         async with s.post(worker.url + "/v1/chat/completions", json=body) as r:
             assert r.status == 200 and r.content_type == "text/event-stream"
             events = await sse_events(r)
@@ -140,7 +144,7 @@ async def test_chinese_answers_stream_as_whole_characters(worker, client):
     for prompt in ZH_PROMPTS:
         msgs = [{"role": "user", "content": prompt}]
         body = {"model": "tiny", "messages": msgs, "max_tokens": 32, "temperature": 0, "stream": True}
-        async with aiohttp.ClientSession() as s:
+        async with aiohttp.ClientSession(headers=AUTH) as s:
             async with s.post(worker.url + "/v1/chat/completions", json=body) as r:
                 events = await sse_events(r)
         deltas = [c["choices"][0]["delta"].get("content", "") for c in events[:-1] if c["choices"]]
@@ -242,7 +246,7 @@ async def test_bad_adapter_is_refused_and_the_old_one_keeps_serving(client, adap
 async def test_unload_in_use_is_refused_and_disconnect_frees_the_slot(worker, client, adapter_dirs):
     generated_before = await metric(worker.url, "loopcord_worker_generation_tokens_total")
     body = {"model": "b", "messages": ASK, "max_tokens": LONG, "ignore_eos": True, "stream": True}
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(headers=AUTH)
     resp = await session.post(worker.url + "/v1/chat/completions", json=body)
     async for line in resp.content:  # wait for generated text: the request is running
         if b'"content": "' in line and b'"content": ""' not in line:

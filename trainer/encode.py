@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.prompt import neutralize, special_strings, tokenize_chat
 from trainer.datasets import DataError, Messages
 
 IGNORE_INDEX = -100
@@ -52,10 +53,19 @@ def assistant_spans(tokenizer, messages: Messages) -> tuple[str, list[tuple[int,
 
 
 def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
-    """Token ids and labels (IGNORE_INDEX outside assistant turns), truncated to max_length."""
+    """Token ids and labels (IGNORE_INDEX outside assistant turns), truncated to max_length.
+
+    Message text is data: a correction or user turn containing `<|im_end|>` trains
+    on the plain characters, never on a control token (model.prompt).
+    """
+    tok = tokenize_chat(tokenizer, messages, generation_prompt=False)
+    if tok.text != render(tokenizer, messages):  # the template alters content: specials were neutralized
+        specials = special_strings(tokenizer)
+        messages = [{**m, "content": neutralize(m["content"], specials)} for m in messages]
     text, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if text != tok.text:
+        raise DataError("the chat template renders content inconsistently; cannot align loss masks")
+    ids, offsets = tok.input_ids, tok.offsets
     labels = [IGNORE_INDEX] * len(ids)
     for t, (a, b) in enumerate(offsets):
         if b > a and any(a < end and b > start for start, end in spans):
@@ -78,4 +88,4 @@ def encode_all(tokenizer, samples: list[Messages], max_length: int) -> tuple[lis
 
 def prompt_ids(tokenizer, messages: Messages) -> list[int]:
     """Token ids of a prompt ready for generation (messages end with the user's turn)."""
-    return tokenizer(render(tokenizer, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return tokenize_chat(tokenizer, messages, generation_prompt=True).input_ids
