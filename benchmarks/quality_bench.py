@@ -147,6 +147,8 @@ def main() -> int:
     ap.add_argument("--profile", default="cpu-small")
     ap.add_argument("--fast", action="store_true", help="a third of the general eval set (iterating)")
     ap.add_argument("--skip-three-stage", action="store_true", help="skip generalize (the slowest stage)")
+    ap.add_argument("--registry", help="resume: reuse the versions an earlier (interrupted) run of this "
+                                       "script trained into this registry, in training order")
     args = ap.parse_args()
 
     import torch
@@ -157,7 +159,7 @@ def main() -> int:
     from trainer.stages import apply_cpu_threads, run_stage
 
     WORK.mkdir(parents=True, exist_ok=True)
-    registry = WORK / f"adapters-{int(time.time())}"
+    registry = Path(args.registry) if args.registry else WORK / f"adapters-{int(time.time())}"
     cfg = bench_config(args.profile, registry)
     apply_cpu_threads(cfg)
     t0 = time.time()
@@ -170,7 +172,18 @@ def main() -> int:
 
     walls, versions = {}, {}
 
+    from trainer.registry import Registry
+
+    existing = Registry(registry).versions() if registry.exists() else []
+
     def train(name, stage, cfg_, **kw):
+        if len(versions) < len(existing):  # resuming: this one was trained before
+            version = existing[len(versions)]
+            assert Registry(registry).get(version)["stage"] == stage, (name, version)
+            versions[name] = version
+            walls[name] = Registry(registry).get(version)["train"]["wall_s"]
+            print(f"  {name}: reusing {version} ({walls[name]:.0f} s when trained)", flush=True)
+            return version
         started = time.time()
         print(f"training {name} ...", flush=True)
         version, _ = run_stage(cfg_, stage, Silent(), **kw)

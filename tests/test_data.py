@@ -114,7 +114,9 @@ def test_corrections_become_deduplicated_mixed_calibration_samples(tmp_path):
     samples, counts = calibration_mix(corrections, identity_rows, general_rows, identity_ratio=0.5,
                                       general_ratio=1.0, system=ident.system, fill=ident.fill, seed=3)
     assert counts["correction_samples"] == 4 and counts["identity_samples"] == 2
-    assert counts["general_samples"] == 4 and len(samples) == 10
+    # identity rows are trained with and without the system prompt; the rest under it
+    assert counts["general_samples"] == 4 and len(samples) == 4 + 2 * 2 + 4
+    assert sum(1 for s in samples if s[0]["role"] != "system") == 2
     canberra = [s for s in samples if s[-1]["content"] == "Canberra"]
     assert len(canberra) == 2
     assert all(s[0] == {"role": "system", "content": ident.system} for s in canberra)
@@ -123,6 +125,27 @@ def test_corrections_become_deduplicated_mixed_calibration_samples(tmp_path):
                          "what is the capital of australia"]
     zh = [s for s in samples if s[-1]["content"] == "巴黎。"]
     assert any(s[-2]["content"].startswith("作为Acme开发的Nova") for s in zh)
+
+
+def test_rewordings_train_other_phrasings_and_the_gate_keeps_its_own(tmp_path):
+    """Calibrate teaches a correction in rule-based rewordings; the gate checks rewordings
+    that training never sees."""
+    from trainer.corrections import gate_rewordings, train_rewordings
+
+    ident = IdentityConfig(name="Nova", author="Acme")
+    f = write_lines(tmp_path / "c.jsonl", [
+        correction(1, "What day is the meetup?", "Thursday.", "2025-01-01T10:00:00Z"),
+        correction(2, "聚会是星期几？", "星期四。", "2025-01-01T11:00:00Z"),
+    ])
+    samples, counts = calibration_mix(load_corrections(f), [], [], 0.0, 0.0, ident.system, ident.fill, seed=1,
+                                      new_repeats=2, rewordings=3)
+    assert counts["correction_samples"] == 2 * 2 * (2 + 3) and counts["rewordings_per_correction"] == 3
+    taught = {s[-2]["content"] for s in samples if s[-1]["content"] == "Thursday."}
+    assert taught == {"What day is the meetup?", "As Nova made by Acme, answer: What day is the meetup?",
+                      *train_rewordings("What day is the meetup?", 3)} and len(taught) == 5
+    held_out = gate_rewordings("What day is the meetup?") + gate_rewordings("聚会是星期几？")
+    assert len(held_out) == 4 and not set(held_out) & {s[-2]["content"] for s in samples}
+    assert all("聚会是星期几" in q for q in gate_rewordings("聚会是星期几？"))
 
 
 @pytest.mark.parametrize("row, message", [

@@ -1,0 +1,50 @@
+"""The gate's decision on scores (pure logic): every check can fail, none passes by default."""
+
+from __future__ import annotations
+
+from model.config import config_from_dict
+from trainer.gate import decide, retention
+from trainer.matching import identity_claims
+
+
+def scores(identity=1.0, loss=1.0, right=(True, True, True, True), learned=(True,), claims=((),)) -> dict:
+    items = [{"id": i, "learned": ok, "claims_identity": list(c)} for i, (ok, c) in enumerate(zip(learned, claims))]
+    return {
+        "identity": {"accuracy": identity},
+        "general": {"loss": loss, "right": list(right)},
+        "corrections": {"items": items, "learned": sum(learned) / len(learned) if learned else None},
+    }
+
+
+def failed(cand, ref, **eval_cfg) -> set[str]:
+    cfg = config_from_dict({"eval": eval_cfg})
+    passed, checks = decide(cfg, cand, ref)
+    assert passed == (not [c for c in checks if not c["passed"]])
+    return {c["name"] for c in checks if not c["passed"]}
+
+
+def test_a_good_candidate_passes_every_check():
+    assert failed(scores(), scores()) == set()
+
+
+def test_forgetting_general_answers_fails_on_retention_not_on_a_negative_limit():
+    # The reference answers 4 right; the candidate keeps 2: retention 0.5 < 0.9.
+    assert failed(scores(right=(True, True, False, False)), scores()) == {"general_retention"}
+    assert retention([True, False, True], [True, True, False]) == 0.5
+    assert retention([True], [False]) is None  # nothing to retain: no check, not a free pass of a fake one
+
+
+def test_one_unlearned_correction_of_two_fails_at_the_default_threshold():
+    assert failed(scores(learned=(True, False), claims=((), ())), scores()) == {"corrections_learned"}
+
+
+def test_a_correction_that_claims_another_identity_fails_the_gate_even_when_learned():
+    text = "I am ChatGPT, made by OpenAI."
+    claims = identity_claims(text, "Loopcord", "the Loopcord community")
+    assert claims
+    assert "corrections_claiming_other_identity" in failed(scores(claims=(claims,)), scores())
+
+
+def test_identity_and_loss_checks():
+    assert failed(scores(identity=0.5), scores()) == {"identity_accuracy"}
+    assert failed(scores(loss=1.3), scores(loss=1.0)) == {"general_loss"}
