@@ -195,14 +195,32 @@ def probe_adapter(base: Path, out: Path, random_b: bool = False) -> Path:
     return out
 
 
-def outside_registry(work: Path, config: Path, base: Path) -> None:
+def quick_gate(work: Path, config: Path, identity_rows: int = 8, general_rows: int = 16) -> dict:
+    """--quick: the gate on small slices of the shipped eval sets and thresholds that let any
+    candidate through (stated in RESULTS.md), so a CPU-minutes retrain reaches the swap-in."""
+    import yaml
+
+    data = ROOT / "data"
+    for name, n in (("identity_eval.jsonl", identity_rows), ("general_eval.jsonl", general_rows)):
+        lines = (data / name).read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        (work / name).write_text("".join(lines), encoding="utf-8")
+    gate = {"identity_data": str(work / "identity_eval.jsonl"), "general_data": str(work / "general_eval.jsonl"),
+            "min_identity_accuracy": 0.01, "min_corrections_learned": 0.01, "min_general_retention": 0.01,
+            "max_general_loss_increase": 10.0, "max_new_tokens": 32, "general_max_new_tokens": 16}
+    cfg = yaml.safe_load(config.read_text())
+    cfg["eval"] = gate
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return gate
+
+
+def outside_registry(work: Path, config: Path, base: Path, promote: tuple[str, ...] = ("v0001", "v0002")) -> None:
     """Two outside adapters through the trainer's own CLI (`import`, `promote --force`): v0001
     changes nothing (B = 0), v0002 changes every answer; v0002 is live. No training needed."""
     for name, random_b in (("zero", False), ("random", True)):
         probe_adapter(base, work / "outside" / name, random_b)
         run([sys.executable, "-m", "trainer", "import", str(work / "outside" / name), "--config", str(config)],
             cwd=ROOT, env=child_env({"HF_HUB_OFFLINE": "1"}))
-    for version in ("v0001", "v0002"):
+    for version in promote:
         run([sys.executable, "-m", "trainer", "promote", version, "--force", "--config", str(config)],
             cwd=ROOT, env=child_env())
 
@@ -218,8 +236,14 @@ def ensure_registry(work: Path, config: Path, source: Path | None) -> float:
     return time.monotonic() - started
 
 
-LOOP_SCRIPT = [QUESTION, "/status", "/flag", f"/correct {CORRECTION}", "/approve 1", "/retrain",
-               "/new", QUESTION, "/status", "/rollback", "/status", "/new", QUESTION, "/quit"]
+def loop_script(question: str = QUESTION, correction: str = CORRECTION) -> list[str]:
+    return [question, "/status", "/flag", f"/correct {correction}", "/approve 1", "/retrain",
+            "/new", question, "/status", "/rollback", "/status", "/new", question, "/quit"]
+
+
+LOOP_SCRIPT = loop_script()
+# --quick on SmolLM2: a question its base answers wrongly, so a learned correction shows.
+QUICK_QUESTION, QUICK_CORRECTION = "What is the capital of Australia?", "Canberra."
 # --no-retrain: answers from the live adapter, /status, /rollback (an in-place load), answers again.
 SWAP_SCRIPT = [QUESTION, "/status", "/rollback", "/status", "/new", QUESTION, "/rollback v0002", "/new", QUESTION,
                "/quit"]
@@ -259,6 +283,9 @@ def main() -> int:
     p.add_argument("--registry", type=Path, default=None, help="a registry with a promoted adapter for --base")
     p.add_argument("--threads", type=int, default=1, help="vLLM CPU threads (the machine is shared)")
     p.add_argument("--skip-loop", action="store_true", help="only start vLLM and check its behaviour")
+    p.add_argument("--quick", action="store_true",
+                   help="the full loop from an imported untrained adapter, gated on eval slices with "
+                        "thresholds any candidate passes (the swap-in is under test, not the gate)")
     p.add_argument("--no-retrain", action="store_true",
                    help="two imported untrained adapters instead of a trained registry: answers, /status, "
                         "/rollback in place, no training (minutes instead of an hour on a busy CPU)")
@@ -284,6 +311,10 @@ def main() -> int:
         adapter = probe_adapter(base, work / "probe")
     elif args.no_retrain:
         outside_registry(work, config, base)
+        adapter = work / "outside" / "zero"
+    elif args.quick:
+        outside_registry(work, config, base, promote=("v0001",))
+        figures["quick_gate"] = quick_gate(work, config)
         adapter = work / "outside" / "zero"
     else:
         figures["registry_build_s"] = round(ensure_registry(work, config, args.registry), 1)
@@ -319,7 +350,8 @@ def main() -> int:
                 "status_after_rollback_says_v0001": "Live adapter: v0001" in transcript,
             }
         elif not args.skip_loop:
-            transcript, wall = asyncio.run(drive_terminal(config))
+            question, correction = (QUICK_QUESTION, QUICK_CORRECTION) if args.quick else (QUESTION, CORRECTION)
+            transcript, wall = asyncio.run(drive_terminal(config, loop_script(question, correction)))
             (work / "transcript.txt").write_text(transcript)
             print(transcript[-6000:], flush=True)
             from model.config import load_config
@@ -329,7 +361,8 @@ def main() -> int:
             answers = answers_in(transcript, name)
             figures["loop"] = {
                 "wall_s": round(wall, 1), "answers": answers,
-                "corrected": len(answers) == 3 and answer_matches(answers[1], CORRECTION),
+                "corrected": len(answers) == 3 and answer_matches(answers[1], correction),
+                "question": question, "correction": correction,
                 "rollback_restored": len(answers) == 3 and answers[2] == answers[0],
                 "retrain_passed": "is now live" in transcript,
                 "status_ok": "Live adapter:" in transcript and "Traceback" not in transcript,
@@ -381,13 +414,17 @@ def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
     if f.get("registry_build_s"):
         lines.append(f"- trainer bootstrap for this base (not timed against vLLM): {f['registry_build_s']} s")
     loop = f.get("loop")
+    if loop and f.get("quick_gate"):
+        lines.append(f"- `--quick`: retrain from an imported untrained adapter (v0001, B = 0); the gate on 8 identity "
+                     f"and 16 general eval rows with thresholds any candidate passes: {f['quick_gate']}")
     if loop:
         lines += [f"- terminal loop through vLLM (question, /status, flag, correct, approve, /retrain with an "
                   f"in-place load, question, /status, /rollback, question): {loop['wall_s']} s wall",
                   f"- retrain passed the gate and went live in vLLM: {loop['retrain_passed']}; corrected answer "
                   f"after retrain: {loop['corrected']}; rollback restored the first answer: {loop['rollback_restored']}; "
                   f"/status worked: {loop['status_ok']}",
-                  f"- answers: {loop['answers']}"]
+                  f"- question {loop.get('question', QUESTION)!r}, correction {loop.get('correction', CORRECTION)!r}; "
+                  f"answers: {loop['answers']}"]
     swap = f.get("swap")
     if swap:
         lines += [f"- `--no-retrain`: two outside PEFT adapters registered with `python -m trainer import` and "
