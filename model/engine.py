@@ -1,17 +1,34 @@
 """The generation engine: continuous batching on one dedicated thread.
 
-The loop, gpt-fast style, is three steps you can hold in your head:
+Each step of the loop, gpt-fast style, is short enough to hold in your head:
 
-    admit   take waiting requests, `prefill` them as one left-padded batch and
-            merge their KV cache into the running batch (left-padding again);
-    decode  `decode_step` feeds every running sequence its last token, one
-            forward pass for the whole batch, and samples the next tokens;
-    retire  sequences that hit EOS, a stop string, max_tokens or whose client
-            left are sliced out of the batch (cache rows and mask rows).
+    retire   sequences that finished or whose client left give back their
+             cache slot and adapter hold;
+    admit    waiting requests take free cache slots (their settings checked
+             first: a bad one fails alone, holding nothing);
+    prefill  at most one chunk of prompt tokens (`scheduler.prefill_chunks`)
+             for the requests being admitted, batched; a request whose prompt
+             is complete samples its first token and starts decoding;
+    decode   one forward for every decoding sequence, one token each, then a
+             vectorised sample (`sampler.sample`) and text out.
 
-New requests therefore join between decode steps and finished ones leave at
-once. Each row may use a different LoRA adapter: peft's mixed-batch forward
-(`adapter_names=[...]`) applies each row's adapter to that row only.
+The KV cache (`kv_cache.SlotCache`) is preallocated per slot and written in
+place, so joining and leaving never copy anyone's cache, and a long prompt
+holds running streams up for one chunk at most. A prompt that starts like an
+earlier one (a system prompt) copies that prefix's keys and values from
+`prefix_cache.PrefixCache` instead of computing them again. The model is the unmodified
+transformers model (Llama, Qwen2, ... alike) driven through `runner.Runner`.
+
+Isolation: a request fails alone. Its settings are checked at admission; a
+batched prefill or decode forward that raises is retried row by row, so only
+the row that fails on its own is failed; a row whose scores are not finite is
+failed by itself (sampling never raises). Every way out releases the slot and
+the adapter hold.
+
+Each row may use a different LoRA adapter: peft's mixed-batch forward
+(`adapter_names=[...]`) applies each row's adapter to that row only. A request
+holds its adapter version from submit to finish, so hot-swaps never change a
+running answer.
 
 The HTTP side never touches torch: it `submit`s a `Sequence` whose `emit`
 callback is thread-safe, and runs model changes (adapter load, sleep) through
@@ -26,63 +43,35 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from transformers import DynamicCache
 
-from model.adapters import AdapterTable, AdapterVersion
+from model.adapters import AdapterTable
 from model.detokenize import IncrementalDetokenizer, StopStrings
 from model.metrics import WorkerMetrics
+from model.packed_linear import pack_linears, supported as packing_supported
+from model.prefix_cache import PrefixCache
+from model.runner import Runner
+from model.sampler import Sampled, SamplingRow, sample
+from model.scheduler import Chunk, Slots, prefill_chunks
+from model.sequence import Phase, Sequence, check_sampling
+
+__all__ = ["Engine", "QueueFull", "Sequence"]
 
 log = logging.getLogger("loopcord.worker")
 
-# Prompt tokens prefilled in one admission step (at least one request always
-# joins), so a burst of long prompts cannot spike memory or stall decoding long.
-PREFILL_TOKEN_BUDGET = 16384
 IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for work
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
-MIXED_ADAPTERS = "__mixed__"  # engine state: rows use different adapters
+DEFAULT_MAX_LEN = 32768  # cache positions per slot when the model does not say
+# oneDNN pre-packed weights on CPU: 1.4-1.5x aggregate at 8 streams on the Qwen2.5-0.5B shape, same at 1
+# (benchmarks/serve_bench.py --pack-ab); numerically a different summation order (~1e-4 in float32 logits).
+PACK_CPU_WEIGHTS = True
+DECODE_HEADROOM = 128  # answer tokens reserved in the cache at admission (it grows beyond as needed)
 
 
 class QueueFull(Exception):
     pass
-
-
-@dataclass
-class Sequence:
-    """One chat request inside the engine."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    emit: Callable[[tuple], None]  # thread-safe; gets ("delta", text) then ("done", reason, usage) or ("error", msg)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    adapter: Optional[AdapterVersion] = None  # held version; None = base model
-    arrival: float = field(default_factory=time.monotonic)
-    # runtime state
-    generated: list[int] = field(default_factory=list)
-    cancelled: bool = False
-    finish_reason: Optional[str] = None
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    detok: Optional[IncrementalDetokenizer] = None
-    stops: Optional[StopStrings] = None
-    generator: Optional[torch.Generator] = None
-
-
-@dataclass
-class Batch:
-    """The running sequences and their shared, left-padded KV cache."""
-
-    seqs: list[Sequence]
-    cache: DynamicCache
-    mask: torch.Tensor  # [B, L] 1 = real token, 0 = left padding
-    next_tokens: torch.Tensor  # [B] last sampled token, input of the next decode step
 
 
 @dataclass
@@ -92,58 +81,13 @@ class _Command:
     when_idle: bool  # wait until nothing is running or waiting (sleep, shutdown)
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def merge_batches(a: Batch, b: Batch) -> Batch:
-    """Stack two batches: left-pad the shorter cache and mask, concatenate rows."""
-    width = max(a.mask.shape[1], b.mask.shape[1])
-    for la, lb in zip(a.cache.layers, b.cache.layers):
-        la.keys = torch.cat([_pad_left(la.keys, width, 2), _pad_left(lb.keys, width, 2)], dim=0)
-        la.values = torch.cat([_pad_left(la.values, width, 2), _pad_left(lb.values, width, 2)], dim=0)
-    mask = torch.cat([_pad_left(a.mask, width, 1), _pad_left(b.mask, width, 1)], dim=0)
-    return Batch(a.seqs + b.seqs, a.cache, mask, torch.cat([a.next_tokens, b.next_tokens]))
-
-
-def select_rows(batch: Batch, keep: list[int]) -> Batch:
-    """Keep only rows `keep`, then drop leading columns that are padding in every row."""
-    index = torch.tensor(keep, device=batch.mask.device)
-    mask = batch.mask[index]
-    used = (mask.sum(0) > 0).nonzero()
-    start = int(used[0]) if len(used) else 0
-    for layer in batch.cache.layers:
-        layer.keys = layer.keys[index, :, start:]
-        layer.values = layer.values[index, :, start:]
-    return Batch([batch.seqs[i] for i in keep], batch.cache, mask[:, start:], batch.next_tokens[index])
-
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Next token per row: greedy at temperature 0, else temperature + top-p (nucleus)."""
-    tokens = logits.argmax(-1)
-    for i, seq in enumerate(seqs):
-        if seq.temperature == 0:
-            continue
-        probs = torch.softmax(logits[i].float() / seq.temperature, -1)
-        if seq.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > seq.top_p  # keep the token that crosses top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        gen = seq.generator
-        tokens[i] = torch.multinomial(probs.to("cpu") if gen is not None else probs, 1, generator=gen).item()
-    return tokens
+def _sampling_row(seq: Sequence) -> SamplingRow:
+    return SamplingRow(seq.temperature, seq.top_p, seq.generator)
 
 
 class Engine:
     def __init__(self, model, tokenizer, eos_ids: set[int], device: str, max_batch_size: int,
-                 max_queue: int, adapters: AdapterTable, metrics: WorkerMetrics):
-        self.model = model  # the base model, or the PeftModel wrapping it once an adapter is loaded
+                 max_queue: int, adapters: AdapterTable, metrics: WorkerMetrics, pack_weights: Optional[bool] = None):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.device = device
@@ -152,16 +96,46 @@ class Engine:
         self.adapters = adapters
         self.metrics = metrics
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-        self.peft = False  # becomes True when the first adapter wraps the model
-        self._active: Optional[str] = None  # which adapter state the peft layers are set to
+        max_len = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LEN
+        dtype = next(model.parameters()).dtype
+        if (PACK_CPU_WEIGHTS if pack_weights is None else pack_weights) and packing_supported(device, dtype):
+            pack_linears(model)
+        self.runner = Runner(model, device, self.pad_id, max_batch_size, max_len)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.sleeping = False
-        self.batch: Optional[Batch] = None
-        self._admitting: list[Sequence] = []  # taken from the queue, being prefilled
+        self.slots = Slots(max_batch_size)
+        self.prefix = PrefixCache()
+        self._prefilling: list[Sequence] = []  # hold slots, prompt not fully fed yet (admission order)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._commands: collections.deque[_Command] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # The adapter methods below (worker-owned) change these; the runner holds the real state.
+    @property
+    def model(self):
+        return self.runner.model
+
+    @model.setter
+    def model(self, value) -> None:
+        self.runner.model = value
+
+    @property
+    def peft(self) -> bool:
+        return self.runner.peft
+
+    @peft.setter
+    def peft(self, value: bool) -> None:
+        self.runner.peft = value
+
+    @property
+    def _active(self) -> Optional[str]:
+        return self.runner._active
+
+    @_active.setter
+    def _active(self, value: Optional[str]) -> None:
+        self.runner._active = value
 
     # ---------------- called from the HTTP side (any thread) ----------------
 
@@ -177,7 +151,7 @@ class Engine:
         self._publish_load()
 
     def cancel(self, seq: Sequence) -> None:
-        """The client left: the sequence leaves the batch at the next step boundary."""
+        """The client left: the sequence leaves (and frees its slot) at the next step boundary."""
         with self._cond:
             seq.cancelled = True
             self._cond.notify()
@@ -191,8 +165,7 @@ class Engine:
         return future
 
     def running(self) -> int:
-        batch = self.batch
-        return (len(batch.seqs) if batch is not None else 0) + len(self._admitting)
+        return len(self.slots.owner)
 
     def waiting(self) -> int:
         return len(self._waiting)
@@ -209,24 +182,31 @@ class Engine:
         while True:
             with self._cond:
                 self._drop_cancelled_waiting()
-                idle = self.batch is None and not self._waiting
+                idle = not self.slots.owner and not self._waiting
                 if self._stop:
                     break
                 if idle and not self._commands:
                     self._cond.wait(IDLE_WAIT_S)
                     continue
-            self._run_commands(idle)
+            self._run_commands(idle)  # outside inference mode: adapter loads build ordinary tensors
             try:
-                joiners = self._take_joiners()
-                if joiners:
-                    self._admit(joiners)
-                if self.batch is not None:
-                    self._decode_step()
-                    self._retire()
-            except Exception as exc:  # a failed forward (e.g. out of memory) fails its requests, not the worker
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a failure outside any one request (e.g. out of memory)
                 log.exception("generation step failed")
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
             self._publish_load()
+
+    def _step(self) -> None:
+        self._retire()
+        self._admit()
+        chunks = prefill_chunks(self._prefilling)
+        if chunks:
+            self._prefill(chunks)
+        self._decode()
+        self._retire()
+        if not self.slots.owner:
+            self.runner.release_cache()  # idle: give the cache memory back
 
     def _run_commands(self, idle: bool) -> None:
         deferred = []
@@ -249,110 +229,119 @@ class Engine:
             self._waiting.remove(seq)
             self._release(seq)
 
-    def _take_joiners(self) -> list[Sequence]:
-        if self.sleeping:
-            return []
-        room = self.max_batch_size - self.running()
-        joiners, budget = [], PREFILL_TOKEN_BUDGET
-        with self._cond:
-            while self._waiting and len(joiners) < room:
-                seq = self._waiting[0]
-                if joiners and len(seq.prompt_ids) > budget:
-                    break
-                self._waiting.popleft()
-                budget -= len(seq.prompt_ids)
-                joiners.append(seq)
-            self._admitting = joiners
-        return joiners
+    # ---------------- admission ----------------
 
-    def _select_adapters(self, seqs: list[Sequence]) -> dict:
-        """Forward kwargs for this batch's adapters.
-
-        A batch on one adapter (the common case: everyone talks to the promoted
-        alias) or on the bare base runs as a plain forward with that adapter
-        active; only a mixed batch pays for peft's per-row `adapter_names` path.
-        """
-        if not self.peft:
-            return {}
-        names = [s.adapter.internal if s.adapter else BASE_ADAPTER for s in seqs]
-        state = names[0] if len(set(names)) == 1 else MIXED_ADAPTERS
-        if state != self._active:
-            tuner = self.model.base_model
-            if state == BASE_ADAPTER:
-                tuner.disable_adapter_layers()
-            else:
-                tuner.enable_adapter_layers()
-                if state != MIXED_ADAPTERS:
-                    tuner.set_adapter(state, inference_mode=True)
-            self._active = state
-        return {"adapter_names": names} if state == MIXED_ADAPTERS else {}
-
-    def _forward(self, seqs: list[Sequence], input_ids, mask, position_ids, cache):
-        kwargs = self._select_adapters(seqs)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                **kwargs,
-            )
-        return out.logits[:, -1, :]
-
-    def prefill(self, seqs: list[Sequence]) -> Batch:
-        """Run the prompts of `seqs` (left-padded together); sample each one's first token."""
-        width = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._config())
-        logits = self._forward(seqs, ids, mask, positions, cache)
-        return Batch(seqs, cache, mask, sample(logits, seqs))
-
-    def decode_step(self, batch: Batch) -> torch.Tensor:
-        """One token for every running sequence; returns the sampled tokens."""
-        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.seqs), 1))], dim=1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        logits = self._forward(batch.seqs, batch.next_tokens[:, None], mask, positions, batch.cache)
-        batch.mask = mask
-        return sample(logits, batch.seqs)
-
-    def _admit(self, joiners: list[Sequence]) -> None:
-        for seq in joiners:
-            seq.detok = IncrementalDetokenizer(self.tokenizer)
-            seq.stops = StopStrings(seq.stop)
-            if seq.seed is not None:
-                seq.generator = torch.Generator().manual_seed(seq.seed)
-        try:
-            new = self.prefill(joiners)
-        except Exception:
-            for seq in joiners:
-                self._finish_error(seq, "prefill failed")
+    def _admit(self) -> None:
+        """Waiting requests take free slots; one whose settings cannot run fails alone."""
+        while not self.sleeping and self.slots.free():
+            with self._cond:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    self._release(seq)
+                    continue
+                # take the slot under the lock, so running() + waiting() never dips for a drain check
+                self.slots.take(seq)
+            try:
+                check_sampling(seq, self.vocab_size)
+                seq.detok = IncrementalDetokenizer(self.tokenizer)
+                seq.stops = StopStrings(seq.stop)
+                if seq.seed is not None:
+                    seq.generator = torch.Generator().manual_seed(seq.seed)
+            except Exception as exc:
+                self._finish_error(seq, f"invalid request: {exc}")
                 self._release(seq)
-            self._admitting = []
-            raise
-        self.metrics.tokens(prompt=sum(len(s.prompt_ids) for s in joiners))
-        self._accept(new.seqs, new.next_tokens)
-        self.batch = new if self.batch is None else merge_batches(self.batch, new)
-        self._admitting = []  # after the batch holds them, so running() never dips
+                continue
+            seq.phase = Phase.PREFILLING
+            self._prefilling.append(seq)
+            # Room for the whole prompt and some answer now: requests admitted together grow the cache
+            # once, instead of once per prefill chunk.
+            want = len(seq.prompt_ids) + min(seq.max_tokens, DECODE_HEADROOM)
+            cache = self.runner.cache_for(min(want, self.runner.max_len))
+            seq.cached = self.prefix.load(cache, seq.slot, seq.prompt_ids, seq.adapter_name)
 
-    def _decode_step(self) -> None:
-        batch = self.batch
-        self.metrics.observe("batch_size", len(batch.seqs))
-        batch.next_tokens = self.decode_step(batch)
-        self._accept(batch.seqs, batch.next_tokens)
+    # ---------------- prefill ----------------
 
-    def _accept(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+    def _prefill(self, chunks: list[Chunk]) -> None:
+        seqs = [c.seq for c in chunks]
+        try:
+            logits = self.runner.chunk([s.slot for s in seqs], [s.cached for s in seqs],
+                                       [c.tokens for c in chunks], [s.adapter_name for s in seqs])
+        except Exception as exc:
+            if len(chunks) == 1:
+                log.exception("prefill failed for one request")
+                self._finish_error(seqs[0], f"prefill failed: {type(exc).__name__}: {exc}")
+                return
+            for chunk in chunks:  # find the one that fails on its own; the others go on
+                self._prefill([chunk])
+            return
+        self.metrics.tokens(prompt=sum(len(c.tokens) for c in chunks))
+        done = [i for i, c in enumerate(chunks) if c.last]
+        for c in chunks:
+            c.seq.cached += len(c.tokens)
+        if not done:
+            return
+        ready = [seqs[i] for i in done]
+        for seq in ready:
+            self._prefilling.remove(seq)
+            seq.phase = Phase.DECODING
+        self._accept(ready, sample(logits[done], [_sampling_row(s) for s in ready]))
+        for seq in ready:
+            if seq.finish_reason != "error":  # never keep keys of a row whose scores went bad
+                self.prefix.store(self.runner.cache, seq.slot, seq.prompt_ids, seq.adapter_name)
+
+    # ---------------- decode ----------------
+
+    def _decode(self) -> None:
+        rows = self.slots.decode_rows()
+        if rows == 0:
+            return
+        owners = [self.slots.owner.get(i) for i in range(rows)]
+        live = [i for i, s in enumerate(owners) if s is not None and s.phase == Phase.DECODING]
+        seqs = [owners[i] for i in live]
+        self.metrics.observe("batch_size", len(seqs))
+        filler = seqs[0].adapter_name  # dummy rows ride on a live row's adapter: keeps the one-adapter path
+        tokens, starts, names = [], [], []
+        for s in owners:
+            real = s is not None and s.phase == Phase.DECODING
+            tokens.append(s.generated[-1] if real else self.pad_id)
+            starts.append(s.cached if s is not None else 0)
+            names.append(s.adapter_name if real else filler)
+        try:
+            logits = self.runner.decode(torch.tensor(tokens), starts, names)[live]
+        except Exception:
+            log.exception("batched decode failed; retrying row by row")
+            self._decode_alone(seqs)
+            return
+        for seq in seqs:
+            seq.cached += 1
+        self._accept(seqs, sample(logits, [_sampling_row(s) for s in seqs]))
+
+    def _decode_alone(self, seqs: list[Sequence]) -> None:
+        """Isolation fallback: each row in its own forward; a row that fails alone is failed alone."""
+        for seq in seqs:
+            try:
+                logits = self.runner.chunk([seq.slot], [seq.cached], [[seq.generated[-1]]], [seq.adapter_name])
+            except Exception as exc:
+                self._finish_error(seq, f"generation failed: {type(exc).__name__}: {exc}")
+                continue
+            seq.cached += 1
+            self._accept([seq], sample(logits, [_sampling_row(seq)]))
+
+    # ---------------- tokens out ----------------
+
+    def _accept(self, seqs: list[Sequence], sampled: Sampled) -> None:
         """Hand each sequence its new token: text out, and decide whether it is done."""
         now = time.monotonic()
-        for seq, token in zip(seqs, tokens.tolist()):
+        for seq, token, bad in zip(seqs, sampled.tokens.tolist(), sampled.bad.tolist()):
             if seq.finish_reason is not None:
+                continue
+            if bad:
+                self._finish_error(seq, "the model produced non-finite scores for this request "
+                                        "(a broken adapter or numeric overflow); nothing else was affected")
+                if seq.slot is not None and self.runner.cache is not None:
+                    self.runner.cache.clear_slot(seq.slot)
                 continue
             self.metrics.observe("ttft" if not seq.generated else "tpot",
                                  now - (seq.arrival if not seq.generated else seq.last_token_at))
@@ -377,35 +366,37 @@ class Engine:
         if tail:
             seq.emit(("delta", tail))
         seq.finish_reason = reason
+        seq.phase = Phase.FINISHED
         seq.emit(("done", reason, len(seq.prompt_ids), len(seq.generated)))
 
     def _finish_error(self, seq: Sequence, message: str) -> None:
         if seq.finish_reason is None:
             seq.finish_reason = "error"
+            seq.phase = Phase.FINISHED
             seq.emit(("error", message))
 
+    # ---------------- leaving ----------------
+
     def _retire(self) -> None:
-        batch = self.batch
-        keep = [i for i, s in enumerate(batch.seqs) if s.finish_reason is None and not s.cancelled]
-        if len(keep) == len(batch.seqs):
-            return
-        for seq in batch.seqs:
+        for seq in list(self.slots.owner.values()):
             if seq.finish_reason is not None or seq.cancelled:
+                if seq in self._prefilling:
+                    self._prefilling.remove(seq)
+                seq.phase = Phase.FINISHED
                 self._release(seq)
-        self.batch = select_rows(batch, keep) if keep else None
 
     def _release(self, seq: Sequence) -> None:
-        """Give back the adapter hold; delete a replaced adapter version once unused."""
+        """Give back the slot and the adapter hold; delete a replaced adapter version once unused."""
+        self.slots.give_back(seq)
         version, seq.adapter = seq.adapter, None
         if version is not None and self.adapters.release(version):
             self.delete_adapter(version.internal)
 
     def _fail_all(self, message: str) -> None:
-        if self.batch is not None:
-            for seq in self.batch.seqs:
-                self._finish_error(seq, message)
-                self._release(seq)
-            self.batch = None
+        for seq in list(self.slots.owner.values()):
+            self._finish_error(seq, message)
+        self._retire()
+        self.runner.release_cache()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

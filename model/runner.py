@@ -1,0 +1,110 @@
+"""The model runner: turns a set of sequences into one forward pass and its next-token logits.
+
+Two kinds of step, both through the unmodified transformers model with a
+`SlotCache`:
+
+- `decode`: every slot 0..n-1 feeds one token (its last sampled one) at its own
+  position; the cache is written in place and read as a view.
+- `chunk`: a left-padded batch of prompt chunks (or, as the isolation fallback,
+  decode tokens of a few sequences) for any slots; every row's last real token
+  is in the last column, so one column of logits is computed.
+
+Per-row LoRA adapters go through peft's mixed-batch forward (`adapter_names`);
+a batch on one adapter runs as a plain forward with that adapter active.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from model.kv_cache import ChunkPlan, DecodePlan, SlotCache, chunk_mask, decode_mask
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+MIXED_ADAPTERS = "__mixed__"  # runner state: rows use different adapters
+
+
+class Runner:
+    def __init__(self, model, device: str, pad_id: int, max_slots: int, max_len: int):
+        self.model = model  # the base model, or the PeftModel wrapping it once an adapter is loaded
+        self.device = device
+        self.pad_id = pad_id
+        self.max_slots = max_slots
+        self.max_len = max_len
+        self.peft = False
+        self._active: Optional[str] = None  # which adapter state the peft layers are set to
+        self.cache: Optional[SlotCache] = None
+
+    # ---------------- adapters ----------------
+
+    def forget_adapter_state(self) -> None:
+        """peft's active adapter changed under us (load/delete): re-select before the next forward."""
+        self._active = None
+
+    def _adapter_kwargs(self, names: list[Optional[str]]) -> dict:
+        """Forward kwargs for these rows' adapters (None = base)."""
+        if not self.peft:
+            return {}
+        names = [n or BASE_ADAPTER for n in names]
+        state = names[0] if len(set(names)) == 1 else MIXED_ADAPTERS
+        if state != self._active:
+            tuner = self.model.base_model
+            if state == BASE_ADAPTER:
+                tuner.disable_adapter_layers()
+            else:
+                tuner.enable_adapter_layers()
+                if state != MIXED_ADAPTERS:
+                    tuner.set_adapter(state, inference_mode=True)
+            self._active = state
+        return {"adapter_names": names} if state == MIXED_ADAPTERS else {}
+
+    # ---------------- cache ----------------
+
+    def _config(self):
+        return self.model.get_base_model().config if self.peft else self.model.config
+
+    def cache_for(self, length: int) -> SlotCache:
+        if self.cache is None:
+            dtype = next(self.model.parameters()).dtype
+            self.cache = SlotCache.for_model(self._config(), self.max_slots, dtype, self.device, self.max_len)
+        self.cache.reserve(length)
+        return self.cache
+
+    def release_cache(self) -> None:
+        if self.cache is not None:
+            self.cache.release_memory()
+
+    # ---------------- steps ----------------
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 names: list[Optional[str]]) -> torch.Tensor:
+        kwargs = self._adapter_kwargs(names)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
+        self.cache.plan = None
+        return out.logits[:, -1, :]
+
+    def decode(self, tokens: torch.Tensor, starts: list[int], names: list[Optional[str]]) -> torch.Tensor:
+        """Logits [n, V] for slots 0..n-1 each feeding tokens[i] at position starts[i]."""
+        n = len(starts)
+        width = max(starts) + 1
+        cache = self.cache_for(width)
+        pos = torch.tensor(starts, device=self.device)
+        cache.plan = DecodePlan(n, pos, width)
+        return self._forward(tokens[:n, None].to(self.device), pos[:, None], decode_mask(pos, width), names)
+
+    def chunk(self, slots: list[int], starts: list[int], pieces: list[list[int]],
+              names: list[Optional[str]]) -> torch.Tensor:
+        """Logits [B, V] at the last token of each row; row b feeds pieces[b] from starts[b] in slot slots[b]."""
+        width = max(len(p) for p in pieces)
+        cache = self.cache_for(max(s + len(p) for s, p in zip(starts, pieces)))
+        ids = torch.full((len(pieces), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(pieces), width), dtype=torch.long)
+        for b, (start, piece) in enumerate(zip(starts, pieces)):
+            ids[b, width - len(piece):] = torch.tensor(piece)
+            positions[b, width - len(piece):] = torch.arange(start, start + len(piece))
+        plan = ChunkPlan(list(slots), list(starts), [len(p) for p in pieces], max(starts))
+        cache.plan = plan
+        mask = chunk_mask(plan, width, self.device)
+        return self._forward(ids.to(self.device), positions.to(self.device), mask, names)

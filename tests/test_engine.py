@@ -1,0 +1,300 @@
+"""The decode engine in-process: exact greedy answers for ragged batches, seeded sampling,
+per-request isolation, a cache that admissions do not copy, adapters mixed in one batch.
+
+Both architectures the worker serves go through the same engine: a small random
+Llama (SmolLM2's architecture) and a small random Qwen2 (the demo base's).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from model.adapters import AdapterTable
+from model.engine import Engine, Sequence
+from model.metrics import WorkerMetrics
+from tiny_model import build_model, build_tokenizer
+
+TEXTS = ["hello world, how are you today?", "the quick brown fox jumps over the lazy dog",
+         "numbers: 1 2 3 4 5 6 7 8 9 10", "你好，世界"] * 4
+TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS, vocab_size=400)
+
+
+def _llama(tokenizer, seed=0):
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def _qwen2(tokenizer, seed=0):
+    return build_model(tokenizer, seed=seed, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def _sharpen(model):
+    """Random init gives near-flat logits, where float noise could flip a greedy tie; scale them up."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+    return model.eval()
+
+
+ARCHS = {"llama": _llama, "qwen2": _qwen2}
+
+
+def make_engine(model, tokenizer, adapters=None, max_batch_size=8):
+    eos = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    engine = Engine(model, tokenizer, eos, "cpu", max_batch_size, 64, adapters or AdapterTable(), WorkerMetrics())
+    engine.start()
+    return engine
+
+
+class Collector:
+    """A request's emit callback: records events, signals when it ends."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+        self.ended = threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event[0] in ("done", "error"):
+            self.ended.set()
+
+    @property
+    def outcome(self):
+        return self.events[-1][0] if self.ended.is_set() else None
+
+
+def run(engine, seqs):
+    for seq in seqs:
+        engine.submit(seq)
+    for seq in seqs:
+        assert seq.emit.ended.wait(TIMEOUT_S), "request never finished"
+    return seqs
+
+
+def settled(engine) -> bool:
+    """Wait until the engine has retired every sequence (it retires at the end of a step)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while engine.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.running() == 0
+
+
+def seq(ids, max_tokens=12, **kw):
+    return Sequence(prompt_ids=list(ids), max_tokens=max_tokens, emit=Collector(), ignore_eos=True,
+                    temperature=kw.pop("temperature", 0.0), **kw)
+
+
+def prompts(tokenizer):
+    texts = ["hello", "the quick brown fox jumps over the lazy dog and more words follow here",
+             "numbers: 1 2 3", "你好，世界 hello world how are you today"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def reference(model, ids, n):
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_ragged_batch_matches_generate(tokenizer, arch):
+    model = _sharpen(ARCHS[arch](tokenizer))
+    ids = prompts(tokenizer)
+    expected = [reference(model, p, 12) for p in ids]
+    engine = make_engine(model, tokenizer)
+    try:
+        together = run(engine, [seq(p) for p in ids])  # ragged prompts prefilled and decoded together
+        staggered = [seq(p) for p in ids]  # later requests join a batch that is already decoding
+        engine.submit(staggered[0])
+        staggered[0].emit.ended.wait(0)
+        run(engine, staggered[1:])
+        staggered[0].emit.ended.wait(TIMEOUT_S)
+        reused = engine.prefix.hits
+    finally:
+        engine.stop()
+    assert reused > 0  # the second round's prompts started from the first round's cached prefixes
+    assert [s.generated for s in together] == expected
+    assert [s.generated for s in staggered] == expected
+    assert all(s.emit.outcome == "done" for s in together + staggered)
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode(tokenizer, monkeypatch):
+    import model.engine as engine_module
+
+    model = _sharpen(_llama(tokenizer))
+    short = prompts(tokenizer)[0]
+    long = (prompts(tokenizer)[1] * 12)[:300]
+    expected = [reference(model, short, 30), reference(model, long, 6)]
+    chunks = []
+    real = engine_module.prefill_chunks
+    monkeypatch.setattr(engine_module, "prefill_chunks", lambda p: chunks.append(r := real(p, budget=64)) or r)
+    engine = make_engine(model, tokenizer)
+    try:
+        first = seq(short, 30)
+        engine.submit(first)
+        while not first.generated:
+            first.emit.ended.wait(0.01)
+        second = run(engine, [seq(long, 6)])[0]
+        first.emit.ended.wait(TIMEOUT_S)
+    finally:
+        engine.stop()
+    assert [first.generated, second.generated] == expected
+    long_chunks = [c for step in chunks for c in step if c.seq is second]
+    assert len(long_chunks) == -(-len(long) // 64)  # fed in budget-sized pieces, one per step
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer):
+    model = _qwen2(tokenizer).eval()  # flat logits: sampling really varies
+    p = prompts(tokenizer)[2]
+    engine = make_engine(model, tokenizer)
+    try:
+        a = run(engine, [seq(p, 16, temperature=1.0, seed=7)])[0]
+        # the same seed inside a batch with unseeded neighbours
+        b, *_ = run(engine, [seq(p, 16, temperature=1.0, seed=7), seq(p, 16, temperature=1.0),
+                             seq(p, 16, temperature=0.8, top_p=0.5)])
+        c = run(engine, [seq(p, 16, temperature=1.0, seed=8)])[0]
+    finally:
+        engine.stop()
+    assert a.generated == b.generated
+    assert a.generated != c.generated
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=1e-300, seed=2**64),
+                                 dict(seed=-(2**63) - 1), dict(top_p=float("inf")), dict(temperature=-1.0)])
+def test_bad_request_fails_alone_and_frees_everything(tokenizer, tmp_path, bad):
+    from benchmarks.serve_bench import make_adapter
+
+    model = _sharpen(_llama(tokenizer))
+    ids = prompts(tokenizer)
+    expected = [reference(model, p, 12) for p in ids[:2]]
+    adapters = AdapterTable()
+    path = make_adapter(None, tmp_path / "a", 1, model=model)
+    engine = make_engine(model, tokenizer, adapters)
+    try:
+        internal = adapters.new_internal_name()
+        engine.call(lambda: engine.load_adapter(internal, path)).result()
+        adapters.publish("a", internal, path)
+        good = [seq(p) for p in ids[:2]]
+        broken = seq(ids[2], adapter=adapters.acquire("a"), **bad)
+        run(engine, [good[0], broken, good[1]])
+        assert broken.emit.outcome == "error"
+        assert "invalid request" in broken.emit.events[-1][1]
+        assert [s.generated for s in good] == expected and all(s.emit.outcome == "done" for s in good)
+        assert adapters.holds() == {"a": 0}  # the adapter hold was given back
+        assert settled(engine) and engine.slots.free() == engine.max_batch_size
+    finally:
+        engine.stop()
+
+
+def test_non_finite_scores_fail_only_that_row(tokenizer, tmp_path):
+    """A row whose scores overflow (here: its adapter's weights turned NaN in memory) fails alone."""
+    from benchmarks.serve_bench import make_adapter
+
+    model = _sharpen(_llama(tokenizer))
+    ids = prompts(tokenizer)
+    expected = [reference(model, p, 12) for p in ids[:2]]
+    path = make_adapter(None, tmp_path / "a", 1, model=model)
+    adapters = AdapterTable()
+    engine = make_engine(model, tokenizer, adapters)
+
+    def poison():
+        for name, param in engine.model.named_parameters():
+            if ".lc1." in name or name.endswith(".lc1.weight"):
+                param.data.fill_(float("nan"))
+
+    try:
+        engine.call(lambda: engine.load_adapter("lc1", path)).result()
+        engine.call(poison).result()
+        adapters.publish("nan", "lc1", path)
+        good = [seq(p) for p in ids[:2]]
+        broken = seq(ids[2], adapter=adapters.acquire("nan"))
+        run(engine, [good[0], broken, good[1]])
+        after = run(engine, [seq(ids[0])])[0]  # the poisoned slot is clean for its next owner
+        assert settled(engine)
+    finally:
+        engine.stop()
+    assert broken.emit.outcome == "error" and "non-finite" in broken.emit.events[-1][1]
+    assert [s.generated for s in good] == expected
+    assert after.generated == expected[0]
+    assert adapters.holds() == {"nan": 0}
+
+
+def test_admissions_write_in_place_without_copying_the_cache(tokenizer):
+    model = _sharpen(_qwen2(tokenizer))
+    ids = prompts(tokenizer)
+    engine = make_engine(model, tokenizer)
+    seen = []
+    try:
+        first = seq(ids[0], 40)
+        engine.submit(first)
+        while len(first.generated) < 2:
+            first.emit.ended.wait(0.01)
+        cache = engine.runner.cache
+        seen.append([t.data_ptr() for t in cache.k])
+        run(engine, [seq(p, 4) for p in ids[1:]])  # three admissions while `first` decodes
+        seen.append([t.data_ptr() for t in cache.k])
+        first.emit.ended.wait(TIMEOUT_S)
+        assert first.emit.outcome == "done"
+    finally:
+        engine.stop()
+    assert seen[0] == seen[1]  # same storage: nobody's cache was re-allocated or concatenated
+
+
+def test_cancelled_request_frees_its_slot(tokenizer):
+    model = _sharpen(_llama(tokenizer))
+    engine = make_engine(model, tokenizer, max_batch_size=1)
+    try:
+        hog = seq(prompts(tokenizer)[0], 10_000)
+        engine.submit(hog)
+        while not hog.generated:
+            hog.emit.ended.wait(0.01)
+        engine.cancel(hog)
+        nxt = run(engine, [seq(prompts(tokenizer)[1], 3)])[0]  # only one slot: it must have been freed
+    finally:
+        engine.stop()
+    assert nxt.emit.outcome == "done" and len(nxt.generated) == 3
+
+
+def test_adapters_mixed_in_one_batch(tokenizer, tmp_path):
+    from peft import PeftModel
+
+    from benchmarks.serve_bench import make_adapter
+
+    base = _sharpen(_qwen2(tokenizer))
+    paths = [make_adapter(None, tmp_path / name, seed, model=base) for name, seed in (("a", 1), ("b", 2))]
+    p = prompts(tokenizer)[1]
+    expected = [reference(base, p, 10)]
+    for path in paths:
+        with_adapter = PeftModel.from_pretrained(_sharpen(_qwen2(tokenizer)), path).eval()
+        expected.append(reference(with_adapter, p, 10))
+    assert len({tuple(e) for e in expected}) == 3  # the adapters really change the answer
+    adapters = AdapterTable()
+    engine = make_engine(base, tokenizer, adapters)
+    try:
+        for name, path in zip("ab", paths):
+            internal = adapters.new_internal_name()
+            engine.call(lambda: engine.load_adapter(internal, path)).result()
+            adapters.publish(name, internal, path)
+        batch = [seq(p, 10), seq(p, 10, adapter=adapters.acquire("a")), seq(p, 10, adapter=adapters.acquire("b"))]
+        run(engine, batch)
+    finally:
+        engine.stop()
+    assert [s.generated for s in batch] == expected
