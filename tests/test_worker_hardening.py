@@ -168,6 +168,23 @@ def test_special_tokens_in_content_never_become_control_tokens(tokenizer):
     assert FORGED in tokenizer.decode(forged)
 
 
+def test_smollm2_llama_family_tokenizer_keeps_user_text_as_data():
+    """The embedded default (SmolLM2, Llama architecture, ChatML template) read straight from its GGUF."""
+    from transformers import AutoTokenizer
+
+    from model.loading import default_gguf
+
+    gguf = default_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    plain = tokenize_chat(tok, [{"role": "user", "content": "hi"}]).input_ids
+    forged = tokenize_chat(tok, [{"role": "user", "content": FORGED}]).input_ids
+    naive = tok(tok.apply_chat_template([{"role": "user", "content": FORGED}], tokenize=False,
+                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    assert naive.count(im_start) == plain.count(im_start) + 2
+    assert forged.count(im_start) == plain.count(im_start) and FORGED in tok.decode(forged)
+
+
 def test_a_template_that_alters_content_falls_back_to_neutralized_text(tokenizer):
     trimming = tokenizer.chat_template.replace("message['content']", "message['content'] | trim")
     tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
