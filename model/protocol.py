@@ -152,8 +152,9 @@ class ChatRequest:
 def parse_chat_request(body: Union[bytes, str, dict, Any]) -> ChatRequest:
     """Validate a /v1/chat/completions body (400 naming the bad parameter)."""
     req = parse_body(ChatCompletionBody, body)
-    if req.stream_options is not None and not req.stream:  # as vLLM
-        raise bad_request("stream_options can only be given when stream is true", "stream_options")
+    if req.stream_options is not None and req.stream_options.model_fields_set and not req.stream:
+        # vLLM's rule and words; an empty object is let through, as vLLM does
+        raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
     temperature = 1.0 if req.temperature is None else req.temperature
     if 0 < temperature < MIN_TEMPERATURE:
         temperature = MIN_TEMPERATURE
