@@ -509,7 +509,7 @@ BODIES = st.builds(lambda messages, max_tokens, extra: {"messages": messages, "m
                    st.fixed_dictionaries({}, optional=FIELDS))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(bodies=st.lists(BODIES, min_size=1, max_size=4))
 def test_fuzzed_requests_never_500_hang_or_leak(worker, bodies):
     async def run():
