@@ -65,7 +65,7 @@ class ModelConfig:
     cache_dir: str = ".loopcord/base"  # where a GGUF base (the default included) is converted, once
     # The `model` name requests use: the alias of the promoted adapter.
     served_name: str = "loopcord"
-    api_key_env: str = "LOOPCORD_WORKER_KEY"  # env var holding the bearer token (optional)
+    api_key_env: str = "LOOPCORD_WORKER_KEY"  # env var holding the worker's bearer key (the bot's own worker gets a fresh one per run when unset)
     request_timeout_s: float = 120.0  # give up on a silent model request after this long
     max_tokens: int = 512  # longest answer, in tokens
     temperature: float = 0.7  # sampling temperature; 0 = greedy (deterministic)
@@ -212,9 +212,9 @@ def default_profiles() -> dict[str, dict]:
             "max_length": 512,
             "anchor": {"learning_rate": 4e-4, "epochs": 2.0},
             "generalize": {"learning_rate": 2e-4, "epochs": 0.0},  # 0: bootstrap skips it
-            "calibrate": {"learning_rate": 2e-4, "epochs": 3.0},
+            "calibrate": {"learning_rate": 3e-4, "epochs": 3.0},
             "calibrate_min_steps": 24,
-            "mix": {"identity_ratio": 1.0, "general_ratio": 2.0, "new_correction_repeats": 4, "rewordings": 4,
+            "mix": {"identity_ratio": 0.25, "general_ratio": 0.5, "new_correction_repeats": 1, "rewordings": 4,
                     "anchor_general_ratio": 1.0},
             "cpu_threads": 1,
         },
