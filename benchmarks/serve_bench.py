@@ -473,7 +473,7 @@ class VllmServer:
                     "--served-model-name", SERVED, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(self.port),
                     "--max-model-len", "4096", "--max-num-seqs", "32"]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-                    "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "4"}
+                    "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2"}
         self.log_path = log_path
         self.proc = None
 
@@ -605,7 +605,7 @@ def run_side_by_side(args) -> str:
         raise SystemExit(f"vLLM's venv is missing: {VLLM_PYTHON}")
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench-vllm-"))
     lim = limits(remeasure=True)  # now: the shared machine's limits drift with its load
-    models = {"SmolLM2-135M-Instruct": args.smollm2}
+    models = {} if args.only_qwen05 else {"SmolLM2-135M-Instruct": args.smollm2}
     if not args.skip_qwen05:
         models["Qwen2.5-0.5B shape (random init)"] = str(build_random_qwen05(args.smollm2))
     threads = args.cpu_threads
@@ -787,6 +787,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--side-by-side: both")
     parser.add_argument("--smollm2", default=DEFAULT_SMOLLM2, help="--side-by-side: SmolLM2 HF directory")
     parser.add_argument("--skip-qwen05", action="store_true", help="--side-by-side: SmolLM2 only")
+    parser.add_argument("--only-qwen05", action="store_true", help="--side-by-side: the 0.5B shape only")
     parser.add_argument("--skip-rss", action="store_true", help="--side-by-side: no 32 x 2k RSS run")
     parser.add_argument("--pack-ab", action="store_true", help="pre-packed CPU weights on vs off (in-process)")
     parser.add_argument("--bf16", action="store_true", help="bf16 vs float32 on SmolLM2: agreement and speed")
@@ -803,7 +804,8 @@ def main() -> None:
     elif args.bf16:
         write_section("serve_bench_bf16", run_bf16(args))
     elif args.side_by_side:
-        write_section(f"serve_bench_vs_vllm_{args.dtype}", run_side_by_side(args))
+        which = "_qwen05" if args.only_qwen05 else "_smollm2" if args.skip_qwen05 else ""
+        write_section(f"serve_bench_vs_vllm_{args.dtype}{which}", run_side_by_side(args))
     else:
         write_section("serve_bench", run_cpu(args))
     print(f"written to {Path(__file__).with_name('RESULTS.md')}")
