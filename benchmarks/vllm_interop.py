@@ -425,6 +425,16 @@ def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
                   f"/status worked: {loop['status_ok']}",
                   f"- question {loop.get('question', QUESTION)!r}, correction {loop.get('correction', CORRECTION)!r}; "
                   f"answers: {loop['answers']}"]
+    lines += swap_lines(f)
+    for e in earlier:
+        lines += ["", f"Earlier run, base `{e['base']}`{' (`--no-retrain`)' if e.get('swap') else ''}: "
+                      "the same checks, the same answers:", "", *fact_lines(e), *swap_lines(e)]
+    lines += ["", "Server command:", "", "```", " ".join(cmd), "```"]
+    return "\n".join(lines)
+
+
+def swap_lines(f: dict) -> list[str]:
+    lines = []
     swap = f.get("swap")
     if swap:
         lines += [f"- `--no-retrain`: two outside PEFT adapters registered with `python -m trainer import` and "
@@ -436,11 +446,7 @@ def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
                   f"base's: {swap['rolled_back_to_base_weights']}; back on v0002 it is v0002's again: "
                   f"{swap['back_to_v0002']}; /status worked against the empty /health: {swap['status_ok']} and "
                   f"named v0001 after the rollback: {swap['status_after_rollback_says_v0001']}"]
-    for e in earlier:
-        lines += ["", f"Earlier run, `--skip-loop` on base `{e['base']}` (same checks, same answers):", "",
-                  *fact_lines(e)]
-    lines += ["", "Server command:", "", "```", " ".join(cmd), "```"]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
