@@ -13,7 +13,7 @@ TINY_PROFILE = {
     "grad_accum": 1,
     "max_length": 2048,
     "anchor": {"learning_rate": 2e-3, "epochs": 8.0},
-    "generalize": {"learning_rate": 1e-3, "epochs": 2.0},
+    "generalize": {"learning_rate": 1e-3, "epochs": 3.0},  # general rows once (system prompt), identity twice
     "calibrate": {"learning_rate": 1e-3, "epochs": 1.0},
     "calibrate_min_steps": 320,
     "mix": {"identity_ratio": 2.5, "general_ratio": 1.5, "new_correction_repeats": 32, "rewordings": 0,

@@ -1,0 +1,60 @@
+"""The test suite's shape: wall time of the fast tier and of the whole suite (what CI runs).
+
+  PYTHONPATH=. python benchmarks/suite_bench.py            # fast tier only (-m "not slow")
+  PYTHONPATH=. python benchmarks/suite_bench.py --full     # and the whole suite, slow tests included
+
+Each run is `python -m pytest -q` in this checkout with HF_HUB_OFFLINE=1; the figures
+(passed / failed / skipped and wall seconds, from pytest's own summary line) go to
+benchmarks/RESULTS.md, section suite_bench. The first run on a machine also builds and
+caches the tiny test model; a run that had to build it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import write_section  # noqa: E402
+
+SUMMARY = re.compile(r"^=*\s*(.*?(passed|failed|error).*?) in ([\d.]+)s", re.M)
+
+
+def run(args: list[str]) -> dict:
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.time() - started
+    out = proc.stdout + proc.stderr
+    match = SUMMARY.findall(out)
+    summary = match[-1][0] if match else f"no summary (exit {proc.returncode})"
+    return {"args": " ".join(args) or "(all)", "summary": summary, "wall_s": wall, "code": proc.returncode,
+            "built_base": "building the tiny test model" in out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="also run the whole suite (slow tests included)")
+    args = ap.parse_args()
+    runs = [run(["-m", "not slow"])]
+    if args.full:
+        runs.append(run([]))
+    lines = ["| tier | result | wall |", "|---|---|---|"]
+    for r in runs:
+        note = " (built the tiny test model first)" if r["built_base"] else ""
+        lines.append(f"| `pytest -q {r['args']}` | {r['summary']}{note} | {r['wall_s'] / 60:.1f} min |")
+        print(lines[-1], flush=True)
+    lines += ["", "CI runs the whole suite (`bash .ci/run`: install, then `pytest -q`)."]
+    write_section("suite_bench", "\n".join(lines))
+    return 0 if all(r["code"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
