@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -226,21 +227,37 @@ async def test_the_second_bot_process_exits_with_one_line(promoted_runtime, tmp_
 # ------------------------------------------------------------------ a real retrain, swapped into "vLLM"
 
 
-from tests.test_loop import bootstrapped  # noqa: E402,F401  (the module-scoped bootstrapped registry)
+# The gate is not under test here (test_loop's and test_trainer's are): let candidates through.
+LENIENT_GATE = {"min_identity_accuracy": 0.01, "min_corrections_learned": 0.01, "min_general_retention": 0.01,
+                "max_general_loss_increase": 10.0}
 
 
-@pytest.mark.slow
-async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_path, tiny_base, bootstrapped, vllm):
-    shutil.copytree(bootstrapped, tmp_path / "adapters")
-    config = write_config(tmp_path, vllm.url, base=str(tiny_base), temperature=0.0, max_tokens=24)
+def tiny_config(tmp: Path, url: str, tiny_base: Path) -> Path:
+    config = write_config(tmp, url, base=str(tiny_base), temperature=0.0, max_tokens=24)
     sections = yaml.safe_load(config.read_text())
     tiny = tiny_sections(tiny_base)  # the tests' recipe for the tiny base
     sections["profiles"], sections["training"]["profile"] = tiny["profiles"], "tiny"
-    # The gate is not under test here (test_loop's is): let the candidate through.
-    sections["eval"] = {"min_identity_accuracy": 0.01, "min_corrections_learned": 0.01,
-                        "min_general_retention": 0.01, "max_general_loss_increase": 10.0}
+    sections["eval"] = dict(LENIENT_GATE)
     config.write_text(yaml.safe_dump(sections))
-    runtime = await Runtime.start(load_config(config))
+    return config
+
+
+@pytest.fixture(scope="module")
+def lenient_bootstrap(tmp_path_factory, tiny_base) -> Path:
+    """A registry with an identity adapter promoted by `python -m trainer bootstrap` (lenient gate)."""
+    tmp = tmp_path_factory.mktemp("bootstrap")
+    config = tiny_config(tmp, "http://127.0.0.1:9", tiny_base)
+    proc = subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(config), "--progress", "none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "adapters"
+
+
+@pytest.mark.slow
+async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_path, tiny_base, lenient_bootstrap,
+                                                                           vllm):
+    shutil.copytree(lenient_bootstrap, tmp_path / "adapters")
+    runtime = await Runtime.start(load_config(tiny_config(tmp_path, vllm.url, tiny_base)))
     try:
         first = runtime.live.version
         before = await ask(runtime)
