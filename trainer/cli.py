@@ -8,9 +8,7 @@
   promote V [--force]                                  make V live (gate must have passed)
   rollback [--to V]                                    back to the previously live version
   list [--json]                                        versions, stages, gate results
-  demo-base --out DIR [--steps N]                      build the tiny embedded base model
-                                                       (progress stage "demo-base")
-  bootstrap                                            fresh install: demo base if needed,
+  bootstrap                                            fresh install: base converted if needed,
                                                        anchor + generalize + eval + promote
 
 Every command takes --config FILE (default ./config.yaml, or $LOOPCORD_CONFIG) and
@@ -72,11 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", help="version to roll back to")
     s = sub.add_parser(Command.LIST, parents=[common], help="list versions")
     s.add_argument("--json", action="store_true")
-    s = sub.add_parser(Command.DEMO_BASE, parents=[common], help="build the tiny demo base model")
-    s.add_argument("--out", required=True)
-    s.add_argument("--steps", type=int, default=None, help="pretraining steps (default training.demo_base_steps)")
     s = sub.add_parser(Command.BOOTSTRAP, parents=[common],
-                       help="fresh install: demo base, anchor, generalize, eval, promote")
+                       help="fresh install: convert the base if needed, anchor, generalize, eval, promote")
     s.add_argument("--skip-generalize", action="store_true", help="anchor only (faster, weaker)")
     return p
 
@@ -104,7 +99,7 @@ def cmd_eval(cfg, args, progress) -> int:
     version = args.version or _import(cfg, args.adapter, progress)
     reg.get(version)  # an unknown version is a clear error before any model loads
     progress.phase("eval", f"evaluating {version} (identity, corrections, general retention)")
-    report = evaluate(cfg, version, args.corrections, log=log)
+    report = evaluate(cfg, version, args.corrections, log=log, progress=progress)
     if args.json and progress.mode != "json":
         print(report_json(report))
     else:
@@ -203,24 +198,10 @@ def cmd_list(cfg, args, progress) -> int:
     return ExitCode.OK
 
 
-def cmd_demo_base(cfg, args, progress) -> int:
-    from trainer.demo_base import build_default
-    from trainer.stages import demo_base_reporter
-
-    steps = args.steps or cfg.training.demo_base_steps
-    started = time.time()
-    progress.phase("demo-base", f"building the demo base ({steps} pretraining steps)")
-    out = build_default(args.out, steps=steps, on_step=demo_base_reporter(progress, steps))
-    progress.done(command=Command.DEMO_BASE, path=os.path.abspath(out), stage="demo-base", steps=steps,
-                  wall_s=round(time.time() - started, 1))
-    _say(f"demo base written to {os.path.abspath(out)} ({steps} steps, {time.time() - started:.0f} s)", progress)
-    return ExitCode.OK
-
-
 def cmd_bootstrap(cfg, args, progress) -> int:
     from trainer.gate import evaluate
     from trainer.progress import log
-    from trainer.stages import ensure_base, run_stage
+    from trainer.stages import ensure_base, run_stage, training_settings
 
     reg = _registry(cfg)
     if reg.promoted():
@@ -232,10 +213,11 @@ def cmd_bootstrap(cfg, args, progress) -> int:
     progress.phase("load", "bootstrap: preparing the base model")
     ensure_base(cfg, progress)
     version, _ = run_stage(cfg, "anchor", progress)
-    if not args.skip_generalize:
+    # A profile whose generalize epochs are 0 mixes general replay into anchor instead.
+    if not args.skip_generalize and training_settings(cfg).generalize.epochs > 0:
         version, _ = run_stage(cfg, "generalize", progress, parent=version)
     progress.phase("eval", f"evaluating {version}")
-    report = evaluate(cfg, version, log=log)
+    report = evaluate(cfg, version, log=log, progress=progress)
     log(format_report(report))
     if not report["passed"]:
         raise GateFailed(f"bootstrap: {version} did not pass the gate "
@@ -268,7 +250,7 @@ def _say(message: str, progress) -> None:
 COMMANDS = {
     Command.ANCHOR: cmd_train, Command.GENERALIZE: cmd_train, Command.CALIBRATE: cmd_train,
     Command.EVAL: cmd_eval, Command.IMPORT: cmd_import, Command.PROMOTE: cmd_promote,
-    Command.ROLLBACK: cmd_rollback, Command.LIST: cmd_list, Command.DEMO_BASE: cmd_demo_base,
+    Command.ROLLBACK: cmd_rollback, Command.LIST: cmd_list,
     Command.BOOTSTRAP: cmd_bootstrap,
 }
 NO_TORCH = (Command.PROMOTE, Command.ROLLBACK, Command.LIST, Command.IMPORT)

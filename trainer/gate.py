@@ -14,7 +14,9 @@ Scores (zh + en):
 - general retention: answers on the held-out general QA set (row `answer`: a
   string a right reply contains), asked under our system prompt; retention = share
   of the questions the reference answers right that the candidate still does.
-  Plus assistant-token loss on the same set, with and without the system prompt.
+  Plus assistant-token loss on the same set under our system prompt (general data is
+  trained under it, and the bot always sends it; identity is the one thing checked
+  without it too).
 
 The reference is the parent if it has been promoted (the adapter it would
 replace), else its nearest promoted ancestor, else the base model — so a
@@ -165,7 +167,7 @@ def score_general(model, tokenizer, cfg: Config, general_rows) -> dict:
     prompts = [ds.with_system(row["messages"][:-1], system) for row in general_rows]
     answers = greedy_answers(model, tokenizer, prompts, min(cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens))
     right = [answer_matches(a, row["answer"], min_f1=1.01) for a, row in zip(answers, general_rows)]  # containment
-    samples = [msgs for row in general_rows for _, msgs in prompt_variants(row["messages"], system)]
+    samples = [ds.with_system(row["messages"], system) for row in general_rows]
     by_kind: dict[str, list[bool]] = {}
     for row, good in zip(general_rows, right):
         by_kind.setdefault(str(row.get("kind", "?")), []).append(good)
@@ -271,7 +273,7 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         if progress is not None:
             progress.phase("eval", message)
 
-    reg = Registry(cfg.path(cfg.training.registry_dir))
+    reg = Registry.from_config(cfg)
     manifest = reg.get(version)
     ref_version = reference_version(reg, version)
     identity_rows, general_rows = eval_sets(cfg)

@@ -57,7 +57,6 @@ class Command(StrEnum):
     ROLLBACK = "rollback"
     IMPORT = "import"
     LIST = "list"
-    DEMO_BASE = "demo-base"
     BOOTSTRAP = "bootstrap"
 
 

@@ -44,7 +44,7 @@ class StageError(RuntimeError):
 
 
 def registry_for(cfg: Config) -> Registry:
-    return Registry(cfg.path(cfg.training.registry_dir))
+    return Registry.from_config(cfg)
 
 
 def data_path(cfg: Config, configured: Optional[str], shipped: str) -> str:
