@@ -68,17 +68,19 @@ async def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="loop-bench-"))
     base = Path(args.base).resolve() if args.base else tmp / "demo-base"
     if not args.base:
-        from trainer.demo_base import build_default
+        from tests.tiny_model import build_default
 
         t = time.perf_counter()
         build_default(base, steps=args.base_steps)
         print(f"built demo base in {time.perf_counter() - t:.0f} s")
     cfg_path = tmp / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "model": {"base": str(base), "temperature": 0.0, "max_tokens": 40},
-        "worker": {"port": free_port(), "cpu_threads": 1},
-        "training": {"gpu_policy": "concurrent"},
-    }))
+    from tests.tiny_profile import tiny_sections  # the tiny base trains with the tests' recipe
+
+    sections = tiny_sections(base)
+    sections["model"].update({"temperature": 0.0, "max_tokens": 40})
+    sections["training"]["gpu_policy"] = "concurrent"
+    sections["worker"] = {"port": free_port(), "cpu_threads": 1}
+    cfg_path.write_text(yaml.safe_dump(sections))
     figures: dict = {}
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(cfg_path), "--progress", "none"],

@@ -151,7 +151,7 @@ async def status_report(cfg: Config, store, client, retrainer, live, registry=No
 
     `live` is the Runtime's LiveAdapter (the truth about what answers use); the server's
     own account is shown when it gives one (vLLM's /health is an empty 200)."""
-    lines = [f"**Base model:** {cfg.model.base or 'demo base (' + cfg.model.demo_dir + ')'}"]
+    lines = [f"**Base model:** {cfg.model.base or 'SmolLM2-135M-Instruct (the embedded default)'}"]
     lines.append(f"**Live adapter:** {live.version or 'none (the base model answers)'}"
                  + (f" (since {live.since or 'unknown'})" if live.version else ""))
     if registry is not None and live.version:
