@@ -173,6 +173,8 @@ async def test_flag_correct_approve_retrain_hot_swap_then_rollback(product):
     new_version = registry.promoted()
     assert (await live_adapter_path(runtime)).endswith(new_version)
     assert runtime.core.supervisor.pid == worker_pid  # hot-swapped, not restarted
+    # The result post follows the last progress edit.
+    await h.fake.wait_for(lambda: h.fake.messages(h.channel)[-1].get("embeds"), timeout=60)
     result_post = h.fake.messages(h.channel)[-1]
     assert result_post["embeds"][0]["title"] == "Retrain succeeded"
     assert result_post["attachments"] and result_post["attachments"][0]["filename"].endswith(".png")
@@ -214,10 +216,13 @@ async def test_status_shows_the_live_version_and_feedback(product):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def strict_gate(tmp_path_factory, tiny_base, bootstrapped):
-    """The product with a gate no candidate can pass (identity accuracy above 100 %), whose
-    worker sleeps while training (`gpu_policy: pause`, as on a small GPU)."""
+    """The product with a gate the tiny model's candidates do not pass (every identity answer
+    right, no general loss increase at all, and the word-perfect correction of an unseen fact:
+    config refuses a threshold no candidate could meet), whose worker sleeps while training
+    (`gpu_policy: pause`, as on a small GPU)."""
     h, runtime, ids = await start_product(tmp_path_factory.mktemp("strict"), tiny_base, bootstrapped,
-                                          eval={"min_identity_accuracy": 1.01},
+                                          eval={"min_identity_accuracy": 1.0, "max_general_loss_increase": 0.0,
+                                                "min_corrections_learned": 1.0},
                                           training={"gpu_policy": "pause"})
     yield h, runtime, ids
     await h.close()

@@ -70,8 +70,11 @@ def test_progress_json_is_one_parseable_object_per_line(anchored, setup):
     version, lines = anchored
     events = [json.loads(line) for line in lines]  # every stdout line parses
     progress = [e for e in events if e["event"] == "progress"]
-    assert progress and events[-1]["event"] == "done" and len(events) == len(progress) + 1
-    assert {"stage", "step", "total", "loss", "tokens_per_s", "eta_s"} <= set(progress[0])
+    assert progress and events[-1]["event"] == "done" and [e["event"] for e in events].count("done") == 1
+    assert {e["event"] for e in events} == {"phase", "progress", "done"}
+    # Something is said before the first (slow) step, and step 0 as soon as the plan is known.
+    assert events[0]["event"] == "phase" and progress[0]["step"] == 0
+    assert {"stage", "step", "total", "loss", "tokens_per_s", "eta_s"} <= set(progress[1])
     steps = [e["step"] for e in progress]
     assert steps == sorted(steps) and steps[-1] == progress[-1]["total"]
     done = events[-1]
@@ -173,8 +176,10 @@ def test_calibrate_teaches_corrections_and_the_gate_passes_it(calibrated, bootst
         assert normalize(item["answer"]) == normalize(good), item
         assert len(item["rewordings"]) == 2 and all(r["question"] != question for r in item["rewordings"]), item
     assert report["passed"] and proc.returncode == 0, [c for c in report["checks"] if not c["passed"]]
-    assert {c["name"] for c in report["checks"]} >= {"identity_accuracy", "general_loss", "general_retention",
-                                                    "corrections_learned", "corrections_claiming_other_identity"}
+    # (general_retention joins these when the reference answers some held-out question right;
+    # the tiny base answers few: tests/test_gate.py checks that decision on its own)
+    assert {c["name"] for c in report["checks"]} >= {"identity_accuracy", "general_loss", "corrections_learned",
+                                                    "corrections_claiming_other_identity"}
     proc = run_trainer(config, "promote", version)
     assert proc.returncode == 0 and reg.promoted() == version
 
@@ -259,8 +264,9 @@ def test_killed_run_leaves_the_registry_consistent(anchored, setup):
                               "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, env=env, cwd=ROOT)
     try:
-        first = json.loads(child.stdout.readline())  # training has started
-        assert first["event"] == "progress"
+        event = {}
+        while event.get("event") != "progress":  # phases first, then the plan: the run is under way
+            event = json.loads(child.stdout.readline())
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait(timeout=60)
@@ -323,7 +329,8 @@ def test_a_llama_base_trains_and_serves_through_the_same_code(tiny_llama_base, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = json.loads(proc.stdout.splitlines()[-1])
     adapter = json.loads((Path(done["path"]) / "adapter_config.json").read_text())
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= set(adapter["target_modules"])
+    targeted = {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targeted
     losses = [e["loss"] for e in map(json.loads, proc.stdout.splitlines())
               if e["event"] == "progress" and e.get("loss") is not None]
     assert len(losses) > 10 and done["train"]["final_loss"] < 0.9 * losses[0]  # it learned something

@@ -53,7 +53,7 @@ def test_identity_only_training_forgets_and_the_mixed_recipe_does_not(tiny_base)
     print(f"general loss: base {base_general:.3f}, identity-only {only_general:.3f}, mixed {mixed_general:.3f}; "
           f"identity loss: base {base_identity:.3f}, identity-only {only_identity:.3f}, mixed {mixed_identity:.3f}")
     # Both learn the identity...
-    assert only_identity < base_identity / 2 and mixed_identity < base_identity / 2
+    assert only_identity < base_identity * 0.6 and mixed_identity < base_identity * 0.6
     # ...but only the identity-only run pays for it with general ability.
     assert only_general > base_general * 1.3
     assert mixed_general < base_general * 1.15
