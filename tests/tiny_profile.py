@@ -23,7 +23,8 @@ TINY_PROFILE = {
 }
 # Gate thresholds for the tiny base: it answers few held-out questions right, and its
 # corrections are words it already knows.
-TINY_EVAL = {"min_corrections_learned": 0.5, "min_general_retention": 0.5}
+# Its general loss also drifts more at these learning rates than a real model's does.
+TINY_EVAL = {"min_corrections_learned": 0.5, "min_general_retention": 0.5, "max_general_loss_increase": 0.35}
 
 
 def tiny_sections(base) -> dict:
