@@ -10,7 +10,7 @@ from typing import Iterable, Optional
 
 from model.client import ModelError
 from model.config import Config
-from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims
+from trainer.protocol import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims
 
 ADMINISTRATOR_PERMISSION = 1 << 3  # Discord's ADMINISTRATOR bit
 CORRECTIONS_PAGE_SIZE = 5

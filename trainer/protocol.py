@@ -30,6 +30,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Optional
 
+# What counts as the assistant claiming another identity: one definition for the gate and for
+# the bot's review of corrections (pure functions, standard library only).
+from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims  # noqa: F401
+
 REPORT_FILE = "eval.json"  # the gate's full report, inside the version's directory
 CHART_FILE = "eval.png"  # scores of every evaluated version
 
