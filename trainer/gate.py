@@ -239,24 +239,23 @@ def _scores_file(reg: Registry, version: Optional[str], base: str) -> Path:
     return reg.root / BASE_SCORES_DIR / (hashlib.sha256(str(base).encode()).hexdigest()[:12] + ".json")
 
 
-def cached_scores(reg: Registry, version: Optional[str], base: str, fp: str) -> Optional[dict]:
+def _read_scores(f: Path) -> dict:
+    """A scores file's {fingerprint: scores}; {} when missing or unreadable (recomputed)."""
     try:
-        data = json.loads(_scores_file(reg, version, base).read_text(encoding="utf-8"))
+        data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return data.get(fp) if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cached_scores(reg: Registry, version: Optional[str], base: str, fp: str) -> Optional[dict]:
+    return _read_scores(_scores_file(reg, version, base)).get(fp)
 
 
 def store_scores(reg: Registry, version: Optional[str], base: str, fp: str, scores: dict) -> None:
     f = _scores_file(reg, version, base)
     f.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-        data = data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        data = {}
-    data[fp] = scores
-    write_json_atomic(f, data)
+    write_json_atomic(f, {**_read_scores(f), fp: scores})
 
 
 def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, log=None, progress=None) -> dict:
