@@ -38,10 +38,13 @@ class WorkerState(StrEnum):
 
 
 def resolve_model_path(cfg: Config) -> Path:
-    """The base model directory the worker loads (a GGUF base not converted yet: where the
-    worker converts it as it starts), or a WorkerStartError saying how to get one."""
+    """What the worker is told to load: the base model directory, or the GGUF file of a base
+    not converted yet (the worker converts it into model.cache_dir as it starts); a
+    WorkerStartError says how to get a base when there is none."""
     path = cfg.base_model_path()
-    if not (path / "config.json").exists() and cfg.base_gguf() is None:
+    if not (path / "config.json").exists() and cfg.base_gguf() is not None:
+        return cfg.base_gguf()
+    if not (path / "config.json").exists():
         if cfg.model.base:
             raise WorkerStartError(
                 f"model.base is {cfg.model.base!r} but {path} holds no model (no config.json); "

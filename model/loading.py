@@ -158,6 +158,23 @@ def ensure_base(cfg, on_progress: Optional[Callable[[str], None]] = None) -> Pat
     return convert_gguf(source, path, on_progress).resolve()
 
 
+def serving_base(cfg, model: Optional[str] = None, on_progress: Optional[Callable[[str], None]] = None) -> Path:
+    """The model directory a worker serves: `model` (`--model`: a model directory, or a
+    .gguf file converted into model.cache_dir once) or else the configured base."""
+    if not model:
+        return ensure_base(cfg, on_progress)
+    path = Path(model)
+    if path.suffix.lower() != ".gguf":
+        return path
+    if not path.is_file():
+        raise LoadError(f"--model {model}: no such GGUF file")
+    out = converted_dir_for(path, cfg.path(cfg.model.cache_dir))
+    if is_model_dir(out):
+        return out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(path, out, on_progress).resolve()
+
+
 def resolve_device(requested: str) -> str:
     import torch
 

@@ -54,7 +54,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible API", description=SERVE_DESCRIPTION)
     serve.add_argument("--config", help="config file (default: config.yaml or $LOOPCORD_CONFIG)")
-    serve.add_argument("--model", help="base model directory (overrides model.base)")
+    serve.add_argument("--model", help="base model directory or .gguf file (overrides model.base; a GGUF is "
+                       "converted into model.cache_dir once)")
     serve.add_argument("--host", help="bind address (overrides worker.host)")
     serve.add_argument("--port", type=int, help="port (overrides worker.port; 0 picks a free one)")
     serve.add_argument("--served-model-name", help="the base model's id in the API (default: its path)")
@@ -112,14 +113,12 @@ def build_worker(cfg, args):
     from model.adapters import AdapterTable, linear_shapes, read_adapter
     from model.engine import Engine
     from model.errors import APIError
-    from model.loading import LoadError, ensure_base, load_base
+    from model.loading import LoadError, load_base, serving_base
     from model.metrics import WorkerMetrics
     from model.server import Worker
 
-    try:  # --model, else model.base, else the embedded default (a GGUF base is converted once,
-        # here too when the bot names the configured base's conversion that is not there yet)
-        configured = args.model and Path(args.model).resolve() == cfg.base_model_path().resolve()
-        base = args.model if args.model and not configured else str(ensure_base(cfg, log.info))
+    try:  # --model, else model.base, else the embedded default (a GGUF base is converted once)
+        base = str(serving_base(cfg, args.model, log.info))
     except LoadError as exc:
         raise ServeError(str(exc)) from None
     threads = args.cpu_threads if args.cpu_threads is not None else cfg.worker.cpu_threads

@@ -126,3 +126,20 @@ def test_cli_start_up_stops_with_one_line_on_bad_config(tmp_path, module):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines and "worker.max_batch_size: must be greater than 0" in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_worker_serves_a_directory_as_given_and_converts_a_gguf_into_the_cache(tmp_path):
+    """`model serve --model X`: a model directory is served as it is; a .gguf file is converted
+    into model.cache_dir once (a converted copy is reused); a missing file is one clear line."""
+    from model.loading import LoadError, converted_dir_for, serving_base
+
+    cfg = config_from_dict({"model": {"cache_dir": str(tmp_path / "cache")}}, root=tmp_path)
+    assert serving_base(cfg, str(tmp_path / "some-model-dir")) == tmp_path / "some-model-dir"
+    with pytest.raises(LoadError, match="no such GGUF file"):
+        serving_base(cfg, str(tmp_path / "missing.gguf"))
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"GGUF")
+    done = converted_dir_for(gguf, tmp_path / "cache")
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    assert serving_base(cfg, str(gguf)) == done.resolve()  # reused, not converted again
