@@ -1,52 +1,77 @@
-"""Chaos: SIGKILL the worker, the trainer and the bot's store writer at random moments.
+"""Chaos: SIGKILL the worker, the trainer and the bot at random moments, then count the damage.
 
-    python benchmarks/chaos_bench.py [--rounds 3] [--model DIR] [--seed 1] [--no-write]
+    python benchmarks/chaos_bench.py [--targets worker,trainer,bot] [--rounds 3] [--seed 1]
+                                     [--model DIR] [--calibrate-steps 100] [--no-write]
 
-Three kinds of round, each on real child processes:
+Every round kills a real process of the product with SIGKILL (no clean-up code of
+its own can run) at a random moment, on the tiny test base:
 
-worker   `python -m model serve` (tiny base + a live adapter) under four client
-         loops; SIGKILL at a random moment, restart on the same port. Counts
-         requests that failed with a clear error (the client's typed errors) or
-         an unclear one (anything else, or no answer within 60 s), and the time
-         from the kill to the next good answer.
-trainer  `python -m trainer import` + `promote` of a new version; SIGKILL at a
-         random moment. Then the registry's start-up check runs: PROMOTED must
-         name a complete version and every earlier version must still read.
-store    a child writing exchanges and flags through bot.store, printing each
-         acknowledged id; SIGKILL at a random moment, reopen, count the
-         acknowledged rows that are missing.
+worker   `python -m model serve` (a live adapter loaded) under four client loops;
+         SIGKILL, restart on the same port. Counts requests that failed with a
+         clear error (the client's typed errors) or an unclear one (anything
+         else, or no answer within 60 s). Recover = kill -> next good answer.
+trainer  the real retrain path (bot.runtime.Runtime: store, worker, Retrainer)
+         on approved corrections; the `python -m trainer calibrate` (or `eval`)
+         child is SIGKILLed after it has reported some training steps. Then:
+         the retrain's message says what happened; PROMOTED and the earlier
+         versions are unchanged and readable; the registry's start-up check
+         leaves no staging dir or temp file; the approved corrections are still
+         approved and not marked trained; no run is left "running"; the worker
+         still serves the live adapter; and a re-run of the retrain completes.
+         Recover = kill -> that re-run done.
+bot      the real `python -m bot` (terminal mode, driven through a pipe): chat,
+         /flag, /correct, /approve, and once per run /retrain; SIGKILL of the bot
+         at a random moment (in one round while its retrain is training), an
+         immediate restart on the same data directory. Then: every flag and
+         correction the bot acknowledged to the user is in the database (as
+         acknowledged), the restart is not refused by a stale instance lock, no
+         worker or trainer child of the dead bot outlives it, the registry is
+         consistent, and after a retrain kill a new /retrain is accepted and
+         completes. Recover = kill -> the restarted bot's first answer.
 
 Prints the figures and writes them to benchmarks/RESULTS.md (section
-"chaos_bench"). Target: 0 unclear failures, 0 lost, 0 wedged.
+"chaos_bench"). Target: 0 unclear failures, 0 lost, 0 wedged, 0 orphans.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import random
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from benchmarks.results import write_section  # noqa: E402
 from model.client import ModelClient, ModelError  # noqa: E402
-from model.process import WorkerProcess, child_env, new_worker_key  # noqa: E402
+from model.process import WorkerProcess, child_env, free_port, new_worker_key  # noqa: E402
 
+TARGETS = ("worker", "trainer", "bot")
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 CLIENT_LOOPS = 4
 ANSWER_TIMEOUT_S = 60.0
 RECOVER_LIMIT_S = 180.0  # no good answer this long after a kill counts as wedged
+RETRAIN_LIMIT_S = 300.0  # a retrain (calibrate + gate + promote + load) on the tiny base
+ORPHAN_GRACE_S = 15.0  # a dead bot's children get this long (worker drain 5 s + exit) to go
+BOT_START_LIMIT_S = 180.0
+BOT_REPLY_LIMIT_S = 60.0
+UNCLEAR_OUTPUT = re.compile(r"Traceback|That failed \(|^error:")  # a bot line no user should see
+RESTART_TRIES = 3  # a restart that fails is retried (as a service manager would) after a pause
+RESTART_PAUSE_S = 2.0
 
 
 @dataclass
@@ -56,34 +81,207 @@ class Tally:
     clear: int = 0  # failed with a typed, worded error
     unclear: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
-    wedged: int = 0
+    wedged: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
     recover_s: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def default_base(steps: int) -> Path:
-    cached = sorted((ROOT / "tests" / ".cache").glob("demo-base-*/model.safetensors"))
-    if cached:
-        return cached[-1].parent
+    """The test suite's cached tiny base for the current data and code (built if missing)."""
+    from conftest import CACHE, _fingerprint
+
+    cached = CACHE / f"demo-base-{_fingerprint()}"
+    if (cached / "model.safetensors").exists():
+        return cached
     from tiny_model import build_default
 
     return build_default(ROOT / ".loopcord" / "chaos-base", steps=steps)
 
 
-def make_adapter(base: Path, out: Path, seed: int) -> Path:
+def make_adapter(base: Path, out: Path, seed: int, *, random_init: bool = True) -> Path:
+    """A LoRA adapter on `base`: random weights (answers differ from the base's), or PEFT's
+    default init (B = 0: answers as the base does; a good parent to calibrate from)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.save_pretrained(out)
+    lora = (LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            if random_init else LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(out)
     return out
 
 
 def trainer(config: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", *args, "--config", str(config), "--progress", "none"],
                           cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, ppid) of a process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of `pid` (children, their children, ...)."""
+    parents: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            st = _stat(int(p.name))
+            if st is not None and st[0] not in ("Z", "X"):
+                parents.setdefault(st[1], []).append(int(p.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def find_child(words: tuple[str, ...], config: Path) -> Optional[int]:
+    """A descendant of this process whose command line holds all `words` and the config path."""
+    for pid in descendants(os.getpid()):
+        cmd = cmdline(pid)
+        if str(config) in cmd and all(w in cmd.split() for w in words):
+            return pid
+    return None
+
+
+async def outlived(pids: dict[int, str], grace: float) -> list[str]:
+    """Of `pids` (pid -> command line), those still running `grace` s from now; they are
+    then killed, so one round's orphan never disturbs the next."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        await asyncio.sleep(0.1)
+    left = []
+    for pid, cmd in pids.items():
+        if alive(pid):
+            left.append(f"pid {pid} ({cmd[:90]}) still running {grace:.0f} s after its bot died")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return left
+
+
+# ---------------------------------------------------------------- the lab: config, registry, store
+
+
+def lab_config(lab: Path, base: Path, calibrate_steps: int) -> Path:
+    """The product on the tiny base with the tests' recipe, a short calibrate and a lenient
+    gate (the kills are under test, not the gate: a re-run should get as far as promote)."""
+    import yaml
+    from tiny_profile import tiny_sections
+
+    s = tiny_sections(base)
+    s["model"].update(temperature=0.0, max_tokens=16)
+    s["profiles"]["tiny"] = {**s["profiles"]["tiny"], "calibrate_min_steps": calibrate_steps}
+    s["training"].update(registry_dir=str(lab / "data" / "adapters"), work_dir=str(lab / "data" / "runs"))
+    s["eval"] = {"min_identity_accuracy": 0.01, "min_corrections_learned": 0.01, "min_general_retention": 0.01,
+                 "max_general_loss_increase": 10.0, "max_new_tokens": 16, "general_max_new_tokens": 8}
+    s["worker"] = {"port": free_port(), "startup_timeout_s": 120.0, "drain_timeout_s": 5.0, "cpu_threads": 1}
+    s["store"] = {"path": str(lab / "data" / "loopcord.db")}
+    s["discord"] = {"user_rate_limit": 100000, "max_pending_corrections": 1000}
+    path = lab / "config.yaml"
+    lab.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(s, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def seed_registry(config: Path, adapter: Path) -> str:
+    """Import `adapter` as the first version and promote it (as an admin brings one in)."""
+    from model.config import load_config
+    from trainer.registry import Registry
+
+    for args in (["import", str(adapter)], ["promote", "v0001", "--force"]):
+        done = trainer(config, *args)
+        if done.returncode != 0:
+            raise RuntimeError(f"setup: trainer {args[0]} failed: {done.stderr.strip()[-500:]}")
+    return Registry.from_config(load_config(config)).promoted()
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    versions: tuple[str, ...]
+    promoted: Optional[str]
+    leftovers: tuple[str, ...]  # staging dirs and temp files
+
+
+def registry_state(root: Path) -> RegistryState:
+    from trainer.registry import STAGING_PREFIX, TMP_SUFFIX, Registry
+
+    reg = Registry(root)
+    leftovers = [p.name for p in root.glob(STAGING_PREFIX + "*")]
+    leftovers += [str(p.relative_to(root)) for p in [*root.glob(f".*{TMP_SUFFIX}"), *root.glob(f"v*/.*{TMP_SUFFIX}")]]
+    return RegistryState(tuple(reg.versions()), reg.promoted(), tuple(sorted(leftovers)))
+
+
+def registry_problems(root: Path, before: RegistryState, may_add: bool) -> list[str]:
+    """What is wrong with the registry compared with `before` (after its start-up check ran)."""
+    from trainer.registry import Registry, RegistryError
+
+    try:
+        now = registry_state(root)
+        for v in now.versions:
+            Registry(root).get(v)
+    except RegistryError as exc:
+        return [f"registry unusable: {exc}"]
+    problems = []
+    if now.promoted != before.promoted:
+        problems.append(f"PROMOTED is {now.promoted}, was {before.promoted}")
+    missing = set(before.versions) - set(now.versions)
+    if missing:
+        problems.append(f"versions gone: {sorted(missing)}")
+    if not may_add and set(now.versions) - set(before.versions):
+        problems.append(f"versions appeared: {sorted(set(now.versions) - set(before.versions))}")
+    if now.leftovers:
+        problems.append(f"left after the start-up check: {list(now.leftovers)}")
+    return problems
+
+
+@contextlib.contextmanager
+def stderr_to(path: Path):
+    """File descriptor 2 (ours and that of children started meanwhile) into `path`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def db_rows(db: Path, sql: str, args=()) -> list[sqlite3.Row]:
+    """Read the bot's database as it is on disk (a separate connection, as after a crash)."""
+    con = sqlite3.connect(str(db), timeout=30)
+    con.row_factory = sqlite3.Row
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
 
 
 # ---------------------------------------------------------------- worker
@@ -110,11 +308,12 @@ async def worker_round(base: Path, adapter: Path, rng: random.Random, tally: Tal
                 tally.clear += 1
                 await asyncio.sleep(0.2)
             except asyncio.TimeoutError:
-                tally.unclear.append("no answer within 60 s")
+                tally.unclear.append("worker: no answer within 60 s")
             except Exception as exc:  # noqa: BLE001 - anything untyped is what this bench counts
-                tally.unclear.append(f"{type(exc).__name__}: {exc}")
+                tally.unclear.append(f"worker: {type(exc).__name__}: {exc}")
 
     tasks = [asyncio.create_task(loop()) for _ in range(CLIENT_LOOPS)]
+    restarted = None
     try:
         await asyncio.sleep(rng.uniform(0.5, 3.0))
         proc.proc.send_signal(signal.SIGKILL)
@@ -125,7 +324,7 @@ async def worker_round(base: Path, adapter: Path, rng: random.Random, tally: Tal
         try:
             await asyncio.wait_for(recovered.wait(), RECOVER_LIMIT_S)
         except asyncio.TimeoutError:
-            tally.wedged += 1
+            tally.wedged.append(f"worker: no good answer {RECOVER_LIMIT_S:.0f} s after the restart")
         health = await client.health()
         if health.get("adapters", {}).get("live") != str(adapter):
             tally.lost.append(f"worker: live adapter after restart is {health.get('adapters')}")
@@ -134,111 +333,392 @@ async def worker_round(base: Path, adapter: Path, rng: random.Random, tally: Tal
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
         proc.kill()
-        if "restarted" in locals():
+        if restarted is not None:
             restarted.stop()
     tally.rounds += 1
 
 
-# ---------------------------------------------------------------- trainer
+# ---------------------------------------------------------------- trainer (through the real retrain path)
 
 
-def trainer_round(config: Path, registry: Path, candidates: list[Path], rng: random.Random, tally: Tally) -> None:
-    from trainer.registry import Registry
+class TrainerLab:
+    """The product's retrain path in this process (Runtime: store, worker child, Retrainer),
+    whose trainer children this bench kills."""
 
-    reg = Registry(registry)
-    before = {v: reg.get(v) for v in reg.versions()}
-    adapter = rng.choice(candidates)
-    # import a new version, then promote it; the kill lands in whichever child is running
-    child = subprocess.Popen([sys.executable, "-m", "trainer", "import", str(adapter), "--config", str(config),
-                              "--progress", "json"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + rng.uniform(0.5, 8.0)
-    while time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.02)
-    version = None
-    if child.poll() is None:
-        child.send_signal(signal.SIGKILL)
-    else:  # the import finished first: kill the promote instead
-        out = child.stdout.read()
-        version = next((json.loads(line).get("version") for line in reversed(out.splitlines())
-                        if line.startswith("{") and json.loads(line).get("version")), None)
-        if version:
-            promote = subprocess.Popen([sys.executable, "-m", "trainer", "promote", version, "--config", str(config),
-                                        "--progress", "none"], cwd=ROOT, env=child_env(),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.3, 4.0))
-            promote.send_signal(signal.SIGKILL)
-            promote.wait()
-    child.wait()
-    started = time.monotonic()
-    try:
-        repaired = reg.check()
-        current = reg.promoted()
-        listing = trainer(config, "list")
-    except Exception as exc:  # noqa: BLE001
-        tally.lost.append(f"trainer: registry unusable after the kill: {type(exc).__name__}: {exc}")
-        tally.wedged += 1
-        tally.rounds += 1
-        return
-    tally.recover_s.append(time.monotonic() - started)
-    if listing.returncode != 0:
-        tally.unclear.append(f"trainer list exited {listing.returncode}: {listing.stderr.strip()[-200:]}")
-    if current is not None and current not in reg.versions():
-        tally.lost.append(f"trainer: PROMOTED names {current}, which is not a version")
-    for v, manifest in before.items():
-        try:
-            reg.get(v)
-        except Exception as exc:  # noqa: BLE001
-            tally.lost.append(f"trainer: version {v} unreadable after the kill: {exc}")
-    if repaired:
-        tally.clear += 1  # repaired at start-up, and said so
-    tally.ok += 1
+    def __init__(self, config: Path):
+        self.config = config
+        self.runtime = None
+        self.asked = 0
+
+    async def start(self) -> None:
+        from bot.runtime import Runtime
+        from model.config import load_config
+
+        self.cfg = load_config(self.config)
+        self.runtime = await Runtime.start(self.cfg)
+        self.store = self.runtime.core.store
+        self.registry_root = self.runtime.registry.root
+
+    async def close(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.close()
+
+    async def approve_new(self, n: int) -> list[int]:
+        """`n` new approved corrections, stored as the bot stores an admin's approval."""
+        ids = []
+        for _ in range(n):
+            self.asked += 1
+            ex = await self.store.log_exchange(
+                user_id=7, prompt_messages=[{"role": "user", "content": f"Which planet do we live on? ({self.asked})"}],
+                answer="The moon.", status="complete", answer_message_ids=[10_000 + self.asked])
+            cid = await self.store.add_correction(ex, 7, "Earth.")
+            await self.store.set_correction_status(cid, "approved", 1)
+            ids.append(cid)
+        return ids
+
+
+async def trainer_round(lab: TrainerLab, rng: random.Random, tally: Tally) -> None:
+    from bot.retrain import RunStatus
+
     tally.rounds += 1
+    await lab.approve_new(rng.randint(1, 2))
+    waiting = {r["id"] for r in await lab.store.export_approved_corrections(only_untrained=True)}
+    before = registry_state(lab.registry_root)
+    phase = rng.choice(["calibrate", "calibrate", "eval"])
+    after_steps = rng.randint(1, 6)  # progress events seen before the kill (calibrate)
+    seen = {"steps": 0, "eval": False}
+    ready = asyncio.Event()
+
+    async def on_progress(event: dict) -> None:
+        if event.get("event") == "progress" and event.get("stage") == "calibrate" and (event.get("step") or 0) > 0:
+            seen["steps"] += 1
+            if phase == "calibrate" and seen["steps"] >= after_steps:
+                ready.set()
+        if event.get("event") == "phase" and event.get("phase") == "eval":
+            seen["eval"] = True
+            if phase == "eval":
+                ready.set()
+
+    retrain = asyncio.create_task(lab.runtime.retrain("manual", 1, on_progress))
+    done, _ = await asyncio.wait({retrain, asyncio.create_task(ready.wait())}, timeout=RETRAIN_LIMIT_S,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if retrain in done:
+        tally.notes.append(f"trainer: the retrain finished before the kill point ({retrain.result().status})")
+        return
+    await asyncio.sleep(rng.uniform(0.0, 2.0 if phase == "calibrate" else 6.0))
+    pid = None
+    for _ in range(100):  # the eval child starts just after the phase event
+        pid = find_child(("trainer", phase), lab.config)
+        if pid is not None or retrain.done():
+            break
+        await asyncio.sleep(0.05)
+    if pid is None:
+        tally.notes.append(f"trainer: no `trainer {phase}` child to kill (it had finished)")
+        await asyncio.wait_for(retrain, RETRAIN_LIMIT_S)
+        return
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    tally.notes.append(f"trainer: killed `trainer {phase}` after {seen['steps']} step events")
+    try:
+        result = await asyncio.wait_for(retrain, RECOVER_LIMIT_S)
+    except asyncio.TimeoutError:
+        tally.wedged.append(f"trainer: the retrain did not return {RECOVER_LIMIT_S:.0f} s after its trainer died")
+        retrain.cancel()
+        return
+    # The user's side: one clear sentence, the live adapter unchanged.
+    if result.status == RunStatus.CRASHED and "unchanged" in result.message and "Traceback" not in result.message:
+        tally.clear += 1
+    else:
+        tally.unclear.append(f"trainer: after the kill the retrain said {result.status}: {result.message!r}")
+    # The next start-up check, then the registry as before (a killed eval leaves its candidate).
+    from trainer.registry import Registry, RegistryError
+
+    try:
+        Registry(lab.registry_root).check()
+    except RegistryError as exc:
+        tally.wedged.append(f"trainer: the registry start-up check refuses: {exc}")
+    tally.lost += [f"trainer: {p}" for p in registry_problems(lab.registry_root, before, may_add=phase == "eval")]
+    # The store: every approved correction still approved, none marked trained, no run left running.
+    rows = {r["id"]: r for r in db_rows(lab.store.path, "SELECT id, status, trained_run_id FROM corrections")}
+    for cid in waiting:
+        row = rows.get(cid)
+        if row is None or row["status"] != "approved" or row["trained_run_id"] is not None:
+            tally.lost.append(f"trainer: correction #{cid} after the kill: {dict(row) if row else 'missing'}")
+    running = db_rows(lab.store.path, "SELECT id FROM training_runs WHERE status = 'running'")
+    if running:
+        tally.wedged.append(f"trainer: runs left 'running': {[r['id'] for r in running]}")
+    # Serving goes on with the live adapter.
+    try:
+        health = await lab.runtime.core.client.health()
+        if before.promoted and before.promoted not in json.dumps(health.get("adapters", {})):
+            tally.lost.append(f"trainer: the worker no longer serves {before.promoted}: {health.get('adapters')}")
+    except ModelError as exc:
+        tally.wedged.append(f"trainer: the worker stopped answering: {exc}")
+    # Recovery: the same corrections retrain to the end.
+    try:
+        again = await asyncio.wait_for(lab.runtime.retrain("manual", 1), RETRAIN_LIMIT_S)
+    except Exception as exc:  # noqa: BLE001 - a refusal or a crash here is the finding
+        tally.wedged.append(f"trainer: the re-run failed: {type(exc).__name__}: {exc}")
+        return
+    if again.status not in (RunStatus.SUCCEEDED, RunStatus.REJECTED):
+        tally.wedged.append(f"trainer: the re-run ended {again.status}: {again.message}")
+        return
+    tally.recover_s.append(time.monotonic() - killed)
+    tally.ok += 1
+    tally.notes.append(f"trainer: re-run {again.status} ({again.version}) {time.monotonic() - killed:.0f} s "
+                       f"after the kill")
 
 
-# ---------------------------------------------------------------- store (the bot's data)
+# ---------------------------------------------------------------- bot (the real `python -m bot`)
 
-STORE_WRITER = textwrap.dedent("""
-    import asyncio, sys
-    from bot.store import Store
 
-    async def main(path):
-        store = await Store.open(path)
+class BotGone(Exception):
+    """The bot's stdout closed (it died) while we waited for a reply."""
+
+
+class PipedBot:
+    """`python -m bot` in terminal mode on a pipe: lines in, lines out, as a script drives it."""
+
+    def __init__(self, config: Path, name: str, err_path: Path):
+        self.config, self.name, self.err_path = config, name, err_path
+        self.lines: list[str] = []
+        self.proc: Optional[asyncio.subprocess.Process] = None
+        self._reader: Optional[asyncio.Task] = None
+
+    async def start(self) -> "PipedBot":
+        env = {k: v for k, v in child_env().items() if k != "DISCORD_TOKEN"}
+        with open(self.err_path, "ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bot", "--config", str(self.config), cwd=ROOT, env=env,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        async for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def send(self, line: str) -> int:
+        """Send one input line; the index of the first output line that can answer it."""
+        at = len(self.lines)
+        try:
+            self.proc.stdin.write((line + "\n").encode())
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise BotGone("stdin closed") from exc
+        return at
+
+    async def expect(self, pattern: str, after: int, timeout: float) -> tuple[int, re.Match]:
+        """The first output line from `after` on matching `pattern`: (its index, the match)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(after, len(self.lines)):
+                m = rx.search(self.lines[i])
+                if m:
+                    return i, m
+            if self._reader.done():
+                raise BotGone(f"{pattern!r} not seen before the bot's output ended")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pattern!r} not seen in {timeout:.0f} s; last lines: {self.lines[-5:]}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    async def quit(self) -> int:
+        with_timeout = 60.0
+        try:
+            await self.send("/quit")
+            self.proc.stdin.close()
+            return await asyncio.wait_for(self.proc.wait(), with_timeout)
+        except (BotGone, asyncio.TimeoutError):
+            self.kill()
+            return await self.proc.wait()
+
+
+@dataclass
+class Acked:
+    """What the bot confirmed to the user: flagged questions, corrections by id."""
+    flags: list[str] = field(default_factory=list)
+    corrections: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (text, status)
+
+
+class BotLab:
+    def __init__(self, config: Path, tmp: Path):
+        from model.config import load_config
+
+        self.config = config
+        self.cfg = load_config(config)
+        self.db = self.cfg.path(self.cfg.store.path)
+        self.registry_root = self.cfg.path(self.cfg.training.registry_dir)
+        self.tmp = tmp
+        self.bot: Optional[PipedBot] = None
+        self.acked = Acked()
+        self.starts = 0
+
+    @property
+    def answer_rx(self) -> str:
+        return rf"^{re.escape(self.cfg.identity.name)}> "
+
+    async def start_bot(self, tally: Tally) -> Optional[PipedBot]:
+        """Start the bot and wait for it to be ready, retrying a refused start (each refusal
+        counted: clear if it said why in one line); None if it never started."""
+        for attempt in range(RESTART_TRIES):
+            self.starts += 1
+            err_path = self.tmp / f"bot-stderr-{self.starts}.txt"
+            bot = await PipedBot(self.config, self.cfg.identity.name, err_path).start()
+            try:
+                await bot.expect(r" is ready \(adapter ", 0, BOT_START_LIMIT_S)
+                self.bot = bot
+                return bot
+            except (BotGone, TimeoutError) as exc:
+                bot.kill()
+                await bot.proc.wait()
+                err = err_path.read_text(errors="replace").strip()
+                if "another loopcord bot" in err:
+                    tally.wedged.append(f"bot: start refused by a stale instance lock: {err[-200:]}")
+                elif err.startswith("error:") and "\n" not in err:
+                    tally.clear += 1
+                    tally.notes.append(f"bot: start attempt {attempt + 1} refused: {err[-300:]}")
+                else:
+                    tally.unclear.append(f"bot: start failed unclearly ({exc}): {err[-300:]}")
+            await asyncio.sleep(RESTART_PAUSE_S)
+        tally.wedged.append(f"bot: did not start in {RESTART_TRIES} attempts")
+        return None
+
+    async def ask(self, question: str) -> None:
+        at = await self.bot.send(question)
+        await self.bot.expect(self.answer_rx, at, BOT_REPLY_LIMIT_S)
+
+    async def drive(self, r: int) -> None:
+        """Chat, flag, correct and approve until the bot dies; acknowledged writes are recorded."""
         i = 0
         while True:
             i += 1
-            ex = await store.log_exchange(user_id=i % 7, prompt_messages=[{"role": "user", "content": f"q{i}"}],
-                                          answer=f"a{i}", status="complete")
-            await store.add_flag(ex, user_id=99, kind="bad", emoji="x")
-            print(ex, flush=True)  # acknowledged: the write returned
+            question = f"chaos r{r} q{i}: what is the capital of France?"
+            await self.ask(question)
+            at = await self.bot.send("/flag")
+            await self.bot.expect(r"^Flagged\.", at, BOT_REPLY_LIMIT_S)
+            self.acked.flags.append(question)
+            text = f"Paris. (chaos r{r} c{i})"
+            at = await self.bot.send(f"/correct {text}")
+            _, m = await self.bot.expect(r"^Correction #(\d+) saved as (\w+)", at, BOT_REPLY_LIMIT_S)
+            cid = int(m.group(1))
+            self.acked.corrections[cid] = (text, m.group(2))
+            at = await self.bot.send(f"/approve {cid}")
+            await self.bot.expect(rf"^Correction #{cid} approved", at, BOT_REPLY_LIMIT_S)
+            self.acked.corrections[cid] = (text, "approved")
 
-    asyncio.run(main(sys.argv[1]))
-""")
+    def check_store(self, tally: Tally) -> None:
+        """Every acknowledged flag and correction is in the database as acknowledged."""
+        flagged = {r["prompt_messages"] for r in db_rows(
+            self.db, "SELECT e.prompt_messages FROM flags f JOIN exchanges e ON e.id = f.exchange_id "
+                     "WHERE f.kind = 'bad'")}
+        for question in self.acked.flags:
+            if not any(question in p for p in flagged):
+                tally.lost.append(f"bot: acknowledged flag on {question!r} missing")
+        rows = {r["id"]: r for r in db_rows(self.db, "SELECT id, text, status FROM corrections")}
+        for cid, (text, status) in self.acked.corrections.items():
+            row = rows.get(cid)
+            # an approval sent but not yet acknowledged when the bot died may have landed
+            allowed = ("pending", "approved") if status == "pending" else (status,)
+            if row is None or row["text"] != text or row["status"] not in allowed:
+                tally.lost.append(f"bot: acknowledged correction #{cid} ({status}) is {dict(row) if row else 'missing'}")
+        tally.ok = len(self.acked.flags) + len(self.acked.corrections)  # all checked again every round
 
 
-async def store_round(tmp: Path, rng: random.Random, tally: Tally) -> None:
-    from bot.store import Store
-
-    db = tmp / f"store-{tally.rounds}.db"
-    child = subprocess.Popen([sys.executable, "-c", STORE_WRITER, str(db)], cwd=ROOT, env=child_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    await asyncio.sleep(rng.uniform(1.5, 5.0))
-    child.send_signal(signal.SIGKILL)
-    out, err = await asyncio.to_thread(child.communicate)
-    acked = [int(line) for line in out.split() if line.isdigit()]
-    if not acked:
-        tally.unclear.append(f"store writer acknowledged nothing: {err.strip()[-200:]}")
-    started = time.monotonic()
-    store = await Store.open(db)
-    try:
-        tally.recover_s.append(time.monotonic() - started)
-        for ex in acked:
-            if await store.get_exchange(ex) is None or not await store.list_flags(ex):
-                tally.lost.append(f"store: acknowledged exchange {ex} or its flag missing")
-        tally.ok += len(acked)
-    finally:
-        await store.close()
+async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Random, tally: Tally) -> None:
     tally.rounds += 1
+    if lab.bot is None and await lab.start_bot(tally) is None:
+        return
+    before = registry_state(lab.registry_root)
+    bot = lab.bot
+    retrain_kill = False
+    try:
+        if during_retrain:
+            await asyncio.wait_for(drive_n(lab, r, 1), 120)
+            at = await bot.send("/retrain")
+            await bot.expect(r"^Retraining on \d+ new approved", at, BOT_REPLY_LIMIT_S)
+            await bot.expect(r"🛠️ calibrate: \d+ steps", at, RETRAIN_LIMIT_S)  # training has begun
+            await asyncio.sleep(rng.uniform(0.3, 4.0))
+            retrain_kill = find_child(("trainer", "calibrate"), lab.config) is not None
+        else:
+            try:
+                await asyncio.wait_for(lab.drive(r), rng.uniform(2.0, 12.0))
+            except asyncio.TimeoutError:
+                pass  # the kill lands wherever the drive is
+    except (BotGone, TimeoutError) as exc:
+        tally.unclear.append(f"bot: before the kill: {exc}")
+    children = {pid: cmdline(pid) for pid in descendants(bot.pid)}
+    bot.kill()
+    killed = time.monotonic()
+    await bot.proc.wait()
+    lab.bot = None
+    tally.notes.append(f"bot: round {r}: killed the bot (children: "
+                       f"{', '.join(sorted(c.split(' -m ')[-1].split()[0] for c in children.values())) or 'none'})"
+                       + (" while its retrain was training" if retrain_kill else ""))
+    # Restart at once (as a service manager would); meanwhile the dead bot's children must go.
+    orphans = asyncio.create_task(outlived(children, ORPHAN_GRACE_S))
+    restarted = await lab.start_bot(tally)
+    tally.orphans += await orphans
+    if restarted is None:
+        return
+    try:
+        await lab.ask(f"chaos r{r}: are you back?")
+    except (BotGone, TimeoutError) as exc:
+        tally.wedged.append(f"bot: the restarted bot does not answer: {exc}")
+        return
+    tally.recover_s.append(time.monotonic() - killed)
+    lab.check_store(tally)
+    tally.lost += [f"bot: {p}" for p in registry_problems(lab.registry_root, before, may_add=retrain_kill)]
+    if retrain_kill:
+        await retrain_after_kill(lab, tally)
+    bad = [line for line in restarted.lines if UNCLEAR_OUTPUT.search(line)]
+    tally.unclear += [f"bot: said {line!r}" for line in bad[:3]]
+
+
+async def drive_n(lab: BotLab, r: int, n: int) -> None:
+    """Drive until `n` more corrections are approved."""
+    goal = sum(1 for t, s in lab.acked.corrections.values() if s == "approved") + n
+    task = asyncio.create_task(lab.drive(r))
+    while sum(1 for t, s in lab.acked.corrections.values() if s == "approved") < goal and not task.done():
+        await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    # The drive may have sent a line the bot is still answering: let it answer.
+    await asyncio.sleep(1.0)
+
+
+async def retrain_after_kill(lab: BotLab, tally: Tally) -> None:
+    """After a kill mid-retrain: nothing was marked trained, and a new /retrain runs to the end."""
+    approved = [cid for cid, (_, s) in lab.acked.corrections.items() if s == "approved"]
+    rows = {r["id"]: r for r in db_rows(lab.db, "SELECT id, status, trained_run_id FROM corrections")}
+    for cid in approved:
+        if rows.get(cid) is None or rows[cid]["trained_run_id"] is not None:
+            tally.lost.append(f"bot: correction #{cid} marked trained by a retrain that was killed")
+    bot = lab.bot
+    at = await bot.send("/retrain")
+    try:
+        i, _ = await bot.expect(r"^Retraining on \d+ new approved|already running|Nothing new|needs attention",
+                                at, BOT_REPLY_LIMIT_S)
+        if not bot.lines[i].startswith("Retraining on"):
+            tally.wedged.append(f"bot: /retrain after the restart: {bot.lines[i]!r}")
+            return
+        i, _ = await bot.expect(r"is now live|did not pass the gate|could not be|stopped before|failed", at,
+                                RETRAIN_LIMIT_S)
+    except (BotGone, TimeoutError) as exc:
+        tally.wedged.append(f"bot: /retrain after the restart did not finish: {exc}")
+        return
+    if "is now live" in bot.lines[i] or "did not pass the gate" in bot.lines[i]:
+        tally.notes.append(f"bot: /retrain after the restart: {bot.lines[i]}")
+    else:
+        tally.wedged.append(f"bot: /retrain after the restart: {bot.lines[i]!r}")
 
 
 # ---------------------------------------------------------------- main
@@ -246,65 +726,130 @@ async def store_round(tmp: Path, rng: random.Random, tally: Tally) -> None:
 
 def summary(name: str, t: Tally) -> str:
     rec = sorted(t.recover_s)
-    med = f"{rec[len(rec) // 2]:.2f}" if rec else "-"
-    worst = f"{rec[-1]:.2f}" if rec else "-"
-    return (f"| {name} | {t.rounds} | {t.ok} | {t.clear} | {len(t.unclear)} | {len(t.lost)} | {t.wedged} | "
-            f"{med} | {worst} |")
+    med = f"{rec[len(rec) // 2]:.1f}" if rec else "-"
+    worst = f"{rec[-1]:.1f}" if rec else "-"
+    return (f"| {name} | {t.rounds} | {t.ok} | {t.clear} | {len(t.unclear)} | {len(t.lost)} | {len(t.wedged)} | "
+            f"{len(t.orphans)} | {med} | {worst} |")
+
+
+async def run_targets(args, base: Path, tmp: Path, tallies: dict[str, Tally]) -> None:
+    rng = random.Random(args.seed)
+    seed_adapter = make_adapter(base, tmp / "seed-lora", seed=0, random_init=False)
+    live = None
+    if "worker" in tallies:
+        config = lab_config(tmp / "worker-lab", base, args.calibrate_steps)
+        version = seed_registry(config, make_adapter(base, tmp / "cand0", seed=1))
+        from model.config import load_config
+        from trainer.registry import Registry
+
+        live = Registry.from_config(load_config(config)).path(version)
+        for r in range(args.rounds):
+            print(f"worker round {r + 1}/{args.rounds}", flush=True)
+            await worker_round(base, live, rng, tallies["worker"], tmp)
+    if "trainer" in tallies:
+        config = lab_config(tmp / "trainer-lab", base, args.calibrate_steps)
+        seed_registry(config, seed_adapter)
+        lab = TrainerLab(config)
+        with stderr_to(tmp / "trainer-lab.log"):  # the worker child and the trainers log there
+            await lab.start()
+            try:
+                for r in range(args.rounds):
+                    print(f"trainer round {r + 1}/{args.rounds}", flush=True)
+                    await trainer_round(lab, rng, tallies["trainer"])
+            finally:
+                await lab.close()
+    if "bot" in tallies:
+        config = lab_config(tmp / "bot-lab", base, args.calibrate_steps)
+        seed_registry(config, seed_adapter)
+        lab = BotLab(config, tmp)
+        retrain_round = rng.randrange(args.rounds)
+        try:
+            for r in range(args.rounds):
+                print(f"bot round {r + 1}/{args.rounds}" + (" (kill during a retrain)" if r == retrain_round else ""),
+                      flush=True)
+                await bot_round(lab, r + 1, r == retrain_round, rng, tallies["bot"])
+        finally:
+            if lab.bot is not None:
+                code = await lab.bot.quit()
+                if code != 0:
+                    tallies["bot"].unclear.append(f"bot: /quit exited {code}")
+
+
+def reading(tallies: dict[str, Tally]) -> str:
+    bad = {n: len(t.unclear) + len(t.lost) + len(t.wedged) + len(t.orphans) for n, t in tallies.items()}
+    parts = []
+    for n, t in tallies.items():
+        rec = sorted(t.recover_s)
+        worst = f"{rec[-1]:.0f} s" if rec else "n/a"
+        parts.append(f"{n}: {t.rounds} kills, {bad[n]} problems, worst recovery {worst}")
+    verdict = ("Every kill was survived: nothing acknowledged was lost, nothing was left wedged or running, "
+               "and every failure a user saw was a worded message."
+               if not any(bad.values()) else "Problems are listed below the table.")
+    return (f"{'; '.join(parts)}. {verdict} Recovery is dominated by start-up (a bot restart loads the "
+            "worker's model; a trainer kill's recovery is a whole re-run: calibrate, gate, promote and load), "
+            "not by any repair: the registry's start-up check and SQLite's WAL recovery take milliseconds.")
 
 
 async def main_async(args) -> int:
-    rng = random.Random(args.seed)
     base = Path(args.model) if args.model else default_base(args.base_steps)
-    tallies = {"worker": Tally(), "trainer": Tally(), "store": Tally()}
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        print(f"error: unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    tallies = {t: Tally() for t in TARGETS if t in targets}
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chaos-") as d:
         tmp = Path(d)
-        registry = tmp / "registry"
-        config = tmp / "config.yaml"
-        config.write_text(f"model:\n  base: {base}\ntraining:\n  registry_dir: {registry}\n  work_dir: {tmp / 'runs'}\n")
-        candidates = [make_adapter(base, tmp / f"cand{i}", seed=i) for i in range(2)]
-        first = trainer(config, "import", str(candidates[0]), "--progress", "json")
-        if first.returncode != 0:
-            print(f"setup failed: trainer import: {first.stderr[-500:]}", file=sys.stderr)
-            return 1
-        from trainer.registry import Registry
-
-        reg = Registry(registry)
-        v1 = reg.versions()[-1]
-        trainer(config, "promote", v1, "--force")
-        live = reg.path(reg.promoted())
-        for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}: worker", flush=True)
-            await worker_round(base, live, rng, tallies["worker"], tmp)
-            print(f"round {r + 1}/{args.rounds}: trainer", flush=True)
-            await asyncio.to_thread(trainer_round, config, registry, candidates, rng, tallies["trainer"])
-            print(f"round {r + 1}/{args.rounds}: store", flush=True)
-            await store_round(tmp, rng, tallies["store"])
+        logging.basicConfig(filename=tmp / "bench.log", level=logging.INFO)
+        try:
+            await run_targets(args, base, tmp, tallies)
+        finally:
+            for pid in descendants(os.getpid()):  # nothing of ours outlives the bench
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    wall = time.monotonic() - started
     rows = "\n".join(summary(n, t) for n, t in tallies.items())
-    details = [f"- {n}: {msg}" for n, t in tallies.items() for msg in (t.unclear + t.lost)[:5]]
-    body = (f"`python benchmarks/chaos_bench.py --rounds {args.rounds} --seed {args.seed}` (tiny base, one SIGKILL "
-            "per round at a random moment).\n\n"
-            "| target | rounds | ok (answers / checks / acked writes) | clear failures | unclear failures | lost | "
-            "wedged | recover median s | recover worst s |\n|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
-            "worker: clear failures are requests refused with the client's typed error while the worker was "
-            "down; recover = kill to the next good answer (includes restart and model load). trainer: recover = "
-            "the registry's start-up check; a clear failure is a kill the check repaired and reported. store: ok "
-            "= acknowledged writes, all found after the kill.\n" + ("\n".join(details) if details else ""))
+    problems = [f"- {msg}" for t in tallies.values() for msg in (t.unclear + t.lost + t.wedged + t.orphans)]
+    notes = [f"- {msg}" for t in tallies.values() for msg in t.notes]
+    body = (f"`python benchmarks/chaos_bench.py --targets {','.join(tallies)} --rounds {args.rounds} --seed {args.seed}` "
+            f"(tiny base, calibrate {args.calibrate_steps} steps, one SIGKILL per round at a random moment; "
+            f"{wall:.0f} s wall on the shared machine).\n\n"
+            "| target | rounds | ok | clear failures | unclear failures | lost | wedged | orphans | "
+            "recover median s | recover worst s |\n|---|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
+            + reading(tallies) + "\n\n"
+            "How to read it. worker: ok = good answers; clear failures = requests refused with the client's typed "
+            "error while the worker was down; recover = kill to the next good answer (restart and model load "
+            "included). trainer: the real retrain path (Runtime, store, worker) with its `trainer calibrate` or "
+            "`trainer eval` child killed; ok = re-runs that completed; clear = retrains that reported the kill in "
+            "one sentence with the live adapter unchanged; lost = a promoted or earlier version changed, staging or "
+            "temp files left after the start-up check, or an approved correction no longer approved or marked "
+            "trained; recover = kill to the re-run's end. bot: `python -m bot` on a pipe, killed and restarted at "
+            "once on the same data directory; ok = acknowledged flags and corrections (each checked in the "
+            "database); orphans = worker or trainer children alive 15 s after their bot died; recover = kill to "
+            "the restarted bot's first answer.\n"
+            + ("\nProblems:\n" + "\n".join(problems) + "\n" if problems else "")
+            + ("\nRounds:\n" + "\n".join(notes) + "\n" if notes else ""))
     print(body)
     if not args.no_write:
         write_section("chaos_bench", body)
-    bad = sum(len(t.unclear) + len(t.lost) + t.wedged for t in tallies.values())
-    return 0 if bad == 0 else 1
+    return 0 if not problems else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
+    parser.add_argument("--rounds", type=int, default=3, help="kills per target")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--model", help="base model dir (default: the test suite's cached tiny base)")
     parser.add_argument("--base-steps", type=int, default=150, help="pretraining steps if a tiny base must be built")
+    parser.add_argument("--calibrate-steps", type=int, default=100, help="calibrate steps per retrain (tiny profile)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return asyncio.run(main_async(args))
 
 
