@@ -68,6 +68,15 @@ DEFAULT_MAX_LEN = 32768  # cache positions per slot when the model does not say
 # (benchmarks/serve_bench.py --pack-ab); numerically a different summation order (~1e-4 in float32 logits).
 PACK_CPU_WEIGHTS = True
 DECODE_HEADROOM = 128  # answer tokens reserved in the cache at admission (it grows beyond as needed)
+# KV cache budget on CPU: admissions wait rather than take the cache past it (decode may still grow a
+# running request's room beyond it). 640 MiB holds ~14k float32 positions of SmolLM2 (46 KB each), e.g.
+# 6 streams of 2k context at once, and keeps the worker (1.0 GiB of weights and runtime) under 2 GB.
+CPU_KV_CACHE_BYTES = 640 * 2**20
+
+
+def default_kv_cache_bytes(device: str) -> Optional[int]:
+    """None (unbounded: the batch limit bounds it) on accelerators, whose memory the worker has to itself."""
+    return CPU_KV_CACHE_BYTES if device == "cpu" else None
 
 
 class QueueFull(Exception):
@@ -87,7 +96,8 @@ def _sampling_row(seq: Sequence) -> SamplingRow:
 
 class Engine:
     def __init__(self, model, tokenizer, eos_ids: set[int], device: str, max_batch_size: int,
-                 max_queue: int, adapters: AdapterTable, metrics: WorkerMetrics, pack_weights: Optional[bool] = None):
+                 max_queue: int, adapters: AdapterTable, metrics: WorkerMetrics, pack_weights: Optional[bool] = None,
+                 kv_cache_bytes: Optional[int] = -1):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.device = device
@@ -95,6 +105,8 @@ class Engine:
         self.max_queue = max_queue
         self.adapters = adapters
         self.metrics = metrics
+        # -1: the default for the device (bounded on CPU, where the cache shares the machine's RAM)
+        self.kv_cache_bytes = default_kv_cache_bytes(device) if kv_cache_bytes == -1 else kv_cache_bytes
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
         max_len = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_LEN
         dtype = next(model.parameters()).dtype
@@ -232,15 +244,31 @@ class Engine:
     # ---------------- admission ----------------
 
     def _admit(self) -> None:
-        """Waiting requests take free slots; one whose settings cannot run fails alone."""
+        """Waiting requests take free slots; one whose settings cannot run fails alone.
+
+        A request waits (in order) while its cache room would take the cache past `kv_cache_bytes`,
+        unless nothing else runs: memory stays bounded however many long prompts arrive at once.
+        """
+        admitted: list[Sequence] = []
+        cache = self.runner.empty_cache()
+        rows, length = cache.rows, cache.capacity
         while not self.sleeping and self.slots.free():
             with self._cond:
                 if not self._waiting:
-                    return
-                seq = self._waiting.popleft()
+                    break
+                seq = self._waiting[0]
                 if seq.cancelled:
+                    self._waiting.popleft()
                     self._release(seq)
                     continue
+                # Room for the whole prompt and some answer now: requests admitted together grow the
+                # cache once, instead of once per admission or per prefill chunk.
+                want = min(len(seq.prompt_ids) + min(seq.max_tokens, DECODE_HEADROOM), self.runner.max_len)
+                need_rows, need_len = max(rows, self.slots.next_free() + 1), max(length, want)
+                if (self.kv_cache_bytes is not None and (self.slots.owner or admitted)
+                        and cache.bytes_for(need_rows, need_len) > self.kv_cache_bytes):
+                    break
+                self._waiting.popleft()
                 # take the slot under the lock, so running() + waiting() never dips for a drain check
                 self.slots.take(seq)
             try:
@@ -253,12 +281,14 @@ class Engine:
                 self._finish_error(seq, f"invalid request: {exc}")
                 self._release(seq)
                 continue
+            rows, length = need_rows, need_len
+            admitted.append(seq)
+        if not admitted:
+            return
+        cache = self.runner.cache_for(length, rows)
+        for seq in admitted:
             seq.phase = Phase.PREFILLING
             self._prefilling.append(seq)
-            # Room for the whole prompt and some answer now: requests admitted together grow the cache
-            # once, instead of once per prefill chunk.
-            want = len(seq.prompt_ids) + min(seq.max_tokens, DECODE_HEADROOM)
-            cache = self.runner.cache_for(min(want, self.runner.max_len))
             seq.cached = self.prefix.load(cache, seq.slot, seq.prompt_ids, seq.adapter_name)
 
     # ---------------- prefill ----------------

@@ -1,12 +1,16 @@
 """A preallocated per-slot KV cache that drives an unmodified transformers model.
 
-Each layer holds two tensors [slots, kv_heads, capacity, head_dim]; a running
+Each layer holds two tensors [rows, kv_heads, capacity, head_dim]; a running
 sequence owns one slot (row) for its whole life, so admitting or retiring a
 request never copies anyone's cache (gpt-fast's static cache, with one row per
-request instead of one batch). Capacity grows in `GROW_TOKENS` steps when a
-sequence gets longer than any before it, and the tensors are dropped when the
-engine goes idle, so memory follows the longest live context, not the model's
-maximum.
+request instead of one batch). Both dimensions are allocated on demand: rows
+grow in blocks of `ROW_BLOCK` when a slot beyond them is taken, capacity grows in `GROW_TOKENS` steps when a sequence gets longer than any
+before it, and the tensors are dropped when the engine goes idle. So memory
+follows the live rows and the longest live context, not the batch limit times
+the model's maximum, and a lone request after an idle spell allocates a few rows,
+not 32 (first-touch page faults are a visible part of time to first token on
+a small VM). `bytes_for(rows, length)` lets the engine keep the cache under a
+memory budget before it admits anyone.
 
 `SlotCache` is a transformers `Cache`: the model's attention layers call
 `update(keys, values, layer_idx)` and attend over what it returns, under the
@@ -34,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache
 
 GROW_TOKENS = 64  # capacity grows in multiples of this
+ROW_BLOCK = 4  # rows are allocated in multiples of this (a burst of admissions grows them once)
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class SlotCache(Cache):
         self.dtype, self.device, self.max_len = dtype, device, max_len
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        self.rows = 0  # allocated rows (slots 0..rows-1)
         self.capacity = 0
         self.plan: Optional[Plan] = None
 
@@ -75,35 +81,54 @@ class SlotCache(Cache):
 
     # ---------------- memory ----------------
 
-    def reserve(self, length: int) -> None:
-        """Make room for positions 0..length-1 in every slot (grows; existing rows are kept).
+    def bytes_per_token_row(self) -> int:
+        """Bytes one position of one row costs across all layers, keys and values."""
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-        Grows by at least a quarter, to a multiple of GROW_TOKENS, one layer at a time so the
-        transient extra memory is one layer's worth, not a second copy of the cache.
+    def grown(self, rows: int, length: int) -> tuple[int, int]:
+        """(rows, capacity) after `reserve(rows, length)`: what the tensors would be, without allocating."""
+        new_rows = self.rows if rows <= self.rows else min(-(-rows // ROW_BLOCK) * ROW_BLOCK, max(self.slots, rows))
+        cap = self.capacity
+        if length > cap:
+            want = max(length, cap + cap // 4)
+            cap = min(-(-want // GROW_TOKENS) * GROW_TOKENS, max(self.max_len, length))
+        return new_rows, cap
+
+    def bytes_for(self, rows: int, length: int) -> int:
+        """Cache bytes once rows 0..rows-1 hold positions 0..length-1 (growth rounding included)."""
+        r, cap = self.grown(rows, length)
+        return r * cap * self.bytes_per_token_row()
+
+    def reserve(self, length: int, rows: Optional[int] = None) -> None:
+        """Make room for positions 0..length-1 in rows 0..rows-1 (grows; existing rows are kept).
+
+        Rows at least double, capacity grows by at least a quarter to a multiple of GROW_TOKENS, one
+        layer at a time so the transient extra memory is one layer's worth, not a second copy.
         """
-        if length <= self.capacity:
+        rows = self.rows if rows is None else rows
+        new_rows, cap = self.grown(rows, length)
+        if new_rows == self.rows and cap == self.capacity:
             return
-        want = max(length, self.capacity + self.capacity // 4)
-        cap = min(-(-want // GROW_TOKENS) * GROW_TOKENS, max(self.max_len, length))
-        shape = (self.slots, self.kv_heads, cap, self.head_dim)
+        shape = (new_rows, self.kv_heads, cap, self.head_dim)
         for store in (self.k, self.v):
             for i in range(self.num_layers):
                 # zeros, not empty: masked positions are still multiplied (by 0) in attention, and 0 * NaN is NaN
                 new = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if i < len(store):
-                    new[:, :, : self.capacity].copy_(store[i])
+                    new[: self.rows, :, : self.capacity].copy_(store[i])
                     store[i] = new
                 else:
                     store.append(new)
-        self.capacity = cap
+        self.rows, self.capacity = new_rows, cap
 
     def release_memory(self) -> None:
-        self.k, self.v, self.capacity = [], [], 0
+        self.k, self.v, self.rows, self.capacity = [], [], 0, 0
 
     def clear_slot(self, slot: int) -> None:
         """Zero one slot (after a row produced non-finite values, so its next owner starts clean)."""
-        for t in self.k + self.v:
-            t[slot].zero_()
+        if slot < self.rows:
+            for t in self.k + self.v:
+                t[slot].zero_()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -64,12 +64,18 @@ class Runner:
     def _config(self):
         return self.model.get_base_model().config if self.peft else self.model.config
 
-    def cache_for(self, length: int) -> SlotCache:
+    def empty_cache(self) -> SlotCache:
+        """The cache object (no tensors allocated until something reserves room)."""
         if self.cache is None:
             dtype = next(self.model.parameters()).dtype
             self.cache = SlotCache.for_model(self._config(), self.max_slots, dtype, self.device, self.max_len)
-        self.cache.reserve(length)
         return self.cache
+
+    def cache_for(self, length: int, rows: int) -> SlotCache:
+        """The cache, with room for positions 0..length-1 in slots 0..rows-1."""
+        cache = self.empty_cache()
+        cache.reserve(length, rows)
+        return cache
 
     def release_cache(self) -> None:
         if self.cache is not None:
@@ -89,7 +95,7 @@ class Runner:
         """Logits [n, V] for slots 0..n-1 each feeding tokens[i] at position starts[i]."""
         n = len(starts)
         width = max(starts) + 1
-        cache = self.cache_for(width)
+        cache = self.cache_for(width, n)
         pos = torch.tensor(starts, device=self.device)
         cache.plan = DecodePlan(n, pos, width)
         return self._forward(tokens[:n, None].to(self.device), pos[:, None], decode_mask(pos, width), names)
@@ -98,7 +104,7 @@ class Runner:
               names: list[Optional[str]]) -> torch.Tensor:
         """Logits [B, V] at the last token of each row; row b feeds pieces[b] from starts[b] in slot slots[b]."""
         width = max(len(p) for p in pieces)
-        cache = self.cache_for(max(s + len(p) for s, p in zip(starts, pieces)))
+        cache = self.cache_for(max(s + len(p) for s, p in zip(starts, pieces)), max(slots) + 1)
         ids = torch.full((len(pieces), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(pieces), width), dtype=torch.long)
         for b, (start, piece) in enumerate(zip(starts, pieces)):

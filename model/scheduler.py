@@ -27,6 +27,10 @@ class Slots:
     def free(self) -> int:
         return len(self._free)
 
+    def next_free(self) -> int:
+        """The slot `take` would hand out next (there must be one)."""
+        return self._free[0]
+
     def take(self, seq: Sequence) -> int:
         slot = heapq.heappop(self._free)
         self.owner[slot] = seq

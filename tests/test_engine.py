@@ -258,6 +258,31 @@ def test_admissions_write_in_place_without_copying_the_cache(tokenizer):
     assert seen[0] == seen[1]  # same storage: nobody's cache was re-allocated or concatenated
 
 
+def test_cache_budget_holds_requests_back_and_every_answer_is_still_exact(tokenizer):
+    """More requests than the KV budget holds: the rest wait their turn, the cache stays under the
+    budget, and each answer is the one the request gets alone."""
+    model = _sharpen(_llama(tokenizer))
+    ids = prompts(tokenizer) * 2
+    expected = [reference(model, p, 12) for p in ids]
+    engine = make_engine(model, tokenizer, max_batch_size=8)
+    cache = engine.runner.empty_cache()
+    engine.kv_cache_bytes = cache.bytes_for(4, 64)  # one block of rows at the first capacity step
+    most_running, most_bytes = 0, 0
+    try:
+        batch = [seq(p) for p in ids]
+        for s in batch:
+            engine.submit(s)
+        while not all(s.emit.ended.is_set() for s in batch):
+            most_running = max(most_running, engine.running())
+            most_bytes = max(most_bytes, cache.nbytes())
+            time.sleep(0.001)
+    finally:
+        engine.stop()
+    assert 1 < most_running <= 4  # batched, but never past what the budget holds
+    assert 0 < most_bytes <= engine.kv_cache_bytes
+    assert [s.generated for s in batch] == expected
+
+
 def test_cancelled_request_frees_its_slot(tokenizer):
     model = _sharpen(_llama(tokenizer))
     engine = make_engine(model, tokenizer, max_batch_size=1)
