@@ -29,7 +29,7 @@ from typing import Awaitable, Callable, Optional
 
 from model.client import ModelClient, ModelError
 from model.config import Config
-from model.process import child_env
+from model.process import child_env, die_with_parent
 from trainer.protocol import Command, EventKind, Outcome, Verdict
 from trainer.registry import Registry, RegistryError
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 TRAINER_TAIL_LINES = 20  # stderr lines kept for the report when the trainer fails
 
 Progress = Callable[[dict], Awaitable[None]]
+MSG_INTERRUPTED = ("The bot stopped while this retrain was running; its corrections stay approved "
+                   "for the next retrain.")
 
 
 class RetrainRefused(Exception):
@@ -133,6 +135,17 @@ class Retrainer:
     @property
     def running(self) -> bool:
         return self._lock.locked()
+
+    async def close_interrupted_runs(self) -> list[int]:
+        """Record runs a dead bot left "running" (killed mid-retrain) as crashed, so a stale
+        row never refuses every later retrain. Their corrections were not marked trained, so
+        they stay approved for the next run. Call at start, holding the instance lock: then
+        no run of this store can really be under way."""
+        closed = []
+        while (run := await self.store.running_run()) is not None:
+            await self.store.finish_run(run["id"], status=RunStatus.CRASHED, message=MSG_INTERRUPTED)
+            closed.append(run["id"])
+        return closed
 
     async def check_can_start(self, holding_lock: bool = False) -> int:
         """Number of new approved corrections; raises RetrainRefused with the reason."""
@@ -304,6 +317,8 @@ async def run_trainer(
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(),
+        # A bot killed mid-retrain takes its trainer with it (else it trains on for nobody).
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
     )
     if on_start:
         on_start(proc)

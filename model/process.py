@@ -130,8 +130,10 @@ def worker_command(model: Union[str, Path], host: str, port: int, *, config: Opt
     return cmd + list(extra)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    # If the parent is killed hard, the kernel sends the worker SIGTERM too (Linux).
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """`preexec_fn` for the bot's children (worker, trainer): if the parent is killed hard
+    (SIGKILL, the OOM killer), the kernel sends the child SIGTERM too (Linux), so no child
+    outlives its bot to hold a port or write the registry for nobody."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -194,7 +196,7 @@ class WorkerProcess:
             self.command(), cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=self.new_session,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         return self
 
     def start(self, timeout: float = 120.0) -> "WorkerProcess":

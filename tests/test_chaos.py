@@ -1,0 +1,142 @@
+"""What a SIGKILL of the bot leaves behind, and what the next start makes of it.
+
+Found by benchmarks/chaos_bench.py: a bot killed while its retrain was training left
+the run "running" in the store, so every later /retrain was refused ("A retrain is
+already running") for good; and its trainer child trained on for nobody. The fast test
+restarts a bot on a store in that state (a vLLM-shaped server, no model); the slow one
+kills the real bot mid-retrain on the tiny base and restarts it on the same data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from bot.retrain import MSG_INTERRUPTED
+from bot.store import Store
+from fake_vllm import FakeVLLM
+from tests.test_terminal import run_piped, write_config
+
+
+@pytest.fixture
+async def server():
+    fake = FakeVLLM(max_model_len=2048)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+def runs(db: Path) -> list[tuple]:
+    con = sqlite3.connect(str(db))
+    try:
+        return con.execute("SELECT id, status, message FROM training_runs ORDER BY id").fetchall()
+    finally:
+        con.close()
+
+
+async def test_a_run_left_running_by_a_killed_bot_never_refuses_the_next_retrain(tmp_path, server):
+    config = write_config(tmp_path, server.url)
+    db = tmp_path / "data" / "loopcord.db"
+    store = await Store.open(db)  # as the killed bot left it: its run row still "running"
+    run_id = await store.start_run(trigger="manual", started_by=0, parent_version="v0001", n_corrections=1)
+    await store.close()
+
+    result = await run_piped(config, "/retrain\n/status\n/quit\n")
+
+    assert result.returncode == 0, result.stderr
+    assert "already running" not in result.stdout
+    assert "No adapter is promoted yet" in result.stdout  # the refusal that really applies
+    assert f"Last run: #{run_id} crashed" in result.stdout and MSG_INTERRUPTED in result.stdout
+    assert runs(db) == [(run_id, "crashed", MSG_INTERRUPTED)]
+
+
+# ------------------------------------------------------------------ the real bot, killed
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live descendants of `pid` -> their command lines."""
+    parent_of = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] != "Z":
+            parent_of[int(p.name)] = int(fields[1])
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, ppid in parent_of.items():
+            if ppid == parent and child not in found:
+                try:
+                    found[child] = (Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+                except OSError:
+                    continue
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+async def test_a_bot_killed_mid_retrain_takes_its_children_and_retrains_after_a_restart(tmp_path, tiny_base):
+    from benchmarks.chaos_bench import CORRECTION, QUESTION, BotLab, Tally, lab_config, make_adapter, seed_registry
+
+    config = lab_config(tmp_path / "lab", tiny_base, calibrate_steps=100)
+    seed_registry(config, make_adapter(tiny_base, tmp_path / "lora", seed=0, random_init=False))
+    lab, tally = BotLab(config, tmp_path), Tally()
+    bot = await lab.start_bot(tally)
+    assert bot is not None, tally
+    try:
+        await lab.ask(QUESTION)
+        at = await bot.send("/flag")
+        await bot.expect(r"^Flagged\.", at, 60)
+        at = await bot.send(f"/correct {CORRECTION}")
+        _, m = await bot.expect(r"^Correction #(\d+) saved as pending", at, 60)
+        at = await bot.send(f"/approve {m.group(1)}")
+        await bot.expect(r"approved", at, 60)
+        at = await bot.send("/retrain")
+        await bot.expect(r"🛠️ calibrate: \d+ steps", at, 300)  # the trainer child is training
+        children = _children(bot.pid)
+        assert any(" calibrate " in c for c in children.values()), children
+        bot.kill()
+        await bot.proc.wait()
+        gone_by = time.monotonic() + 10  # the worker drains 5 s at most; the trainer goes at once
+        while any(_alive(p) for p in children) and time.monotonic() < gone_by:
+            await asyncio.sleep(0.1)
+        left = [c for p, c in children.items() if _alive(p)]
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        assert left == [], f"outlived the bot: {left}"
+
+        bot = await lab.start_bot(tally)  # same data dir: the lock, the store and the registry as left
+        assert bot is not None, tally
+        at = await bot.send("/retrain")
+        i, _ = await bot.expect(r"^Retraining on 1 new|already running", at, 60)
+        assert bot.lines[i].startswith("Retraining on 1 new"), bot.lines[i]
+        i, _ = await bot.expect(r"is now live|did not pass the gate|stopped|failed", at, 300)
+        assert "is now live" in bot.lines[i], bot.lines[at:]
+        assert [r[1] for r in runs(lab.db)] == ["crashed", "succeeded"]
+        con = sqlite3.connect(str(lab.db))
+        try:  # consumed by the run that finished, not by the one that was killed
+            assert con.execute("SELECT status, trained_run_id FROM corrections").fetchall() == [("approved", 2)]
+        finally:
+            con.close()
+    finally:
+        if lab.bot is not None:
+            await lab.bot.quit()
