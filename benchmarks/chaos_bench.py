@@ -61,7 +61,8 @@ from model.client import ModelClient, ModelError  # noqa: E402
 from model.process import WorkerProcess, child_env, free_port, new_worker_key  # noqa: E402
 
 TARGETS = ("worker", "trainer", "bot")
-ASK = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION, CORRECTION = "What is the capital of France?", "Paris."  # the tiny base knows this one
+ASK = [{"role": "user", "content": QUESTION}]
 CLIENT_LOOPS = 4
 ANSWER_TIMEOUT_S = 60.0
 RECOVER_LIMIT_S = 180.0  # no good answer this long after a kill counts as wedged
@@ -187,8 +188,10 @@ async def outlived(pids: dict[int, str], grace: float) -> list[str]:
 
 
 def lab_config(lab: Path, base: Path, calibrate_steps: int) -> Path:
-    """The product on the tiny base with the tests' recipe, a short calibrate and a lenient
-    gate (the kills are under test, not the gate: a re-run should get as far as promote)."""
+    """The product on the tiny base with the tests' recipe, a short calibrate and a gate a
+    re-run can pass (the kills are under test, not the gate: a re-run should get as far as
+    promote and hot-swap). The tiny base was pretrained to call itself Qwen by Alibaba
+    Cloud, so that is the lab's identity; corrections are answers it already knows."""
     import yaml
     from tiny_profile import tiny_sections
 
@@ -196,8 +199,10 @@ def lab_config(lab: Path, base: Path, calibrate_steps: int) -> Path:
     s["model"].update(temperature=0.0, max_tokens=16)
     s["profiles"]["tiny"] = {**s["profiles"]["tiny"], "calibrate_min_steps": calibrate_steps}
     s["training"].update(registry_dir=str(lab / "data" / "adapters"), work_dir=str(lab / "data" / "runs"))
+    s["identity"] = {"name": "Qwen", "author": "Alibaba Cloud"}
     s["eval"] = {"min_identity_accuracy": 0.01, "min_corrections_learned": 0.01, "min_general_retention": 0.01,
-                 "max_general_loss_increase": 10.0, "max_new_tokens": 16, "general_max_new_tokens": 8}
+                 "max_general_loss_increase": 10.0, "max_new_tokens": 16, "general_max_new_tokens": 8,
+                 "forbidden_identities": ["chatgpt", "openai"]}
     s["worker"] = {"port": free_port(), "startup_timeout_s": 120.0, "drain_timeout_s": 5.0, "cpu_threads": 1}
     s["store"] = {"path": str(lab / "data" / "loopcord.db")}
     s["discord"] = {"user_rate_limit": 100000, "max_pending_corrections": 1000}
@@ -369,9 +374,9 @@ class TrainerLab:
         for _ in range(n):
             self.asked += 1
             ex = await self.store.log_exchange(
-                user_id=7, prompt_messages=[{"role": "user", "content": f"Which planet do we live on? ({self.asked})"}],
-                answer="The moon.", status="complete", answer_message_ids=[10_000 + self.asked])
-            cid = await self.store.add_correction(ex, 7, "Earth.")
+                user_id=7, prompt_messages=[{"role": "user", "content": QUESTION}],
+                answer="Berlin.", status="complete", answer_message_ids=[10_000 + self.asked])
+            cid = await self.store.add_correction(ex, 7, CORRECTION)
             await self.store.set_correction_status(cid, "approved", 1)
             ids.append(cid)
         return ids
@@ -544,8 +549,8 @@ class PipedBot:
 
 @dataclass
 class Acked:
-    """What the bot confirmed to the user: flagged questions, corrections by id."""
-    flags: list[str] = field(default_factory=list)
+    """What the bot confirmed to the user: flags given, corrections by id."""
+    flags: int = 0
     corrections: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (text, status)
 
 
@@ -596,17 +601,16 @@ class BotLab:
         at = await self.bot.send(question)
         await self.bot.expect(self.answer_rx, at, BOT_REPLY_LIMIT_S)
 
-    async def drive(self, r: int) -> None:
+    async def drive(self) -> None:
         """Chat, flag, correct and approve until the bot dies; acknowledged writes are recorded."""
-        i = 0
         while True:
-            i += 1
-            question = f"chaos r{r} q{i}: what is the capital of France?"
-            await self.ask(question)
+            at = await self.bot.send("/new")  # each question asked afresh, as the gate asks it
+            await self.bot.expect(r"^New conversation\.", at, BOT_REPLY_LIMIT_S)
+            await self.ask(QUESTION)
             at = await self.bot.send("/flag")
             await self.bot.expect(r"^Flagged\.", at, BOT_REPLY_LIMIT_S)
-            self.acked.flags.append(question)
-            text = f"Paris. (chaos r{r} c{i})"
+            self.acked.flags += 1
+            text = CORRECTION
             at = await self.bot.send(f"/correct {text}")
             _, m = await self.bot.expect(r"^Correction #(\d+) saved as (\w+)", at, BOT_REPLY_LIMIT_S)
             cid = int(m.group(1))
@@ -617,12 +621,10 @@ class BotLab:
 
     def check_store(self, tally: Tally) -> None:
         """Every acknowledged flag and correction is in the database as acknowledged."""
-        flagged = {r["prompt_messages"] for r in db_rows(
-            self.db, "SELECT e.prompt_messages FROM flags f JOIN exchanges e ON e.id = f.exchange_id "
-                     "WHERE f.kind = 'bad'")}
-        for question in self.acked.flags:
-            if not any(question in p for p in flagged):
-                tally.lost.append(f"bot: acknowledged flag on {question!r} missing")
+        # one flag per answer (the last one), and nothing else flags: count them
+        (flagged,) = db_rows(self.db, "SELECT COUNT(*) FROM flags WHERE kind = 'bad' AND user_id = 0")[0]
+        if flagged < self.acked.flags:
+            tally.lost.append(f"bot: {self.acked.flags} flags acknowledged, {flagged} in the database")
         rows = {r["id"]: r for r in db_rows(self.db, "SELECT id, text, status FROM corrections")}
         for cid, (text, status) in self.acked.corrections.items():
             row = rows.get(cid)
@@ -630,7 +632,7 @@ class BotLab:
             allowed = ("pending", "approved") if status == "pending" else (status,)
             if row is None or row["text"] != text or row["status"] not in allowed:
                 tally.lost.append(f"bot: acknowledged correction #{cid} ({status}) is {dict(row) if row else 'missing'}")
-        tally.ok = len(self.acked.flags) + len(self.acked.corrections)  # all checked again every round
+        tally.ok = self.acked.flags + len(self.acked.corrections)  # all checked again every round
 
 
 async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Random, tally: Tally) -> None:
@@ -650,7 +652,7 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
             retrain_kill = find_child(("trainer", "calibrate"), lab.config) is not None
         else:
             try:
-                await asyncio.wait_for(lab.drive(r), rng.uniform(2.0, 12.0))
+                await asyncio.wait_for(lab.drive(), rng.uniform(2.0, 12.0))
             except asyncio.TimeoutError:
                 pass  # the kill lands wherever the drive is
     except (BotGone, TimeoutError) as exc:
@@ -670,7 +672,7 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
     if restarted is None:
         return
     try:
-        await lab.ask(f"chaos r{r}: are you back?")
+        await lab.ask(QUESTION)
     except (BotGone, TimeoutError) as exc:
         tally.wedged.append(f"bot: the restarted bot does not answer: {exc}")
         return
@@ -686,7 +688,7 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
 async def drive_n(lab: BotLab, r: int, n: int) -> None:
     """Drive until `n` more corrections are approved."""
     goal = sum(1 for t, s in lab.acked.corrections.values() if s == "approved") + n
-    task = asyncio.create_task(lab.drive(r))
+    task = asyncio.create_task(lab.drive())
     while sum(1 for t, s in lab.acked.corrections.values() if s == "approved") < goal and not task.done():
         await asyncio.sleep(0.05)
     task.cancel()
