@@ -227,7 +227,12 @@ class Retrainer:
             result.message = f"{result.version} did not pass the gate, so the live adapter stays {previous}."
             return result
         promoted = await self._trainer([Command.PROMOTE, result.version], progress)
-        if not promoted.ok:
+        if not promoted.ok and promote_went_through(self.registry, result.version):
+            # Killed after its atomic pointer swap: the registry (the truth) has it promoted, so
+            # serve it; leaving the old one live would disagree with PROMOTED until a restart.
+            log.warning("trainer promote %s ended without reporting (%s), but the registry has it promoted",
+                        result.version, promoted.reason)
+        elif not promoted.ok:
             result.status, result.stderr_tail = RunStatus.FAILED, list(promoted.stderr_tail)
             result.message = f"{result.version} passed the gate but could not be promoted ({promoted.reason}); still serving {previous}."
             return result
@@ -302,6 +307,17 @@ class Retrainer:
             finally:
                 self.paused_worker = False
                 self.on_pause(False)
+
+
+def promote_went_through(registry: Registry, version: str) -> bool:
+    """After a failed `trainer promote`: did it promote `version` before it died? Repairs
+    what the kill left (history, temp files) as the start-up check does."""
+    try:
+        registry.check()
+        return registry.promoted() == version
+    except RegistryError as exc:
+        log.error("the registry after a failed promote of %s: %s", version, exc)
+        return False
 
 
 async def run_trainer(

@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -140,3 +141,40 @@ async def test_a_bot_killed_mid_retrain_takes_its_children_and_retrains_after_a_
     finally:
         if lab.bot is not None:
             await lab.bot.quit()
+
+
+# ------------------------------------------------------------------ a killed trainer, in words
+
+
+def test_a_trainer_killed_by_a_signal_is_said_so_not_its_last_log_line():
+    from trainer.protocol import Outcome
+
+    killed = Outcome(command="calibrate", exit_code=-9,
+                     stderr_tail=("calibrate: 480 samples ({'corrections_in_file': 1}), parent v0001",))
+    assert killed.reason == "the trainer process was killed by SIGKILL, e.g. by the kernel's out-of-memory killer"
+    assert "SIGTERM" in Outcome(command="eval", exit_code=-15).reason
+    crashed = Outcome(command="eval", exit_code=1, stderr_tail=("RuntimeError: boom",))
+    assert crashed.reason == "RuntimeError: boom"  # a crash's own last words still explain it
+
+
+def test_a_promote_killed_after_its_pointer_swap_counts_as_promoted(tmp_path):
+    from bot.retrain import promote_went_through
+    from trainer.registry import Registry
+
+    reg = Registry(tmp_path / "adapters")
+    for _ in range(2):
+        staging = reg.new_staging_dir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            (staging / name).write_text("{}")
+        reg.commit(staging, {"stage": "calibrate", "gate": {"passed": True}})
+    reg.promote("v0001", force=True)
+    assert not promote_went_through(reg, "v0002")  # the promote never happened: still v0001
+    # as a promote killed between the PROMOTED swap and its history line leaves the registry
+    (reg.root / "PROMOTED").write_text("v0002\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = reg.root / f".PROMOTED.{dead.pid}.tmp"  # and the dead writer's temp file
+    leftover.write_text("v0002")
+    assert promote_went_through(reg, "v0002")
+    assert reg.history()[-1]["version"] == "v0002"  # repaired, as the start-up check does
+    assert not leftover.exists()

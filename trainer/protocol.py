@@ -26,6 +26,7 @@ read API), never the trainer's internals.
 from __future__ import annotations
 
 import datetime as dt
+import signal
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Optional
@@ -101,9 +102,22 @@ class Outcome:
 
     @property
     def reason(self) -> str:
-        """Why it failed, in the trainer's words (or the exit status)."""
+        """Why it failed: the trainer's own words; else the signal that killed it (its last
+        stderr line is then only a log line, not the cause); else that line or the exit status."""
         if self.event.get("message"):
             return str(self.event["message"])
+        if self.exit_code < 0:
+            return killed_by(-self.exit_code)
         if self.stderr_tail:
             return self.stderr_tail[-1]
         return f"exit status {self.exit_code}"
+
+
+def killed_by(signum: int) -> str:
+    """A trainer process ended by a signal, in words."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    hint = ", e.g. by the kernel's out-of-memory killer" if signum == signal.SIGKILL else ""
+    return f"the trainer process was killed by {name}{hint}"
