@@ -45,6 +45,7 @@ import random
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,11 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def kind(cmd: str) -> str:
+    """'model' (the worker), 'trainer' or the program, from a command line."""
+    return cmd.split(" -m ", 1)[-1].split()[0] if " -m " in cmd else Path(cmd.split()[0]).name if cmd else "?"
+
+
 def descendants(pid: int) -> list[int]:
     """Live descendants of `pid` (children, their children, ...)."""
     parents: dict[int, list[int]] = {}
@@ -169,12 +175,17 @@ def find_child(words: tuple[str, ...], config: Path) -> Optional[int]:
     return None
 
 
-async def outlived(pids: dict[int, str], grace: float) -> list[str]:
+async def outlived(pids: dict[int, str], grace: float, gone_after: dict[str, float]) -> list[str]:
     """Of `pids` (pid -> command line), those still running `grace` s from now; they are
-    then killed, so one round's orphan never disturbs the next."""
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        await asyncio.sleep(0.1)
+    then killed, so one round's orphan never disturbs the next. `gone_after` gets how long
+    each of the others took to exit, by kind (model, trainer)."""
+    started = time.monotonic()
+    deadline = started + grace
+    waiting = dict(pids)
+    while time.monotonic() < deadline and waiting:
+        for pid in [p for p in waiting if not alive(p)]:
+            gone_after[kind(waiting.pop(pid))] = time.monotonic() - started
+        await asyncio.sleep(0.05)
     left = []
     for pid, cmd in pids.items():
         if alive(pid):
@@ -382,84 +393,107 @@ class TrainerLab:
         return ids
 
 
-async def trainer_round(lab: TrainerLab, rng: random.Random, tally: Tally) -> None:
+TRAINER_PHASES = ("calibrate", "eval", "promote")  # round i kills the child of phase i % 3
+
+
+async def trainer_round(lab: TrainerLab, r: int, rng: random.Random, tally: Tally) -> None:
     from bot.retrain import RunStatus
+    from trainer.registry import Registry, RegistryError
 
     tally.rounds += 1
     await lab.approve_new(rng.randint(1, 2))
-    waiting = {r["id"] for r in await lab.store.export_approved_corrections(only_untrained=True)}
+    waiting = {row["id"] for row in await lab.store.export_approved_corrections(only_untrained=True)}
     before = registry_state(lab.registry_root)
-    phase = rng.choice(["calibrate", "calibrate", "eval"])
-    after_steps = rng.randint(1, 6)  # progress events seen before the kill (calibrate)
-    seen = {"steps": 0, "eval": False}
+    phase = TRAINER_PHASES[r % len(TRAINER_PHASES)]
+    after_steps = rng.randint(1, 6)  # calibrate: progress events seen before the kill
+    seen = {"steps": 0}
     ready = asyncio.Event()
 
     async def on_progress(event: dict) -> None:
-        if event.get("event") == "progress" and event.get("stage") == "calibrate" and (event.get("step") or 0) > 0:
+        kind_, stage = event.get("event"), event.get("stage")
+        if kind_ == "progress" and stage == "calibrate" and (event.get("step") or 0) > 0:
             seen["steps"] += 1
-            if phase == "calibrate" and seen["steps"] >= after_steps:
-                ready.set()
-        if event.get("event") == "phase" and event.get("phase") == "eval":
-            seen["eval"] = True
-            if phase == "eval":
-                ready.set()
+        if ((phase == "calibrate" and seen["steps"] >= after_steps)
+                or (phase == "eval" and kind_ == "phase" and event.get("phase") == "eval")
+                or (phase == "promote" and kind_ == "done" and event.get("command") == "eval")):
+            ready.set()
 
     retrain = asyncio.create_task(lab.runtime.retrain("manual", 1, on_progress))
-    done, _ = await asyncio.wait({retrain, asyncio.create_task(ready.wait())}, timeout=RETRAIN_LIMIT_S,
-                                 return_when=asyncio.FIRST_COMPLETED)
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({retrain, waiter}, timeout=RETRAIN_LIMIT_S, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
     if retrain in done:
-        tally.notes.append(f"trainer: the retrain finished before the kill point ({retrain.result().status})")
+        tally.notes.append(f"trainer: the retrain ended before the kill point ({retrain.result().status})")
         return
-    await asyncio.sleep(rng.uniform(0.0, 2.0 if phase == "calibrate" else 6.0))
     pid = None
-    for _ in range(100):  # the eval child starts just after the phase event
+    for _ in range(400):  # the eval / promote child starts just after the event
         pid = find_child(("trainer", phase), lab.config)
         if pid is not None or retrain.done():
             break
-        await asyncio.sleep(0.05)
-    if pid is None:
-        tally.notes.append(f"trainer: no `trainer {phase}` child to kill (it had finished)")
+        await asyncio.sleep(0.005)
+    if pid is not None:
+        # a random moment inside the phase: promote lasts well under a second, eval ~20 s
+        await asyncio.sleep(rng.uniform(0.0, {"calibrate": 2.0, "eval": 8.0, "promote": 0.5}[phase]))
+    if pid is None or not alive(pid):
+        tally.notes.append(f"trainer: `trainer {phase}` had finished before the kill")
         await asyncio.wait_for(retrain, RETRAIN_LIMIT_S)
         return
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    tally.notes.append(f"trainer: killed `trainer {phase}` after {seen['steps']} step events")
     try:
         result = await asyncio.wait_for(retrain, RECOVER_LIMIT_S)
     except asyncio.TimeoutError:
         tally.wedged.append(f"trainer: the retrain did not return {RECOVER_LIMIT_S:.0f} s after its trainer died")
         retrain.cancel()
         return
-    # The user's side: one clear sentence, the live adapter unchanged.
-    if result.status == RunStatus.CRASHED and "unchanged" in result.message and "Traceback" not in result.message:
+    tally.notes.append(f"trainer: killed `trainer {phase}` ({seen['steps']} calibrate step events seen); "
+                       f"the retrain said: {result.message}")
+    # The user's side: one sentence naming the kill, the live adapter unchanged (or, for a
+    # promote killed after its pointer swap, the new version promoted and live).
+    went_through = result.status == RunStatus.SUCCEEDED and phase == "promote"
+    if went_through:
+        tally.notes.append(f"trainer: the promote had swapped PROMOTED before it died: {result.version} is live")
+    elif (result.status in (RunStatus.CRASHED, RunStatus.FAILED) and "killed by SIGKILL" in result.message
+          and ("unchanged" in result.message or "still serving" in result.message)):
         tally.clear += 1
     else:
         tally.unclear.append(f"trainer: after the kill the retrain said {result.status}: {result.message!r}")
-    # The next start-up check, then the registry as before (a killed eval leaves its candidate).
-    from trainer.registry import Registry, RegistryError
-
+    # The next start-up check, then the registry as before (a killed eval or promote leaves its
+    # candidate; a promote killed after its pointer swap has promoted it).
     try:
         Registry(lab.registry_root).check()
     except RegistryError as exc:
         tally.wedged.append(f"trainer: the registry start-up check refuses: {exc}")
-    tally.lost += [f"trainer: {p}" for p in registry_problems(lab.registry_root, before, may_add=phase == "eval")]
+    problems = registry_problems(lab.registry_root, before, may_add=phase != "calibrate")
+    now = registry_state(lab.registry_root)
+    if went_through and now.promoted == result.version:
+        problems = [p for p in problems if not p.startswith("PROMOTED is")]
+    tally.lost += [f"trainer: {p}" for p in problems]
+    served = lab.runtime.live.version
+    if now.promoted != served:
+        tally.wedged.append(f"trainer: the registry promotes {now.promoted} but the bot serves {served}")
     # The store: every approved correction still approved, none marked trained, no run left running.
-    rows = {r["id"]: r for r in db_rows(lab.store.path, "SELECT id, status, trained_run_id FROM corrections")}
+    rows = {row["id"]: row for row in db_rows(lab.store.path, "SELECT id, status, trained_run_id FROM corrections")}
     for cid in waiting:
         row = rows.get(cid)
-        if row is None or row["status"] != "approved" or row["trained_run_id"] is not None:
+        if row is None or row["status"] != "approved" or (row["trained_run_id"] is not None and not went_through):
             tally.lost.append(f"trainer: correction #{cid} after the kill: {dict(row) if row else 'missing'}")
     running = db_rows(lab.store.path, "SELECT id FROM training_runs WHERE status = 'running'")
     if running:
-        tally.wedged.append(f"trainer: runs left 'running': {[r['id'] for r in running]}")
+        tally.wedged.append(f"trainer: runs left 'running': {[row['id'] for row in running]}")
     # Serving goes on with the live adapter.
     try:
         health = await lab.runtime.core.client.health()
-        if before.promoted and before.promoted not in json.dumps(health.get("adapters", {})):
-            tally.lost.append(f"trainer: the worker no longer serves {before.promoted}: {health.get('adapters')}")
+        if served and served not in json.dumps(health.get("adapters", {})):
+            tally.lost.append(f"trainer: the worker no longer serves {served}: {health.get('adapters')}")
     except ModelError as exc:
         tally.wedged.append(f"trainer: the worker stopped answering: {exc}")
-    # Recovery: the same corrections retrain to the end.
+    # Recovery: the same corrections retrain to the end (after a promote that went through,
+    # a new one: the next round's).
+    if went_through:
+        tally.recover_s.append(time.monotonic() - killed)
+        tally.ok += 1
+        return
     try:
         again = await asyncio.wait_for(lab.runtime.retrain("manual", 1), RETRAIN_LIMIT_S)
     except Exception as exc:  # noqa: BLE001 - a refusal or a crash here is the finding
@@ -662,13 +696,14 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
     killed = time.monotonic()
     await bot.proc.wait()
     lab.bot = None
-    tally.notes.append(f"bot: round {r}: killed the bot (children: "
-                       f"{', '.join(sorted(c.split(' -m ')[-1].split()[0] for c in children.values())) or 'none'})"
-                       + (" while its retrain was training" if retrain_kill else ""))
     # Restart at once (as a service manager would); meanwhile the dead bot's children must go.
-    orphans = asyncio.create_task(outlived(children, ORPHAN_GRACE_S))
+    gone_after: dict[str, float] = {}
+    orphans = asyncio.create_task(outlived(children, ORPHAN_GRACE_S, gone_after))
     restarted = await lab.start_bot(tally)
     tally.orphans += await orphans
+    tally.notes.append(f"bot: round {r}: killed the bot" + (" while its retrain was training" if retrain_kill else "")
+                       + "; its children exited after " + (", ".join(f"{k} {s:.1f} s" for k, s in sorted(gone_after.items()))
+                                                          or "none"))
     if restarted is None:
         return
     try:
@@ -728,7 +763,7 @@ async def retrain_after_kill(lab: BotLab, tally: Tally) -> None:
 
 def summary(name: str, t: Tally) -> str:
     rec = sorted(t.recover_s)
-    med = f"{rec[len(rec) // 2]:.1f}" if rec else "-"
+    med = f"{statistics.median(rec):.1f}" if rec else "-"
     worst = f"{rec[-1]:.1f}" if rec else "-"
     return (f"| {name} | {t.rounds} | {t.ok} | {t.clear} | {len(t.unclear)} | {len(t.lost)} | {len(t.wedged)} | "
             f"{len(t.orphans)} | {med} | {worst} |")
@@ -757,7 +792,7 @@ async def run_targets(args, base: Path, tmp: Path, tallies: dict[str, Tally]) ->
             try:
                 for r in range(args.rounds):
                     print(f"trainer round {r + 1}/{args.rounds}", flush=True)
-                    await trainer_round(lab, rng, tallies["trainer"])
+                    await trainer_round(lab, r, rng, tallies["trainer"])
             finally:
                 await lab.close()
     if "bot" in tallies:
