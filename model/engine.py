@@ -67,6 +67,9 @@ DEFAULT_MAX_LEN = 32768  # cache positions per slot when the model does not say
 # oneDNN pre-packed weights on CPU: 1.4-1.5x aggregate at 8 streams on the Qwen2.5-0.5B shape, same at 1
 # (benchmarks/serve_bench.py --pack-ab); numerically a different summation order (~1e-4 in float32 logits).
 PACK_CPU_WEIGHTS = True
+# An idle engine keeps a cache up to this size: a chat's next request then reuses warm memory instead of
+# faulting fresh pages in (~5-10 ms of its time to first token on this VM); bigger ones are given back.
+IDLE_KEEP_CACHE_BYTES = 64 * 2**20
 DECODE_HEADROOM = 128  # answer tokens reserved in the cache at admission (it grows beyond as needed)
 # KV cache budget on CPU: admissions wait rather than take the cache past it (decode may still grow a
 # running request's room beyond it). 640 MiB holds ~14k float32 positions of SmolLM2 (46 KB each), e.g.
@@ -217,8 +220,8 @@ class Engine:
             self._prefill(chunks)
         self._decode()
         self._retire()
-        if not self.slots.owner:
-            self.runner.release_cache()  # idle: give the cache memory back
+        if not self.slots.owner and self.runner.cache_bytes() > IDLE_KEEP_CACHE_BYTES:
+            self.runner.release_cache()  # idle: give a large cache's memory back
 
     def _run_commands(self, idle: bool) -> None:
         deferred = []

@@ -5,7 +5,7 @@ sequence owns one slot (row) for its whole life, so admitting or retiring a
 request never copies anyone's cache (gpt-fast's static cache, with one row per
 request instead of one batch). Both dimensions are allocated on demand: rows
 grow in blocks of `ROW_BLOCK` when a slot beyond them is taken, capacity grows in `GROW_TOKENS` steps when a sequence gets longer than any
-before it, and the tensors are dropped when the engine goes idle. So memory
+before it, and the engine drops a large cache when it goes idle. So memory
 follows the live rows and the longest live context, not the batch limit times
 the model's maximum, and a lone request after an idle spell allocates a few rows,
 not 32 (first-touch page faults are a visible part of time to first token on

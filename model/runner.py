@@ -77,6 +77,9 @@ class Runner:
         cache.reserve(length, rows)
         return cache
 
+    def cache_bytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0
+
     def release_cache(self) -> None:
         if self.cache is not None:
             self.cache.release_memory()
