@@ -178,3 +178,25 @@ def test_a_promote_killed_after_its_pointer_swap_counts_as_promoted(tmp_path):
     assert promote_went_through(reg, "v0002")
     assert reg.history()[-1]["version"] == "v0002"  # repaired, as the start-up check does
     assert not leftover.exists()
+
+
+def test_a_dead_but_unreaped_writer_does_not_keep_its_staging_dir(tmp_path):
+    """A trainer whose bot was SIGKILLed dies (its parent-death signal) but stays a zombie
+    until init reaps it, which in a container may never happen: its half-written version
+    must still be cleaned at the next start, not kept for a writer that will never finish."""
+    from trainer.registry import Registry
+
+    reg = Registry(tmp_path / "adapters")
+    zombie = subprocess.Popen(["true"])  # exits at once; not waited for, so it stays a zombie
+    try:
+        deadline = time.monotonic() + 10
+        while _alive(zombie.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Path(f"/proc/{zombie.pid}").exists()  # dead but still in the process table
+        staging = reg.root / f".staging-{zombie.pid}-0"
+        staging.mkdir(parents=True)
+        (staging / "adapter_model.safetensors").write_bytes(b"half")
+        assert reg.check() == [f"removed .staging-{zombie.pid}-0"]
+        assert not staging.exists()
+    finally:
+        zombie.wait()

@@ -84,13 +84,19 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether the writer with this pid may still write. A zombie (dead, not yet reaped: a
+    trainer whose bot was killed waits for init, which in a container may never come) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # not Linux, or gone meanwhile: kill() said it was there
+        return True
+    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X")
 
 
 class Registry:
