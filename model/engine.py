@@ -254,6 +254,7 @@ class Engine:
         """
         admitted: list[Sequence] = []
         cache = self.runner.empty_cache()
+        cache.max_bytes = self.kv_cache_bytes
         rows, length = cache.rows, cache.capacity
         while not self.sleeping and self.slots.free():
             with self._cond:

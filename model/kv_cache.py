@@ -68,6 +68,7 @@ class SlotCache(Cache):
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.rows = 0  # allocated rows (slots 0..rows-1)
+        self.max_bytes: Optional[int] = None  # the engine's budget: row rounding stays under it
         self.capacity = 0
         self.plan: Optional[Plan] = None
 
@@ -87,11 +88,15 @@ class SlotCache(Cache):
 
     def grown(self, rows: int, length: int) -> tuple[int, int]:
         """(rows, capacity) after `reserve(rows, length)`: what the tensors would be, without allocating."""
-        new_rows = self.rows if rows <= self.rows else min(-(-rows // ROW_BLOCK) * ROW_BLOCK, max(self.slots, rows))
         cap = self.capacity
         if length > cap:
             want = max(length, cap + cap // 4)
             cap = min(-(-want // GROW_TOKENS) * GROW_TOKENS, max(self.max_len, length))
+        new_rows = self.rows
+        if rows > self.rows:
+            new_rows = min(-(-rows // ROW_BLOCK) * ROW_BLOCK, max(self.slots, rows))
+            if self.max_bytes is not None:  # the block rounding never spends budget on rows nobody holds
+                new_rows = max(rows, min(new_rows, self.max_bytes // max(cap * self.bytes_per_token_row(), 1)))
         return new_rows, cap
 
     def bytes_for(self, rows: int, length: int) -> int:
