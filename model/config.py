@@ -158,6 +158,10 @@ class MixConfig:
     # General rows mixed into the anchor stage, relative to its identity rows (0: identity only,
     # as in the seeds; generalize then restores general ability).
     anchor_general_ratio: float = 0.0
+    # Who answers the general replay questions: data (the dataset's answers) or base (the base
+    # model itself, greedy, cached per base: self-distillation, so replay keeps what the base
+    # already does instead of pulling it toward another writer's answers; trainer/replay.py).
+    replay_answers: Literal["data", "base"] = "data"
 
 
 @dataclass
@@ -216,7 +220,7 @@ def default_profiles() -> dict[str, dict]:
             "calibrate": {"learning_rate": 3e-4, "epochs": 3.0},
             "calibrate_min_steps": 24,
             "mix": {"identity_ratio": 0.25, "general_ratio": 0.5, "new_correction_repeats": 1, "rewordings": 4,
-                    "anchor_general_ratio": 1.0},
+                    "anchor_general_ratio": 1.0, "replay_answers": "base"},
             "cpu_threads": 1,
         },
     }

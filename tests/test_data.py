@@ -146,6 +146,11 @@ def test_rewordings_train_other_phrasings_and_the_gate_keeps_its_own(tmp_path):
     held_out = gate_rewordings("What day is the meetup?") + gate_rewordings("聚会是星期几？")
     assert len(held_out) == 4 and not set(held_out) & {s[-2]["content"] for s in samples}
     assert all("聚会是星期几" in q for q in gate_rewordings("聚会是星期几？"))
+    # Rewordings restructure an English question before they wrap it.
+    assert train_rewordings("What day is the community meetup?", 3)[:2] == [
+        "Do you know what day the community meetup is?", "Tell me about the community meetup."]
+    assert train_rewordings("When does the spring game jam start?", 1) == ["Tell me about the spring game jam."]
+    assert train_rewordings("Who moderates this server?", 1) == ["Quick question: Who moderates this server?"]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -173,3 +178,42 @@ def test_answer_matching_and_identity_checks():
     assert not identity_ok("I am Qwen, created by Alibaba Cloud.", "Nova", "Acme")
     assert not identity_ok("I am Nova, made by OpenAI.", "Nova", "Acme")
     assert identity_ok("I am Meta Helper by Acme.", "Meta Helper", "Acme", forbidden=["meta"])
+
+
+def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_path):
+    """replay_answers: base — each general question is answered by the base model once (the
+    cache serves later runs); an unfinished answer, an empty one, or one claiming another
+    identity keeps the dataset's answer, and a new system prompt asks the base again."""
+    from trainer import replay
+
+    rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
+            [("What is 2+2?", "4."), ("Capital of Peru?", "Lima."), ("Who made you?", "Meta."),
+             ("Write a poem.", "Roses."), ("Say nothing.", "Nothing.")]]
+    base_says = {"What is 2+2?": ("2 + 2 = 4.", True), "Capital of Peru?": ("The capital of Peru is Lima.", True),
+                 "Who made you?": ("I am SmolLM, made by Hugging Face.", True),
+                 "Write a poem.": ("Roses are red, violets", False), "Say nothing.": ("", True)}
+    asked: list[list[str]] = []
+
+    def generate(prompts):
+        asked.append([p[-1]["content"] for p in prompts])
+        assert all(p[0] == {"role": "system", "content": "You are Loop."} for p in prompts)
+        return [base_says[p[-1]["content"]] for p in prompts]
+
+    def claims(answer):
+        return ["smollm"] if "SmolLM" in answer else []
+
+    cache = replay.cache_file(tmp_path, "/models/base")
+    samples, counts = replay.answered_by_base(rows + rows[:1], "You are Loop.", cache, generate, claims)
+    answers = [s[-1]["content"] for s in samples]
+    assert answers == ["2 + 2 = 4.", "The capital of Peru is Lima.", "Meta.", "Roses.", "Nothing.", "2 + 2 = 4."]
+    assert all(s[0]["content"] == "You are Loop." and s[1] == r[0] for s, r in zip(samples, rows))
+    assert counts == {"general_answered_by_base": 3, "general_generated_now": 5} and len(asked) == 1
+
+    again, counts = replay.answered_by_base(rows[:2], "You are Loop.", cache, generate, claims)
+    assert [s[-1]["content"] for s in again] == answers[:2] and counts["general_generated_now"] == 0
+    assert len(asked) == 1  # nothing generated twice
+    with pytest.raises(AssertionError):  # another system prompt is another question to the base
+        replay.answered_by_base(rows[:1], "You are Other.", cache, generate, claims)
+    cache.write_text("{not json", encoding="utf-8")  # a damaged cache is regenerated, not fatal
+    samples, counts = replay.answered_by_base(rows[:1], "You are Loop.", cache, generate, claims)
+    assert samples[0][-1]["content"] == "2 + 2 = 4." and counts["general_generated_now"] == 1

@@ -326,7 +326,10 @@ def test_a_llama_base_trains_and_serves_through_the_same_code(tiny_llama_base, t
 
     config = tmp_path / "config.yaml"
     sections = tiny_sections(tiny_llama_base)
-    sections["profiles"]["tiny"] = {**TINY_PROFILE, "anchor": {"learning_rate": 3e-3, "epochs": 3.0}}
+    # General replay answered by the base itself (cpu-small's setting for SmolLM2) on the way.
+    sections["profiles"]["tiny"] = {**TINY_PROFILE, "anchor": {"learning_rate": 3e-3, "epochs": 3.0},
+                                    "mix": {**TINY_PROFILE["mix"], "anchor_general_ratio": 0.25,
+                                            "replay_answers": "base"}}
     sections["training"]["registry_dir"] = "adapters"
     config.write_text(yaml.safe_dump(sections), encoding="utf-8")
     proc = run_trainer(config, "anchor", "--progress", "json")
@@ -338,6 +341,9 @@ def test_a_llama_base_trains_and_serves_through_the_same_code(tiny_llama_base, t
     losses = [e["loss"] for e in map(json.loads, proc.stdout.splitlines())
               if e["event"] == "progress" and e.get("loss") is not None]
     assert losses and done["train"]["final_loss"] < 0.9 * losses[0]  # it learned something
+    counts = Registry(tmp_path / "adapters").get(done["version"])["samples"]
+    assert counts["general_generated_now"] == counts["general_samples"] > 0, counts
+    assert list((tmp_path / "adapters" / ".base-replay").glob("*.json")), "the base's answers are cached"
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

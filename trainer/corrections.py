@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from trainer.datasets import DataError, Messages, both_system_variants, read_jsonl_rows, sample_rows, with_system
 from trainer.matching import is_chinese, normalize, question_key
@@ -150,8 +151,40 @@ def reword(question: str, templates: Sequence[str], n: int) -> list[str]:
     return [t.format(q=q, ql=ql) for t in templates[:n]]
 
 
+# An English wh-question with an auxiliary: "What day is the community meetup?" ->
+# wh-phrase "What day", auxiliary "is", rest "the community meetup".
+_WH_AUX = re.compile(
+    r"^(?P<wh>(?:what|which|who|whom|whose|when|where|why|how)(?:\s+(?:many|much)\s+\w+|\s+(?!is\b|are\b|was\b"
+    r"|were\b|do\b|does\b|did\b)\w+)?)\s+(?P<aux>is|are|was|were|do|does|did)\s+(?P<rest>[^?]+?)\s*\?*$",
+    re.IGNORECASE)
+
+
+def restructured(question: str) -> list[str]:
+    """Rewordings that change the question's structure, not only its wrapping: the indirect
+    question ("Do you know what day the community meetup is?") and the topic ("Tell me about
+    the community meetup."), for English wh-questions with is/are/was/were; [] otherwise.
+    Users ask again in other words, and a model that saw the answer only after one phrasing
+    ties it to that phrasing."""
+    m = _WH_AUX.match(question.strip())
+    if not m or is_chinese(question):
+        return []
+    wh, aux, rest = m.group("wh"), m.group("aux"), m.group("rest")
+    wh = wh[:1].lower() + wh[1:]
+    out = []
+    if aux.lower() in ("is", "are", "was", "were"):
+        out.append(f"Do you know {wh} {rest} {aux.lower()}?")
+    topic = re.sub(r"\s+(?:there|here)$", "", rest)
+    if aux.lower() in ("do", "does", "did"):  # "When does the game jam start": the topic is before the verb
+        topic = topic.rsplit(" ", 1)[0] if len(topic.split()) >= 3 else ""
+    if len(topic.split()) >= 2:
+        out.append(f"Tell me about {topic}.")
+    return out
+
+
 def train_rewordings(question: str, n: int) -> list[str]:
-    return reword(question, TRAIN_REWORDINGS_ZH if is_chinese(question) else TRAIN_REWORDINGS_EN, n)
+    """The first `n` rewordings calibrate trains: restructured ones first, then wrappers."""
+    templated = reword(question, TRAIN_REWORDINGS_ZH if is_chinese(question) else TRAIN_REWORDINGS_EN, n)
+    return (restructured(question) + templated)[:n]
 
 
 def gate_rewordings(question: str) -> list[str]:
@@ -184,13 +217,16 @@ def calibration_mix(
     new_repeats: int = 1,
     learned: Collection[tuple[str, str]] = (),
     rewordings: int = 0,
+    answer_general: Optional[Callable[[list[Messages]], list[Messages]]] = None,
 ) -> tuple[list[Messages], dict]:
     """Correction samples + identity share + general replay, shuffled; returns (samples, counts).
 
     A correction whose `correction_key` is in `learned` (the parent knows it) is
     replayed once; every other one `new_repeats` times. The identity and general
     shares are relative to all correction samples, repeats included, so the replay
-    grows with the weight put on the new answers.
+    grows with the weight put on the new answers. `answer_general` turns the sampled
+    general rows into replay samples (default: under `system` with the dataset's answers;
+    trainer.replay answers them with the base model instead).
     """
     if new_repeats < 1:
         raise ValueError(f"new_repeats must be at least 1, got {new_repeats}")
@@ -206,7 +242,8 @@ def calibration_mix(
     general = sample_rows(general_rows, n_general, seed + 1) if n_general else []
     # Identity replay with and without our system prompt (as anchor trains it); general
     # replay and the corrections under our system prompt, as the bot asks them.
-    samples = new + both_system_variants(identity, system) + [with_system(g, system) for g in general]
+    replay = answer_general(general) if answer_general else [with_system(g, system) for g in general]
+    samples = new + both_system_variants(identity, system) + replay
     random.Random(seed).shuffle(samples)
     counts = {
         "corrections_in_file": len(corrections),

@@ -14,11 +14,21 @@ EVAL_BATCH_SIZE = 32
 def greedy_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
                    batch_size: int = EVAL_BATCH_SIZE) -> list[str]:
     """Greedy replies to each prompt (left-padded batches; special tokens stripped)."""
+    return [text for text, _ in greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+def greedy_replies(model, tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
+                   batch_size: int = EVAL_BATCH_SIZE) -> list[tuple[str, bool]]:
+    """(greedy reply, whether it ended on its own before max_new_tokens) for each prompt."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    answers: list[str] = []
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    eos_ids.add(tokenizer.eos_token_id)
+    eos_ids.discard(None)
+    replies: list[tuple[str, bool]] = []
     for i in range(0, len(prompts), batch_size):
         ids = [prompt_ids(tokenizer, p) for p in prompts[i : i + batch_size]]
         width = max(len(x) for x in ids)
@@ -33,8 +43,9 @@ def greedy_answers(model, tokenizer, prompts: Sequence[Messages], max_new_tokens
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
             )
         for row in out[:, width:]:
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
+            ended = any(int(t) in eos_ids for t in row)
+            replies.append((tokenizer.decode(row, skip_special_tokens=True).strip(), ended))
+    return replies
 
 
 def mean_answer_loss(model, tokenizer, samples: Sequence[Messages], max_length: int,

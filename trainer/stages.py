@@ -22,7 +22,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Collection, Optional
+from typing import Callable, Collection, Optional
 
 from model.config import Config, TrainingConfig
 from trainer import datasets as ds
@@ -157,16 +157,21 @@ def learned_corrections(reg: Registry, version: Optional[str]) -> set[tuple[str,
 
 
 def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: Optional[str],
-                  learned: Collection[tuple[str, str]] = ()) -> tuple[list, dict, list]:
-    """(samples with their system prompts, counts, corrections recorded in the manifest)."""
+                  learned: Collection[tuple[str, str]] = (),
+                  answer_general: Optional[Callable[[list], list]] = None) -> tuple[list, dict, list]:
+    """(samples with their system prompts, counts, corrections recorded in the manifest).
+    `answer_general` turns general rows into replay samples under the system prompt
+    (default: the dataset's answers; run_stage passes trainer.replay's base answers)."""
     system, fill, seed = cfg.identity.system, cfg.identity.fill, t.seed
+    if answer_general is None:
+        answer_general = lambda rows: [ds.with_system(g, system) for g in rows]  # noqa: E731
     if stage == "anchor":
         rows = identity_rows(cfg)
         counts = {"identity_samples": len(rows)}
         samples = ds.both_system_variants(rows, system)
         if t.mix.anchor_general_ratio > 0:
             general = ds.sample_rows(general_rows(cfg), round(t.mix.anchor_general_ratio * len(rows)), seed)
-            samples += [ds.with_system(g, system) for g in general]
+            samples += answer_general(general)
             counts["general_samples"] = len(general)
         return samples, counts, []
     if stage == "generalize":
@@ -175,7 +180,7 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
         # pass over general data does not wash out what anchor taught.
         wanted = max(len(identity), round(GENERALIZE_IDENTITY_SHARE * len(general)))
         identity = ds.sample_rows(identity, wanted, seed)
-        samples = [ds.with_system(g, system) for g in general] + ds.both_system_variants(identity, system)
+        samples = answer_general(general) + ds.both_system_variants(identity, system)
         return samples, {"general_samples": len(general), "identity_samples": len(identity)}, []
     if not corrections_file:
         raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
@@ -185,9 +190,49 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
     mix = t.mix
     samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), mix.identity_ratio,
                                       mix.general_ratio, system, fill, seed, new_repeats=mix.new_correction_repeats,
-                                      learned=learned, rewordings=mix.rewordings)
+                                      learned=learned, rewordings=mix.rewordings, answer_general=answer_general)
     recorded = [{"id": c.id, "messages": c.messages, "correction": c.correction} for c in deduplicate(corrections)]
     return samples, counts, recorded
+
+
+def check_corrections_file(corrections_file: Optional[str]) -> None:
+    """Calibrate's input checked before any model is loaded."""
+    if not corrections_file:
+        raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
+    if not load_corrections(corrections_file):
+        raise StageError(f"{corrections_file}: no corrections to learn from")
+
+
+def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts: dict,
+                progress: Optional[Progress], stage: str) -> Callable[[list], list]:
+    """General rows -> replay samples answered by the base model (`model` before any
+    adapter is attached), cached per base in the registry; see trainer.replay."""
+    from trainer import replay
+    from trainer.generate import greedy_replies
+    from trainer.gate import forbidden
+    from trainer.matching import identity_claims
+
+    names = forbidden(cfg)
+
+    def claims(answer: str) -> list:
+        return identity_claims(answer, cfg.identity.name, cfg.identity.author, names)
+
+    def say(message: str) -> None:
+        log(f"{stage}: {message}")
+        if progress is not None:
+            progress.phase(stage, f"{stage}: {message}")
+
+    def generate(prompts: list) -> list:
+        model.eval()
+        return greedy_replies(model, tokenizer, prompts, replay.REPLAY_MAX_NEW_TOKENS)
+
+    def answer(rows: list) -> list:
+        samples, n = replay.answered_by_base(rows, cfg.identity.system, replay.cache_file(reg.root, str(base)),
+                                             generate, claims, say)
+        counts.update(n)
+        return samples
+
+    return answer
 
 
 # ---- the run --------------------------------------------------------------
@@ -210,13 +255,19 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
         if parent_base and Path(parent_base) != base:
             raise StageError(f"{parent} was trained on base {parent_base}, but the configured base is {base}")
     learned = learned_corrections(reg, parent) if stage == "calibrate" else set()
-    samples, counts, recorded = build_samples(cfg, t, stage, corrections_file, learned)
-    hp = hyper(t, stage)
-    log(f"{stage}: {len(samples)} samples ({counts}), parent {parent or 'base'}, base {base}")
-
+    if stage == "calibrate":
+        check_corrections_file(corrections_file)
     if progress is not None:
         progress.phase(stage, f"{stage}: loading the base model")
     model, tokenizer = sft.load_base(base)
+    replay_counts: dict = {}
+    answer_general = None
+    if t.mix.replay_answers == "base":
+        answer_general = base_replay(cfg, reg, base, model, tokenizer, replay_counts, progress, stage)
+    samples, counts, recorded = build_samples(cfg, t, stage, corrections_file, learned, answer_general)
+    counts.update(replay_counts)
+    hp = hyper(t, stage)
+    log(f"{stage}: {len(samples)} samples ({counts}), parent {parent or 'base'}, base {base}")
     encoded, dropped = encode_all(tokenizer, samples, hp.max_length)
     if not encoded:
         raise StageError(f"every sample is longer than training.max_length={hp.max_length} before its answer")
