@@ -188,7 +188,8 @@ def _version_lines(registry, version: str) -> list[str]:
     verdict = {True: "passed", False: "failed"}.get(gate.get("passed"), "not run")
     metrics = manifest.get("metrics") or {}
     scores = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in metrics.items()
-                       if k in ("identity_accuracy", "corrections_learned", "general_accuracy") and isinstance(v, (int, float)))
+                       if k in ("identity_accuracy", "corrections_learned", "corrections_carried_over",
+                                "general_retention") and isinstance(v, (int, float)))
     out = [f"**Trained on:** {trained} (parent {manifest.get('parent') or 'base'})",
            f"**Gate:** {verdict}" + (f" ({scores})" if scores else "")
            + (f"; failed {', '.join(gate['failed'])}" if gate.get("failed") else "")]

@@ -43,7 +43,7 @@ def add_version(reg: Registry, passed: bool = True) -> str:
     (staging / "adapter_model.safetensors").write_bytes(b"\0")
     v = reg.commit(staging, {"stage": "calibrate", "parent": None, "base": "/base",
                              "corrections": [{"id": 1, "messages": [], "correction": "x"}]})
-    reg.update(v, gate={"passed": passed}, metrics={"identity_accuracy": 1.0, "general_accuracy": 0.5})
+    reg.update(v, gate={"passed": passed}, metrics={"identity_accuracy": 1.0, "corrections_learned": 1.0, "general_retention": 0.9})
     return v
 
 
@@ -147,6 +147,8 @@ async def test_status_works_with_an_empty_health_and_says_what_the_server_serves
     assert f"serves '{SERVED}' from {promoted_runtime.registry.path('v0002')}" in status
     assert "Rollback history:** v0001 → v0002 (/rollback goes to v0001)" in status
     assert "Gate:** passed" in status and "Trained on:** calibrate stage, 1 correction" in status
+    gate_line = next(line for line in status.splitlines() if "Gate:**" in line)
+    assert "corrections learned 1.00" in gate_line and "general retention" in gate_line, gate_line
 
 
 async def test_rollback_swaps_the_adapter_on_the_server_and_status_follows(promoted_runtime, vllm):
