@@ -21,8 +21,9 @@ trainer  the real retrain path (bot.runtime.Runtime: store, worker, Retrainer)
          Recover = kill -> that re-run done.
 bot      the real `python -m bot` (terminal mode, driven through a pipe): chat,
          /flag, /correct, /approve, and once per run /retrain; SIGKILL of the bot
-         at a random moment (in one round while its retrain is training), an
-         immediate restart on the same data directory. Then: every flag and
+         at a random moment (in one round while its retrain is training, in
+         others while it chats or streams an answer), an immediate restart on
+         the same data directory. Then: every flag and
          correction the bot acknowledged to the user is in the database (as
          acknowledged), the restart is not refused by a stale instance lock, no
          worker or trainer child of the dead bot outlives it, the registry is
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
@@ -672,7 +674,14 @@ class BotLab:
         tally.ok = self.acked.flags + len(self.acked.corrections)  # all checked again every round
 
 
-async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Random, tally: Tally) -> None:
+class BotKill(StrEnum):
+    """Where a bot round's SIGKILL lands."""
+    DRIVE = "while chatting, flagging and correcting"  # anywhere in the drive loop
+    ANSWER = "while it streamed an answer"  # just after a question was sent
+    RETRAIN = "while its retrain was training"  # the trainer child mid-calibrate
+
+
+async def bot_round(lab: BotLab, r: int, moment: BotKill, rng: random.Random, tally: Tally) -> None:
     tally.rounds += 1
     if lab.bot is None and await lab.start_bot(tally) is None:
         return
@@ -680,8 +689,8 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
     bot = lab.bot
     retrain_kill = False
     try:
-        if during_retrain:
-            await asyncio.wait_for(drive_n(lab, r, 1), 120)
+        if moment == BotKill.RETRAIN:
+            await asyncio.wait_for(drive_n(lab, 1), 120)
             at = await bot.send("/retrain")
             await bot.expect(r"^Retraining on \d+ new approved", at, BOT_REPLY_LIMIT_S)
             await bot.expect(r"🛠️ calibrate: \d+ steps", at, RETRAIN_LIMIT_S)  # training has begun
@@ -692,6 +701,10 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
                 await asyncio.wait_for(lab.drive(), rng.uniform(2.0, 12.0))
             except asyncio.TimeoutError:
                 pass  # the kill lands wherever the drive is
+            if moment == BotKill.ANSWER:
+                await asyncio.sleep(1.0)  # the drive's last line answered
+                await bot.send(QUESTION)
+                await asyncio.sleep(rng.uniform(0.0, 0.1))
     except (BotGone, TimeoutError) as exc:
         tally.unclear.append(f"bot: before the kill: {exc}")
     children = {pid: cmdline(pid) for pid in descendants(bot.pid)}
@@ -705,7 +718,8 @@ async def bot_round(lab: BotLab, r: int, during_retrain: bool, rng: random.Rando
     orphans = asyncio.create_task(outlived(children, ORPHAN_GRACE_S, gone_after))
     restarted = await lab.start_bot(tally)
     tally.orphans += await orphans
-    tally.notes.append(f"bot: round {r}: killed the bot" + (" while its retrain was training" if retrain_kill else "")
+    tally.notes.append(f"bot: round {r}: killed the bot {moment}" + ("" if retrain_kill or moment != BotKill.RETRAIN
+                                                                      else " (the trainer had ended)")
                        + "; its children exited after " + (", ".join(f"{k} {s:.1f} s" for k, s in sorted(gone_after.items()))
                                                           or "none"))
     if restarted is None:
@@ -727,7 +741,7 @@ def unclear_lines(bot: PipedBot, tally: Tally) -> None:
     tally.unclear += [f"bot: said {line!r}" for line in bot.lines if UNCLEAR_OUTPUT.search(line)][:3]
 
 
-async def drive_n(lab: BotLab, r: int, n: int) -> None:
+async def drive_n(lab: BotLab, n: int) -> None:
     """Drive until `n` more corrections are approved."""
     goal = sum(1 for t, s in lab.acked.corrections.values() if s == "approved") + n
     task = asyncio.create_task(lab.drive())
@@ -808,10 +822,11 @@ async def run_targets(args, base: Path, tmp: Path, tallies: dict[str, Tally]) ->
         lab = BotLab(config, tmp)
         retrain_round = rng.randrange(args.rounds)
         try:
+            others = iter([BotKill.DRIVE, BotKill.ANSWER] * args.rounds)
             for r in range(args.rounds):
-                print(f"bot round {r + 1}/{args.rounds}" + (" (kill during a retrain)" if r == retrain_round else ""),
-                      flush=True)
-                await bot_round(lab, r + 1, r == retrain_round, rng, tallies["bot"])
+                moment = BotKill.RETRAIN if r == retrain_round else next(others)
+                print(f"bot round {r + 1}/{args.rounds}: kill {moment}", flush=True)
+                await bot_round(lab, r + 1, moment, rng, tallies["bot"])
         finally:
             if lab.bot is not None:
                 unclear_lines(lab.bot, tallies["bot"])
