@@ -182,8 +182,8 @@ def test_answer_matching_and_identity_checks():
 
 def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_path):
     """replay_answers: base — each general question is answered by the base model once (the
-    cache serves later runs); an unfinished answer, an empty one, or one claiming another
-    identity keeps the dataset's answer, and a new system prompt asks the base again."""
+    cache serves later runs); a cut-off answer keeps its complete sentences; an empty one, or
+    one claiming another identity, keeps the dataset's answer; a new system prompt asks again."""
     from trainer import replay
 
     rows = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
@@ -191,7 +191,7 @@ def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_p
              ("Write a poem.", "Roses."), ("Say nothing.", "Nothing.")]]
     base_says = {"What is 2+2?": ("2 + 2 = 4.", True), "Capital of Peru?": ("The capital of Peru is Lima.", True),
                  "Who made you?": ("I am SmolLM, made by Hugging Face.", True),
-                 "Write a poem.": ("Roses are red, violets", False), "Say nothing.": ("", True)}
+                 "Write a poem.": ("Roses are red. Violets are blue, and", False), "Say nothing.": ("", True)}
     asked: list[list[str]] = []
 
     def generate(prompts):
@@ -205,9 +205,9 @@ def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_p
     cache = replay.cache_file(tmp_path, "/models/base")
     samples, counts = replay.answered_by_base(rows + rows[:1], "You are Loop.", cache, generate, claims)
     answers = [s[-1]["content"] for s in samples]
-    assert answers == ["2 + 2 = 4.", "The capital of Peru is Lima.", "Meta.", "Roses.", "Nothing.", "2 + 2 = 4."]
+    assert answers == ["2 + 2 = 4.", "The capital of Peru is Lima.", "Meta.", "Roses are red.", "Nothing.", "2 + 2 = 4."]
     assert all(s[0]["content"] == "You are Loop." and s[1] == r[0] for s, r in zip(samples, rows))
-    assert counts == {"general_answered_by_base": 3, "general_generated_now": 5} and len(asked) == 1
+    assert counts == {"general_answered_by_base": 4, "general_generated_now": 5} and len(asked) == 1
 
     again, counts = replay.answered_by_base(rows[:2], "You are Loop.", cache, generate, claims)
     assert [s[-1]["content"] for s in again] == answers[:2] and counts["general_generated_now"] == 0

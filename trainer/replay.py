@@ -9,8 +9,8 @@ each general replay question is answered by the base model (greedy, under the id
 system prompt, as the bot asks), and the model is trained on those answers: the replay
 then says "answer as you already do", which the gate's retention check measures.
 
-An answer is kept only when it ended on its own within REPLAY_MAX_NEW_TOKENS and claims
-no identity; otherwise the dataset's answer stays. Answers are cached per base model in
+An answer cut off at REPLAY_MAX_NEW_TOKENS keeps its complete sentences; an empty one, or
+one that claims another identity, leaves the dataset's answer in place. Answers are cached per base model in
 the registry (`.base-replay/`), so each question is generated once for every later run.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -25,7 +26,8 @@ from trainer.datasets import Messages, with_system
 from trainer.registry import write_json_atomic
 
 REPLAY_DIR = ".base-replay"  # inside the registry, one cache file per base model
-REPLAY_MAX_NEW_TOKENS = 96  # a general replay answer that runs longer keeps the dataset's answer
+REPLAY_MAX_NEW_TOKENS = 96  # a longer general replay answer keeps its complete sentences
+CACHE_FORMAT = 2  # bump when what is cached for a question changes
 
 Generate = Callable[[list[Messages]], list[tuple[str, bool]]]
 
@@ -35,7 +37,7 @@ def cache_file(registry_root: Path, base: str) -> Path:
 
 
 def prompt_key(prompt: Messages) -> str:
-    blob = json.dumps([prompt, REPLAY_MAX_NEW_TOKENS], ensure_ascii=False, sort_keys=True)
+    blob = json.dumps([prompt, REPLAY_MAX_NEW_TOKENS, CACHE_FORMAT], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -48,10 +50,21 @@ def read_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def usable(answer: str, ended: bool, claims: Callable[[str], Sequence[str]]) -> bool:
-    """A base answer fit to train on: finished, non-empty, and claiming no other identity
-    (the base's own name must not be taught back to it)."""
-    return ended and bool(answer.strip()) and not claims(answer)
+_SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)")
+
+
+def usable(answer: str, ended: bool, claims: Callable[[str], Sequence[str]]) -> Optional[str]:
+    """The base answer fit to train on, or None: an answer cut off by REPLAY_MAX_NEW_TOKENS
+    keeps its complete sentences (still the base's own words, now ending where a sentence
+    does); an empty one, or one claiming another identity (the base's own name must not be
+    taught back to it), is not used."""
+    text = answer.strip()
+    if not ended:
+        ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+        text = text[:ends[-1]] if ends else ""
+    if not text or claims(text):
+        return None
+    return text
 
 
 def answered_by_base(rows: Sequence[Messages], system: str, cache: Path, generate: Generate,
@@ -68,7 +81,7 @@ def answered_by_base(rows: Sequence[Messages], system: str, cache: Path, generat
         first = {k: p for k, p in zip(keys, prompts) if k in missing}
         replies = generate([first[k] for k in missing])
         for k, (answer, ended) in zip(missing, replies):
-            known[k] = answer if usable(answer, ended, claims) else None
+            known[k] = usable(answer, ended, claims)
         cache.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, known)
     out, from_base = [], 0
