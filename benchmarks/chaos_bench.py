@@ -81,6 +81,7 @@ RESTART_PAUSE_S = 2.0
 @dataclass
 class Tally:
     rounds: int = 0
+    kills: int = 0  # rounds whose SIGKILL landed (a child may finish before its moment comes)
     ok: int = 0
     clear: int = 0  # failed with a typed, worded error
     unclear: list[str] = field(default_factory=list)
@@ -337,6 +338,7 @@ async def worker_round(base: Path, adapter: Path, rng: random.Random, tally: Tal
         await asyncio.sleep(rng.uniform(0.5, 3.0))
         proc.proc.send_signal(signal.SIGKILL)
         killed_at.append(time.monotonic())
+        tally.kills += 1
         await asyncio.to_thread(proc.proc.wait)
         restarted = WorkerProcess(args, port=proc.port, api_key=key, log_path=tmp / "worker2.log")
         await asyncio.to_thread(restarted.start)
@@ -436,13 +438,14 @@ async def trainer_round(lab: TrainerLab, r: int, rng: random.Random, tally: Tall
         await asyncio.sleep(0.005)
     if pid is not None:
         # a random moment inside the phase: promote lasts well under a second, eval ~20 s
-        await asyncio.sleep(rng.uniform(0.0, {"calibrate": 2.0, "eval": 8.0, "promote": 0.5}[phase]))
+        await asyncio.sleep(rng.uniform(0.0, {"calibrate": 2.0, "eval": 8.0, "promote": 0.3}[phase]))
     if pid is None or not alive(pid):
         tally.notes.append(f"trainer: `trainer {phase}` had finished before the kill")
         await asyncio.wait_for(retrain, RETRAIN_LIMIT_S)
         return
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
+    tally.kills += 1
     try:
         result = await asyncio.wait_for(retrain, RECOVER_LIMIT_S)
     except asyncio.TimeoutError:
@@ -710,6 +713,7 @@ async def bot_round(lab: BotLab, r: int, moment: BotKill, rng: random.Random, ta
     children = {pid: cmdline(pid) for pid in descendants(bot.pid)}
     bot.kill()
     killed = time.monotonic()
+    tally.kills += 1
     await bot.proc.wait()
     lab.bot = None
     unclear_lines(bot, tally)
@@ -786,7 +790,7 @@ def summary(name: str, t: Tally) -> str:
     rec = sorted(t.recover_s)
     med = f"{statistics.median(rec):.1f}" if rec else "-"
     worst = f"{rec[-1]:.1f}" if rec else "-"
-    return (f"| {name} | {t.rounds} | {t.ok} | {t.clear} | {len(t.unclear)} | {len(t.lost)} | {len(t.wedged)} | "
+    return (f"| {name} | {t.kills}/{t.rounds} | {t.ok} | {t.clear} | {len(t.unclear)} | {len(t.lost)} | {len(t.wedged)} | "
             f"{len(t.orphans)} | {med} | {worst} |")
 
 
@@ -855,7 +859,8 @@ def reading(tallies: dict[str, Tally]) -> str:
     for n, t in tallies.items():
         rec = sorted(t.recover_s)
         worst = f"{rec[-1]:.0f} s" if rec else "n/a"
-        parts.append(f"{n}: {t.rounds} kills, {bad[n]} problems, worst recovery {worst}")
+        missed = f" ({t.rounds - t.kills} of {t.rounds} rounds ended before the kill)" if t.kills < t.rounds else ""
+        parts.append(f"{n}: {t.kills} kills{missed}, {bad[n]} problems, worst recovery {worst}")
     verdict = ("Every kill was survived: nothing acknowledged was lost, nothing was left wedged or running, "
                "and every failure a user saw was a worded message."
                if not any(bad.values()) else "Problems are listed below the table.")
@@ -892,7 +897,7 @@ async def main_async(args) -> int:
     body = (f"`python benchmarks/chaos_bench.py --targets {','.join(tallies)} --rounds {args.rounds} --seed {args.seed}` "
             f"(tiny base, calibrate {args.calibrate_steps} steps, one SIGKILL per round at a random moment; "
             f"{wall:.0f} s wall on the shared machine).\n\n"
-            "| target | rounds | ok | clear failures | unclear failures | lost | wedged | orphans | "
+            "| target | kills/rounds | ok | clear failures | unclear failures | lost | wedged | orphans | "
             "recover median s | recover worst s |\n|---|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
             + reading(tallies) + "\n\n"
             "How to read it. worker: ok = good answers; clear failures = requests refused with the client's typed "
