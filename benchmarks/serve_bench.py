@@ -590,7 +590,7 @@ def rss_long_context(path: str, args, tmp: Path, streams: int = 32, context: int
         stop.set()
         poller.join()
         worker.stop()
-    prompt_tokens = len(tok.apply_chat_template(long_prompt(0), add_generation_prompt=True, tokenize=True))
+    prompt_tokens = len(_chat_ids(tok, long_prompt(0)))
     return {"peak_rss": peak[0], "prompt_tokens": prompt_tokens, "failed": res["failed"], "wall_s": res["wall_s"]}
 
 

@@ -72,9 +72,10 @@ PACK_CPU_WEIGHTS = True
 IDLE_KEEP_CACHE_BYTES = 64 * 2**20
 DECODE_HEADROOM = 128  # answer tokens reserved in the cache at admission (it grows beyond as needed)
 # KV cache budget on CPU: admissions wait rather than take the cache past it (decode may still grow a
-# running request's room beyond it). 640 MiB holds ~14k float32 positions of SmolLM2 (46 KB each), e.g.
-# 6 streams of 2k context at once, and keeps the worker (1.0 GiB of weights and runtime) under 2 GB.
-CPU_KV_CACHE_BYTES = 640 * 2**20
+# running request's room beyond it). 384 MiB holds ~8.7k float32 positions of SmolLM2 (46 KB each): all
+# 32 slots of short chats, or 3-4 streams of 2k context at once, and keeps the worker (1.0 GiB of weights
+# and runtime) under 2 GB (640 MiB measured 2.06 GiB peak with 32 x 2k prompts submitted at once).
+CPU_KV_CACHE_BYTES = 384 * 2**20
 
 
 def default_kv_cache_bytes(device: str) -> Optional[int]:
