@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/suite_bench.py            # fast tier only (-m "not slow")
   PYTHONPATH=. python benchmarks/suite_bench.py --full     # and the whole suite, slow tests included
+  PYTHONPATH=. python benchmarks/suite_bench.py --full-from-log ci.log   # the whole suite from a CI run's output
 
 Each run is `python -m pytest -q` in this checkout with HF_HUB_OFFLINE=1; the figures
 (passed / failed / skipped and wall seconds, from pytest's own summary line) go to
@@ -42,10 +43,21 @@ def run(args: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="also run the whole suite (slow tests included)")
+    ap.add_argument("--full-from-log", metavar="FILE",
+                    help="take the whole suite's figures from the output of a run already made (e.g. "
+                         "`bash .ci/run > ci.log 2>&1` on a clean clone) instead of running it again")
     args = ap.parse_args()
     runs = [run(["-m", "not slow"])]
     if args.full:
         runs.append(run([]))
+    elif args.full_from_log:
+        out = Path(args.full_from_log).read_text(encoding="utf-8", errors="replace")
+        match = SUMMARY.findall(out)
+        if not match:
+            ap.error(f"{args.full_from_log}: no pytest summary line in it")
+        runs.append({"args": "(all, from " + Path(args.full_from_log).name + ")", "summary": match[-1][0],
+                     "wall_s": float(match[-1][2]), "code": 0 if "failed" not in match[-1][0] else 1,
+                     "built_base": "building the tiny test model" in out})
     lines = ["| tier | result | wall |", "|---|---|---|"]
     for r in runs:
         note = " (built the tiny test model first)" if r["built_base"] else ""

@@ -15,7 +15,7 @@ from model.client import ModelClient
 from model.process import free_port
 from tests.test_bot_support import start_bot
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # real worker processes
 
 MAX_TOKENS = 40
 

@@ -32,7 +32,7 @@ from tests.tiny_profile import tiny_sections
 from trainer.matching import answer_matches
 from trainer.registry import Registry
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # bot, worker and trainer processes
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Which planet do we live on?"

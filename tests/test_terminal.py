@@ -27,6 +27,8 @@ import yaml
 from bot.local import ProgressDisplay
 from fake_vllm import FakeVLLM
 
+pytestmark = pytest.mark.slow  # runs `python -m bot` with its worker and trainer: the fast tier is `-m "not slow"`
+
 ROOT = Path(__file__).resolve().parent.parent
 LOG_NOISE = re.compile(r"\b(INFO|WARNING|DEBUG)\b|FutureWarning|UserWarning|Loading weights|Traceback")
 
@@ -358,7 +360,6 @@ def worker_config(tmp: Path, base: Path) -> Path:
                         training={"profile": "seeds-7b", "calibrate_min_steps": 400, "cpu_threads": 1})
 
 
-@pytest.mark.slow
 async def test_real_worker_and_trainer_logs_stay_out_of_the_chat_and_ctrl_c_cancels_a_retrain(tmp_path, quick_base):
     config = worker_config(tmp_path, quick_base)
     live = promoted_adapter(tmp_path, config, quick_base)
@@ -394,7 +395,6 @@ async def test_real_worker_and_trainer_logs_stay_out_of_the_chat_and_ctrl_c_canc
     assert Registry(tmp_path / "data" / "adapters").promoted() == live
 
 
-@pytest.mark.slow
 async def test_ctrl_c_while_the_worker_loads_stops_it_and_exits(tmp_path, quick_base):
     config = worker_config(tmp_path, quick_base)
     bot = PtyBot(config)

@@ -25,6 +25,8 @@ from trainer.registry import Registry
 
 from tiny_profile import TINY_PROFILE, tiny_sections
 
+pytestmark = pytest.mark.slow  # real LoRA training runs in child processes: the fast tier is `-m "not slow"`
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERAL_EVAL_ROWS = 40  # a slice of the held-out general set keeps each gate run to seconds
 

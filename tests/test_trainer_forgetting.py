@@ -18,6 +18,8 @@ from trainer.encode import encode_all
 from trainer.generate import mean_answer_loss
 from trainer.stages import general_rows, hyper, identity_rows, training_settings
 
+pytestmark = pytest.mark.slow  # trains and scores the tiny model: the fast tier is `-m "not slow"`
+
 STEPS = 90
 LR = 3e-3
 BATCH = 8

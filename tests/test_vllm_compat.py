@@ -31,7 +31,7 @@ from tests.fake_vllm import FakeVLLM
 from tests.tiny_profile import tiny_sections
 from trainer.registry import Registry
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.slow]  # trains through the real trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = "loopcord"
@@ -255,7 +255,6 @@ def lenient_bootstrap(tmp_path_factory, tiny_base) -> Path:
     return tmp / "adapters"
 
 
-@pytest.mark.slow
 async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_path, tiny_base, lenient_bootstrap,
                                                                            vllm):
     shutil.copytree(lenient_bootstrap, tmp_path / "adapters")

@@ -17,6 +17,8 @@ import pytest
 from model.client import ModelBadRequest, ModelClient, ModelOverloaded, ModelUnavailable
 from model.process import WorkerProcess, free_port
 
+pytestmark = pytest.mark.slow  # starts real worker processes: the fast tier is `-m "not slow"`
+
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 ZH_PROMPTS = ["法国的首都是哪里？", "你好", "写一首关于春天的诗", "中国的首都是哪里？"]
 GREEDY = {"temperature": 0}

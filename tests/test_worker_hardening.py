@@ -30,6 +30,8 @@ from model.prompt import split_rendering, tokenize_chat
 from model.protocol import MIN_TEMPERATURE, parse_chat_request
 from test_worker import make_adapter
 
+pytestmark = pytest.mark.slow  # starts real worker processes and fuzzes them: the fast tier is `-m "not slow"`
+
 KEY = "hardening-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
