@@ -579,11 +579,11 @@ class PipedBot:
             self.proc.send_signal(signal.SIGKILL)
 
     async def quit(self) -> int:
-        with_timeout = 60.0
+        """/quit, as a user leaves (the bot stops its worker); its exit status."""
         try:
             await self.send("/quit")
             self.proc.stdin.close()
-            return await asyncio.wait_for(self.proc.wait(), with_timeout)
+            return await asyncio.wait_for(self.proc.wait(), BOT_REPLY_LIMIT_S)
         except (BotGone, asyncio.TimeoutError):
             self.kill()
             return await self.proc.wait()
