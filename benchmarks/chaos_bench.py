@@ -11,10 +11,11 @@ worker   `python -m model serve` (a live adapter loaded) under four client loops
          clear error (the client's typed errors) or an unclear one (anything
          else, or no answer within 60 s). Recover = kill -> next good answer.
 trainer  the real retrain path (bot.runtime.Runtime: store, worker, Retrainer)
-         on approved corrections; the `python -m trainer calibrate` (or `eval`)
-         child is SIGKILLed after it has reported some training steps. Then:
-         the retrain's message says what happened; PROMOTED and the earlier
-         versions are unchanged and readable; the registry's start-up check
+         on approved corrections; its `python -m trainer` child is SIGKILLed at
+         a random moment of, in turn, calibrate (after some reported steps),
+         eval and promote. Then: the retrain's message names the kill; PROMOTED
+         and the earlier versions are unchanged and readable (or, for a promote
+         killed after its pointer swap, the new version is promoted and live); the registry's start-up check
          leaves no staging dir or temp file; the approved corrections are still
          approved and not marked trained; no run is left "running"; the worker
          still serves the live adapter; and a re-run of the retrain completes.
@@ -23,9 +24,8 @@ bot      the real `python -m bot` (terminal mode, driven through a pipe): chat,
          /flag, /correct, /approve, and once per run /retrain; SIGKILL of the bot
          at a random moment (in one round while its retrain is training, in
          others while it chats or streams an answer), an immediate restart on
-         the same data directory. Then: every flag and
-         correction the bot acknowledged to the user is in the database (as
-         acknowledged), the restart is not refused by a stale instance lock, no
+         the same data directory. Then: every flag and correction the bot
+         acknowledged to the user is in the database (as acknowledged), the restart is not refused by a stale instance lock, no
          worker or trainer child of the dead bot outlives it, the registry is
          consistent, and after a retrain kill a new /retrain is accepted and
          completes. Recover = kill -> the restarted bot's first answer.

@@ -1,10 +1,13 @@
-"""What a SIGKILL of the bot leaves behind, and what the next start makes of it.
+"""What a SIGKILL of the bot or its trainer leaves behind, and what comes next.
 
-Found by benchmarks/chaos_bench.py: a bot killed while its retrain was training left
-the run "running" in the store, so every later /retrain was refused ("A retrain is
-already running") for good; and its trainer child trained on for nobody. The fast test
-restarts a bot on a store in that state (a vLLM-shaped server, no model); the slow one
-kills the real bot mid-retrain on the tiny base and restarts it on the same data dir.
+Each test is a defect benchmarks/chaos_bench.py found: a bot killed while its retrain
+was training left the run "running" in the store, so every later /retrain was refused
+("A retrain is already running") for good, and its trainer child trained on for nobody
+(the fast test restarts a bot on a store in that state, against a vLLM-shaped server;
+the slow one kills the real bot mid-retrain on the tiny base and restarts it on the same
+data dir); a killed trainer was reported by its last log line, not the kill; a promote
+killed after its pointer swap left PROMOTED and the served adapter disagreeing; and a
+killed, unreaped trainer (a zombie) kept its staging dir through every start-up check.
 """
 
 from __future__ import annotations
