@@ -44,7 +44,7 @@ from trainer import datasets as ds
 from trainer.corrections import deduplicate, gate_rewordings, load_corrections
 from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, answer_matches, identity_claims, identity_ok
 from trainer.protocol import CHART_FILE, REPORT_FILE
-from trainer.registry import Registry, write_json_atomic
+from trainer.registry import Registry, read_json_cache, write_json_atomic
 
 SCORES_FILE = "scores.json"  # a version's (or the base's) scores, keyed by the eval fingerprint
 BASE_SCORES_DIR = ".base-scores"  # inside the registry: the base model's scores per fingerprint
@@ -239,23 +239,14 @@ def _scores_file(reg: Registry, version: Optional[str], base: str) -> Path:
     return reg.root / BASE_SCORES_DIR / (hashlib.sha256(str(base).encode()).hexdigest()[:12] + ".json")
 
 
-def _read_scores(f: Path) -> dict:
-    """A scores file's {fingerprint: scores}; {} when missing or unreadable (recomputed)."""
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def cached_scores(reg: Registry, version: Optional[str], base: str, fp: str) -> Optional[dict]:
-    return _read_scores(_scores_file(reg, version, base)).get(fp)
+    return read_json_cache(_scores_file(reg, version, base)).get(fp)
 
 
 def store_scores(reg: Registry, version: Optional[str], base: str, fp: str, scores: dict) -> None:
     f = _scores_file(reg, version, base)
     f.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(f, {**_read_scores(f), fp: scores})
+    write_json_atomic(f, {**read_json_cache(f), fp: scores})
 
 
 def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, log=None, progress=None) -> dict:

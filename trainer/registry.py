@@ -83,6 +83,16 @@ def write_json_atomic(path: Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_json_cache(path: Path) -> dict:
+    """A cache file's JSON object; {} when it is missing, unreadable or not an object (the
+    caller recomputes what it holds, so a damaged cache costs time, never a run)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether the writer with this pid may still write. A zombie (dead, not yet reaped: a
     trainer whose bot was killed waits for init, which in a container may never come) does not."""

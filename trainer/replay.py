@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from trainer.datasets import Messages, with_system
-from trainer.registry import write_json_atomic
+from trainer.registry import read_json_cache, write_json_atomic
 
 REPLAY_DIR = ".base-replay"  # inside the registry, one cache file per base model
 REPLAY_MAX_NEW_TOKENS = 96  # a longer general replay answer keeps its complete sentences
@@ -39,15 +39,6 @@ def cache_file(registry_root: Path, base: str) -> Path:
 def prompt_key(prompt: Messages) -> str:
     blob = json.dumps([prompt, REPLAY_MAX_NEW_TOKENS, CACHE_FORMAT], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def read_cache(path: Path) -> dict:
-    """{prompt key: answer or None (the base's answer was unusable)}; {} when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 _SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)")
@@ -73,7 +64,7 @@ def answered_by_base(rows: Sequence[Messages], system: str, cache: Path, generat
     is usable; (samples, counts). Only questions missing from the cache are generated."""
     prompts = [with_system(r[:-1], system) for r in rows]
     keys = [prompt_key(p) for p in prompts]
-    known = read_cache(cache)
+    known = read_json_cache(cache)
     missing = list(dict.fromkeys(k for k in keys if k not in known))
     if missing:
         if say:
