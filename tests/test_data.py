@@ -214,6 +214,8 @@ def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_p
     assert len(asked) == 1  # nothing generated twice
     with pytest.raises(AssertionError):  # another system prompt is another question to the base
         replay.answered_by_base(rows[:1], "You are Other.", cache, generate, claims)
+    cut = replay.usable("水是H2O。它在100度沸腾。然后", False, lambda a: [])
+    assert cut == "水是H2O。它在100度沸腾。" and replay.usable("It costs 3.5", False, lambda a: []) is None
     cache.write_text("{not json", encoding="utf-8")  # a damaged cache is regenerated, not fatal
     samples, counts = replay.answered_by_base(rows[:1], "You are Loop.", cache, generate, claims)
     assert samples[0][-1]["content"] == "2 + 2 = 4." and counts["general_generated_now"] == 1

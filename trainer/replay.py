@@ -41,7 +41,7 @@ def prompt_key(prompt: Messages) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-_SENTENCE_END = re.compile(r"[.!?。！？](?=\s|$)")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|[。！？]")  # "3.5" is not an end; Chinese needs no space
 
 
 def usable(answer: str, ended: bool, claims: Callable[[str], Sequence[str]]) -> Optional[str]:
