@@ -147,6 +147,15 @@ class Retrainer:
             closed.append(run["id"])
         return closed
 
+    async def wake_outside_server(self) -> None:
+        """At start, with `gpu_policy: pause` and an outside server (`model.url`): a bot killed
+        while its retrain had the server asleep left it asleep, and nothing else would wake
+        it. /wake_up on an awake vLLM does nothing; a failure is logged, not fatal."""
+        try:
+            await self.client.wake_up()
+        except ModelError as exc:
+            log.warning("could not wake the model server at start (gpu_policy: pause): %s", exc.message)
+
     async def check_can_start(self, holding_lock: bool = False) -> int:
         """Number of new approved corrections; raises RetrainRefused with the reason."""
         if (self._lock.locked() and not holding_lock) or await self.store.running_run():

@@ -4,7 +4,8 @@ Discord (`discord_app.py`) and the terminal (`local.py`) both start a `Runtime`
 and call the same operations, so the two behave alike. Start-up order:
 1. Take the data directory's instance lock (one bot per `.loopcord/`) and check
    the registry (a PROMOTED naming a missing version stops the start). A run the
-   last bot left "running" (it was killed mid-retrain) is recorded as crashed.
+   last bot left "running" (it was killed mid-retrain) is recorded as crashed, and an
+   outside server that run had put to sleep (`gpu_policy: pause`) is woken.
 2. With no base model configured and nothing promoted yet, prepare the embedded
    default and its identity adapter (`python -m trainer bootstrap`: SmolLM2 converted once, then one
    anchor stage with the cpu-small profile; minutes on a CPU).
@@ -146,6 +147,8 @@ class Runtime:
                                           on_live_changed=runtime._live_changed, on_pause=runtime._paused)
             for run_id in await runtime.retrainer.close_interrupted_runs():  # we hold the instance lock
                 log.warning("training run %s was interrupted when the bot last stopped; recorded as crashed", run_id)
+            if cfg.model.url and cfg.training.gpu_policy == "pause":
+                await runtime.retrainer.wake_outside_server()  # a bot killed mid-retrain left it asleep
             if cfg.model.url and runtime.live.version:
                 await runtime.retrainer.swap_in(runtime.live.version)  # an external server starts without it
         except BaseException:

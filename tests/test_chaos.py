@@ -44,6 +44,7 @@ def runs(db: Path) -> list[tuple]:
         con.close()
 
 
+@pytest.mark.slow  # runs `python -m bot` (against a vLLM-shaped server): seconds, not the fast tier
 async def test_a_run_left_running_by_a_killed_bot_never_refuses_the_next_retrain(tmp_path, server):
     config = write_config(tmp_path, server.url)
     db = tmp_path / "data" / "loopcord.db"
@@ -203,3 +204,21 @@ def test_a_dead_but_unreaped_writer_does_not_keep_its_staging_dir(tmp_path):
         assert not staging.exists()
     finally:
         zombie.wait()
+
+
+@pytest.mark.slow  # runs `python -m bot` (against a vLLM-shaped server): seconds, not the fast tier
+async def test_an_outside_server_a_killed_bot_left_asleep_is_woken_at_the_next_start(tmp_path):
+    """gpu_policy: pause puts vLLM to sleep (its weights leave the GPU) while the trainer
+    runs; a bot killed then never woke it, and the restarted bot did not either."""
+    fake = FakeVLLM(max_model_len=2048, dev_mode=True, sleeping=True)  # as the killed bot left it
+    await fake.start()
+    try:
+        config = write_config(tmp_path, fake.url, training={"gpu_policy": "pause"})
+        result = await run_piped(config, "Hello?\n/quit\n")
+    finally:
+        await fake.close()
+    assert result.returncode == 0, result.stderr
+    assert fake.sleeping is False
+    wake = [i for i, r in enumerate(fake.requests) if r["path"] == "/wake_up"]
+    chats = [i for i, r in enumerate(fake.requests) if r["path"] == "/v1/chat/completions"]
+    assert wake and chats and wake[0] < chats[0]  # woken before the first answer
