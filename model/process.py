@@ -130,14 +130,26 @@ def worker_command(model: Union[str, Path], host: str, port: int, *, config: Opt
     return cmd + list(extra)
 
 
+def _load_prctl():
+    # Looked up here, in the parent: a dlopen between fork and exec can deadlock on a loader
+    # lock another thread of the bot held at the fork.
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """`preexec_fn` for the bot's children (worker, trainer): if the parent is killed hard
     (SIGKILL, the OOM killer), the kernel sends the child SIGTERM too (Linux), so no child
     outlives its bot to hold a port or write the registry for nobody."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _get(url: str, key: Optional[str] = None) -> tuple[int, bytes]:
