@@ -12,9 +12,10 @@ Each step of the loop, gpt-fast style, is short enough to hold in your head:
     decode   one forward for every decoding sequence, one token each, then a
              vectorised sample (`sampler.sample`) and text out.
 
-The KV cache (`kv_cache.SlotCache`) is preallocated per slot and written in
-place, so joining and leaving never copy anyone's cache, and a long prompt
-holds running streams up for one chunk at most. A prompt that starts like an
+The KV cache (`kv_cache.SlotCache`) has one row per slot, written in place,
+so joining and leaving never copy anyone's cache, and a long prompt holds
+running streams up for one chunk at most. Its rows and length grow on demand;
+on CPU a request waits rather than take it past `kv_cache_bytes`. A prompt that starts like an
 earlier one (a system prompt) copies that prefix's keys and values from
 `prefix_cache.PrefixCache` instead of computing them again. The model is the unmodified
 transformers model (Llama, Qwen2, ... alike) driven through `runner.Runner`.

@@ -1,11 +1,12 @@
-"""A preallocated per-slot KV cache that drives an unmodified transformers model.
+"""A per-slot KV cache, written in place, that drives an unmodified transformers model.
 
 Each layer holds two tensors [rows, kv_heads, capacity, head_dim]; a running
 sequence owns one slot (row) for its whole life, so admitting or retiring a
 request never copies anyone's cache (gpt-fast's static cache, with one row per
 request instead of one batch). Both dimensions are allocated on demand: rows
-grow in blocks of `ROW_BLOCK` when a slot beyond them is taken, capacity grows in `GROW_TOKENS` steps when a sequence gets longer than any
-before it, and the engine drops a large cache when it goes idle. So memory
+grow in blocks of `ROW_BLOCK` when a slot beyond them is taken, capacity grows
+in `GROW_TOKENS` steps when a sequence gets longer than any before it, and the
+engine drops a large cache when it goes idle. So memory
 follows the live rows and the longest live context, not the batch limit times
 the model's maximum, and a lone request after an idle spell allocates a few rows,
 not 32 (first-touch page faults are a visible part of time to first token on
@@ -87,7 +88,7 @@ class SlotCache(Cache):
         return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
     def grown(self, rows: int, length: int) -> tuple[int, int]:
-        """(rows, capacity) after `reserve(rows, length)`: what the tensors would be, without allocating."""
+        """(rows, capacity) after `reserve(length, rows)`: what the tensors would be, without allocating."""
         cap = self.capacity
         if length > cap:
             want = max(length, cap + cap // 4)
@@ -107,8 +108,9 @@ class SlotCache(Cache):
     def reserve(self, length: int, rows: Optional[int] = None) -> None:
         """Make room for positions 0..length-1 in rows 0..rows-1 (grows; existing rows are kept).
 
-        Rows at least double, capacity grows by at least a quarter to a multiple of GROW_TOKENS, one
-        layer at a time so the transient extra memory is one layer's worth, not a second copy.
+        Rows grow to a multiple of ROW_BLOCK (within `max_bytes`), capacity by at least a quarter to a
+        multiple of GROW_TOKENS, one layer at a time so the transient extra memory is one layer's worth,
+        not a second copy.
         """
         rows = self.rows if rows is None else rows
         new_rows, cap = self.grown(rows, length)
