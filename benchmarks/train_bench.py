@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python benchmarks/train_bench.py                 # tiny model on CPU (always)
   PYTHONPATH=. python benchmarks/train_bench.py --random-qwen7b # GPU: real Qwen2.5-7B shape
+  PYTHONPATH=. python benchmarks/train_bench.py --vs-swift      # CPU: loopcord's trainer vs ms-swift
 
 The 7B path builds a randomly initialised model with the real Qwen2.5-7B
 config in bf16 on CUDA (speed does not depend on weight values), LoRA r=8 on
@@ -11,6 +12,15 @@ H100 bf16 dense ≈ 989 TFLOP/s), peak memory, and the wall time of a calibrate
 stage on 100 synthetic corrections plus identity/general replay (the trainer's
 own mix and loop, seed hyperparameters). Figures go to benchmarks/RESULTS.md
 (section train_bench).
+
+--vs-swift trains the same LoRA on the same data with loopcord's trainer and
+with `swift sft` (ms-swift in its own venv, .loopcord/venvs/ms-swift),
+alternating (ours, swift, swift, ours), each in a fresh process with one CPU
+thread, and compares them on one yardstick: tokens/s = the data's non-pad
+(and answer) tokens, counted once from the same encoding, over each tool's
+training-loop wall time (and over the whole process, start-up included); loss
+= mean cross-entropy over the answer tokens of the training data, computed by
+one function for both trained adapters. Section train_bench_vs_swift.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,12 +177,374 @@ class _PadTok:
 
     pad_token_id = 0
 
+# ---- loopcord's trainer vs ms-swift (--vs-swift) ------------------------------------------
+
+SWIFT_VENV = ROOT / ".loopcord" / "venvs" / "ms-swift"
+SMOLLM2_DIR = Path("/work/smollm2-hf")
+QWEN05_RANDOM_DIR = ROOT / ".loopcord" / "bench" / "qwen2.5-0.5b-random"
+RESULT_TAG = "TRAIN_BENCH_RESULT "
+
+
+@dataclass(frozen=True)
+class SwiftCase:
+    """One model of the side-by-side: where it is, how many optimizer steps, and the ms-swift
+    model type / template that render it (both bases use a ChatML chat template)."""
+
+    name: str
+    model_dir: Path
+    steps: int
+    swift_model_type: str
+    swift_template: str = "chatml"
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """Tokens in one epoch of the benchmark data, counted once from loopcord's encoding."""
+
+    samples: int
+    tokens: int  # non-pad tokens (every token of every sample)
+    answer_tokens: int  # tokens the loss is computed on (assistant answers)
+
+
+def bench_hyper(steps: int):
+    """cpu-small's anchor recipe (batch 8 x 1, lr 4e-4, warm-up 5 %, max length 512, LoRA r 8,
+    alpha 32, dropout 0.05 on all linear layers, float32) for one epoch of `steps` batches."""
+    from model.config import config_from_dict
+    from trainer.stages import hyper
+
+    cfg = config_from_dict({"training": {"profile": "cpu-small", "cpu_bf16": "off"}})
+    from trainer.stages import training_settings
+
+    hp = hyper(training_settings(cfg), "anchor")
+    hp.epochs = 1.0
+    return cfg, hp
+
+
+def bench_rows(steps: int) -> list:
+    """The anchor stage's data (identity + general replay with the dataset's answers), every
+    row under the identity system prompt (explicit, so no tool injects its own default), half
+    identity, half general, shuffled with the run seed: steps x batch rows."""
+    import random
+
+    from trainer import datasets as ds
+    from trainer.stages import general_rows, identity_rows
+
+    cfg, hp = bench_hyper(steps)
+    n = steps * hp.batch_size * hp.grad_accum
+    system = cfg.identity.system
+    identity = ds.sample_rows(identity_rows(cfg), n // 2, hp.seed)
+    general = ds.sample_rows(general_rows(cfg), n - len(identity), hp.seed)
+    rows = [ds.with_system(r, system) for r in identity + general]
+    random.Random(hp.seed).shuffle(rows)
+    return rows
+
+
+def measure_yardstick(tokenizer, rows: list, max_length: int):
+    from trainer.encode import encode_all
+
+    encoded, dropped = encode_all(tokenizer, rows, max_length)
+    if dropped:
+        raise SystemExit(f"{dropped} benchmark rows lost their answer to max_length {max_length}")
+    return encoded, Yardstick(len(encoded), sum(len(e.input_ids) for e in encoded),
+                              sum(e.trained_tokens for e in encoded))
+
+
+def ours_child(model_dir: str, data: str, out_dir: str, steps: int) -> None:
+    """One run of loopcord's trainer in this (fresh) process; prints its figures as JSON."""
+    import json
+
+    import torch
+
+    from trainer import sft
+    from trainer.datasets import load_file
+
+    torch.set_num_threads(1)
+    cfg, hp = bench_hyper(steps)
+    model, tokenizer = sft.load_base(model_dir, "cpu")
+    encoded, _ = measure_yardstick(tokenizer, load_file(data), hp.max_length)
+    peft_model = sft.with_lora(model, hp)
+    stats = sft.train(peft_model, tokenizer, encoded, hp)
+    sft.save_adapter(peft_model, Path(out_dir))
+    print(RESULT_TAG + json.dumps({"train_seconds": stats["seconds"], "steps": stats["steps"],
+                                   "tokens": stats["tokens"], "final_loss": stats["final_loss"]}), flush=True)
+
+
+def one_thread_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def run_ours(case: SwiftCase, data: Path, out_dir: Path) -> dict:
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-child", str(case.model_dir), str(data),
+           str(out_dir), str(case.steps)]
+    start = time.time()
+    proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"loopcord trainer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG))
+    res = json.loads(line[len(RESULT_TAG):])
+    return {"wall": wall, "train_seconds": res["train_seconds"], "steps": res["steps"],
+            "own_loss": res["final_loss"], "adapter": out_dir, "tokens_seen": res["tokens"]}
+
+
+def swift_command(case: SwiftCase, data: Path, out_dir: Path) -> list[str]:
+    """`swift sft` with loopcord's settings spelled out (ms-swift's own defaults differ:
+    gradient checkpointing on, weight decay 0.1, a dataloader worker, tensorboard)."""
+    _, hp = bench_hyper(case.steps)
+    return [
+        str(SWIFT_VENV / "bin" / "swift"), "sft",
+        "--model", str(case.model_dir), "--model_type", case.swift_model_type, "--template", case.swift_template,
+        "--dataset", str(data), "--tuner_type", "lora", "--torch_dtype", "float32",
+        "--lora_rank", str(hp.lora_r), "--lora_alpha", str(hp.lora_alpha), "--lora_dropout", str(hp.lora_dropout),
+        "--target_modules", "all-linear", "--max_length", str(hp.max_length), "--truncation_strategy", "delete",
+        "--per_device_train_batch_size", str(hp.batch_size), "--gradient_accumulation_steps", str(hp.grad_accum),
+        "--num_train_epochs", "1", "--learning_rate", str(hp.learning_rate), "--lr_scheduler_type", "cosine",
+        "--warmup_ratio", str(hp.warmup_ratio), "--weight_decay", "0", "--max_grad_norm", "1.0",
+        "--seed", str(hp.seed), "--data_seed", str(hp.seed), "--gradient_checkpointing", "false",
+        "--group_by_length", "true", "--split_dataset_ratio", "0", "--eval_strategy", "no",
+        "--dataloader_num_workers", "0", "--dataset_num_proc", "1", "--logging_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "100000", "--save_only_model", "true", "--report_to", "none",
+        "--add_version", "false", "--output_dir", str(out_dir),
+    ]
+
+
+def swift_logs(out_dir: Path) -> list[dict]:
+    import json
+
+    path = out_dir / "logging.jsonl"
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def find_adapter(out_dir: Path) -> Path:
+    hits = sorted(out_dir.rglob("adapter_config.json"), key=lambda p: p.stat().st_mtime)
+    if not hits:
+        raise SystemExit(f"ms-swift saved no adapter under {out_dir}")
+    return hits[-1].parent
+
+
+def run_swift(case: SwiftCase, data: Path, out_dir: Path, log: Path) -> dict:
+    import subprocess
+
+    cmd = swift_command(case, data, out_dir)
+    start = time.time()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, env=one_thread_env(), stdout=fh, stderr=subprocess.STDOUT, cwd=out_dir.parent)
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"swift sft failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    logs = swift_logs(out_dir)
+    final = next((r for r in reversed(logs) if "train_runtime" in r), None)
+    losses = [r["loss"] for r in logs if "loss" in r]
+    if final is None:
+        raise SystemExit(f"no train_runtime in {out_dir}/logging.jsonl; see {log}")
+    runtime = final["train_runtime"]
+    runtime = float(str(runtime).rstrip("s")) if not isinstance(runtime, (int, float)) else runtime
+    return {"wall": wall, "train_seconds": float(runtime), "steps": final.get("global_step/max_steps"),
+            "own_loss": losses[-1] if losses else float("nan"), "adapter": find_adapter(out_dir)}
+
+
+SWIFT_YARDSTICK = r"""
+import json, sys
+from swift.arguments import SftArguments
+model, model_type, template, data, max_length, out = sys.argv[1:7]
+args = SftArguments(model=model, model_type=model_type, template=template, dataset=[data],
+                    max_length=int(max_length), torch_dtype="float32", output_dir=out, report_to=["none"])
+t = args.get_template()
+t.set_mode("train")
+tokens = answer = 0
+for line in open(data):
+    enc = t.encode(json.loads(line))
+    tokens += len(enc["input_ids"])
+    answer += sum(1 for x in enc["labels"][1:] if x != -100)
+print(json.dumps({"tokens": tokens, "answer_tokens": answer}))
+"""
+
+
+def swift_yardstick(case: SwiftCase, data: Path, tmp: Path) -> dict:
+    """ms-swift's own encoding of the benchmark data (its template's tokens and loss labels),
+    to check both tools train on the same tokens."""
+    import json
+    import subprocess
+
+    _, hp = bench_hyper(case.steps)
+    cmd = [str(SWIFT_VENV / "bin" / "python"), "-c", SWIFT_YARDSTICK, str(case.model_dir), case.swift_model_type,
+           case.swift_template, str(data), str(hp.max_length), str(tmp / "yardstick")]
+    proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, cwd=tmp)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def answer_ce(model_dir: Path, adapters: list[Path], encoded: list) -> list[float]:
+    """Mean cross-entropy over every answer token of `encoded` (token-weighted, no dropout)
+    with each adapter on the base: one function for both tools' adapters."""
+    import torch
+    from peft import PeftModel
+
+    from trainer import sft
+    from trainer.encode import IGNORE_INDEX
+
+    torch.set_num_threads(1)
+    base, tokenizer = sft.load_base(model_dir, "cpu")
+    out = []
+    for path in adapters:
+        model = PeftModel.from_pretrained(base, str(path)).eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for b in range(0, len(encoded), 8):
+                ids, mask, labels = sft.collate(encoded[b : b + 8], tokenizer.pad_token_id, "cpu")
+                n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+                total += float(sft.answer_loss(model, ids, mask, labels)) * n
+                count += n
+        out.append(total / count)
+        base = model.unload()
+    return out
+
+
+def vs_swift_case(case: SwiftCase, rounds: int, work: Path) -> tuple[list[str], dict]:
+    """Alternating runs (ours, swift, swift, ours, ...) of one model; table rows and facts."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from trainer.datasets import load_file
+
+    _, hp = bench_hyper(case.steps)
+    rows = bench_rows(case.steps)
+    data = work / f"{case.name}.jsonl"
+    data.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    tokenizer = AutoTokenizer.from_pretrained(str(case.model_dir))
+    encoded, stick = measure_yardstick(tokenizer, load_file(data), hp.max_length)
+    theirs = swift_yardstick(case, data, work)
+    order = []
+    for r in range(rounds):
+        order += ["ours", "swift"] if r % 2 == 0 else ["swift", "ours"]
+    runs: dict[str, list] = {"ours": [], "swift": []}
+    for i, tool in enumerate(order):
+        out = work / f"{case.name}-{tool}-{i}"
+        print(f"[{case.name}] run {i + 1}/{len(order)}: {tool}", flush=True)
+        res = run_ours(case, data, out) if tool == "ours" else run_swift(case, data, out, work / f"{out.name}.log")
+        print(f"[{case.name}]   train {res['train_seconds']:.1f} s, process {res['wall']:.1f} s, "
+              f"own loss {res['own_loss']}", flush=True)
+        runs[tool].append(res)
+    losses = answer_ce(case.model_dir, [r["adapter"] for t in ("ours", "swift") for r in runs[t]], encoded)
+    k = len(runs["ours"])
+    for t, ls in (("ours", losses[:k]), ("swift", losses[k:])):
+        for r, l in zip(runs[t], ls):
+            r["answer_ce"] = l
+    table = []
+    for t in ("ours", "swift"):
+        for r in runs[t]:
+            table.append(f"| {case.name} | {'loopcord' if t == 'ours' else 'ms-swift'} | {r['train_seconds']:.1f} | "
+                         f"{stick.tokens / r['train_seconds']:.0f} | {stick.answer_tokens / r['train_seconds']:.0f} | "
+                         f"{r['wall']:.1f} | {stick.tokens / r['wall']:.0f} | {r['answer_ce']:.4f} | {r['own_loss']:.4f} |")
+    import statistics as st
+
+    def med(t: str, key: str) -> float:
+        return st.median(r[key] for r in runs[t])
+
+    facts = {
+        "case": case, "yardstick": stick, "swift_yardstick": theirs, "data": data,
+        "ratio_train": med("swift", "train_seconds") / med("ours", "train_seconds"),
+        "ratio_wall": med("swift", "wall") / med("ours", "wall"),
+        "ce_ours": med("ours", "answer_ce"), "ce_swift": med("swift", "answer_ce"),
+        "ratios_paired": [s["train_seconds"] / o["train_seconds"] for o, s in zip(runs["ours"], runs["swift"])],
+        "ours_tokens_seen": [r["tokens_seen"] for r in runs["ours"]],
+    }
+    return table, facts
+
+
+def versions() -> str:
+    import subprocess
+
+    script = ("import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "
+              "('ms-swift', 'torch', 'transformers', 'peft', 'trl', 'accelerate')))")
+    theirs = subprocess.run([str(SWIFT_VENV / "bin" / "python"), "-c", script], capture_output=True, text=True)
+    import importlib.metadata as m
+
+    ours = ", ".join(f"{p} {m.version(p)}" for p in ("torch", "transformers", "peft"))
+    return f"loopcord (system Python): {ours}; ms-swift venv: {theirs.stdout.strip() or theirs.stderr.strip()[-200:]}"
+
+
+def bench_vs_swift(cases: list[SwiftCase], rounds: int) -> str:
+    import tempfile
+
+    if not (SWIFT_VENV / "bin" / "swift").exists():
+        raise SystemExit(f"ms-swift is not installed at {SWIFT_VENV}: python -m venv {SWIFT_VENV} && "
+                         f"{SWIFT_VENV}/bin/pip install ms-swift==4.6.0 torch==2.13.0")
+    work = Path(tempfile.mkdtemp(prefix="train-bench-swift-"))
+    table, facts = [], []
+    for case in cases:
+        t, f = vs_swift_case(case, rounds, work)
+        table += t
+        facts.append(f)
+    _, hp = bench_hyper(1)
+    head = ("| model | trainer | train loop s | tokens/s (loop) | answer tokens/s (loop) | process s | "
+            "tokens/s (process) | answer CE after | tool's last logged loss |\n|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for f in facts:
+        c, y, sy = f["case"], f["yardstick"], f["swift_yardstick"]
+        same = "error" not in sy and sy["tokens"] == y.tokens and sy["answer_tokens"] == y.answer_tokens
+        lines.append(
+            f"- **{c.name}** ({c.model_dir}): {y.samples} samples = {c.steps} optimizer steps, {y.tokens} tokens, "
+            f"{y.answer_tokens} answer tokens (loopcord's encoding; ms-swift's `{c.swift_template}` template encodes "
+            f"{sy.get('tokens')} / {sy.get('answer_tokens')}{'' if same else ' — NOT the same' if 'error' not in sy else ': ' + sy['error']}). "
+            f"Ratio ms-swift time / loopcord time (medians): training loop **{f['ratio_train']:.2f}x**, "
+            f"whole process {f['ratio_wall']:.2f}x; paired loop ratios "
+            f"{', '.join(f'{r:.2f}' for r in f['ratios_paired'])}. Answer CE after training: loopcord "
+            f"{f['ce_ours']:.4f}, ms-swift {f['ce_swift']:.4f}.")
+    settings = (f"Same settings for both: LoRA r {hp.lora_r}, alpha {hp.lora_alpha}, dropout {hp.lora_dropout}, all "
+                f"linear layers; float32; batch {hp.batch_size} x accumulation {hp.grad_accum}; 1 epoch; lr "
+                f"{hp.learning_rate} with {hp.warmup_ratio:.0%} linear warm-up then cosine; weight decay 0; clip 1.0; "
+                f"max length {hp.max_length}; length-grouped batches (ms-swift: `--group_by_length true`); no "
+                "gradient checkpointing; seed 42; one CPU thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1)); "
+                "each run a fresh process, run alternately (ours, swift, swift, ours).")
+    return (
+        "Loopcord's trainer (trainer/sft.py) vs `swift sft` on the same LoRA and data.\n\n"
+        f"{settings}\n\nData: the anchor stage's rows (identity templates + general replay with the dataset's "
+        "answers, half each, every row under the identity system prompt), written as a `messages` JSONL.\n\n"
+        "Yardstick: tokens are counted once, from loopcord's encoding of that file (non-pad tokens of every "
+        "sample; answer tokens = the ones the loss is on), and divided by each tool's training-loop wall time "
+        "(loopcord: `sft.train`'s loop; ms-swift: the HF Trainer's `train_runtime`) or by the whole process's "
+        "wall time (start-up, model load and data preparation included). Loss: mean cross-entropy over every "
+        "answer token of the data with the trained adapter (dropout off), computed by one function "
+        "(`sft.answer_loss`) for both tools' adapters; the tools' own last logged step loss is shown too.\n\n"
+        + head + "\n".join(table) + "\n\n" + "\n".join(lines) + f"\n\nVersions: {versions()}.\n\n"
+        "Command: `PYTHONPATH=. python benchmarks/train_bench.py --vs-swift` (swift command line: "
+        f"`{' '.join(swift_command(cases[0], Path('DATA.jsonl'), Path('OUT')))}`)."
+    )
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-qwen7b", action="store_true", help="also run the 7B-shape GPU benchmark")
     ap.add_argument("--cpu-steps", type=int, default=CPU_STEPS)
+    ap.add_argument("--vs-swift", action="store_true",
+                    help="only the side-by-side with ms-swift (its venv at .loopcord/venvs/ms-swift)")
+    ap.add_argument("--models", default="smollm2,qwen0.5b", help="--vs-swift models: smollm2, qwen0.5b")
+    ap.add_argument("--smollm2-steps", type=int, default=20)
+    ap.add_argument("--qwen-steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2, help="--vs-swift: runs of each tool per model")
+    ap.add_argument("--ours-child", nargs=4, metavar=("MODEL", "DATA", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ours_child:
+        model_dir, data, out, steps = args.ours_child
+        ours_child(model_dir, data, out, int(steps))
+        return
+    if args.vs_swift:
+        known = {"smollm2": SwiftCase("SmolLM2-135M-Instruct", SMOLLM2_DIR, args.smollm2_steps, "llama"),
+                 "qwen0.5b": SwiftCase("Qwen2.5-0.5B shape (random)", QWEN05_RANDOM_DIR, args.qwen_steps, "qwen2")}
+        cases = [known[m.strip()] for m in args.models.split(",") if m.strip()]
+        body = bench_vs_swift(cases, args.rounds)
+        print(body)
+        write_section("train_bench_vs_swift", body)
+        return
     body = "### CPU, tiny model\n\n" + bench_cpu(args.cpu_steps)
     if args.random_qwen7b:
         body += "\n\n### GPU, random Qwen2.5-7B\n\n" + bench_random_qwen7b()
