@@ -20,7 +20,7 @@ thread, and compares them on one yardstick: tokens/s = the data's non-pad
 (and answer) tokens, counted once from the same encoding, over each tool's
 training-loop wall time (and over the whole process, start-up included); loss
 = mean cross-entropy over the answer tokens of the training data, computed by
-one function for both trained adapters. Section train_bench_vs_swift.
+one function for both trained adapters. Sections train_bench_vs_swift_<model>.
 """
 
 from __future__ import annotations
@@ -540,10 +540,12 @@ def main() -> None:
     if args.vs_swift:
         known = {"smollm2": SwiftCase("SmolLM2-135M-Instruct", SMOLLM2_DIR, args.smollm2_steps, "llama"),
                  "qwen0.5b": SwiftCase("Qwen2.5-0.5B shape (random)", QWEN05_RANDOM_DIR, args.qwen_steps, "qwen2")}
-        cases = [known[m.strip()] for m in args.models.split(",") if m.strip()]
-        body = bench_vs_swift(cases, args.rounds)
-        print(body)
-        write_section("train_bench_vs_swift", body)
+        # One RESULTS section per model, so a model run alone (the 0.5B shape takes long on a
+        # shared CPU) does not erase the other's figures.
+        for key in [m.strip() for m in args.models.split(",") if m.strip()]:
+            body = bench_vs_swift([known[key]], args.rounds)
+            print(body)
+            write_section(f"train_bench_vs_swift_{key}", body)
         return
     body = "### CPU, tiny model\n\n" + bench_cpu(args.cpu_steps)
     if args.random_qwen7b:
