@@ -9,7 +9,11 @@ with the `cpu-small` profile unless --profile says otherwise, through the traine
 stages (trainer.stages.run_stage), in a private registry under .loopcord/bench/quality:
 
   identity-only      anchor on identity data alone (the seeds' anchor; forgetting expected)
-  mixed              anchor on identity mixed 1:1 with general replay (cpu-small's bootstrap)
+  mixed, dataset answers
+                     anchor on identity mixed 1:1 with general replay, the replay answered
+                     as the dataset writes it (training.mix.replay_answers: data)
+  mixed              the same, the replay answered by the base itself (replay_answers: base,
+                     cpu-small's bootstrap: self-distillation against forgetting)
   three-stage        identity-only -> generalize -> calibrate on the corrections
   mixed + calibrate  mixed -> calibrate on the corrections (what /retrain does)
 
@@ -194,6 +198,7 @@ def main() -> int:
 
     identity_only_cfg = bench_config(args.profile, registry, anchor_general_ratio=0.0)
     train("identity-only", "anchor", identity_only_cfg)
+    train("mixed, dataset answers", "anchor", bench_config(args.profile, registry, replay_answers="data"))
     train("mixed", "anchor", cfg)
     train("mixed + calibrate", "calibrate", cfg, corrections_file=str(corr_path), parent=versions["mixed"])
     if not args.skip_three_stage:
