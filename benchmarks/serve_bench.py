@@ -636,8 +636,10 @@ def run_side_by_side(args) -> str:
             decode = statistics.median(r["decode_tok_s"] for r in o)
             limit = bw_limit if n == 1 else mm_limit / n
             kind = "bandwidth" if n == 1 else "compute"
-            lines.append(f"| {n} | {o_tps:.1f} | {v_tps:.1f} | **{o_tps/v_tps:.2f}x** | {o_ttft*1000:.0f} | "
-                         f"{v_ttft*1000:.0f} | {v_ttft/o_ttft:.2f}x | {decode:.1f} tok/s = {decode/limit:.0%} "
+            ratio = f"**{o_tps/v_tps:.2f}x**" if o_tps and v_tps else "– (a side failed every request)"
+            ttft_ratio = f"{v_ttft/o_ttft:.2f}x" if o_ttft == o_ttft and v_ttft == v_ttft else "–"  # nan: none answered
+            lines.append(f"| {n} | {o_tps:.1f} | {v_tps:.1f} | {ratio} | {o_ttft*1000:.0f} | "
+                         f"{v_ttft*1000:.0f} | {ttft_ratio} | {decode:.1f} tok/s = {decode/limit:.0%} "
                          f"of {kind} | {_sum(o, 'failed'):.0f}/{_sum(v, 'failed'):.0f} |")
         lines.append("")
     if not args.skip_rss:
