@@ -472,7 +472,7 @@ def versions() -> str:
     return f"loopcord (system Python): {ours}; ms-swift venv: {theirs.stdout.strip() or theirs.stderr.strip()[-200:]}"
 
 
-def bench_vs_swift(cases: list[SwiftCase], rounds: int) -> str:
+def bench_vs_swift(cases: list[SwiftCase], rounds: int, command: str) -> str:
     import tempfile
 
     if not (SWIFT_VENV / "bin" / "swift").exists():
@@ -490,15 +490,24 @@ def bench_vs_swift(cases: list[SwiftCase], rounds: int) -> str:
     lines = []
     for f in facts:
         c, y, sy = f["case"], f["yardstick"], f["swift_yardstick"]
-        same = "error" not in sy and sy["tokens"] == y.tokens and sy["answer_tokens"] == y.answer_tokens
+        if "error" in sy:
+            agree = f": ms-swift's encoding could not be read ({sy['error']})"
+        elif sy["tokens"] != y.tokens:
+            agree = f"; ms-swift's `{c.swift_template}` template encodes {sy['tokens']} tokens — NOT the same data"
+        else:
+            extra = sy["answer_tokens"] - y.answer_tokens
+            agree = (f"; ms-swift's `{c.swift_template}` template encodes the same {sy['tokens']} tokens and puts its "
+                     f"loss on {sy['answer_tokens']}" + (f" ({extra / y.samples:g} more per sample: it also trains "
+                                                          "the newline after each answer's end-of-turn token)"
+                                                          if extra else ""))
         lines.append(
             f"- **{c.name}** ({c.model_dir}): {y.samples} samples = {c.steps} optimizer steps, {y.tokens} tokens, "
-            f"{y.answer_tokens} answer tokens (loopcord's encoding; ms-swift's `{c.swift_template}` template encodes "
-            f"{sy.get('tokens')} / {sy.get('answer_tokens')}{'' if same else ' — NOT the same' if 'error' not in sy else ': ' + sy['error']}). "
+            f"{y.answer_tokens} answer tokens (loopcord's encoding{agree}). "
             f"Ratio ms-swift time / loopcord time (medians): training loop **{f['ratio_train']:.2f}x**, "
             f"whole process {f['ratio_wall']:.2f}x; paired loop ratios "
             f"{', '.join(f'{r:.2f}' for r in f['ratios_paired'])}. Answer CE after training: loopcord "
-            f"{f['ce_ours']:.4f}, ms-swift {f['ce_swift']:.4f}.")
+            f"{f['ce_ours']:.4f}, ms-swift {f['ce_swift']:.4f}. Target (issue 11) >= 1.5x tokens/s at equal loss: "
+            f"{'met' if f['ratio_train'] >= 1.5 and f['ce_ours'] <= f['ce_swift'] * 1.01 else 'NOT met'}.")
     settings = (f"Same settings for both: LoRA r {hp.lora_r}, alpha {hp.lora_alpha}, dropout {hp.lora_dropout}, all "
                 f"linear layers; float32; batch {hp.batch_size} x accumulation {hp.grad_accum}; 1 epoch; lr "
                 f"{hp.learning_rate} with {hp.warmup_ratio:.0%} linear warm-up then cosine; weight decay 0; clip 1.0; "
@@ -516,7 +525,7 @@ def bench_vs_swift(cases: list[SwiftCase], rounds: int) -> str:
         "answer token of the data with the trained adapter (dropout off), computed by one function "
         "(`sft.answer_loss`) for both tools' adapters; the tools' own last logged step loss is shown too.\n\n"
         + head + "\n".join(table) + "\n\n" + "\n".join(lines) + f"\n\nVersions: {versions()}.\n\n"
-        "Command: `PYTHONPATH=. python benchmarks/train_bench.py --vs-swift` (swift command line: "
+        f"Command: `{command}` (swift command line: "
         f"`{' '.join(swift_command(cases[0], Path('DATA.jsonl'), Path('OUT')))}`)."
     )
 
@@ -543,7 +552,8 @@ def main() -> None:
         # One RESULTS section per model, so a model run alone (the 0.5B shape takes long on a
         # shared CPU) does not erase the other's figures.
         for key in [m.strip() for m in args.models.split(",") if m.strip()]:
-            body = bench_vs_swift([known[key]], args.rounds)
+            command = "PYTHONPATH=. python benchmarks/train_bench.py " + " ".join(sys.argv[1:])
+            body = bench_vs_swift([known[key]], args.rounds, command)
             print(body)
             write_section(f"train_bench_vs_swift_{key}", body)
         return
