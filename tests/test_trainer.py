@@ -173,6 +173,9 @@ def test_calibrate_teaches_corrections_and_the_gate_passes_it(calibrated, bootst
     proc = run_trainer(config, "eval", "--version", version, "--corrections", str(corrections), "--json")
     report = json.loads(proc.stdout)
     assert report["reference"] == bootstrapped
+    # The live version was scored on the held-out sets when it was gated: only its answers to
+    # this run's corrections are asked now (a retrain does not re-score the whole reference).
+    assert "scoring the reference" not in proc.stderr, proc.stderr[-2000:]
     before = report["reference_scores"]["corrections"]["items"][0]
     assert normalize(before["answer"]) != normalize("Earth."), before  # the live adapter did not say it...
     for item, (question, _, good) in zip(report["candidate"]["corrections"]["items"], CORRECTIONS):

@@ -268,7 +268,10 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
     ref_version = reference_version(reg, version)
     identity_rows, general_rows = eval_sets(cfg)
     cases = correction_cases(cfg, manifest, corrections_file)
-    fp = fingerprint(cfg, identity_rows, general_rows, cases)
+    # Identity and general scores are cached per version under a fingerprint of the eval sets
+    # alone: a retrain's reference (the live version) was scored when it was itself gated, so
+    # only its answers to this run's corrections (a few questions) are asked again.
+    fp = fingerprint(cfg, identity_rows, general_rows, [])
 
     base, tokenizer = sft.load_base(manifest["base"])
     model = PeftModel.from_pretrained(base, str(reg.path(version)), adapter_name="candidate")
@@ -276,18 +279,26 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
     say(f"evaluating {version}: {len(identity_rows)} identity questions, {len(general_rows)} general, "
         f"{len(cases)} corrections")
     cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
-    store_scores(reg, version, manifest["base"], fp, cand)
+    store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
     ref = cached_scores(reg, ref_version, manifest["base"], fp)
-    if ref is None:
+    if ref_version:
+        model.load_adapter(str(reg.path(ref_version)), adapter_name="reference")
+        model.set_adapter("reference")
+
+    def score_reference() -> tuple[dict, dict]:
+        if ref is not None:  # only this run's corrections are new to it
+            return ref, score_corrections(model, tokenizer, cfg, cases)
         say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
-        if ref_version:
-            model.load_adapter(str(reg.path(ref_version)), adapter_name="reference")
-            model.set_adapter("reference")
-            ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
-        else:
-            with model.disable_adapter():
-                ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
-        store_scores(reg, ref_version, manifest["base"], fp, ref)
+        scores = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
+        store_scores(reg, ref_version, manifest["base"], fp, {k: scores[k] for k in ("identity", "general")})
+        return scores, scores["corrections"]
+
+    if ref_version:
+        ref, ref_corrections = score_reference()
+    else:
+        with model.disable_adapter():
+            ref, ref_corrections = score_reference()
+    ref = {**ref, "corrections": ref_corrections}
     passed, checks = decide(cfg, cand, ref)
     report = {
         "version": version,
