@@ -162,6 +162,10 @@ class MixConfig:
     # model itself, greedy, cached per base: self-distillation, so replay keeps what the base
     # already does instead of pulling it toward another writer's answers; trainer/replay.py).
     replay_answers: Literal["data", "base"] = "data"
+    # Fewest general replay rows in a calibrate, whatever the ratio gives: a run of one
+    # correction stretched to calibrate_min_steps otherwise repeats a dozen samples for many
+    # epochs, and its general answers drift (SmolLM2: answer loss 4.05 -> 5.11 for one correction).
+    min_general_samples: int = 0
 
 
 @dataclass
@@ -220,7 +224,7 @@ def default_profiles() -> dict[str, dict]:
             "calibrate": {"learning_rate": 3e-4, "epochs": 3.0},
             "calibrate_min_steps": 24,
             "mix": {"identity_ratio": 0.25, "general_ratio": 0.5, "new_correction_repeats": 1, "rewordings": 4,
-                    "anchor_general_ratio": 1.0, "replay_answers": "base"},
+                    "anchor_general_ratio": 1.0, "replay_answers": "base", "min_general_samples": 48},
             "cpu_threads": 1,
         },
     }
@@ -495,6 +499,7 @@ def _validate_training(t: "TrainingConfig", prefix: str) -> None:
             raise ConfigError(f"{prefix}.{key}: must be greater than 0, got {value}")
     for key, value in (("calibrate_min_steps", t.calibrate_min_steps), ("mix.rewordings", t.mix.rewordings),
                        ("mix.anchor_general_ratio", t.mix.anchor_general_ratio),
+                       ("mix.min_general_samples", t.mix.min_general_samples),
                        ("mix.identity_ratio", t.mix.identity_ratio), ("mix.general_ratio", t.mix.general_ratio),
                        ("anchor.epochs", t.anchor.epochs), ("generalize.epochs", t.generalize.epochs),
                        ("calibrate.epochs", t.calibrate.epochs)):

@@ -125,6 +125,10 @@ def test_corrections_become_deduplicated_mixed_calibration_samples(tmp_path):
                          "what is the capital of australia"]
     zh = [s for s in samples if s[-1]["content"] == "巴黎。"]
     assert any(s[-2]["content"].startswith("作为Acme开发的Nova") for s in zh)
+    # A run of few corrections still replays at least min_general distinct general rows.
+    _, counts = calibration_mix(corrections, identity_rows, general_rows, identity_ratio=0.5, general_ratio=1.0,
+                                system=ident.system, fill=ident.fill, seed=3, min_general=30)
+    assert counts["general_samples"] == 30 and counts["correction_samples"] == 4
 
 
 def test_rewordings_train_other_phrasings_and_the_gate_keeps_its_own(tmp_path):

@@ -218,13 +218,15 @@ def calibration_mix(
     learned: Collection[tuple[str, str]] = (),
     rewordings: int = 0,
     answer_general: Optional[Callable[[list[Messages]], list[Messages]]] = None,
+    min_general: int = 0,
 ) -> tuple[list[Messages], dict]:
     """Correction samples + identity share + general replay, shuffled; returns (samples, counts).
 
     A correction whose `correction_key` is in `learned` (the parent knows it) is
     replayed once; every other one `new_repeats` times. The identity and general
     shares are relative to all correction samples, repeats included, so the replay
-    grows with the weight put on the new answers. `answer_general` turns the sampled
+    grows with the weight put on the new answers; it is at least `min_general` rows, so a
+    run of one or two corrections is not spent repeating a handful of samples. `answer_general` turns the sampled
     general rows into replay samples (default: under `system` with the dataset's answers;
     trainer.replay answers them with the base model instead).
     """
@@ -237,7 +239,7 @@ def calibration_mix(
     new = [s for c in fresh for s in correction_samples(c, system, fill, rewordings)] * new_repeats
     new += [s for c in known for s in correction_samples(c, system, fill)]
     n_identity = round(identity_ratio * len(new)) if identity_rows else 0
-    n_general = round(general_ratio * len(new)) if general_rows else 0
+    n_general = max(round(general_ratio * len(new)), min_general) if general_rows else 0
     identity = sample_rows(identity_rows, n_identity, seed) if n_identity else []
     general = sample_rows(general_rows, n_general, seed + 1) if n_general else []
     # Identity replay with and without our system prompt (as anchor trains it); general

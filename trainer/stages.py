@@ -190,7 +190,8 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
     mix = t.mix
     samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), mix.identity_ratio,
                                       mix.general_ratio, system, fill, seed, new_repeats=mix.new_correction_repeats,
-                                      learned=learned, rewordings=mix.rewordings, answer_general=answer_general)
+                                      learned=learned, rewordings=mix.rewordings, answer_general=answer_general,
+                                      min_general=mix.min_general_samples)
     recorded = [{"id": c.id, "messages": c.messages, "correction": c.correction} for c in deduplicate(corrections)]
     return samples, counts, recorded
 
