@@ -177,6 +177,12 @@ def test_answer_matching_and_identity_checks():
     assert answer_matches("堪培拉是首都。", "堪培拉。")
     assert answer_matches("Canberra is the capital of Australia", "The capital of Australia is Canberra")
     assert not answer_matches("Sydney.", "Canberra")
+    # A near-copy with another fact is not the correction (measured on SmolLM2: this passed as learned).
+    meetup = "What day is the community meetup?"
+    assert not answer_matches("The community meetup is every Wednesday at 10 am UTC.",
+                              "The community meetup is every Thursday at 8 pm UTC.", question=meetup)
+    assert answer_matches("Our community meetup is held each Thursday, 8pm UTC.",
+                          "The community meetup is every Thursday at 8 pm UTC.", question=meetup)
     assert identity_ok("I am Nova, made by Acme.", "Nova", "Acme")
     assert identity_ok("我是Nova。", "Nova", "Acme")
     assert not identity_ok("I am Qwen, created by Alibaba Cloud.", "Nova", "Acme")

@@ -142,12 +142,13 @@ def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
     for c, (start, n) in zip(cases, spans):
         claims = identity_claims(c["correction"], cfg.identity.name, cfg.identity.author, forbidden(cfg))
         reworded = [{"question": p[-1]["content"], "answer": a,
-                     "matches": answer_matches(a, c["correction"])}
+                     "matches": answer_matches(a, c["correction"], question=c["messages"][-1]["content"])}
                     for p, a in zip(prompts[start + 1 : start + 1 + n], answers[start + 1 : start + 1 + n])]
         items.append({
             "id": c["id"], "question": c["messages"][-1]["content"], "correction": c["correction"],
             "answer": answers[start],
-            "learned": not claims and answer_matches(answers[start], c["correction"]),
+            "learned": not claims and answer_matches(answers[start], c["correction"],
+                                                     question=c["messages"][-1]["content"]),
             "carried_over": _mean(r["matches"] for r in reworded) if reworded else None,
             "rewordings": reworded,
             "claims_identity": claims,

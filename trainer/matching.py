@@ -5,7 +5,9 @@
 - `answer_matches(answer, reference)`: the answer "says" the reference when the
   normalised reference is contained in the normalised answer, or when their
   token overlap F1 (words for Latin text, single characters for CJK) reaches
-  MATCH_MIN_F1 — a reworded but equivalent correction still counts.
+  MATCH_MIN_F1 and the answer keeps every fact token (what the reference says beyond the
+  question and filler words) — a reworded but equivalent correction still counts, a
+  near-copy with another day or number does not.
 - `identity_ok(answer, name, author, forbidden)`: names our name or author and
   claims no other identity (no forbidden name that is not part of ours).
 """
@@ -27,7 +29,8 @@ DEFAULT_FORBIDDEN_IDENTITIES = [
 ]
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+# CJK characters one by one; digits apart from letters ("8pm" -> "8", "pm").
+_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|\d+|[^\W\d_]+", re.UNICODE)
 
 
 def is_chinese(text: str) -> bool:
@@ -54,11 +57,26 @@ def overlap_f1(answer: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_matches(answer: str, reference: str, min_f1: float = MATCH_MIN_F1) -> bool:
+# Words that carry no fact of their own: a reworded answer may drop or swap them.
+_FILLER = frozenset(
+    "a an the is are was were be been at on in of to and or for by with from as this that these those it its "
+    "our your my their his her we you i they there here every each 的 是 了 在 和 也 都 就".split())
+
+
+def fact_tokens(reference: str, question: str = "") -> set[str]:
+    """What the reference says that the question does not: its tokens less the question's and
+    filler words ("every Thursday at 8 pm UTC" for "What day is the community meetup?")."""
+    return set(tokens(reference)) - set(tokens(question)) - _FILLER
+
+
+def answer_matches(answer: str, reference: str, min_f1: float = MATCH_MIN_F1, question: str = "") -> bool:
+    """The normalised reference is in the answer; or the two overlap by `min_f1` and the answer
+    keeps every fact token of the reference — "every Wednesday at 10 am UTC" shares most words
+    with "every Thursday at 8 pm UTC" but is not it."""
     ref = normalize(reference)
     if ref and ref in normalize(answer):
         return True
-    return overlap_f1(answer, reference) >= min_f1
+    return overlap_f1(answer, reference) >= min_f1 and fact_tokens(reference, question) <= set(tokens(answer))
 
 
 def question_key(question: str) -> str:
