@@ -223,7 +223,7 @@ def default_profiles() -> dict[str, dict]:
             "generalize": {"learning_rate": 2e-4, "epochs": 0.0},  # 0: bootstrap skips it
             "calibrate": {"learning_rate": 3e-4, "epochs": 3.0},
             "calibrate_min_steps": 24,
-            "mix": {"identity_ratio": 0.25, "general_ratio": 0.5, "new_correction_repeats": 1, "rewordings": 4,
+            "mix": {"identity_ratio": 0.25, "general_ratio": 0.5, "new_correction_repeats": 2, "rewordings": 4,
                     "anchor_general_ratio": 1.0, "replay_answers": "base", "min_general_samples": 48},
             "cpu_threads": 1,
         },
