@@ -25,15 +25,7 @@ import pytest
 from bot.retrain import MSG_INTERRUPTED
 from bot.store import Store
 from fake_vllm import FakeVLLM
-from tests.test_terminal import run_piped, write_config
-
-
-@pytest.fixture
-async def server():
-    fake = FakeVLLM(max_model_len=2048)
-    await fake.start()
-    yield fake
-    await fake.close()
+from tests.test_terminal import run_piped, server, write_config  # noqa: F401  (server: the fake vLLM fixture)
 
 
 def runs(db: Path) -> list[tuple]:
