@@ -182,11 +182,7 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
         identity = ds.sample_rows(identity, wanted, seed)
         samples = answer_general(general) + ds.both_system_variants(identity, system)
         return samples, {"general_samples": len(general), "identity_samples": len(identity)}, []
-    if not corrections_file:
-        raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
-    corrections = load_corrections(corrections_file)
-    if not corrections:
-        raise StageError(f"{corrections_file}: no corrections to learn from")
+    corrections = checked_corrections(corrections_file)
     mix = t.mix
     samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), mix.identity_ratio,
                                       mix.general_ratio, system, fill, seed, new_repeats=mix.new_correction_repeats,
@@ -196,12 +192,15 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
     return samples, counts, recorded
 
 
-def check_corrections_file(corrections_file: Optional[str]) -> None:
-    """Calibrate's input checked before any model is loaded."""
+def checked_corrections(corrections_file: Optional[str]) -> list:
+    """Calibrate's input, or a StageError saying what is missing (run_stage asks before it
+    loads any model)."""
     if not corrections_file:
         raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
-    if not load_corrections(corrections_file):
+    corrections = load_corrections(corrections_file)
+    if not corrections:
         raise StageError(f"{corrections_file}: no corrections to learn from")
+    return corrections
 
 
 def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts: dict,
@@ -248,6 +247,8 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
     if stage not in STAGES:
         raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     reg = registry_for(cfg)
+    if stage == "calibrate":  # a bad corrections file is reported before anything slow runs
+        checked_corrections(corrections_file)
     base = ensure_base(cfg, progress)
     t = training_settings(cfg)
     parent = choose_parent(reg, stage, parent)
@@ -256,8 +257,6 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
         if parent_base and Path(parent_base) != base:
             raise StageError(f"{parent} was trained on base {parent_base}, but the configured base is {base}")
     learned = learned_corrections(reg, parent) if stage == "calibrate" else set()
-    if stage == "calibrate":
-        check_corrections_file(corrections_file)
     if progress is not None:
         progress.phase(stage, f"{stage}: loading the base model")
     model, tokenizer = sft.load_base(base)
