@@ -118,6 +118,7 @@ class Engine:
         if (PACK_CPU_WEIGHTS if pack_weights is None else pack_weights) and packing_supported(device, dtype):
             pack_linears(model)
         self.runner = Runner(model, device, self.pad_id, max_batch_size, max_len)
+        self.runner.empty_cache().max_bytes = self.kv_cache_bytes  # the cache's row rounding stays under it
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.sleeping = False
         self.slots = Slots(max_batch_size)
@@ -256,7 +257,6 @@ class Engine:
         """
         admitted: list[Sequence] = []
         cache = self.runner.empty_cache()
-        cache.max_bytes = self.kv_cache_bytes
         rows, length = cache.rows, cache.capacity
         while not self.sleeping and self.slots.free():
             with self._cond:
