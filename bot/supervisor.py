@@ -41,10 +41,12 @@ def resolve_model_path(cfg: Config) -> Path:
     """What the worker is told to load: the base model directory, or the GGUF file of a base
     not converted yet (the worker converts it into model.cache_dir as it starts); a
     WorkerStartError says how to get a base when there is none."""
-    path = cfg.base_model_path()
-    if not (path / "config.json").exists() and cfg.base_gguf() is not None:
-        return cfg.base_gguf()
-    if not (path / "config.json").exists():
+    from model.loading import is_model_dir
+
+    path, gguf = cfg.base_model_path(), cfg.base_gguf()
+    if not is_model_dir(path) and gguf is not None:
+        return gguf
+    if not is_model_dir(path):
         if cfg.model.base:
             raise WorkerStartError(
                 f"model.base is {cfg.model.base!r} but {path} holds no model (no config.json); "

@@ -154,8 +154,15 @@ def ensure_base(cfg, on_progress: Optional[Callable[[str], None]] = None) -> Pat
     if source is None:
         raise LoadError(f"model.base: {path} is not a Hugging Face model directory (no config.json); "
                         "point it at a model directory or a .gguf file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return convert_gguf(source, path, on_progress).resolve()
+    return converted(source, path, on_progress)
+
+
+def converted(gguf: Path, out: Path, on_progress: Optional[Callable[[str], None]] = None) -> Path:
+    """`out`, the Hugging Face directory of `gguf`: reused when it is complete, else converted now."""
+    if not is_model_dir(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf, out, on_progress)
+    return out.resolve()
 
 
 def serving_base(cfg, model: Optional[str] = None, on_progress: Optional[Callable[[str], None]] = None) -> Path:
@@ -168,11 +175,7 @@ def serving_base(cfg, model: Optional[str] = None, on_progress: Optional[Callabl
         return path
     if not path.is_file():
         raise LoadError(f"--model {model}: no such GGUF file")
-    out = converted_dir_for(path, cfg.path(cfg.model.cache_dir))
-    if is_model_dir(out):
-        return out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return convert_gguf(path, out, on_progress).resolve()
+    return converted(path, converted_dir_for(path, cfg.path(cfg.model.cache_dir)), on_progress)
 
 
 def resolve_device(requested: str) -> str:
