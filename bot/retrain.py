@@ -29,7 +29,7 @@ from typing import Awaitable, Callable, Optional
 
 from model.client import ModelClient, ModelError
 from model.config import Config
-from model.process import child_env, die_with_parent
+from model.process import CHILD_PREEXEC, child_env
 from trainer.protocol import Command, EventKind, Outcome, Verdict
 from trainer.registry import Registry, RegistryError
 
@@ -343,7 +343,7 @@ async def run_trainer(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(),
         # A bot killed mid-retrain takes its trainer with it (else it trains on for nobody).
-        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=CHILD_PREEXEC,
     )
     if on_start:
         on_start(proc)

@@ -152,6 +152,10 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child before ex
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# The `preexec_fn` to pass: None where there is no prctl (preexec_fn costs a slower spawn path).
+CHILD_PREEXEC = die_with_parent if _PRCTL is not None else None
+
+
 def _get(url: str, key: Optional[str] = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
@@ -208,7 +212,7 @@ class WorkerProcess:
             self.command(), cwd=REPO_ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
             stderr=subprocess.STDOUT if out is not None else None,
             start_new_session=self.new_session,
-            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=CHILD_PREEXEC)
         return self
 
     def start(self, timeout: float = 120.0) -> "WorkerProcess":
