@@ -22,12 +22,11 @@ def greedy_replies(model, tokenizer, prompts: Sequence[Messages], max_new_tokens
     """(greedy reply, whether it ended on its own before max_new_tokens) for each prompt."""
     import torch
 
+    from model.loading import eos_token_ids
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    eos_ids.add(tokenizer.eos_token_id)
-    eos_ids.discard(None)
+    eos_ids = eos_token_ids(model, tokenizer)
     replies: list[tuple[str, bool]] = []
     for i in range(0, len(prompts), batch_size):
         ids = [prompt_ids(tokenizer, p) for p in prompts[i : i + batch_size]]
