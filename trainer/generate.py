@@ -49,21 +49,19 @@ def greedy_replies(model, tokenizer, prompts: Sequence[Messages], max_new_tokens
 
 def mean_answer_loss(model, tokenizer, samples: Sequence[Messages], max_length: int,
                      batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Token-weighted mean cross-entropy on the assistant tokens of `samples`."""
+    """Token-weighted mean cross-entropy on the assistant tokens of `samples` (batched by
+    length, the output layer applied only to answer tokens, as in training)."""
     import torch
-    import torch.nn.functional as F
+
+    from trainer.sft import answer_loss
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    encoded = [encode(tokenizer, s, max_length) for s in samples]
+    encoded = sorted((encode(tokenizer, s, max_length) for s in samples), key=lambda e: len(e.input_ids))
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         ids, mask, labels = collate(encoded[i : i + batch_size], pad, device)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-        total += float(loss)
-        count += int((shift_labels != IGNORE_INDEX).sum())
+            total += float(answer_loss(model, ids, mask, labels, reduction="sum"))
+        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return total / max(count, 1)

@@ -95,8 +95,8 @@ def collate(batch: list[Encoded], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def answer_loss(model, ids, mask, labels):
-    """Mean cross-entropy over the answer tokens, with the output layer applied only there.
+def answer_loss(model, ids, mask, labels, reduction: str = "mean"):
+    """Cross-entropy (mean, or "sum") over the answer tokens, with the output layer applied only there.
 
     Labels mask everything but the assistant's answers, a fraction of each sample; the
     output layer is the biggest matrix of a small model (SmolLM2: 49k x 576), so computing
@@ -107,13 +107,14 @@ def answer_loss(model, ids, mask, labels):
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = getattr(causal, "model", None), getattr(causal, "lm_head", None)
-    if body is None or head is None:
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
+    if body is None or head is None:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        return loss * keep.sum() if reduction == "sum" else loss
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     logits = head(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
 
 
 def plan_steps(n_samples: int, hp: Hyper) -> int:
