@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,35 @@ def test_anchor_teaches_the_identity_and_the_gate_records_it(anchored, setup):
 
 
 # Approved corrections exactly as the bot exports them: the prompt it sent (our identity
+
+def test_the_base_scored_alongside_training_gives_the_gate_the_same_reference(anchored, setup, tmp_path):
+    """bootstrap scores the base in a child process while the anchor trains (a spare core);
+    the gate then uses those scores instead of asking the base again, and decides the same."""
+    from trainer.gate import BASE_SCORES_DIR
+    from trainer.stages import ensure_base, reference_alongside
+
+    work, config, reg = setup
+    reports = []
+    for alongside in (False, True):
+        copy = tmp_path / f"alongside-{alongside}"
+        shutil.copytree(work, copy, ignore=shutil.ignore_patterns(BASE_SCORES_DIR, "scores.json"))
+        cfg = load_config(copy / "config.yaml")
+        if alongside:
+            proc = reference_alongside(cfg, ensure_base(cfg))
+            if proc is None:
+                pytest.skip("no spare core on this machine: bootstrap scores the base in the gate")
+            proc.join(timeout=300)
+            assert proc.exitcode == 0
+            assert (copy / "adapters" / BASE_SCORES_DIR).is_dir()
+        out = run_trainer(copy / "config.yaml", "eval", "--version", anchored[0], "--json", "--progress", "json")
+        reports.append(json.loads(out.stdout.splitlines()[-1]))
+        said = out.stdout + out.stderr
+        assert ("scoring the reference (base)" in said) == (not alongside), said[-2000:]
+    plain, alongside = (json.load(open(Path(r["report"]))) for r in reports)
+    for part in ("identity", "general"):
+        assert alongside["reference_scores"][part] == plain["reference_scores"][part]
+    assert alongside["passed"] == plain["passed"] and alongside["checks"] == plain["checks"]
+
 # system prompt + the question), the answer it gave and the user's correction. The first
 # is in no training set (the live adapter cannot know it); the second is a general-set
 # question the tiny model answers wrongly on some runs and rightly on others.

@@ -201,7 +201,7 @@ def cmd_list(cfg, args, progress) -> int:
 def cmd_bootstrap(cfg, args, progress) -> int:
     from trainer.gate import evaluate
     from trainer.progress import log
-    from trainer.stages import ensure_base, run_stage, training_settings
+    from trainer.stages import ensure_base, reference_alongside, run_stage, training_settings
 
     reg = _registry(cfg)
     if reg.promoted():
@@ -211,11 +211,19 @@ def cmd_bootstrap(cfg, args, progress) -> int:
         return ExitCode.OK
     started = time.time()
     progress.phase("load", "bootstrap: preparing the base model")
-    ensure_base(cfg, progress)
-    version, _ = run_stage(cfg, "anchor", progress)
-    # A profile whose generalize epochs are 0 mixes general replay into anchor instead.
-    if not args.skip_generalize and training_settings(cfg).generalize.epochs > 0:
-        version, _ = run_stage(cfg, "generalize", progress, parent=version)
+    reference = reference_alongside(cfg, ensure_base(cfg, progress))
+    try:
+        version, _ = run_stage(cfg, "anchor", progress)
+        # A profile whose generalize epochs are 0 mixes general replay into anchor instead.
+        if not args.skip_generalize and training_settings(cfg).generalize.epochs > 0:
+            version, _ = run_stage(cfg, "generalize", progress, parent=version)
+        if reference is not None and reference.is_alive():
+            progress.phase("eval", "bootstrap: waiting for the base model's scores (computed alongside training)")
+        if reference is not None:
+            reference.join()
+    finally:
+        if reference is not None and reference.is_alive():
+            reference.kill()
     progress.phase("eval", f"evaluating {version}")
     report = evaluate(cfg, version, log=log, progress=progress)
     log(format_report(report))

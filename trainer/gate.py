@@ -250,6 +250,23 @@ def store_scores(reg: Registry, version: Optional[str], base: str, fp: str, scor
     write_json_atomic(f, {**read_json_cache(f), fp: scores})
 
 
+def score_base_reference(cfg: Config, base: str) -> bool:
+    """Score the base model on the held-out sets into the registry's cache, as `evaluate`
+    would when the base is a candidate's reference (a bootstrap). False: already cached."""
+    from trainer import sft
+
+    reg = Registry.from_config(cfg)
+    identity_rows, general_rows = eval_sets(cfg)
+    fp = fingerprint(cfg, identity_rows, general_rows, [])
+    if cached_scores(reg, None, base, fp) is not None:
+        return False
+    model, tokenizer = sft.load_base(base)
+    model.eval()
+    scores = score_model(model, tokenizer, cfg, identity_rows, general_rows, [])
+    store_scores(reg, None, base, fp, {k: scores[k] for k in ("identity", "general")})
+    return True
+
+
 def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, log=None, progress=None) -> dict:
     """Score `version` and its reference, write eval.json + eval.png, record in the manifest.
 

@@ -19,7 +19,9 @@ prompt, as the bot asks it: the seeds' "general data with the identity system pr
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Collection, Optional
@@ -99,6 +101,44 @@ def apply_cpu_threads(cfg: Config) -> None:
     threads = training_settings(cfg).cpu_threads
     if threads > 0 and not torch.cuda.is_available():
         torch.set_num_threads(threads)
+
+
+def spare_cores(cfg: Config) -> bool:
+    """Whether training on this CPU leaves cores idle: no GPU, and the profile's
+    cpu_threads use at most half of the cores this process may run on."""
+    import torch
+
+    threads = training_settings(cfg).cpu_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return not torch.cuda.is_available() and 0 < threads and 2 * threads <= cores
+
+
+def reference_alongside(cfg: Config, base: str):
+    """A bootstrap's gate compares the candidate with the base; where training leaves a
+    core idle, score the base in a child process while the anchor trains (on SmolLM2 on a
+    2-core CPU that takes a minute and a half off a first run). Returns the process to
+    `join`, or None (nothing spare: the gate scores the base itself, as it would anyway)."""
+    import multiprocessing
+
+    if not spare_cores(cfg):
+        return None
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_score_reference, args=(cfg, str(base)), daemon=True, name="loopcord-base-reference")
+    proc.start()
+    return proc
+
+
+def _score_reference(cfg: Config, base: str) -> None:  # runs in the child process
+    from model.process import die_with_parent
+    from trainer.gate import score_base_reference
+
+    die_with_parent()
+    sys.stdout = sys.stderr  # the parent's stdout may be the bot's JSON-lines channel
+    apply_cpu_threads(cfg)
+    try:
+        score_base_reference(cfg, base)
+    except Exception as exc:  # the gate scores the base itself when this left nothing cached
+        log(f"scoring the base alongside training failed ({type(exc).__name__}: {exc}); the gate will")
 
 
 def cpu_bf16(setting: str) -> bool:
