@@ -162,6 +162,11 @@ class MixConfig:
     # model itself, greedy, cached per base: self-distillation, so replay keeps what the base
     # already does instead of pulling it toward another writer's answers; trainer/replay.py).
     replay_answers: Literal["data", "base"] = "data"
+    # How the trainer learns a base-answered replay row: answer (cross-entropy on the
+    # base's text, like any sample) or distill (match the base's whole next-token
+    # distribution on that text, KL divergence: it holds every token's alternatives in
+    # place, not only the one the base picked).
+    replay_loss: Literal["answer", "distill"] = "answer"
     # Fewest general replay rows in a calibrate, whatever the ratio gives: a run of one
     # correction stretched to calibrate_min_steps otherwise repeats a dozen samples for many
     # epochs, and its general answers drift (SmolLM2: answer loss 4.05 -> 5.11 for one correction).

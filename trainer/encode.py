@@ -18,10 +18,14 @@ from trainer.datasets import DataError, Messages
 IGNORE_INDEX = -100
 
 
+# Set on an assistant message whose content the base model wrote (trainer.replay).
+BASE_ANSWER = "base_answer"
+
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    distill: bool = False  # the answer is the base model's own (trainer.replay): may be learned by KL
 
     @property
     def trained_tokens(self) -> int:
@@ -70,7 +74,8 @@ def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
     for t, (a, b) in enumerate(offsets):
         if b > a and any(a < end and b > start for start, end in spans):
             labels[t] = ids[t]
-    return Encoded(ids[:max_length], labels[:max_length])
+    distill = any(m["role"] == "assistant" and m.get(BASE_ANSWER) for m in messages)
+    return Encoded(ids[:max_length], labels[:max_length], distill)
 
 
 def encode_all(tokenizer, samples: list[Messages], max_length: int) -> tuple[list[Encoded], int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from trainer.datasets import Messages, with_system
+from trainer.encode import BASE_ANSWER
 from trainer.registry import read_json_cache, write_json_atomic
 
 REPLAY_DIR = ".base-replay"  # inside the registry, one cache file per base model
@@ -79,7 +80,7 @@ def answered_by_base(rows: Sequence[Messages], system: str, cache: Path, generat
     for prompt, key, row in zip(prompts, keys, rows):
         answer = known.get(key)
         if isinstance(answer, str):
-            out.append(prompt + [{"role": "assistant", "content": answer}])
+            out.append(prompt + [{"role": "assistant", "content": answer, BASE_ANSWER: True}])
             from_base += 1
         else:
             out.append(prompt + [row[-1]])

@@ -35,6 +35,7 @@ class Hyper:
     lora_dropout: float
     target_modules: str
     cpu_bf16: bool = False  # bf16 autocast on a CPU with native bf16 (weights stay float32)
+    distill_replay: bool = False  # base-answered replay rows learn the base's distribution (KL)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,14 +96,27 @@ def collate(batch: list[Encoded], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def answer_loss(model, ids, mask, labels, reduction: str = "mean"):
-    """Cross-entropy (mean, or "sum") over the answer tokens, with the output layer applied only there.
+def distill_rows(batch: list[Encoded], device):
+    """Which rows of a collated batch carry the base model's own answers (Encoded.distill)."""
+    import torch
+
+    return torch.tensor([e.distill for e in batch], dtype=torch.bool, device=device)
+
+
+def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=None):
+    """Cross-entropy (mean, or "sum") over the answer tokens, with the output layer applied
+    only there.
 
     Labels mask everything but the assistant's answers, a fraction of each sample; the
     output layer is the biggest matrix of a small model (SmolLM2: 49k x 576), so computing
     logits for every position wastes most of its cost. Same value as the model's own
     loss (`model(..., labels=labels).loss`), which stays the fallback for a model without
-    the usual `.model` / `.lm_head` split."""
+    the usual `.model` / `.lm_head` split.
+
+    `distill_rows` (a bool per row; PeftModel only): those rows' answers are the base
+    model's own, and their tokens count KL(base || model) instead of cross-entropy: the
+    base's distribution comes from the same weights with the adapter switched off."""
+    import torch
     import torch.nn.functional as F
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -113,8 +127,18 @@ def answer_loss(model, ids, mask, labels, reduction: str = "mean"):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         return loss * keep.sum() if reduction == "sum" else loss
     hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    logits = head(hidden[keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    if distill_rows is None or not bool(distill_rows.any()) or not hasattr(model, "disable_adapter"):
+        logits = head(hidden[keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
+    as_answer = keep & ~distill_rows[:, None]
+    as_base = keep & distill_rows[:, None]
+    total = F.cross_entropy(head(hidden[as_answer]).float(), targets[as_answer], reduction="sum")
+    with torch.no_grad(), model.disable_adapter():
+        base_hidden = body(input_ids=ids[distill_rows], attention_mask=mask[distill_rows]).last_hidden_state[:, :-1]
+        base_logp = F.log_softmax(head(base_hidden[as_base[distill_rows]]).float(), dim=-1)
+    logp = F.log_softmax(head(hidden[as_base]).float(), dim=-1)
+    total = total + F.kl_div(logp, base_logp, log_target=True, reduction="sum")
+    return total if reduction == "sum" else total / keep.sum().clamp(min=1)
 
 
 def plan_steps(n_samples: int, hp: Hyper) -> int:
@@ -172,9 +196,11 @@ def train(
         if not batches:
             batches = length_grouped_batches(samples, hp.batch_size, hp.seed + epoch)[::-1]
             epoch += 1
-        ids, mask, labels = collate(batches.pop(), pad, device)
+        batch = batches.pop()
+        ids, mask, labels = collate(batch, pad, device)
+        rows = distill_rows(batch, device) if hp.distill_replay else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
-            loss = answer_loss(model, ids, mask, labels)
+            loss = answer_loss(model, ids, mask, labels, distill_rows=rows)
         (loss / hp.grad_accum).backward()
         window_loss += float(loss.detach())
         window_tokens += int(mask.sum())

@@ -163,6 +163,7 @@ def hyper(t: TrainingConfig, stage: str):
         gradient_checkpointing=t.gradient_checkpointing, lora_r=t.lora.r, lora_alpha=t.lora.alpha,
         lora_dropout=t.lora.dropout, target_modules=t.lora.target_modules,
         cpu_bf16=not on_gpu() and cpu_bf16(t.cpu_bf16),
+        distill_replay=t.mix.replay_answers == "base" and t.mix.replay_loss == "distill",
     )
 
 
