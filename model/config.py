@@ -252,6 +252,12 @@ class EvalConfig:
     # Names an answer must never claim (case-insensitive); empty: trainer.matching's default list.
     forbidden_identities: list[str] = field(default_factory=list)
     general_max_new_tokens: int = 32  # general QA answers are short; caps generation per question
+    # A second process beside a CPU run: bootstrap scores the base while the anchor trains, and
+    # the gate's general answers are generated beside its other questions. auto: when training
+    # leaves a core idle (cpu_threads at most half the cores), the base is at least 64 MB (a
+    # child's start costs more than a tiny model's work) and a second copy of it fits in half
+    # of the free memory. on: whenever training leaves a core idle. off: one process.
+    cpu_parallel: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

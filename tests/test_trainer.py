@@ -121,36 +121,44 @@ def test_anchor_teaches_the_identity_and_the_gate_records_it(anchored, setup):
     assert (reg.path(anchored[0]) / "eval.png").stat().st_size > 1000
 
 
-# Approved corrections exactly as the bot exports them: the prompt it sent (our identity
-
-def test_the_base_scored_alongside_training_gives_the_gate_the_same_reference(anchored, setup, tmp_path):
-    """bootstrap scores the base in a child process while the anchor trains (a spare core);
-    the gate then uses those scores instead of asking the base again, and decides the same."""
+def test_a_second_process_beside_training_and_the_gate_changes_no_score(anchored, setup, tmp_path):
+    """eval.cpu_parallel: bootstrap scores the base in a child process while the anchor
+    trains, and the gate has a child generate the candidate's general answers while it asks
+    the rest; the gate then decides exactly as with one process."""
     from trainer.gate import BASE_SCORES_DIR
     from trainer.stages import ensure_base, reference_alongside
 
     work, config, reg = setup
     reports = []
-    for alongside in (False, True):
-        copy = tmp_path / f"alongside-{alongside}"
+    for parallel in ("off", "on"):
+        copy = tmp_path / f"parallel-{parallel}"
         shutil.copytree(work, copy, ignore=shutil.ignore_patterns(BASE_SCORES_DIR, "scores.json"))
+        data = yaml.safe_load((copy / "config.yaml").read_text(encoding="utf-8"))
+        data["eval"]["cpu_parallel"] = parallel
+        (copy / "config.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
         cfg = load_config(copy / "config.yaml")
-        if alongside:
-            proc = reference_alongside(cfg, ensure_base(cfg))
-            if proc is None:
-                pytest.skip("no spare core on this machine: bootstrap scores the base in the gate")
+        proc = reference_alongside(cfg, ensure_base(cfg))
+        if parallel == "off":
+            assert proc is None
+        elif proc is None:
+            pytest.skip("no spare core on this machine: everything runs in one process")
+        else:
             proc.join(timeout=300)
             assert proc.exitcode == 0
             assert (copy / "adapters" / BASE_SCORES_DIR).is_dir()
         out = run_trainer(copy / "config.yaml", "eval", "--version", anchored[0], "--json", "--progress", "json")
         reports.append(json.loads(out.stdout.splitlines()[-1]))
         said = out.stdout + out.stderr
-        assert ("scoring the reference (base)" in said) == (not alongside), said[-2000:]
-    plain, alongside = (json.load(open(Path(r["report"]))) for r in reports)
+        assert ("scoring the reference (base)" in said) == (parallel == "off"), said[-2000:]
+        assert "the gate asks them itself" not in said
+    plain, parallel = (json.load(open(Path(r["report"]))) for r in reports)
     for part in ("identity", "general"):
-        assert alongside["reference_scores"][part] == plain["reference_scores"][part]
-    assert alongside["passed"] == plain["passed"] and alongside["checks"] == plain["checks"]
+        assert parallel["reference_scores"][part] == plain["reference_scores"][part]
+        assert parallel["candidate"][part] == plain["candidate"][part]
+    assert parallel["passed"] == plain["passed"] and parallel["checks"] == plain["checks"]
 
+
+# Approved corrections exactly as the bot exports them: the prompt it sent (our identity
 # system prompt + the question), the answer it gave and the user's correction. The first
 # is in no training set (the live adapter cannot know it); the second is a general-set
 # question the tiny model answers wrongly on some runs and rightly on others.

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from model.config import Config
 from trainer import datasets as ds
@@ -161,12 +161,24 @@ def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
     }
 
 
-def score_general(model, tokenizer, cfg: Config, general_rows) -> dict:
-    from trainer.generate import greedy_answers, mean_answer_loss
+def general_prompts(cfg: Config, general_rows) -> list:
+    return [ds.with_system(row["messages"][:-1], cfg.identity.system) for row in general_rows]
+
+
+def general_answers(model, tokenizer, cfg: Config, general_rows) -> list[str]:
+    from trainer.generate import greedy_answers
+
+    return greedy_answers(model, tokenizer, general_prompts(cfg, general_rows),
+                          min(cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens))
+
+
+def score_general(model, tokenizer, cfg: Config, general_rows, answers: Optional[list[str]] = None) -> dict:
+    """Answers (generated here unless given) and answer loss on the held-out general set."""
+    from trainer.generate import mean_answer_loss
 
     system = cfg.identity.system
-    prompts = [ds.with_system(row["messages"][:-1], system) for row in general_rows]
-    answers = greedy_answers(model, tokenizer, prompts, min(cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens))
+    if answers is None:
+        answers = general_answers(model, tokenizer, cfg, general_rows)
     right = [answer_matches(a, row["answer"], min_f1=1.01) for a, row in zip(answers, general_rows)]  # containment
     samples = [ds.with_system(row["messages"], system) for row in general_rows]
     by_kind: dict[str, list[bool]] = {}
@@ -181,11 +193,16 @@ def score_general(model, tokenizer, cfg: Config, general_rows) -> dict:
     }
 
 
-def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases) -> dict:
+def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases,
+                general: Optional[Callable[[], Optional[list[str]]]] = None) -> dict:
+    """`general()`, when given, hands over the general answers computed elsewhere (None:
+    generate them here), asked after the identity and correction questions."""
+    identity = score_identity(model, tokenizer, cfg, identity_rows)
+    corrections = score_corrections(model, tokenizer, cfg, cases)
     return {
-        "identity": score_identity(model, tokenizer, cfg, identity_rows),
-        "corrections": score_corrections(model, tokenizer, cfg, cases),
-        "general": score_general(model, tokenizer, cfg, general_rows),
+        "identity": identity,
+        "corrections": corrections,
+        "general": score_general(model, tokenizer, cfg, general_rows, general() if general else None),
     }
 
 
@@ -291,12 +308,15 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
     # only its answers to this run's corrections (a few questions) are asked again.
     fp = fingerprint(cfg, identity_rows, general_rows, [])
 
+    from trainer.stages import general_answers_alongside
+
+    collect = general_answers_alongside(cfg, manifest["base"], str(reg.path(version)), general_rows)
     base, tokenizer = sft.load_base(manifest["base"])
     model = PeftModel.from_pretrained(base, str(reg.path(version)), adapter_name="candidate")
     model.eval()
     say(f"evaluating {version}: {len(identity_rows)} identity questions, {len(general_rows)} general, "
         f"{len(cases)} corrections")
-    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
+    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect)
     store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
     ref = cached_scores(reg, ref_version, manifest["base"], fp)
     if ref_version:

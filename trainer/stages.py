@@ -103,14 +103,38 @@ def apply_cpu_threads(cfg: Config) -> None:
         torch.set_num_threads(threads)
 
 
-def spare_cores(cfg: Config) -> bool:
-    """Whether training on this CPU leaves cores idle: no GPU, and the profile's
-    cpu_threads use at most half of the cores this process may run on."""
+PARALLEL_MIN_WEIGHT_BYTES = 64 << 20  # below this, starting a child costs more than it saves
+
+
+def spare_cores(cfg: Config, base: str) -> bool:
+    """Whether a second process should work beside this CPU run (`eval.cpu_parallel`):
+    no GPU, the profile's cpu_threads use at most half of the cores this process may run
+    on, and for `auto` the base is big enough to pay for a child and small enough to load
+    twice."""
     import torch
 
+    if cfg.eval.cpu_parallel == "off" or torch.cuda.is_available():
+        return False
     threads = training_settings(cfg).cpu_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return not torch.cuda.is_available() and 0 < threads and 2 * threads <= cores
+    if not (0 < threads and 2 * threads <= cores):
+        return False
+    if cfg.eval.cpu_parallel == "on":
+        return True
+    weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in Path(base).glob("*.bin"))
+    return PARALLEL_MIN_WEIGHT_BYTES <= weights and 2 * weights <= available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory free for a new process (Linux MemAvailable; unknown: 0, so auto stays off)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def reference_alongside(cfg: Config, base: str):
@@ -120,7 +144,7 @@ def reference_alongside(cfg: Config, base: str):
     `join`, or None (nothing spare: the gate scores the base itself, as it would anyway)."""
     import multiprocessing
 
-    if not spare_cores(cfg):
+    if not spare_cores(cfg, base):
         return None
     proc = multiprocessing.get_context("spawn").Process(
         target=_score_reference, args=(cfg, str(base)), daemon=True, name="loopcord-base-reference")
@@ -139,6 +163,62 @@ def _score_reference(cfg: Config, base: str) -> None:  # runs in the child proce
         score_base_reference(cfg, base)
     except Exception as exc:  # the gate scores the base itself when this left nothing cached
         log(f"scoring the base alongside training failed ({type(exc).__name__}: {exc}); the gate will")
+
+
+def general_answers_alongside(cfg: Config, base: str, adapter: str, general_rows) -> Optional[Callable]:
+    """The gate's longest part, the candidate's answers to the held-out general set, in a
+    child process while the gate asks the identity and correction questions itself, where
+    the cores allow (SmolLM2 on 2 cores: a ~80 s gate becomes ~45 s). Returns `collect()`,
+    which waits and gives the answers, or None if the child failed (the gate then asks
+    them itself); None instead of a function where nothing is spare."""
+    import multiprocessing
+
+    if not spare_cores(cfg, base):
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_general_answers, args=(cfg, base, adapter, general_rows, send), daemon=True,
+                       name="loopcord-gate-general")
+    proc.start()
+    send.close()
+
+    def collect() -> Optional[list]:
+        try:
+            answers = receive.recv()
+        except EOFError:
+            answers = None
+        finally:
+            receive.close()
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        if answers is None or len(answers) != len(general_rows):
+            log("the general answers computed alongside were lost; the gate asks them itself")
+            return None
+        return answers
+
+    return collect
+
+
+def _general_answers(cfg: Config, base: str, adapter: str, general_rows, send) -> None:  # the child process
+    from peft import PeftModel
+
+    from model.process import die_with_parent
+    from trainer import sft
+    from trainer.gate import general_answers
+
+    die_with_parent()
+    sys.stdout = sys.stderr
+    apply_cpu_threads(cfg)
+    try:
+        model, tokenizer = sft.load_base(base)
+        model = PeftModel.from_pretrained(model, adapter)
+        model.eval()
+        send.send(general_answers(model, tokenizer, cfg, general_rows))
+    except Exception as exc:
+        log(f"general answers alongside the gate failed ({type(exc).__name__}: {exc})")
+    finally:
+        send.close()
 
 
 def cpu_bf16(setting: str) -> bool:
