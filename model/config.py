@@ -88,6 +88,10 @@ class WorkerConfig:
     # torch intra-op threads when running on CPU; empty: torch's default. 1 is fastest for
     # small models on a shared machine (idle threads spin-waiting on busy cores cost ~10x).
     cpu_threads: Optional[int] = None
+    # KV cache budget in MiB: requests wait for room rather than take the cache past it. Empty:
+    # 384 on a CPU (32 short chats or 3-4 of 2k tokens with SmolLM2; the worker stays under 2 GB)
+    # and no limit on a GPU (max_batch_size bounds it).
+    kv_cache_mb: Optional[int] = None
 
 
 @dataclass
@@ -467,6 +471,9 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if cfg.worker.kv_cache_mb is not None and cfg.worker.kv_cache_mb < 1:
+        raise ConfigError(f"worker.kv_cache_mb: must be at least 1 (MiB), got {cfg.worker.kv_cache_mb}; "
+                          "leave it empty for the default")
     if not 0 < cfg.worker.port < 65536:
         raise ConfigError(f"worker.port: must be between 1 and 65535, got {cfg.worker.port}")
     if not 0.0 <= cfg.model.top_p <= 1.0:

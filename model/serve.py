@@ -124,13 +124,14 @@ def build_worker(cfg, args):
     threads = args.cpu_threads if args.cpu_threads is not None else cfg.worker.cpu_threads
     if threads is not None and threads < 1:
         raise ServeError(f"worker.cpu_threads: must be at least 1, got {threads}")
+    kv_mb = cfg.worker.kv_cache_mb  # validated with the config
     loaded = load_base(base, args.device or cfg.worker.device, args.dtype or cfg.worker.dtype,
                        cfg.worker.max_context, cpu_threads=threads)
     shapes = linear_shapes(loaded.model)
     table, metrics = AdapterTable(), WorkerMetrics()
     engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_ids, loaded.device,
                     args.max_batch_size or cfg.worker.max_batch_size, args.max_queue or cfg.worker.max_queue,
-                    table, metrics)
+                    table, metrics, kv_cache_bytes=-1 if kv_mb is None else kv_mb * 2**20)
     startup = startup_adapters(cfg, args.lora)
     for name, path in startup.items():
         try:

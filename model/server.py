@@ -420,7 +420,7 @@ async def health(request: web.Request) -> web.Response:
         "device": worker.device,
         "dtype": worker.dtype,
         "max_context": worker.max_context,
-        "memory": _memory(worker.device),
+        "memory": {**_memory(worker.device), "kv_cache_budget_bytes": worker.engine.kv_cache_bytes},
         "sleeping": worker.sleeping,
         "draining": worker.draining,
         "auth": "required" if worker.api_key else "none",

@@ -385,3 +385,26 @@ async def test_full_queue_is_overloaded_and_api_key_is_enforced(tiny_base, tmp_p
         await client.aclose()
         await anonymous.aclose()
         proc.kill()
+
+
+async def test_the_kv_cache_budget_comes_from_config_and_a_tight_one_queues_instead_of_failing(tiny_base, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("worker:\n  kv_cache_mb: 1\n", encoding="utf-8")
+    proc = WorkerProcess(["--config", str(config), "--model", str(tiny_base), "--served-model-name", "tiny",
+                          *ONE_THREAD], log_path=tmp_path / "w.log").start()
+    client = ModelClient(proc.url)
+    try:
+        health = await client.health()
+        assert health["memory"]["kv_cache_budget_bytes"] == 2**20
+        # More long answers at once than 1 MiB of cache holds: they wait their turn, none fails.
+        answers = await asyncio.gather(*(client.chat(ASK, model="tiny", max_tokens=300, extra_body=IGNORE_EOS, **GREEDY)
+                                         for _ in range(6)))
+        assert len(answers) == 6 and all(answers)
+    finally:
+        await client.aclose()
+        proc.kill()
+    config.write_text("worker:\n  kv_cache_mb: 0\n", encoding="utf-8")
+    bad = WorkerProcess(["--config", str(config), "--model", str(tiny_base), *ONE_THREAD], log_path=tmp_path / "w2.log")
+    bad.spawn()
+    assert await asyncio.to_thread(bad.proc.wait, 60) == 2
+    assert "worker.kv_cache_mb: must be at least 1" in (tmp_path / "w2.log").read_text()
