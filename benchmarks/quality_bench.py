@@ -151,6 +151,9 @@ def main() -> int:
     ap.add_argument("--profile", default="cpu-small")
     ap.add_argument("--fast", action="store_true", help="a third of the general eval set (iterating)")
     ap.add_argument("--skip-three-stage", action="store_true", help="skip generalize (the slowest stage)")
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="only the profile as shipped: its bootstrap anchor and a calibrate on the corrections "
+                         "(no comparison rows); written to the quality_bench_shipped section")
     ap.add_argument("--registry", help="resume: reuse the versions an earlier (interrupted) run of this "
                                        "script trained into this registry, in training order")
     args = ap.parse_args()
@@ -196,12 +199,13 @@ def main() -> int:
         print(f"  {name}: {version} in {walls[name]:.0f} s", flush=True)
         return version
 
-    identity_only_cfg = bench_config(args.profile, registry, anchor_general_ratio=0.0)
-    train("identity-only", "anchor", identity_only_cfg)
-    train("mixed, dataset answers", "anchor", bench_config(args.profile, registry, replay_answers="data"))
+    if not args.shipped_only:
+        identity_only_cfg = bench_config(args.profile, registry, anchor_general_ratio=0.0)
+        train("identity-only", "anchor", identity_only_cfg)
+        train("mixed, dataset answers", "anchor", bench_config(args.profile, registry, replay_answers="data"))
     train("mixed", "anchor", cfg)
     train("mixed + calibrate", "calibrate", cfg, corrections_file=str(corr_path), parent=versions["mixed"])
-    if not args.skip_three_stage:
+    if not args.skip_three_stage and not args.shipped_only:
         gen_cfg = bench_config(args.profile, registry) if _profile(args.profile)["generalize"]["epochs"] else None
         if gen_cfg is not None:
             train("generalize", "generalize", gen_cfg, parent=versions["identity-only"])
@@ -241,10 +245,11 @@ def main() -> int:
             results["three-stage"]["right"], results["generalize"]["right"])
 
     body = report(results, walls, score_wall, args, len(general_rows), len(identity_rows))
-    chart(results)
+    if not args.shipped_only:
+        chart(results)
     print(body)
     (WORK / "last.json").write_text(json.dumps({"results": results, "walls": walls}, indent=1, default=str))
-    write_section("quality_bench", body)
+    write_section("quality_bench_shipped" if args.shipped_only else "quality_bench", body)
     return 0
 
 
@@ -261,7 +266,9 @@ def report(results: dict, walls: dict, score_wall: float, args, n_general: int, 
         f"SmolLM2-135M-Instruct, profile `{args.profile}`, float32 on CPU; {n_identity} held-out identity questions "
         f"(each with and without the system prompt), {n_general} held-out general questions, "
         "10 corrections × (as asked + 2 unseen rewordings). Command: "
-        f"`PYTHONPATH=. python benchmarks/quality_bench.py{' --fast' if args.fast else ''}`.",
+        "`PYTHONPATH=. python benchmarks/quality_bench.py"
+        + "".join(f" --{k.replace('_', '-')}" for k in ("fast", "skip_three_stage", "shipped_only") if getattr(args, k))
+        + "`. `mixed` is the profile's bootstrap anchor; `mixed + calibrate` a /retrain of the 10 corrections on it.",
         "",
         head,
         "|" + "---|" * (len(cols) + 2),
@@ -282,7 +289,8 @@ def report(results: dict, walls: dict, score_wall: float, args, n_general: int, 
     lines.append("")
     lines.append("Targets: " + ", ".join(f"{k} ≥ {pct(v)}" for k, v in TARGETS.items()) + ".")
     lines.append("")
-    lines.append("![quality_bench](quality_bench.png)")
+    if not args.shipped_only:
+        lines.append("![quality_bench](quality_bench.png)")
     return "\n".join(lines)
 
 
