@@ -228,12 +228,13 @@ def default_profiles() -> dict[str, dict]:
             "batch_size": 8,
             "grad_accum": 1,
             "max_length": 512,
+            "lora": {"dropout": 0.0},  # same answers as 0.05 on SmolLM2 (recipe_sweep), 1.27x the speed
             "anchor": {"learning_rate": 4e-4, "epochs": 2.0},
             "generalize": {"learning_rate": 2e-4, "epochs": 0.0},  # 0: bootstrap skips it
-            "calibrate": {"learning_rate": 3e-4, "epochs": 3.0},
+            "calibrate": {"learning_rate": 3e-4, "epochs": 2.0},
             "calibrate_min_steps": 24,
-            "mix": {"identity_ratio": 0.25, "general_ratio": 0.5, "new_correction_repeats": 2, "rewordings": 4,
-                    "anchor_general_ratio": 1.0, "replay_answers": "base", "min_general_samples": 48},
+            "mix": {"identity_ratio": 0.5, "general_ratio": 1.0, "new_correction_repeats": 2, "rewordings": 4,
+                    "anchor_general_ratio": 3.0, "replay_answers": "base", "min_general_samples": 48},
             "cpu_threads": 1,
         },
     }
