@@ -10,7 +10,7 @@ stages (trainer.stages.run_stage), in a private registry under .loopcord/bench/q
 
   identity-only      anchor on identity data alone (the seeds' anchor; forgetting expected)
   mixed, dataset answers
-                     anchor on identity mixed 1:1 with general replay, the replay answered
+                     anchor on identity mixed with the profile's general replay (cpu-small: 3:1), answered
                      as the dataset writes it (training.mix.replay_answers: data)
   mixed              the same, the replay answered by the base itself (replay_answers: base,
                      cpu-small's bootstrap: self-distillation against forgetting)
