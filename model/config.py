@@ -232,7 +232,7 @@ def default_profiles() -> dict[str, dict]:
             "anchor": {"learning_rate": 4e-4, "epochs": 2.0},
             "generalize": {"learning_rate": 2e-4, "epochs": 0.0},  # 0: bootstrap skips it
             "calibrate": {"learning_rate": 3e-4, "epochs": 2.0},
-            "calibrate_min_steps": 24,
+            "calibrate_min_steps": 32,  # 24 taught "Thursday at 10 pm" for "8 pm" on the 3:1 anchor
             "mix": {"identity_ratio": 0.5, "general_ratio": 1.0, "new_correction_repeats": 2, "rewordings": 4,
                     "anchor_general_ratio": 3.0, "replay_answers": "base", "min_general_samples": 48},
             "cpu_threads": 1,
