@@ -37,17 +37,10 @@ RESULTS = WORK / "results.jsonl"
 CORRECTIONS = ROOT / "benchmarks" / "data" / "corrections.jsonl"
 
 
-def merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-    return out
-
-
 def variant_config(registry: Path, overrides: dict):
-    from model.config import config_from_dict, default_profiles
+    from model.config import config_from_dict, deep_merge, default_profiles
 
-    profile = merge(default_profiles()["cpu-small"], overrides)
+    profile = deep_merge(default_profiles()["cpu-small"], overrides)
     return config_from_dict({"training": {"registry_dir": str(registry), "work_dir": str(registry / "runs"),
                                           "profile": "variant"},
                              "profiles": {"variant": profile}}, root=ROOT)
@@ -68,6 +61,7 @@ def run(kind: str, name: str, overrides: dict, anchor: str | None = None) -> dic
     from peft import PeftModel
 
     from benchmarks.quality_bench import Silent, corrections_file, score
+    from model.config import deep_merge
     from model.loading import ensure_base, load_model
     from trainer.gate import eval_sets, retention
     from trainer.registry import Registry
@@ -78,7 +72,7 @@ def run(kind: str, name: str, overrides: dict, anchor: str | None = None) -> dic
     parent_scores = None
     if kind == "calibrate":
         source = WORK / anchor
-        overrides = merge(json.loads((source / "variant.json").read_text()), overrides)
+        overrides = deep_merge(json.loads((source / "variant.json").read_text()), overrides)
         parent_scores = json.loads((source / "scores.json").read_text())
         shutil.rmtree(registry, ignore_errors=True)
         shutil.copytree(source, registry)

@@ -528,17 +528,18 @@ def _validate_training(t: "TrainingConfig", prefix: str) -> None:
         raise ConfigError(f"{prefix}.mix.new_correction_repeats: must be at least 1, got {t.mix.new_correction_repeats}")
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, mappings merged key by key (how a profile applies)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 def _apply_profile(training: "TrainingConfig", name: str, overrides: dict) -> "TrainingConfig":
     if not isinstance(overrides, dict):
         raise ConfigError(f"profiles.{name}: must be a mapping of training keys, got {overrides!r}")
-    merged = _merge(dataclasses.asdict(training), overrides)
+    merged = deep_merge(dataclasses.asdict(training), overrides)
     merged.pop("profile", None)
     cfg = _build(TrainingConfig, merged, f"profiles.{name}")
     cfg.profile = name
