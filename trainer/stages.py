@@ -142,23 +142,35 @@ def reference_alongside(cfg: Config, base: str):
     core idle, score the base in a child process while the anchor trains (on SmolLM2 on a
     2-core CPU that takes a minute and a half off a first run). Returns the process to
     `join`, or None (nothing spare: the gate scores the base itself, as it would anyway)."""
-    import multiprocessing
-
     if not spare_cores(cfg, base):
         return None
-    proc = multiprocessing.get_context("spawn").Process(
-        target=_score_reference, args=(cfg, str(base)), daemon=True, name="loopcord-base-reference")
+    return _start_child(_score_reference, (cfg, str(base)), "loopcord-base-reference")
+
+
+def _start_child(target: Callable, args: tuple, name: str):
+    """A daemon child process running `target(*args)` (spawned: a fresh interpreter, no torch
+    state inherited)."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True, name=name)
     proc.start()
     return proc
 
 
-def _score_reference(cfg: Config, base: str) -> None:  # runs in the child process
+def _child_setup(cfg: Config) -> None:
+    """First thing in a child: die with the trainer, keep stdout (the bot's JSON-lines
+    channel) clean, use the profile's CPU threads."""
     from model.process import die_with_parent
-    from trainer.gate import score_base_reference
 
     die_with_parent()
-    sys.stdout = sys.stderr  # the parent's stdout may be the bot's JSON-lines channel
+    sys.stdout = sys.stderr
     apply_cpu_threads(cfg)
+
+
+def _score_reference(cfg: Config, base: str) -> None:  # runs in the child process
+    from trainer.gate import score_base_reference
+
+    _child_setup(cfg)
     try:
         score_base_reference(cfg, base)
     except Exception as exc:  # the gate scores the base itself when this left nothing cached
@@ -175,11 +187,8 @@ def general_answers_alongside(cfg: Config, base: str, adapter: str, general_rows
 
     if not spare_cores(cfg, base):
         return None
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_general_answers, args=(cfg, base, adapter, general_rows, send), daemon=True,
-                       name="loopcord-gate-general")
-    proc.start()
+    receive, send = multiprocessing.Pipe(duplex=False)
+    proc = _start_child(_general_answers, (cfg, base, adapter, general_rows, send), "loopcord-gate-general")
     send.close()
 
     def collect() -> Optional[list]:
@@ -203,13 +212,10 @@ def general_answers_alongside(cfg: Config, base: str, adapter: str, general_rows
 def _general_answers(cfg: Config, base: str, adapter: str, general_rows, send) -> None:  # the child process
     from peft import PeftModel
 
-    from model.process import die_with_parent
     from trainer import sft
     from trainer.gate import general_answers
 
-    die_with_parent()
-    sys.stdout = sys.stderr
-    apply_cpu_threads(cfg)
+    _child_setup(cfg)
     try:
         model, tokenizer = sft.load_base(base)
         model = PeftModel.from_pretrained(model, adapter)
