@@ -112,8 +112,7 @@ async def run(args) -> dict:
     runtime = await Runtime.start(cfg)
     try:
         loop_start = time.perf_counter()
-        items = [json.loads(line) for line in BENCH_CORRECTIONS.read_text(encoding="utf-8").splitlines()
-                 if line.strip()] if args.smollm2 else []
+        items = args.items
         pairs = [(it["question"], it["correction"]) for it in items] or corrections(args.corrections)
         for i, (question, text) in enumerate(pairs):
             _, _, msg_id = await answer(runtime, question, user=i + 1)
@@ -156,8 +155,11 @@ def main() -> None:
     p.add_argument("--smollm2", action="store_true",
                    help="the embedded SmolLM2 with the shipped profile and the 10 bench corrections")
     args = p.parse_args()
+    args.items = []  # --smollm2: the bench corrections, asked and retrained
     if args.smollm2:
-        args.corrections = len(BENCH_CORRECTIONS.read_text(encoding="utf-8").splitlines())
+        args.items = [json.loads(line) for line in BENCH_CORRECTIONS.read_text(encoding="utf-8").splitlines()
+                      if line.strip()]
+        args.corrections = len(args.items)
     f = asyncio.run(run(args))
     if args.smollm2:
         body = f"""SmolLM2-135M-Instruct (the embedded default) on CPU, shipped config (`cpu-small`), through
