@@ -212,6 +212,10 @@ class TrainingConfig:
     # thread avoids spin-waiting when other processes share the cores (measured 20 s vs 29 s per
     # 100 demo-base steps, and 9 s vs 222 s for a gate run, on the busy 2-core CI machine).
     cpu_threads: int = 1
+    # Training and the base's replay answers split over two processes on a CPU where a core is
+    # idle (trainer.parallel: the rows of every batch halved, gradients summed, the same result
+    # as one process). auto/on: as eval.cpu_parallel decides for its second process. off: one.
+    cpu_data_parallel: Literal["auto", "on", "off"] = "auto"
     # Named recipe from `profiles` applied over the settings above. auto: cpu-small when
     # training on a CPU, seeds-7b (the settings above, the seeds' Qwen2.5-7B recipe) on a GPU.
     profile: str = "auto"

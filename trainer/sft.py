@@ -96,6 +96,11 @@ def collate(batch: list[Encoded], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
+def answer_token_count(e: Encoded) -> int:
+    """Tokens `answer_loss` scores in this sample (labels predicted from a previous token)."""
+    return sum(1 for label in e.labels[1:] if label != IGNORE_INDEX)
+
+
 def distill_rows(batch: list[Encoded], device):
     """Which rows of a collated batch carry the base model's own answers (Encoded.distill)."""
     import torch
@@ -158,12 +163,19 @@ def train(
     samples: list[Encoded],
     hp: Hyper,
     on_step: Optional[Callable[[int, int, float, int], None]] = None,
+    shard=None,
 ) -> dict:
     """Train the LoRA parameters of `model` in place; returns run statistics.
 
-    on_step(step, total, loss, tokens) after each optimizer step.
+    on_step(step, total, loss, tokens) after each optimizer step. `shard` (trainer.parallel):
+    this process's rows of every batch and the gradient all-reduce when two processes
+    train together; default, the whole batch here. Each micro-batch's loss is the sum over
+    this process's answer tokens divided by the whole batch's answer tokens, so the summed
+    gradients are those of the batch's mean loss whichever way the rows are split.
     """
     import torch
+
+    from trainer.parallel import Shard
 
     if not samples:
         raise ValueError("no training samples")
@@ -175,6 +187,8 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
+    shard = shard or Shard()
+    shard.start(params)
     opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=0.0)
     total = plan_steps(len(samples), hp)
     # Linear warm-up then cosine decay to zero (ms-swift's default). One warm-up step at
@@ -197,15 +211,20 @@ def train(
             batches = length_grouped_batches(samples, hp.batch_size, hp.seed + epoch)[::-1]
             epoch += 1
         batch = batches.pop()
-        ids, mask, labels = collate(batch, pad, device)
-        rows = distill_rows(batch, device) if hp.distill_replay else None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
-            loss = answer_loss(model, ids, mask, labels, distill_rows=rows)
-        (loss / hp.grad_accum).backward()
-        window_loss += float(loss.detach())
-        window_tokens += int(mask.sum())
+        answer_tokens = sum(answer_token_count(e) for e in batch)
+        mine = shard.rows(batch)
+        if mine:
+            ids, mask, labels = collate(mine, pad, device)
+            rows = distill_rows(mine, device) if hp.distill_replay else None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
+                loss = answer_loss(model, ids, mask, labels, reduction="sum", distill_rows=rows) / max(1, answer_tokens)
+            (loss / hp.grad_accum).backward()
+            window_loss += float(loss.detach())
+            window_tokens += int(mask.sum())
         micro += 1
         if micro % hp.grad_accum == 0 or micro == micro_needed:
+            window_loss, window_tokens = shard.reduce(params, [window_loss, float(window_tokens)])
+            window_tokens = int(window_tokens)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             opt.step()
             schedule.step()

@@ -30,7 +30,7 @@ from model.config import Config, TrainingConfig
 from trainer import datasets as ds
 from trainer.corrections import calibration_mix, correction_key, deduplicate, load_corrections
 from trainer.progress import Progress, log
-from trainer.registry import Registry, RegistryError
+from trainer.registry import Registry
 
 STAGES = ("anchor", "generalize", "calibrate")
 BASE_STAGE = "base"  # the progress phase while a GGUF base is converted (first run only)
@@ -106,20 +106,21 @@ def apply_cpu_threads(cfg: Config) -> None:
 PARALLEL_MIN_WEIGHT_BYTES = 64 << 20  # below this, starting a child costs more than it saves
 
 
-def spare_cores(cfg: Config, base: str) -> bool:
-    """Whether a second process should work beside this CPU run (`eval.cpu_parallel`):
-    no GPU, the profile's cpu_threads use at most half of the cores this process may run
-    on, and for `auto` the base is big enough to pay for a child and small enough to load
-    twice."""
+def spare_cores(cfg: Config, base: str, setting: Optional[str] = None) -> bool:
+    """Whether a second process should work beside this CPU run (`setting`, default
+    `eval.cpu_parallel`): no GPU, the profile's cpu_threads use at most half of the cores
+    this process may run on, and for `auto` the base is big enough to pay for a child and
+    small enough to load twice."""
     import torch
 
-    if cfg.eval.cpu_parallel == "off" or torch.cuda.is_available():
+    setting = setting or cfg.eval.cpu_parallel
+    if setting == "off" or torch.cuda.is_available():
         return False
     threads = training_settings(cfg).cpu_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not (0 < threads and 2 * threads <= cores):
         return False
-    if cfg.eval.cpu_parallel == "on":
+    if setting == "on":
         return True
     weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) or \
         sum(f.stat().st_size for f in Path(base).glob("*.bin"))
@@ -330,8 +331,18 @@ def checked_corrections(corrections_file: Optional[str]) -> list:
     return corrections
 
 
+def training_helper(cfg: Config, base: Path):
+    """A trainer.parallel.Helper when `training.cpu_data_parallel` finds a core to spare."""
+    from trainer.parallel import Helper
+
+    t = training_settings(cfg)
+    if not spare_cores(cfg, str(base), t.cpu_data_parallel):
+        return None
+    return Helper(str(base), t.cpu_threads)
+
+
 def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts: dict,
-                progress: Optional[Progress], stage: str) -> Callable[[list], list]:
+                progress: Optional[Progress], stage: str, helper=None) -> Callable[[list], list]:
     """General rows -> replay samples answered by the base model (`model` before any
     adapter is attached), cached per base in the registry; see trainer.replay."""
     from trainer import replay
@@ -351,6 +362,14 @@ def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts
 
     def generate(prompts: list) -> list:
         model.eval()
+        # With a helper, it answers the second half while this process answers the first.
+        half = len(prompts) // 2 if helper is not None and len(prompts) > 1 else 0
+        if half and helper.answer_start(prompts[half:], replay.REPLAY_MAX_NEW_TOKENS):
+            mine = greedy_replies(model, tokenizer, prompts[:half], replay.REPLAY_MAX_NEW_TOKENS)
+            theirs = helper.answer_result()
+            if theirs is not None and len(theirs) == len(prompts) - half:
+                return mine + theirs
+            return mine + greedy_replies(model, tokenizer, prompts[half:], replay.REPLAY_MAX_NEW_TOKENS)
         return greedy_replies(model, tokenizer, prompts, replay.REPLAY_MAX_NEW_TOKENS)
 
     def answer(rows: list) -> list:
@@ -368,9 +387,6 @@ def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts
 def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Optional[str] = None,
               parent: Optional[str] = None) -> tuple[str, dict]:
     """Train one stage and register the result as a new candidate version."""
-    from trainer import sft
-    from trainer.encode import encode_all
-
     if stage not in STAGES:
         raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     reg = registry_for(cfg)
@@ -386,11 +402,24 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
     learned = learned_corrections(reg, parent) if stage == "calibrate" else set()
     if progress is not None:
         progress.phase(stage, f"{stage}: loading the base model")
+    helper = training_helper(cfg, base)  # loads its copy while this process loads and builds
+    try:
+        return _train_stage(cfg, stage, progress, corrections_file, reg, base, t, parent, learned, helper)
+    finally:
+        if helper is not None:
+            helper.stop()
+
+
+def _train_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Optional[str], reg: Registry,
+                 base: Path, t: TrainingConfig, parent: Optional[str], learned: set, helper) -> tuple[str, dict]:
+    from trainer import sft
+    from trainer.encode import encode_all
+
     model, tokenizer = sft.load_base(base)
     replay_counts: dict = {}
     answer_general = None
     if t.mix.replay_answers == "base":
-        answer_general = base_replay(cfg, reg, base, model, tokenizer, replay_counts, progress, stage)
+        answer_general = base_replay(cfg, reg, base, model, tokenizer, replay_counts, progress, stage, helper)
     samples, counts, recorded = build_samples(cfg, t, stage, corrections_file, learned, answer_general)
     counts.update(replay_counts)
     hp = hyper(t, stage)
@@ -400,15 +429,24 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
         raise StageError(f"every sample is longer than training.max_length={hp.max_length} before its answer")
     if stage == "calibrate" and t.calibrate_min_steps:
         hp.epochs = max(hp.epochs, sft.epochs_for_steps(t.calibrate_min_steps, len(encoded), hp))
-    model = sft.with_lora(model, hp, reg.path(parent) if parent else None)
+    adapter = str(reg.path(parent)) if parent else None
+    model = sft.with_lora(model, hp, adapter)
+    shard = helper.train_shard(adapter, hp, encoded) if helper is not None else None
+    if shard is not None:
+        log(f"{stage}: training in {shard.world} process(es)")
     # The version is written into a private staging dir that becomes vNNNN only
     # when complete; a run killed before that leaves an unlisted dir, removed later.
     staging = reg.new_staging_dir()
     try:
         progress.start(stage, sft.plan_steps(len(encoded), hp))
         started = time.time()
-        stats = sft.train(model, tokenizer, encoded, hp,
-                          on_step=lambda step, total, loss, tokens: progress.step(step, loss, tokens))
+        try:
+            stats = sft.train(model, tokenizer, encoded, hp, shard=shard,
+                              on_step=lambda step, total, loss, tokens: progress.step(step, loss, tokens))
+        finally:
+            if shard is not None:
+                shard.close()
+        stats["processes"] = shard.world if shard is not None else 1
         sft.save_adapter(model, staging)
         manifest = {
             "stage": stage,
