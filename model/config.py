@@ -366,6 +366,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on / off as true / false
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
         return value

@@ -143,3 +143,12 @@ def test_the_worker_serves_a_directory_as_given_and_converts_a_gguf_into_the_cac
     done.mkdir(parents=True)
     (done / "config.json").write_text("{}")
     assert serving_base(cfg, str(gguf)) == done.resolve()  # reused, not converted again
+
+
+def test_an_unquoted_on_or_off_means_what_the_admin_wrote(tmp_path):
+    """YAML 1.1 reads `off` as false; an auto/on/off setting takes it as "off"."""
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  cpu_data_parallel: off\n  cpu_bf16: on\neval:\n  cpu_parallel: off\n",
+                    encoding="utf-8")
+    cfg = load_config(path)
+    assert (cfg.training.cpu_data_parallel, cfg.training.cpu_bf16, cfg.eval.cpu_parallel) == ("off", "on", "off")
