@@ -64,3 +64,71 @@ def test_a_helper_that_cannot_load_the_base_leaves_training_in_one_process(tmp_p
         assert shard.rows([1, 2, 3]) == [1, 2, 3]
     finally:
         helper.stop()
+
+
+@pytest.mark.skipif(not two_cores(), reason="the helper answers half of the replay on a second core")
+def test_a_calibrate_replays_what_its_parent_answers(tiny_base, tmp_path):
+    """replay_answers: parent — a calibrate's general replay is answered by the adapter it
+    continues (half of it by the helper process, with that adapter on its own base copy),
+    cached per parent; the base's own answers would pull the live adapter back toward the base."""
+    import torch
+    from peft import PeftModel
+
+    from model.config import load_config
+    from trainer import replay
+    from trainer.datasets import with_system
+    from trainer.gate import forbidden
+    from trainer.generate import greedy_replies
+    from trainer.matching import identity_claims
+    from trainer.sft import load_base
+    from trainer.stages import general_rows
+
+    from test_trainer import corrections_file
+
+    sections = tiny_config(tiny_base, tmp_path, cpu_data_parallel="on")
+    sections["profiles"]["tiny"].update({
+        "lora": {"dropout": 0.0}, "anchor": {"learning_rate": 2e-3, "epochs": 1.0}, "calibrate_min_steps": 8,
+        "mix": {**sections["profiles"]["tiny"]["mix"], "anchor_general_ratio": 0.5, "replay_answers": "parent",
+                "new_correction_repeats": 2}})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    proc = run_trainer(config, "anchor", "--progress", "json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = json.loads(proc.stdout.splitlines()[-1])["version"]
+    reg = Registry(tmp_path / "adapters")
+    base_cache = {p.name for p in (reg.root / ".base-replay").glob("*.json")}
+    assert len(base_cache) == 1, "a first stage has no parent: the base answers its replay"
+
+    corrections = corrections_file(tmp_path / "corrections.jsonl")
+    proc = run_trainer(config, "calibrate", "--corrections", str(corrections), "--parent", parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"with {parent} (the parent adapter)" in proc.stderr, proc.stderr[-2000:]
+    child = reg.latest("calibrate")
+    manifest = reg.get(child)
+    assert manifest["parent"] == parent and manifest["train"]["processes"] == 2
+    counts = manifest["samples"]
+    assert counts["general_generated_now"] > 0 and counts["general_answered_by_base"] > 0, counts
+    [parent_cache] = [p for p in (reg.root / ".base-replay").glob("*.json") if p.name not in base_cache]
+    cached = json.loads(parent_cache.read_text())
+
+    # What the parent itself says greedily to those questions is what was cached.
+    cfg = load_config(config)
+    prompts = {replay.prompt_key(p): p for p in (with_system(r[:-1], cfg.identity.system)
+                                                 for r in general_rows(cfg))}
+    keys = [k for k in cached if k in prompts]
+    assert len(keys) == len(cached)
+    torch.set_num_threads(1)
+    model, tokenizer = load_base(tiny_base)
+    base_said = greedy_replies(model, tokenizer, [prompts[k] for k in keys], replay.REPLAY_MAX_NEW_TOKENS)
+    peft = PeftModel.from_pretrained(model, str(reg.path(parent)))
+    peft.eval()
+    said = greedy_replies(peft, tokenizer, [prompts[k] for k in keys], replay.REPLAY_MAX_NEW_TOKENS)
+    names = forbidden(cfg)
+
+    def claims(text: str) -> list:  # an answer claiming another identity is not trained on
+        return identity_claims(text, cfg.identity.name, cfg.identity.author, names)
+
+    expected = [replay.usable(a, ended, claims) for a, ended in said]
+    assert [cached[k] for k in keys] == expected
+    from_base = [replay.usable(a, ended, claims) for a, ended in base_said]
+    assert expected != from_base, "the parent answers some replay question differently from the base"
