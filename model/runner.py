@@ -21,6 +21,15 @@ import torch
 
 from model.kv_cache import ChunkPlan, DecodePlan, SlotCache, chunk_mask, decode_mask
 
+
+def cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: transformers 5.x renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); 4.x knows only it."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 MIXED_ADAPTERS = "__mixed__"  # runner state: rows use different adapters
 
@@ -35,6 +44,7 @@ class Runner:
         self.peft = False
         self._active: Optional[str] = None  # which adapter state the peft layers are set to
         self.cache: Optional[SlotCache] = None
+        self._cache_kw = cache_argument(model)
 
     # ---------------- adapters ----------------
 
@@ -89,8 +99,9 @@ class Runner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  names: list[Optional[str]]) -> torch.Tensor:
         kwargs = self._adapter_kwargs(names)
+        kwargs[self._cache_kw] = self.cache
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1, **kwargs)
+                         use_cache=True, logits_to_keep=1, **kwargs)
         self.cache.plan = None
         return out.logits[:, -1, :]
 
