@@ -162,12 +162,10 @@ class MixConfig:
     # General rows mixed into the anchor stage, relative to its identity rows (0: identity only,
     # as in the seeds; generalize then restores general ability).
     anchor_general_ratio: float = 0.0
-    # Who answers the general replay questions: data (the dataset's answers), base (the base
+    # Who answers the general replay questions: data (the dataset's answers) or base (the base
     # model itself, greedy, cached per base: self-distillation, so replay keeps what the base
-    # already does instead of pulling it toward another writer's answers; trainer/replay.py)
-    # or parent (the adapter the stage continues, the base for a first stage: a calibrate then
-    # keeps what the live adapter answers, not what the base did; cached per parent).
-    replay_answers: Literal["data", "base", "parent"] = "data"
+    # already does instead of pulling it toward another writer's answers; trainer/replay.py).
+    replay_answers: Literal["data", "base"] = "data"
     # How the trainer learns a base-answered replay row: answer (cross-entropy on the
     # base's text, like any sample) or distill (match the base's whole next-token
     # distribution on that text, KL divergence: it holds every token's alternatives in

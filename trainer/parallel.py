@@ -140,10 +140,9 @@ class Helper:
             return None
         return value
 
-    def answer_start(self, prompts: list, max_new_tokens: int, adapter: Optional[str] = None) -> bool:
-        """Send prompts to answer greedily with the base, or with the PEFT adapter at
-        `adapter` on it; False if the helper is gone."""
-        return self._send(("answer", prompts, max_new_tokens, adapter))
+    def answer_start(self, prompts: list, max_new_tokens: int) -> bool:
+        """Send prompts to answer with the base (greedy); False if the helper is gone."""
+        return self._send(("answer", prompts, max_new_tokens))
 
     def answer_result(self) -> Optional[list]:
         return self._receive(None)
@@ -219,19 +218,7 @@ def _helper_main(base: str, threads: int, conn) -> None:  # the child process
             return
         try:
             if message[0] == "answer":
-                _, prompts, max_new_tokens, adapter = message
-                if adapter is None:
-                    conn.send(("ok", greedy_replies(model, tokenizer, prompts, max_new_tokens)))
-                    continue
-                from peft import PeftModel
-
-                answering = PeftModel.from_pretrained(model, adapter)
-                answering.eval()
-                try:
-                    replies = greedy_replies(answering, tokenizer, prompts, max_new_tokens)
-                finally:
-                    model = answering.unload()  # the bare base again, for what comes next
-                conn.send(("ok", replies))
+                conn.send(("ok", greedy_replies(model, tokenizer, message[1], message[2])))
             elif message[0] == "train":
                 _, adapter, hp, samples, store = message
                 # training attaches LoRA to this copy: one training per helper

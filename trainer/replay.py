@@ -60,18 +60,16 @@ def usable(answer: str, ended: bool, claims: Callable[[str], Sequence[str]]) -> 
 
 
 def answered_by_base(rows: Sequence[Messages], system: str, cache: Path, generate: Generate,
-                     claims: Callable[[str], Sequence[str]], say: Optional[Callable[[str], None]] = None,
-                     who: str = "the base model") -> tuple[list[Messages], dict]:
-    """`rows` (general samples) under `system`, each answered by the base (or whichever
-    model `generate` runs: `who`) where its answer is usable; (samples, counts). Only
-    questions missing from the cache are generated."""
+                     claims: Callable[[str], Sequence[str]], say: Optional[Callable[[str], None]] = None) -> tuple[list[Messages], dict]:
+    """`rows` (general samples) under `system`, each answered by the base where its answer
+    is usable; (samples, counts). Only questions missing from the cache are generated."""
     prompts = [with_system(r[:-1], system) for r in rows]
     keys = [prompt_key(p) for p in prompts]
     known = read_json_cache(cache)
     missing = list(dict.fromkeys(k for k in keys if k not in known))
     if missing:
         if say:
-            say(f"answering {len(missing)} general replay question(s) with {who} (cached for later runs)")
+            say(f"answering {len(missing)} general replay question(s) with the base model (cached for later runs)")
         first = {k: p for k, p in zip(keys, prompts) if k in missing}
         replies = generate([first[k] for k in missing])
         for k, (answer, ended) in zip(missing, replies):

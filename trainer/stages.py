@@ -342,11 +342,9 @@ def training_helper(cfg: Config, base: Path):
 
 
 def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts: dict,
-                progress: Optional[Progress], stage: str, helper=None,
-                parent: Optional[str] = None) -> Callable[[list], list]:
-    """General rows -> replay samples answered by `model`: the base model (before any
-    adapter is attached), or with `parent` the parent version's adapter already on it;
-    cached per base (and parent) in the registry; see trainer.replay."""
+                progress: Optional[Progress], stage: str, helper=None) -> Callable[[list], list]:
+    """General rows -> replay samples answered by the base model (`model` before any
+    adapter is attached), cached per base in the registry; see trainer.replay."""
     from trainer import replay
     from trainer.generate import greedy_replies
     from trainer.gate import forbidden
@@ -366,7 +364,7 @@ def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts
         model.eval()
         # With a helper, it answers the second half while this process answers the first.
         half = len(prompts) // 2 if helper is not None and len(prompts) > 1 else 0
-        if half and helper.answer_start(prompts[half:], replay.REPLAY_MAX_NEW_TOKENS, adapter):
+        if half and helper.answer_start(prompts[half:], replay.REPLAY_MAX_NEW_TOKENS):
             mine = greedy_replies(model, tokenizer, prompts[:half], replay.REPLAY_MAX_NEW_TOKENS)
             theirs = helper.answer_result()
             if theirs is not None and len(theirs) == len(prompts) - half:
@@ -374,15 +372,9 @@ def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts
             return mine + greedy_replies(model, tokenizer, prompts[half:], replay.REPLAY_MAX_NEW_TOKENS)
         return greedy_replies(model, tokenizer, prompts, replay.REPLAY_MAX_NEW_TOKENS)
 
-    adapter, key, who = None, str(base), "the base model"
-    if parent:
-        # A version's name can come back after a rollback; its creation time does not.
-        adapter, who = str(reg.path(parent)), f"{parent} (the parent adapter)"
-        key = f"{base}#{parent}@{reg.get(parent).get('created_at')}"
-
     def answer(rows: list) -> list:
-        samples, n = replay.answered_by_base(rows, cfg.identity.system, replay.cache_file(reg.root, key),
-                                             generate, claims, say, who)
+        samples, n = replay.answered_by_base(rows, cfg.identity.system, replay.cache_file(reg.root, str(base)),
+                                             generate, claims, say)
         counts.update(n)
         return samples
 
@@ -424,26 +416,21 @@ def _train_stage(cfg: Config, stage: str, progress: Progress, corrections_file: 
     from trainer.encode import encode_all
 
     model, tokenizer = sft.load_base(base)
-    hp = hyper(t, stage)
-    adapter = str(reg.path(parent)) if parent else None
     replay_counts: dict = {}
     answer_general = None
-    by_parent = t.mix.replay_answers == "parent" and parent is not None
-    if by_parent:  # the parent answers its replay with the adapter training then continues
-        model = sft.with_lora(model, hp, adapter)
-    if t.mix.replay_answers in ("base", "parent"):
-        answer_general = base_replay(cfg, reg, base, model, tokenizer, replay_counts, progress, stage, helper,
-                                     parent if by_parent else None)
+    if t.mix.replay_answers == "base":
+        answer_general = base_replay(cfg, reg, base, model, tokenizer, replay_counts, progress, stage, helper)
     samples, counts, recorded = build_samples(cfg, t, stage, corrections_file, learned, answer_general)
     counts.update(replay_counts)
+    hp = hyper(t, stage)
     log(f"{stage}: {len(samples)} samples ({counts}), parent {parent or 'base'}, base {base}")
     encoded, dropped = encode_all(tokenizer, samples, hp.max_length)
     if not encoded:
         raise StageError(f"every sample is longer than training.max_length={hp.max_length} before its answer")
     if stage == "calibrate" and t.calibrate_min_steps:
         hp.epochs = max(hp.epochs, sft.epochs_for_steps(t.calibrate_min_steps, len(encoded), hp))
-    if not by_parent:
-        model = sft.with_lora(model, hp, adapter)
+    adapter = str(reg.path(parent)) if parent else None
+    model = sft.with_lora(model, hp, adapter)
     shard = helper.train_shard(adapter, hp, encoded) if helper is not None else None
     if shard is not None:
         log(f"{stage}: training in {shard.world} process(es)")
