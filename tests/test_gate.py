@@ -28,8 +28,9 @@ def test_a_good_candidate_passes_every_check():
 
 
 def test_forgetting_general_answers_fails_on_retention_not_on_a_negative_limit():
-    # The reference answers 4 right; the candidate keeps 1: retention 0.25 < 0.5 (the default).
+    # The reference answers 4 right; the candidate keeps 1: retention 0.25 < 0.8 (the default); 3 of 4 (0.75) fails it too.
     assert failed(scores(right=(True, False, False, False)), scores()) == {"general_retention"}
+    assert failed(scores(right=(True, True, True, False)), scores()) == {"general_retention"}
     assert failed(scores(right=(True, True, True, False)), scores(), min_general_retention=0.9) == {"general_retention"}
     assert retention([True, False, True], [True, True, False]) == 0.5
     assert retention([True], [False]) is None  # nothing to retain: no check, not a free pass of a fake one
