@@ -3,7 +3,7 @@ SmolLM2 and score each against the base on the whole held-out sets.
 
   PYTHONPATH=. python benchmarks/recipe_sweep.py anchor NAME '{"mix": {"anchor_general_ratio": 2.0}}'
   PYTHONPATH=. python benchmarks/recipe_sweep.py calibrate NAME ANCHOR_NAME '{"calibrate": {"epochs": 2.0}}'
-  PYTHONPATH=. python benchmarks/recipe_sweep.py report
+  PYTHONPATH=. python benchmarks/recipe_sweep.py report [SECTION]
 
 A variant is the `cpu-small` profile with the JSON merged over it (any training.* key).
 `anchor` trains the bootstrap's anchor stage and scores it: identity (held-out paraphrases,
@@ -120,7 +120,7 @@ def run(kind: str, name: str, overrides: dict, anchor: str | None = None) -> dic
 
 
 def pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
+    return "–" if x is None else f"{100 * x:.1f}%"  # one decimal: 94.7% must not read as 95%
 
 
 def report() -> str:
@@ -145,10 +145,10 @@ def report() -> str:
 
 def main() -> int:
     args = sys.argv[1:]
-    if args[:1] == ["report"]:
+    if args[:1] == ["report"]:  # report [SECTION]: another section keeps an earlier sweep's table
         body = report()
         print(body)
-        write_section("recipe_sweep", body)
+        write_section(args[1] if len(args) > 1 else "recipe_sweep", body)
         return 0
     if len(args) >= 2 and args[0] == "anchor":
         run("anchor", args[1], json.loads(args[2]) if len(args) > 2 else {})
