@@ -252,7 +252,7 @@ class EvalConfig:
     max_general_loss_increase: float = 0.15  # relative to the parent
     # share of the held-out questions the parent (or base) answers right that the candidate still
     # does. Measured on SmolLM2 (benchmarks/RESULTS.md): identity-only training keeps 0.22 of the
-    # base's, the cpu-small bootstrap 0.96, a calibrate of 10 corrections 0.95 of its parent's.
+    # base's, the cpu-small bootstrap 0.96, a calibrate of 10 corrections 0.92-0.95 of its parent's.
     min_general_retention: float = 0.8
     max_new_tokens: int = 64  # tokens generated per identity / correction question
     # Held-out sets; empty: the shipped data/identity_eval.jsonl and data/general_eval.jsonl.
