@@ -253,3 +253,18 @@ def train(
 def save_adapter(model, out_dir: Path) -> None:
     """PEFT's standard adapter files (adapter_config.json + adapter_model.safetensors)."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
+
+
+def blend_with(model, parent_dir: str | Path, keep: float) -> None:
+    """Set the trained LoRA to parent + keep x (trained - parent), tensor by tensor, the
+    parent being the PEFT adapter at `parent_dir` this training continued (same keys)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    parent = load_file(str(Path(parent_dir) / "adapter_model.safetensors"))
+    trained = get_peft_model_state_dict(model)
+    differ = sorted(set(trained) ^ set(parent))
+    if differ:
+        raise ValueError(f"{parent_dir}: its LoRA tensors differ from the trained adapter's ({differ[0]}, ...)")
+    blended = {k: parent[k].to(v) + keep * (v - parent[k].to(v)) for k, v in trained.items()}
+    set_peft_model_state_dict(model, blended)

@@ -447,6 +447,9 @@ def _train_stage(cfg: Config, stage: str, progress: Progress, corrections_file: 
             if shard is not None:
                 shard.close()
         stats["processes"] = shard.world if shard is not None else 1
+        if stage == "calibrate" and parent and t.calibrate_blend < 1:
+            sft.blend_with(model, reg.path(parent), t.calibrate_blend)
+            stats["blend"] = t.calibrate_blend
         sft.save_adapter(model, staging)
         manifest = {
             "stage": stage,
