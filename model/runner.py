@@ -30,6 +30,7 @@ def cache_argument(model) -> str:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
+
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 MIXED_ADAPTERS = "__mixed__"  # runner state: rows use different adapters
 
