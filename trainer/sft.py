@@ -255,16 +255,17 @@ def save_adapter(model, out_dir: Path) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def blend_with(model, parent_dir: str | Path, keep: float) -> None:
-    """Set the trained LoRA to parent + keep x (trained - parent), tensor by tensor, the
-    parent being the PEFT adapter at `parent_dir` this training continued (same keys)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
+def lora_state(model) -> dict:
+    """A copy of the model's LoRA tensors (PEFT's saved keys): what blend_with blends from."""
+    from peft import get_peft_model_state_dict
 
-    parent = load_file(str(Path(parent_dir) / "adapter_model.safetensors"))
-    trained = get_peft_model_state_dict(model)
-    differ = sorted(set(trained) ^ set(parent))
-    if differ:
-        raise ValueError(f"{parent_dir}: its LoRA tensors differ from the trained adapter's ({differ[0]}, ...)")
-    blended = {k: parent[k].to(v) + keep * (v - parent[k].to(v)) for k, v in trained.items()}
-    set_peft_model_state_dict(model, blended)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def blend_with(model, start: dict, keep: float) -> None:
+    """Set the trained LoRA to start + keep x (trained - start), tensor by tensor, `start`
+    being lora_state() of the adapter this training continued (taken before it trained)."""
+    from peft import set_peft_model_state_dict
+
+    trained = lora_state(model)
+    set_peft_model_state_dict(model, {k: start[k] + keep * (v - start[k]) for k, v in trained.items()})

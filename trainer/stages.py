@@ -431,6 +431,8 @@ def _train_stage(cfg: Config, stage: str, progress: Progress, corrections_file: 
         hp.epochs = max(hp.epochs, sft.epochs_for_steps(t.calibrate_min_steps, len(encoded), hp))
     adapter = str(reg.path(parent)) if parent else None
     model = sft.with_lora(model, hp, adapter)
+    blend = t.calibrate_blend if stage == "calibrate" and adapter and t.calibrate_blend < 1 else None
+    start = sft.lora_state(model) if blend else None  # the parent's LoRA, to blend the result with
     shard = helper.train_shard(adapter, hp, encoded) if helper is not None else None
     if shard is not None:
         log(f"{stage}: training in {shard.world} process(es)")
@@ -447,9 +449,9 @@ def _train_stage(cfg: Config, stage: str, progress: Progress, corrections_file: 
             if shard is not None:
                 shard.close()
         stats["processes"] = shard.world if shard is not None else 1
-        if stage == "calibrate" and parent and t.calibrate_blend < 1:
-            sft.blend_with(model, reg.path(parent), t.calibrate_blend)
-            stats["blend"] = t.calibrate_blend
+        if blend:
+            sft.blend_with(model, start, blend)
+            stats["blend"] = blend
         sft.save_adapter(model, staging)
         manifest = {
             "stage": stage,
