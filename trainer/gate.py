@@ -34,6 +34,7 @@ The CLI exits 0 on pass, 3 on fail (trainer.protocol.ExitCode).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -172,20 +173,27 @@ def general_answers(model, tokenizer, cfg: Config, general_rows) -> list[str]:
                           min(cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens))
 
 
-def score_general(model, tokenizer, cfg: Config, general_rows, answers: Optional[list[str]] = None) -> dict:
-    """Answers (generated here unless given) and answer loss on the held-out general set."""
+def score_general(model, tokenizer, cfg: Config, general_rows,
+                  answers: Optional[Callable[[], Optional[list[str]]]] = None,
+                  meanwhile: Optional[Callable[[], None]] = None) -> dict:
+    """Answers and answer loss on the held-out general set. `answers()`, when given, hands
+    over the answers computed elsewhere (None: generate them here); it is called last,
+    after the loss and `meanwhile()`, so that work overlaps with theirs."""
     from trainer.generate import mean_answer_loss
 
     system = cfg.identity.system
-    if answers is None:
-        answers = general_answers(model, tokenizer, cfg, general_rows)
-    right = [answer_matches(a, row["answer"], min_f1=1.01) for a, row in zip(answers, general_rows)]  # containment
     samples = [ds.with_system(row["messages"], system) for row in general_rows]
+    loss = round(mean_answer_loss(model, tokenizer, samples, cfg.training.max_length), 5)
+    if meanwhile:
+        meanwhile()
+    given = answers() if answers else None
+    given = given if given is not None else general_answers(model, tokenizer, cfg, general_rows)
+    right = [answer_matches(a, row["answer"], min_f1=1.01) for a, row in zip(given, general_rows)]  # containment
     by_kind: dict[str, list[bool]] = {}
     for row, good in zip(general_rows, right):
         by_kind.setdefault(str(row.get("kind", "?")), []).append(good)
     return {
-        "loss": round(mean_answer_loss(model, tokenizer, samples, cfg.training.max_length), 5),
+        "loss": loss,
         "accuracy": _mean(right),
         "right": right,  # per question, for retention against another version's scores
         "kinds": {k: _mean(v) for k, v in sorted(by_kind.items())},
@@ -194,15 +202,17 @@ def score_general(model, tokenizer, cfg: Config, general_rows, answers: Optional
 
 
 def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases,
-                general: Optional[Callable[[], Optional[list[str]]]] = None) -> dict:
-    """`general()`, when given, hands over the general answers computed elsewhere (None:
-    generate them here), asked after the identity and correction questions."""
+                general: Optional[Callable[[], Optional[list[str]]]] = None,
+                meanwhile: Optional[Callable[[], None]] = None) -> dict:
+    """`general` and `meanwhile` as in score_general: the identity and correction questions,
+    the loss and `meanwhile()` all run before the general answers computed elsewhere are
+    collected."""
     identity = score_identity(model, tokenizer, cfg, identity_rows)
     corrections = score_corrections(model, tokenizer, cfg, cases)
     return {
         "identity": identity,
         "corrections": corrections,
-        "general": score_general(model, tokenizer, cfg, general_rows, general() if general else None),
+        "general": score_general(model, tokenizer, cfg, general_rows, general, meanwhile),
     }
 
 
@@ -316,27 +326,40 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
     model.eval()
     say(f"evaluating {version}: {len(identity_rows)} identity questions, {len(general_rows)} general, "
         f"{len(cases)} corrections")
-    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect)
-    store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
     ref = cached_scores(reg, ref_version, manifest["base"], fp)
-    if ref_version:
-        model.load_adapter(str(reg.path(ref_version)), adapter_name="reference")
+    ref_corrections: list = []
+
+    @contextlib.contextmanager
+    def reference_active():
+        if not ref_version:
+            with model.disable_adapter():
+                yield
+            return
+        if "reference" not in model.peft_config:
+            model.load_adapter(str(reg.path(ref_version)), adapter_name="reference")
         model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            model.set_adapter("candidate")
 
-    def score_reference() -> tuple[dict, dict]:
-        if ref is not None:  # only this run's corrections are new to it
-            return ref, score_corrections(model, tokenizer, cfg, cases)
-        say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
-        scores = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
-        store_scores(reg, ref_version, manifest["base"], fp, {k: scores[k] for k in ("identity", "general")})
-        return scores, scores["corrections"]
+    def reference_corrections() -> None:  # while the candidate's general answers are computed alongside
+        if ref is not None and collect is not None:
+            with reference_active():
+                ref_corrections.append(score_corrections(model, tokenizer, cfg, cases))
 
-    if ref_version:
-        ref, ref_corrections = score_reference()
-    else:
-        with model.disable_adapter():
-            ref, ref_corrections = score_reference()
-    ref = {**ref, "corrections": ref_corrections}
+    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect, reference_corrections)
+    store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
+    with reference_active():
+        if ref is not None:  # scored when it was itself gated: only this run's corrections are new to it
+            if not ref_corrections:
+                ref_corrections.append(score_corrections(model, tokenizer, cfg, cases))
+        else:
+            say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
+            ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
+            store_scores(reg, ref_version, manifest["base"], fp, {k: ref[k] for k in ("identity", "general")})
+            ref_corrections.append(ref["corrections"])
+    ref = {**ref, "corrections": ref_corrections[0]}
     passed, checks = decide(cfg, cand, ref)
     report = {
         "version": version,
