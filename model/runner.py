@@ -11,6 +11,11 @@ Two kinds of step, both through the unmodified transformers model with a
 
 Per-row LoRA adapters go through peft's mixed-batch forward (`adapter_names`);
 a batch on one adapter runs as a plain forward with that adapter active.
+
+A decode step whose rows all use one adapter (or none) runs through
+`fast_decode.FastDecode` instead where it covers the model (Llama, Qwen2 with
+plain LoRA): the same computation on the same modules without transformers'
+per-step bookkeeping.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from model.fast_decode import FastDecode
 from model.kv_cache import ChunkPlan, DecodePlan, SlotCache, chunk_mask, decode_mask
 
 
@@ -36,7 +42,7 @@ MIXED_ADAPTERS = "__mixed__"  # runner state: rows use different adapters
 
 
 class Runner:
-    def __init__(self, model, device: str, pad_id: int, max_slots: int, max_len: int):
+    def __init__(self, model, device: str, pad_id: int, max_slots: int, max_len: int, fast_decode: bool = True):
         self.model = model  # the base model, or the PeftModel wrapping it once an adapter is loaded
         self.device = device
         self.pad_id = pad_id
@@ -46,6 +52,8 @@ class Runner:
         self._active: Optional[str] = None  # which adapter state the peft layers are set to
         self.cache: Optional[SlotCache] = None
         self._cache_kw = cache_argument(model)
+        self.fast = FastDecode.build(model) if fast_decode else None
+        self._fast_covers: dict = {}  # (adapter name, loaded adapters) -> whether FastDecode runs it
 
     # ---------------- adapters ----------------
 
@@ -106,12 +114,28 @@ class Runner:
         self.cache.plan = None
         return out.logits[:, -1, :]
 
+    def _fast_for(self, names: list[Optional[str]]) -> Optional[FastDecode]:
+        """FastDecode, when it runs a decode step of rows on these adapters."""
+        if self.fast is None or len(set(names)) != 1:
+            return None
+        name = names[0] if self.peft else None
+        key = (name, tuple(self.model.peft_config) if self.peft else ())
+        if key not in self._fast_covers:
+            if any(k[1] != key[1] for k in self._fast_covers):
+                self._fast_covers = {}  # adapters were loaded or deleted since: ask again
+            self._fast_covers[key] = self.fast.covers(self.model, name)
+        return self.fast if self._fast_covers[key] else None
+
     def decode(self, tokens: torch.Tensor, starts: list[int], names: list[Optional[str]]) -> torch.Tensor:
         """Logits [n, V] for slots 0..n-1 each feeding tokens[i] at position starts[i]."""
         n = len(starts)
         width = max(starts) + 1
         cache = self.cache_for(width, n)
         pos = torch.tensor(starts, device=self.device)
+        fast = self._fast_for(names[:n])
+        if fast is not None:
+            name = names[0] if self.peft else None
+            return fast.decode(self.model, cache, tokens[:n].to(self.device), pos, width, name)
         cache.plan = DecodePlan(n, pos, width)
         return self._forward(tokens[:n, None].to(self.device), pos[:, None], decode_mask(pos, width), names)
 

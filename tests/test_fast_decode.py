@@ -1,0 +1,115 @@
+"""The lean decode step (model.fast_decode) computes what the transformers forward computes.
+
+For Llama (SmolLM2's architecture) and Qwen2 (the demo base's), with no adapter and with a
+LoRA adapter on every projection: a decode step over ragged rows gives the same logits as
+the transformers path (to float rounding) and the same cache contents; the engine's greedy
+answers on an adapter equal `generate` with that adapter. What it does not cover (a batch
+mixing adapters, a DoRA adapter) goes through transformers, and still answers right.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.adapters import AdapterTable, attach, read_adapter
+from model.runner import Runner
+from test_engine import ARCHS, _sharpen, make_engine, prompts, reference, run, seq
+from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
+
+
+def _adapter(model, path, seed, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, target_modules="all-linear", **kw)
+    peft = get_peft_model(model, cfg)
+    peft.save_pretrained(str(path))
+    return str(path)
+
+
+def _runners(model, pad):
+    return {fast: Runner(model, "cpu", pad, 8, 512, fast_decode=fast) for fast in (True, False)}
+
+
+def _prefill_then_decode(runner, tokenizer, names):
+    """Prompts of different lengths prefilled into slots 0..2, then one decode step for all three."""
+    ids = prompts(tokenizer)[:3]
+    runner.cache_for(max(map(len, ids)) + 8, 3)
+    runner.chunk([0, 1, 2], [0, 0, 0], ids, names)
+    tokens = torch.tensor([5, 17, 42])
+    logits = runner.decode(tokens, [len(i) for i in ids], names)
+    return logits, [t.clone() for t in runner.cache.k + runner.cache.v]
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter):  # noqa: F811
+    model = _sharpen(ARCHS[arch](tokenizer))
+    names = [None] * 3
+    if adapter:
+        path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3)
+        model = attach(model, "a", read_adapter(path, None)).eval()
+        names = ["a"] * 3
+    out = {}
+    with torch.inference_mode():
+        for fast, runner in _runners(model, tokenizer.pad_token_id).items():
+            runner.peft = adapter
+            assert (runner._fast_for(names) is not None) == fast
+            out[fast] = _prefill_then_decode(runner, tokenizer, names)
+    (fast_logits, fast_cache), (plain_logits, plain_cache) = out[True], out[False]
+    torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast_logits.argmax(-1), plain_logits.argmax(-1))
+    for a, b in zip(fast_cache, plain_cache):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_greedy_answers_on_an_adapter_match_generate(tokenizer, tmp_path, arch):  # noqa: F811
+    from peft import PeftModel
+
+    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=5)
+    with_adapter = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
+    ids = prompts(tokenizer)
+    expected = [reference(with_adapter, p, 10) for p in ids]
+    assert expected != [reference(_sharpen(ARCHS[arch](tokenizer)), p, 10) for p in ids]  # the adapter matters
+    adapters = AdapterTable()
+    engine = make_engine(_sharpen(ARCHS[arch](tokenizer)), tokenizer, adapters)
+    try:
+        internal = adapters.new_internal_name()
+        engine.call(lambda: engine.load_adapter(internal, path)).result()
+        adapters.publish("a", internal, path)
+        assert engine.runner.fast is not None
+        batch = [seq(p, 10, adapter=adapters.acquire("a")) for p in ids]
+        run(engine, batch)
+    finally:
+        engine.stop()
+    assert [s.generated for s in batch] == expected
+
+
+def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path):  # noqa: F811
+    from peft import PeftModel
+
+    arch = "llama"
+    dora = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "dora", seed=7, use_dora=True)
+    lora = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "lora", seed=8)
+    model = attach(_sharpen(ARCHS[arch](tokenizer)), "dora", read_adapter(dora, None))
+    model = attach(model, "plain", read_adapter(lora, None)).eval()
+    runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512)
+    runner.peft = True
+    assert runner._fast_for(["dora"] * 2) is None  # DoRA: not plain LoRA
+    assert runner._fast_for(["plain", "dora"]) is None  # a mixed batch
+    assert runner._fast_for(["plain"] * 2) is not None and runner._fast_for([None] * 2) is not None
+    # and the engine answers the DoRA adapter exactly as generate does
+    with_dora = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), dora).eval()
+    p = prompts(tokenizer)[1]
+    adapters = AdapterTable()
+    engine = make_engine(_sharpen(ARCHS[arch](tokenizer)), tokenizer, adapters)
+    try:
+        internal = adapters.new_internal_name()
+        engine.call(lambda: engine.load_adapter(internal, dora)).result()
+        adapters.publish("d", internal, dora)
+        (done,) = run(engine, [seq(p, 10, adapter=adapters.acquire("d"))])
+    finally:
+        engine.stop()
+    assert done.generated == reference(with_dora, p, 10)
