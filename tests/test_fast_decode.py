@@ -32,9 +32,9 @@ def _runners(model, pad):
     return {fast: Runner(model, "cpu", pad, 8, 512, fast_decode=fast) for fast in (True, False)}
 
 
-def _prefill_then_decode(runner, tokenizer, names):
+def _prefill_then_decode(runner, tok, names):
     """Prompts of different lengths prefilled into slots 0..2, then one decode step for all three."""
-    ids = prompts(tokenizer)[:3]
+    ids = prompts(tok)[:3]
     runner.cache_for(max(map(len, ids)) + 8, 3)
     runner.chunk([0, 1, 2], [0, 0, 0], ids, names)
     tokens = torch.tensor([5, 17, 42])
