@@ -4,6 +4,7 @@
     PYTHONPATH=. python benchmarks/serve_bench.py --random-qwen7b      # needs a CUDA GPU
     PYTHONPATH=. python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --served-model NAME
     PYTHONPATH=. python benchmarks/serve_bench.py --side-by-side [--dtype bfloat16] [--cpu-threads 1]
+    PYTHONPATH=. python benchmarks/serve_bench.py --fast-ab     # model.fast_decode on vs off, in-process
 
 --url: the same streamed workload (1, 8, 32 streams, TTFT) against any
 OpenAI-compatible server, vLLM included.
@@ -756,6 +757,63 @@ def run_pack_ab(args) -> str:
     return "\n".join(lines)
 
 
+def run_fast_ab(args) -> str:
+    """model.fast_decode on vs off, in-process, alternating: SmolLM2 serving a LoRA adapter on
+    every request (as the bot's live adapter), same threads; greedy answers compared."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.adapters import AdapterTable
+    from model.engine import Engine
+    from model.metrics import WorkerMetrics
+
+    torch.set_num_threads(args.cpu_threads)
+    path = args.model or args.smollm2
+    tmp = Path(tempfile.mkdtemp(prefix="serve_bench-fast-"))
+    adapter = make_adapter(path, tmp / "adapter", 1)
+    tok = AutoTokenizer.from_pretrained(path)
+    engines, tables = {}, {}
+    for fast in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+        tables[fast] = AdapterTable()
+        engines[fast] = Engine(model, tok, {-1}, "cpu", 32, 1024, tables[fast], WorkerMetrics(), fast_decode=fast)
+        engines[fast].start()
+        internal = tables[fast].new_internal_name()
+        engines[fast].call(lambda e=engines[fast], i=internal: e.load_adapter(i, adapter)).result()
+        tables[fast].publish("live", internal, adapter)
+        engine_round(engines[fast], [_chat_ids(tok, prompt(i)) for i in range(2)], 4,
+                     adapter=lambda t=tables[fast]: t.acquire("live"))
+    rows, first = {}, 0
+    try:
+        for n in CONCURRENCY:
+            for rep in range(args.rounds):
+                for fast in ((False, True) if rep % 2 == 0 else (True, False)):
+                    r = engine_round(engines[fast], [_chat_ids(tok, prompt(first + i)) for i in range(n)],
+                                     args.max_tokens, adapter=lambda t=tables[fast]: t.acquire("live"))
+                    first += n
+                    rows.setdefault(n, {}).setdefault(fast, []).append(r)
+                    print(f"{n:>2} streams fast_decode={fast}: {r['tok_s']:.2f} tok/s", flush=True)
+        questions = [_chat_ids(tok, prompt(i)) for i in range(16)]
+        answers = {fast: engine_round_stop(engines[fast], questions, args.max_tokens) for fast in (False, True)}
+    finally:
+        for e in engines.values():
+            e.stop()
+    same = sum(a == b for a, b in zip(answers[False], answers[True]))
+    lines = [f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, a LoRA adapter (r 8, all projections) on "
+             f"every request, {args.cpu_threads} thread(s), greedy, {args.max_tokens} tokens, {args.rounds} "
+             "alternating runs each.", "",
+             "| streams | transformers forward tok/s | `fast_decode` tok/s | ratio |", "|---|---|---|---|"]
+    for n, r in rows.items():
+        plain = _sum(r[False], "tokens") / _sum(r[False], "wall_s")
+        fast = _sum(r[True], "tokens") / _sum(r[True], "wall_s")
+        lines.append(f"| {n} | {plain:.2f} | {fast:.2f} | **{fast/plain:.2f}x** |")
+    lines += ["", f"Greedy answers ({args.max_tokens} tokens each) token for token identical on {same} of "
+              f"{len(questions)} prompts.", "",
+              f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --fast-ab --max-tokens {args.max_tokens} "
+              f"--rounds {args.rounds}`."]
+    return "\n".join(lines)
+
+
 def _engine_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -796,12 +854,13 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true", help="--side-by-side: no 32 x 2k RSS run")
     parser.add_argument("--rounds", type=int, default=SIDE_ROUNDS, help="--side-by-side: runs per server and row")
     parser.add_argument("--pack-ab", action="store_true", help="pre-packed CPU weights on vs off (in-process)")
+    parser.add_argument("--fast-ab", action="store_true", help="model.fast_decode on vs off (in-process, SmolLM2)")
     parser.add_argument("--bf16", action="store_true", help="bf16 vs float32 on SmolLM2: agreement and speed")
     parser.add_argument("--questions", type=int, default=60, help="--bf16: held-out questions compared")
     parser.add_argument("--device", default="cuda", help="--random-qwen7b: the CUDA device")
     parser.add_argument("--tokenizer", help="--random-qwen7b: a tokenizer directory (default: a tiny BPE)")
     args = parser.parse_args()
-    if args.smollm2 is None and (args.side_by_side or args.bf16 or args.pack_ab):
+    if args.smollm2 is None and (args.side_by_side or args.bf16 or args.pack_ab or args.fast_ab):
         from benchmarks.models import smollm2_dir
 
         args.smollm2 = str(smollm2_dir())
@@ -813,6 +872,8 @@ def main() -> None:
         write_section(f"serve_bench_pack_{args.dtype}", run_pack_ab(args))
     elif args.bf16:
         write_section("serve_bench_bf16", run_bf16(args))
+    elif args.fast_ab:
+        write_section(f"serve_bench_fast_decode_{args.dtype}", run_fast_ab(args))
     elif args.side_by_side:
         which = "_qwen05" if args.only_qwen05 else "_smollm2" if args.skip_qwen05 else ""
         write_section(f"serve_bench_vs_vllm_{args.dtype}{which}", run_side_by_side(args))

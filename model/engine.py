@@ -102,7 +102,7 @@ def _sampling_row(seq: Sequence) -> SamplingRow:
 class Engine:
     def __init__(self, model, tokenizer, eos_ids: set[int], device: str, max_batch_size: int,
                  max_queue: int, adapters: AdapterTable, metrics: WorkerMetrics, pack_weights: Optional[bool] = None,
-                 kv_cache_bytes: Optional[int] = -1):
+                 kv_cache_bytes: Optional[int] = -1, fast_decode: bool = True):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.device = device
@@ -117,7 +117,7 @@ class Engine:
         dtype = next(model.parameters()).dtype
         if (PACK_CPU_WEIGHTS if pack_weights is None else pack_weights) and packing_supported(device, dtype):
             pack_linears(model)
-        self.runner = Runner(model, device, self.pad_id, max_batch_size, max_len)
+        self.runner = Runner(model, device, self.pad_id, max_batch_size, max_len, fast_decode)
         self.runner.empty_cache().max_bytes = self.kv_cache_bytes  # the cache's row rounding stays under it
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.sleeping = False
