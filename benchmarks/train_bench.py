@@ -21,6 +21,10 @@ thread, and compares them on one yardstick: tokens/s = the data's non-pad
 training-loop wall time (and over the whole process, start-up included); loss
 = mean cross-entropy over the answer tokens of the training data, computed by
 one function for both trained adapters. Sections train_bench_vs_swift_<model>.
+`--cores 2` gives each tool both cores instead, as each would use them by itself: loopcord
+trains in two one-thread processes splitting every batch (trainer.parallel, what
+`training.cpu_data_parallel: auto` does on a CPU), ms-swift with two threads; sections
+train_bench_vs_swift_<model>_2cores.
 """
 
 from __future__ import annotations
@@ -249,6 +253,18 @@ def measure_yardstick(tokenizer, rows: list, max_length: int):
                               sum(e.trained_tokens for e in encoded))
 
 
+# Cores each tool may use (--cores): 1, or 2 — loopcord then trains in two one-thread processes
+# (trainer.parallel, as `training.cpu_data_parallel` does on a CPU), ms-swift with two threads.
+CORES_ENV = "LOOPCORD_BENCH_CORES"
+CORES_TEXT = {1: "one CPU thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1))",
+              2: "two cores each: loopcord in two one-thread processes splitting every batch (trainer.parallel, "
+                 "what `training.cpu_data_parallel: auto` does here), ms-swift with two threads (OMP_NUM_THREADS=2)"}
+
+
+def bench_cores() -> int:
+    return int(os.environ.get(CORES_ENV, "1"))
+
+
 def ours_child(model_dir: str, data: str, out_dir: str, steps: int) -> None:
     """One run of loopcord's trainer in this (fresh) process; prints its figures as JSON."""
     import json
@@ -257,20 +273,31 @@ def ours_child(model_dir: str, data: str, out_dir: str, steps: int) -> None:
 
     from trainer import sft
     from trainer.datasets import load_file
+    from trainer.parallel import Helper
 
     torch.set_num_threads(1)
+    helper = Helper(model_dir, 1) if bench_cores() == 2 else None  # loads while this process does
     cfg, hp = bench_hyper(steps)
     model, tokenizer = sft.load_base(model_dir, "cpu")
     encoded, _ = measure_yardstick(tokenizer, load_file(data), hp.max_length)
     peft_model = sft.with_lora(model, hp)
-    stats = sft.train(peft_model, tokenizer, encoded, hp)
+    shard = helper.train_shard(None, hp, encoded) if helper is not None else None
+    if helper is not None and shard is None:
+        raise SystemExit("the second training process did not start")
+    try:
+        stats = sft.train(peft_model, tokenizer, encoded, hp, shard=shard)
+    finally:
+        if shard is not None:
+            shard.close()
+        if helper is not None:
+            helper.stop()
     sft.save_adapter(peft_model, Path(out_dir))
     print(RESULT_TAG + json.dumps({"train_seconds": stats["seconds"], "steps": stats["steps"],
                                    "tokens": stats["tokens"], "final_loss": stats["final_loss"]}), flush=True)
 
 
-def one_thread_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+def tool_env(threads: int = 1) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                MODELSCOPE_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))
     return env
@@ -283,7 +310,7 @@ def run_ours(case: SwiftCase, data: Path, out_dir: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-child", str(case.model_dir), str(data),
            str(out_dir), str(case.steps)]
     start = time.time()
-    proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(f"loopcord trainer failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -334,7 +361,8 @@ def run_swift(case: SwiftCase, data: Path, out_dir: Path, log: Path) -> dict:
     cmd = swift_command(case, data, out_dir)
     start = time.time()
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, env=one_thread_env(), stdout=fh, stderr=subprocess.STDOUT, cwd=out_dir.parent)
+        proc = subprocess.run(cmd, env=tool_env(bench_cores()), stdout=fh, stderr=subprocess.STDOUT,
+                              cwd=out_dir.parent)
     wall = time.time() - start
     if proc.returncode != 0:
         raise SystemExit(f"swift sft failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
@@ -375,7 +403,7 @@ def swift_yardstick(case: SwiftCase, data: Path, tmp: Path) -> dict:
     _, hp = bench_hyper(case.steps)
     cmd = [str(SWIFT_VENV / "bin" / "python"), "-c", SWIFT_YARDSTICK, str(case.model_dir), case.swift_model_type,
            case.swift_template, str(data), str(hp.max_length), str(tmp / "yardstick")]
-    proc = subprocess.run(cmd, env=one_thread_env(), capture_output=True, text=True, cwd=tmp)
+    proc = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, cwd=tmp)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -512,7 +540,7 @@ def bench_vs_swift(cases: list[SwiftCase], rounds: int, command: str) -> str:
                 f"linear layers; float32; batch {hp.batch_size} x accumulation {hp.grad_accum}; 1 epoch; lr "
                 f"{hp.learning_rate} with {hp.warmup_ratio:.0%} linear warm-up then cosine; weight decay 0; clip 1.0; "
                 f"max length {hp.max_length}; length-grouped batches (ms-swift: `--group_by_length true`); no "
-                "gradient checkpointing; seed 42; one CPU thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1)); "
+                f"gradient checkpointing; seed 42; {CORES_TEXT[bench_cores()]}; "
                 "each run a fresh process, run alternately (ours, swift, swift, ours).")
     return (
         "Loopcord's trainer (trainer/sft.py) vs `swift sft` on the same LoRA and data.\n\n"
@@ -537,6 +565,8 @@ def main() -> None:
     ap.add_argument("--vs-swift", action="store_true",
                     help="only the side-by-side with ms-swift (its venv at .loopcord/venvs/ms-swift)")
     ap.add_argument("--models", default="smollm2,qwen0.5b", help="--vs-swift models: smollm2, qwen0.5b")
+    ap.add_argument("--cores", type=int, choices=(1, 2), default=1,
+                    help="--vs-swift: cores each tool uses (2: loopcord data parallel, ms-swift two threads)")
     ap.add_argument("--smollm2-steps", type=int, default=20)
     ap.add_argument("--qwen-steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2, help="--vs-swift: runs of each tool per model")
@@ -547,6 +577,7 @@ def main() -> None:
         ours_child(model_dir, data, out, int(steps))
         return
     if args.vs_swift:
+        os.environ[CORES_ENV] = str(args.cores)  # read here and by the child runs
         known = {"smollm2": SwiftCase("SmolLM2-135M-Instruct", smollm2_dir(), args.smollm2_steps, "llama"),
                  "qwen0.5b": SwiftCase("Qwen2.5-0.5B shape (random)", QWEN05_RANDOM_DIR, args.qwen_steps, "qwen2")}
         # One RESULTS section per model, so a model run alone (the 0.5B shape takes long on a
@@ -555,7 +586,7 @@ def main() -> None:
             command = "PYTHONPATH=. python benchmarks/train_bench.py " + " ".join(sys.argv[1:])
             body = bench_vs_swift([known[key]], args.rounds, command)
             print(body)
-            write_section(f"train_bench_vs_swift_{key}", body)
+            write_section(f"train_bench_vs_swift_{key}" + ("_2cores" if args.cores == 2 else ""), body)
         return
     body = "### CPU, tiny model\n\n" + bench_cpu(args.cpu_steps)
     if args.random_qwen7b:
