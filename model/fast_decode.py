@@ -14,8 +14,9 @@ computation directly on the model's own modules and weights (nothing copied):
 
 It is used only where it computes exactly what the transformers forward would:
 one adapter (or none) for the whole batch, plain LoRA on the projections (no
-DoRA, no LoRA bias, nothing on the embeddings or the head), and a decoder layer
-made only of the parts above. Anything else (a batch mixing adapters, other
+DoRA, no LoRA bias; peft has wrapped nothing else: no modules_to_save, nothing on
+the embeddings, the head or the norms), and a decoder layer made only of the parts
+above. Anything else (a batch mixing adapters, other
 architectures, sliding-window attention) goes through transformers as before;
 `FastDecode.build` says None for a model it does not cover.
 """
@@ -69,25 +70,25 @@ class FastDecode:
         return cls(model) if _covered(model) else None
 
     @staticmethod
-    def _adapter_ok(module, name: Optional[str]) -> bool:
-        """Whether `module` (a projection, maybe peft-wrapped) runs here for adapter `name`."""
-        if not hasattr(module, "base_layer"):
+    def _plain_lora(module, name: Optional[str]) -> bool:
+        """Whether projection `module` (maybe peft-wrapped) runs here for adapter `name`: no
+        adapter on it, or a plain LoRA (no DoRA, no LoRA bias)."""
+        if name is None or name not in getattr(module, "lora_A", {}):
             return True
-        if name is None or name not in module.lora_A:
-            return True  # the base layer alone
         if getattr(module, "use_dora", {}).get(name) or getattr(module, "lora_bias", {}).get(name):
             return False
         return isinstance(module.lora_A[name], torch.nn.Linear) and isinstance(module.lora_B[name], torch.nn.Linear)
 
     def covers(self, model, name: Optional[str]) -> bool:
-        """Whether a batch all on adapter `name` (None: the base) runs here."""
+        """Whether a batch all on adapter `name` (None: the base) runs here: peft may have wrapped
+        the projections only (no modules_to_save, nothing on the embeddings, the head or the
+        norms), and `name` is plain LoRA on each."""
         inner = _base_model(model).model
-        for outer in (inner.embed_tokens, _base_model(model).get_output_embeddings()):
-            if hasattr(outer, "base_layer") and name is not None and name in getattr(outer, "lora_A", {}):
-                return False
-        for layer in inner.layers:
-            mods = [getattr(layer.self_attn, p) for p in PROJECTIONS[:4]] + [getattr(layer.mlp, p) for p in PROJECTIONS[4:]]
-            if not all(self._adapter_ok(m, name) for m in mods):
+        projections = {id(getattr(layer.self_attn, p)) for layer in inner.layers for p in PROJECTIONS[:4]}
+        projections |= {id(getattr(layer.mlp, p)) for layer in inner.layers for p in PROJECTIONS[4:]}
+        for module in _base_model(model).modules():
+            wrapped = hasattr(module, "base_layer") or hasattr(module, "modules_to_save")
+            if wrapped and (id(module) not in projections or not self._plain_lora(module, name)):
                 return False
         return True
 

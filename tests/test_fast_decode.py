@@ -4,7 +4,8 @@ For Llama (SmolLM2's architecture) and Qwen2 (the demo base's), with no adapter 
 LoRA adapter on every projection: a decode step over ragged rows gives the same logits as
 the transformers path (to float rounding) and the same cache contents; the engine's greedy
 answers on an adapter equal `generate` with that adapter. What it does not cover (a batch
-mixing adapters, a DoRA adapter) goes through transformers, and still answers right.
+mixing adapters, a DoRA adapter, an adapter on the embeddings) goes through transformers, and
+still answers right.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def _adapter(model, path, seed, **kw):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, target_modules="all-linear", **kw)
+    kw.setdefault("target_modules", "all-linear")
+    cfg = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, **kw)
     peft = get_peft_model(model, cfg)
     peft.save_pretrained(str(path))
     return str(path)
@@ -113,3 +115,27 @@ def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path): 
     finally:
         engine.stop()
     assert done.generated == reference(with_dora, p, 10)
+
+
+def test_an_adapter_on_the_embeddings_goes_through_transformers(tokenizer, tmp_path):  # noqa: F811
+    from peft import PeftModel
+
+    arch = "qwen2"
+    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "emb", seed=9,
+                    target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model = attach(_sharpen(ARCHS[arch](tokenizer)), "emb", read_adapter(path, None)).eval()
+    runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512)
+    runner.peft = True
+    assert runner._fast_for(["emb"] * 2) is None and runner._fast_for([None] * 2) is None
+    with_emb = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
+    p = prompts(tokenizer)[1]
+    adapters = AdapterTable()
+    engine = make_engine(_sharpen(ARCHS[arch](tokenizer)), tokenizer, adapters)
+    try:
+        internal = adapters.new_internal_name()
+        engine.call(lambda: engine.load_adapter(internal, path)).result()
+        adapters.publish("e", internal, path)
+        (done,) = run(engine, [seq(p, 10, adapter=adapters.acquire("e"))])
+    finally:
+        engine.stop()
+    assert done.generated == reference(with_emb, p, 10)
