@@ -44,6 +44,22 @@ def _prefill_then_decode(runner, tok, names):
     return logits, [t.clone() for t in runner.cache.k + runner.cache.v]
 
 
+def _served(tok, arch, path, ids, n=10, check=None) -> list[list[int]]:
+    """Greedy answers of the engine to each prompt, all on the adapter at `path`; `check(engine,
+    internal)` runs once the adapter is loaded under its internal name."""
+    adapters = AdapterTable()
+    engine = make_engine(_sharpen(ARCHS[arch](tok)), tok, adapters)
+    try:
+        internal = adapters.new_internal_name()
+        engine.call(lambda: engine.load_adapter(internal, path)).result()
+        adapters.publish("x", internal, path)
+        if check:
+            check(engine, internal)
+        return [s.generated for s in run(engine, [seq(p, n, adapter=adapters.acquire("x")) for p in ids])]
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter):  # noqa: F811
@@ -75,18 +91,11 @@ def test_greedy_answers_on_an_adapter_match_generate(tokenizer, tmp_path, arch):
     ids = prompts(tokenizer)
     expected = [reference(with_adapter, p, 10) for p in ids]
     assert expected != [reference(_sharpen(ARCHS[arch](tokenizer)), p, 10) for p in ids]  # the adapter matters
-    adapters = AdapterTable()
-    engine = make_engine(_sharpen(ARCHS[arch](tokenizer)), tokenizer, adapters)
-    try:
-        internal = adapters.new_internal_name()
-        engine.call(lambda: engine.load_adapter(internal, path)).result()
-        adapters.publish("a", internal, path)
-        assert engine.runner.fast is not None
-        batch = [seq(p, 10, adapter=adapters.acquire("a")) for p in ids]
-        run(engine, batch)
-    finally:
-        engine.stop()
-    assert [s.generated for s in batch] == expected
+
+    def fast_path_on(engine, internal):
+        assert engine.runner._fast_for([internal] * len(ids)) is not None
+
+    assert _served(tokenizer, arch, path, ids, check=fast_path_on) == expected
 
 
 def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path):  # noqa: F811
@@ -105,16 +114,7 @@ def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path): 
     # and the engine answers the DoRA adapter exactly as generate does
     with_dora = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), dora).eval()
     p = prompts(tokenizer)[1]
-    adapters = AdapterTable()
-    engine = make_engine(_sharpen(ARCHS[arch](tokenizer)), tokenizer, adapters)
-    try:
-        internal = adapters.new_internal_name()
-        engine.call(lambda: engine.load_adapter(internal, dora)).result()
-        adapters.publish("d", internal, dora)
-        (done,) = run(engine, [seq(p, 10, adapter=adapters.acquire("d"))])
-    finally:
-        engine.stop()
-    assert done.generated == reference(with_dora, p, 10)
+    assert _served(tokenizer, arch, dora, [p]) == [reference(with_dora, p, 10)]
 
 
 def test_an_adapter_on_the_embeddings_goes_through_transformers(tokenizer, tmp_path):  # noqa: F811
@@ -129,13 +129,4 @@ def test_an_adapter_on_the_embeddings_goes_through_transformers(tokenizer, tmp_p
     assert runner._fast_for(["emb"] * 2) is None and runner._fast_for([None] * 2) is None
     with_emb = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
     p = prompts(tokenizer)[1]
-    adapters = AdapterTable()
-    engine = make_engine(_sharpen(ARCHS[arch](tokenizer)), tokenizer, adapters)
-    try:
-        internal = adapters.new_internal_name()
-        engine.call(lambda: engine.load_adapter(internal, path)).result()
-        adapters.publish("e", internal, path)
-        (done,) = run(engine, [seq(p, 10, adapter=adapters.acquire("e"))])
-    finally:
-        engine.stop()
-    assert done.generated == reference(with_emb, p, 10)
+    assert _served(tokenizer, arch, path, [p]) == [reference(with_emb, p, 10)]
