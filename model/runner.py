@@ -119,6 +119,8 @@ class Runner:
         if self.fast is None or len(set(names)) != 1:
             return None
         name = names[0] if self.peft else None
+        if name is not None and name not in self.model.peft_config:
+            return None  # transformers says what is wrong
         key = (name, tuple(self.model.peft_config) if self.peft else ())
         if key not in self._fast_covers:
             if any(k[1] != key[1] for k in self._fast_covers):
