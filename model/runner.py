@@ -118,6 +118,8 @@ class Runner:
         """FastDecode, when it runs a decode step of rows on these adapters."""
         if self.fast is None or len(set(names)) != 1:
             return None
+        if not self.peft and hasattr(self.model, "peft_config"):
+            return None  # a PeftModel used as it is (trainer.generate): its adapter state is its caller's
         name = names[0] if self.peft else None
         if name is not None and name not in self.model.peft_config:
             return None  # transformers says what is wrong

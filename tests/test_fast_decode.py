@@ -130,3 +130,23 @@ def test_an_adapter_on_the_embeddings_goes_through_transformers(tokenizer, tmp_p
     with_emb = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
     p = prompts(tokenizer)[1]
     assert _served(tokenizer, arch, path, [p]) == [reference(with_emb, p, 10)]
+
+
+def test_a_peft_model_used_as_it_is_answers_with_its_active_adapter(tokenizer, tmp_path):  # noqa: F811
+    """The gate's greedy answers (trainer.generate) drive a PeftModel as it is: the candidate's
+    adapter must answer, not the bare base."""
+    from peft import PeftModel
+
+    from trainer.encode import prompt_ids
+    from trainer.generate import greedy_replies
+
+    arch = "llama"
+    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=11)
+    model = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    ids = prompt_ids(tokenizer, messages)
+    with_adapter, bare = reference(model, ids, 10), reference(_sharpen(ARCHS[arch](tokenizer)), ids, 10)
+    assert with_adapter != bare
+    ((text, _),) = greedy_replies(model, tokenizer, [messages], 10)
+    # the streamed text holds back a last incomplete UTF-8 character; decode() shows it as U+FFFD
+    assert text == tokenizer.decode(with_adapter, skip_special_tokens=True).strip().rstrip("\ufffd")
