@@ -114,8 +114,8 @@ class Runner:
         self.cache.plan = None
         return out.logits[:, -1, :]
 
-    def _fast_for(self, names: list[Optional[str]]) -> Optional[FastDecode]:
-        """FastDecode, when it runs a decode step of rows on these adapters."""
+    def _fast_for(self, names: list[Optional[str]]) -> Optional[tuple[FastDecode, Optional[str]]]:
+        """(FastDecode, the one adapter) when it runs a decode step of rows on these adapters."""
         if self.fast is None or len(set(names)) != 1:
             return None
         if not self.peft and hasattr(self.model, "peft_config"):
@@ -128,7 +128,7 @@ class Runner:
             if any(k[1] != key[1] for k in self._fast_covers):
                 self._fast_covers = {}  # adapters were loaded or deleted since: ask again
             self._fast_covers[key] = self.fast.covers(self.model, name)
-        return self.fast if self._fast_covers[key] else None
+        return (self.fast, name) if self._fast_covers[key] else None
 
     def decode(self, tokens: torch.Tensor, starts: list[int], names: list[Optional[str]]) -> torch.Tensor:
         """Logits [n, V] for slots 0..n-1 each feeding tokens[i] at position starts[i]."""
@@ -138,8 +138,8 @@ class Runner:
         pos = torch.tensor(starts, device=self.device)
         fast = self._fast_for(names[:n])
         if fast is not None:
-            name = names[0] if self.peft else None
-            return fast.decode(self.model, cache, tokens[:n].to(self.device), pos, width, name)
+            step, name = fast
+            return step.decode(self.model, cache, tokens[:n].to(self.device), pos, width, name)
         cache.plan = DecodePlan(n, pos, width)
         return self._forward(tokens[:n, None].to(self.device), pos[:, None], decode_mask(pos, width), names)
 

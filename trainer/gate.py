@@ -327,7 +327,7 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
     say(f"evaluating {version}: {len(identity_rows)} identity questions, {len(general_rows)} general, "
         f"{len(cases)} corrections")
     ref = cached_scores(reg, ref_version, manifest["base"], fp)
-    ref_corrections: list = []
+    ref_corrections: Optional[dict] = None
 
     @contextlib.contextmanager
     def reference_active():
@@ -344,22 +344,22 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
             model.set_adapter("candidate")
 
     def reference_corrections() -> None:  # while the candidate's general answers are computed alongside
+        nonlocal ref_corrections
         if ref is not None and collect is not None:
             with reference_active():
-                ref_corrections.append(score_corrections(model, tokenizer, cfg, cases))
+                ref_corrections = score_corrections(model, tokenizer, cfg, cases)
 
     cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect, reference_corrections)
     store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
     with reference_active():
-        if ref is not None:  # scored when it was itself gated: only this run's corrections are new to it
-            if not ref_corrections:
-                ref_corrections.append(score_corrections(model, tokenizer, cfg, cases))
-        else:
+        if ref is None:
             say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
             ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
             store_scores(reg, ref_version, manifest["base"], fp, {k: ref[k] for k in ("identity", "general")})
-            ref_corrections.append(ref["corrections"])
-    ref = {**ref, "corrections": ref_corrections[0]}
+            ref_corrections = ref["corrections"]
+        elif ref_corrections is None:  # scored when it was itself gated: only this run's corrections are new
+            ref_corrections = score_corrections(model, tokenizer, cfg, cases)
+    ref = {**ref, "corrections": ref_corrections}
     passed, checks = decide(cfg, cand, ref)
     report = {
         "version": version,

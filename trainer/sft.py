@@ -265,7 +265,7 @@ def lora_state(model) -> dict:
 def blend_with(model, start: dict, keep: float) -> None:
     """Set the trained LoRA to start + keep x (trained - start), tensor by tensor, `start`
     being lora_state() of the adapter this training continued (taken before it trained)."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    trained = lora_state(model)
-    set_peft_model_state_dict(model, {k: start[k] + keep * (v - start[k]) for k, v in trained.items()})
+    trained = get_peft_model_state_dict(model)  # set_ copies the blended values in
+    set_peft_model_state_dict(model, {k: start[k] + keep * (v.detach() - start[k]) for k, v in trained.items()})
