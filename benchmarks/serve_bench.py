@@ -715,6 +715,31 @@ def run_bf16(args) -> str:
     return "\n".join(lines)
 
 
+def alternate(engines: dict, tok, max_tokens: int, rounds: int, label: str, adapters: dict | None = None) -> dict:
+    """Runs at 1, 8 and 32 streams against each of two in-process engines (keys False / True),
+    alternating which goes first; {streams: {key: [engine_round results]}}. `adapters[key]()`,
+    when given, acquires the adapter each request runs on."""
+    rows, first = {}, 0
+    for n in CONCURRENCY:
+        for rep in range(rounds):
+            for key in ((False, True) if rep % 2 == 0 else (True, False)):
+                r = engine_round(engines[key], [_chat_ids(tok, prompt(first + i)) for i in range(n)], max_tokens,
+                                 adapter=adapters[key] if adapters else None)
+                first += n
+                rows.setdefault(n, {}).setdefault(key, []).append(r)
+                print(f"{n:>2} streams {label}={key}: {r['tok_s']:.2f} tok/s", flush=True)
+    return rows
+
+
+def ratio_table(rows: dict, off: str, on: str) -> list[str]:
+    lines = [f"| streams | {off} tok/s | {on} tok/s | ratio |", "|---|---|---|---|"]
+    for n, r in rows.items():
+        plain = _sum(r[False], "tokens") / _sum(r[False], "wall_s")
+        better = _sum(r[True], "tokens") / _sum(r[True], "wall_s")
+        lines.append(f"| {n} | {plain:.2f} | {better:.2f} | **{better/plain:.2f}x** |")
+    return lines
+
+
 def run_pack_ab(args) -> str:
     """oneDNN pre-packed weights on vs off, in-process, alternating, same model and threads."""
     import torch
@@ -734,27 +759,14 @@ def run_pack_ab(args) -> str:
                                  pack_weights=packed)
         engines[packed].start()
         engine_round(engines[packed], [_chat_ids(tok, prompt(i)) for i in range(2)], 4)
-    rows, first = {}, 0
     try:
-        for n in CONCURRENCY:
-            for rep in range(2):
-                for packed in ((False, True) if rep == 0 else (True, False)):
-                    r = engine_round(engines[packed], [_chat_ids(tok, prompt(first + i)) for i in range(n)],
-                                     args.max_tokens)
-                    first += n
-                    rows.setdefault(n, {}).setdefault(packed, []).append(r)
-                    print(f"{n:>2} streams packed={packed}: {r['tok_s']:.2f} tok/s", flush=True)
+        rows = alternate(engines, tok, args.max_tokens, 2, "packed")
     finally:
         for e in engines.values():
             e.stop()
     lines = [f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, {args.cpu_threads} thread(s), greedy, "
-             f"{args.max_tokens} tokens, 2 alternating runs each.", "",
-             "| streams | plain `F.linear` tok/s | oneDNN pre-packed tok/s | ratio |", "|---|---|---|---|"]
-    for n, r in rows.items():
-        plain = _sum(r[False], "tokens") / _sum(r[False], "wall_s")
-        packed = _sum(r[True], "tokens") / _sum(r[True], "wall_s")
-        lines.append(f"| {n} | {plain:.2f} | {packed:.2f} | **{packed/plain:.2f}x** |")
-    return "\n".join(lines)
+             f"{args.max_tokens} tokens, 2 alternating runs each.", ""]
+    return "\n".join(lines + ratio_table(rows, "plain `F.linear`", "oneDNN pre-packed"))
 
 
 def run_fast_ab(args) -> str:
@@ -782,31 +794,19 @@ def run_fast_ab(args) -> str:
         engines[fast].call(lambda e=engines[fast], i=internal: e.load_adapter(i, adapter)).result()
         tables[fast].publish("live", internal, adapter)
         engine_round(engines[fast], [_chat_ids(tok, prompt(i)) for i in range(2)], 4,
-                     adapter=lambda t=tables[fast]: t.acquire("live"))
-    rows, first = {}, 0
+                     adapter=lambda t=tables[fast]: t.acquire("live"))  # warm-up
+    live = {fast: (lambda t=tables[fast]: t.acquire("live")) for fast in tables}
     try:
-        for n in CONCURRENCY:
-            for rep in range(args.rounds):
-                for fast in ((False, True) if rep % 2 == 0 else (True, False)):
-                    r = engine_round(engines[fast], [_chat_ids(tok, prompt(first + i)) for i in range(n)],
-                                     args.max_tokens, adapter=lambda t=tables[fast]: t.acquire("live"))
-                    first += n
-                    rows.setdefault(n, {}).setdefault(fast, []).append(r)
-                    print(f"{n:>2} streams fast_decode={fast}: {r['tok_s']:.2f} tok/s", flush=True)
+        rows = alternate(engines, tok, args.max_tokens, args.rounds, "fast_decode", live)
         questions = [_chat_ids(tok, prompt(i)) for i in range(16)]
-        answers = {fast: engine_round_stop(engines[fast], questions, args.max_tokens) for fast in (False, True)}
+        answers = {fast: engine_round_stop(engines[fast], questions, args.max_tokens, live[fast]) for fast in live}
     finally:
         for e in engines.values():
             e.stop()
     same = sum(a == b for a, b in zip(answers[False], answers[True]))
     lines = [f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, a LoRA adapter (r 8, all projections) on "
              f"every request, {args.cpu_threads} thread(s), greedy, {args.max_tokens} tokens, {args.rounds} "
-             "alternating runs each.", "",
-             "| streams | transformers forward tok/s | `fast_decode` tok/s | ratio |", "|---|---|---|---|"]
-    for n, r in rows.items():
-        plain = _sum(r[False], "tokens") / _sum(r[False], "wall_s")
-        fast = _sum(r[True], "tokens") / _sum(r[True], "wall_s")
-        lines.append(f"| {n} | {plain:.2f} | {fast:.2f} | **{fast/plain:.2f}x** |")
+             "alternating runs each.", ""] + ratio_table(rows, "transformers forward", "`fast_decode`")
     lines += ["", f"Greedy answers ({args.max_tokens} tokens each) token for token identical on {same} of "
               f"{len(questions)} prompts.", "",
               f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --fast-ab --max-tokens {args.max_tokens} "
@@ -820,14 +820,15 @@ def _engine_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def engine_round_stop(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy answers (stopping at EOS) of an in-process Engine, in prompt order."""
+def engine_round_stop(engine, prompts: list[list[int]], max_tokens: int, adapter=None) -> list[list[int]]:
+    """Greedy answers (stopping at EOS) of an in-process Engine, in prompt order; `adapter()`,
+    when given, acquires the adapter each request runs on."""
     import threading
 
     from model.engine import Sequence
 
     done = threading.Semaphore(0)
-    seqs = [Sequence(prompt_ids=ids, max_tokens=max_tokens, temperature=0,
+    seqs = [Sequence(prompt_ids=ids, max_tokens=max_tokens, temperature=0, adapter=adapter() if adapter else None,
                      emit=lambda ev: done.release() if ev[0] in ("done", "error") else None) for ids in prompts]
     for seq in seqs:
         engine.submit(seq)
