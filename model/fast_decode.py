@@ -93,12 +93,36 @@ class FastDecode:
         return True
 
     @staticmethod
-    def _linear(module, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
-        if not hasattr(module, "base_layer"):
-            return module(x)
-        out = module.base_layer(x)
-        if name is not None and name in module.lora_A:
-            out = out + module.lora_B[name](module.lora_A[name](x)) * module.scaling[name]
+    def _unwrap(module):
+        return getattr(module, "base_layer", module)
+
+    @staticmethod
+    def _lora(module, x: torch.Tensor, out: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+        """Adds adapter `name`'s low-rank update of `module` (peft-wrapped or not) to `out` in place."""
+        if name is not None and name in getattr(module, "lora_A", {}):
+            a = module.lora_A[name](x)
+            flat = out.view(-1, out.shape[-1])
+            flat.addmm_(a.reshape(-1, a.shape[-1]), module.lora_B[name].weight.t(), alpha=module.scaling[name])
+        return out
+
+    def _linear(self, module, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+        return self._lora(module, x, self._unwrap(module)(x), name)
+
+    def _qkv(self, attn, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+        """[n, q + k + v] projections of x [n, hidden]: one GEMM where the packed weights were
+        laid side by side (packed_linear.fuse_siblings), with each projection's LoRA added."""
+        mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+        bases = tuple(self._unwrap(m) for m in mods)
+        group = getattr(bases[0], "fused", None)
+        if group is not None and group.members == bases:
+            out = group(x)
+        else:
+            out = torch.cat([b(x) for b in bases], dim=-1)
+        if name is not None:
+            start = 0
+            for m, b in zip(mods, bases):
+                self._lora(m, x, out[:, start:start + b.out_features], name)
+                start += b.out_features
         return out
 
     @staticmethod
@@ -108,32 +132,49 @@ class FastDecode:
         return module(x)
 
     def decode(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor, width: int,
-               name: Optional[str]) -> torch.Tensor:
+               name: Optional[str], ragged: Optional[bool] = None) -> torch.Tensor:
         """Logits [n, V] for rows 0..n-1, row i feeding tokens[i] at positions[i]; keys and values
-        are written into `cache` (a kv_cache.SlotCache with room for `width` positions)."""
+        are written into `cache` (a kv_cache.SlotCache with room for `width` positions).
+        `ragged`: whether rows are at different positions (None: look)."""
         base = _base_model(model)
         inner = base.model
         n = tokens.shape[0]
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
-        h = inner.embed_tokens(tokens[:, None])  # [n, 1, hidden]
-        cos, sin = inner.rotary_emb(h, positions[:, None])
-        rows = torch.arange(n, device=tokens.device)
-        mask = (torch.arange(width, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        half = hd // 2
+        if ragged is None:
+            ragged = bool((positions != width - 1).any())
+        h = inner.embed_tokens(tokens)  # [n, hidden]
+        cos, sin = inner.rotary_emb(h, positions[:, None])  # [n, 1, hd]
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        if ragged:  # each row attends to its own positions: one additive mask for every layer
+            keep = torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]
+            mask = torch.zeros(keep.shape, dtype=h.dtype, device=h.device).masked_fill_(~keep, float("-inf"))
+            mask = mask[:, None, None, :]
+            rows = torch.arange(n, device=tokens.device)
+        else:  # every row at position width - 1: it sees the whole cache view
+            mask, at = None, width - 1
+        qk_heads = heads + kv_heads
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = self._norm(layer.input_layernorm, h)
-            q = self._linear(attn.q_proj, x, name).view(n, 1, heads, hd).transpose(1, 2)
-            k = self._linear(attn.k_proj, x, name).view(n, 1, kv_heads, hd).transpose(1, 2)
-            v = self._linear(attn.v_proj, x, name).view(n, 1, kv_heads, hd).transpose(1, 2)
-            q, k = self._rotary(q, k, cos, sin)
+            qkv = self._qkv(attn, x, name)
+            qk = qkv[:, :qk_heads * hd].view(n, qk_heads, hd)
+            qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
+            k = qk[:, heads:]
+            v = qkv[:, qk_heads * hd:].view(n, kv_heads, hd)
             kc, vc = cache.k[i], cache.v[i]
-            kc[rows, :, positions] = k[:, :, 0]
-            vc[rows, :, positions] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, kc[:n, :, :width], vc[:n, :, :width], attn_mask=mask,
-                                               scale=attn.scaling, enable_gqa=kv_heads != heads)
-            h = h + self._linear(attn.o_proj, o.transpose(1, 2).reshape(n, 1, heads * hd), name)
+            if ragged:
+                kc[rows, :, positions] = k
+                vc[rows, :, positions] = v
+            else:
+                kc[:n, :, at] = k
+                vc[:n, :, at] = v
+            o = F.scaled_dot_product_attention(qk[:, :heads, None, :], kc[:n, :, :width], vc[:n, :, :width],
+                                               attn_mask=mask, scale=attn.scaling, enable_gqa=kv_heads != heads)
+            h = h + self._linear(attn.o_proj, o.view(n, heads * hd), name)
             x = self._norm(layer.post_attention_layernorm, h)
             gate = self._linear(mlp.gate_proj, x, name)
             up = self._linear(mlp.up_proj, x, name)
             h = h + self._linear(mlp.down_proj, mlp.act_fn(gate) * up, name)
-        return base.get_output_embeddings()(self._norm(inner.norm, h))[:, -1, :]
+        return base.get_output_embeddings()(self._norm(inner.norm, h))

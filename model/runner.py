@@ -139,7 +139,8 @@ class Runner:
         fast = self._fast_for(names[:n])
         if fast is not None:
             step, name = fast
-            return step.decode(self.model, cache, tokens[:n].to(self.device), pos, width, name)
+            return step.decode(self.model, cache, tokens[:n].to(self.device), pos, width, name,
+                               ragged=min(starts) != width - 1)
         cache.plan = DecodePlan(n, pos, width)
         return self._forward(tokens[:n, None].to(self.device), pos[:, None], decode_mask(pos, width), names)
 

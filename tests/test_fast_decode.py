@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model.adapters import AdapterTable, attach, read_adapter
+from model.packed_linear import pack_linears
 from model.runner import Runner
 from test_engine import ARCHS, _sharpen, make_engine, prompts, reference, run, seq
 from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
@@ -34,9 +35,12 @@ def _runners(model, pad):
     return {fast: Runner(model, "cpu", pad, 8, 512, fast_decode=fast) for fast in (True, False)}
 
 
-def _prefill_then_decode(runner, tok, names):
-    """Prompts of different lengths prefilled into slots 0..2, then one decode step for all three."""
+def _prefill_then_decode(runner, tok, names, level=False):
+    """Prompts of different lengths (`level`: cut to one length) prefilled into slots 0..2, then
+    one decode step for all three."""
     ids = prompts(tok)[:3]
+    if level:
+        ids = [i[:min(map(len, ids))] for i in ids]
     runner.cache_for(max(map(len, ids)) + 8, 3)
     runner.chunk([0, 1, 2], [0, 0, 0], ids, names)
     tokens = torch.tensor([5, 17, 42])
@@ -60,10 +64,16 @@ def _served(tok, arch, path, ids, n=10, check=None) -> list[list[int]]:
         engine.stop()
 
 
+@pytest.mark.parametrize("rows", ["ragged", "level"])
+@pytest.mark.parametrize("weights", ["as-loaded", "packed"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter):  # noqa: F811
+def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter, weights, rows):  # noqa: F811
     model = _sharpen(ARCHS[arch](tokenizer))
+    if weights == "packed":  # as the engine lays them out on CPU: q/k/v side by side, one GEMM here
+        pack_linears(model)
+        assert all(layer.self_attn.q_proj.fused is layer.self_attn.v_proj.fused is not None
+                   for layer in model.model.layers)
     names = [None] * 3
     if adapter:
         path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3)
@@ -74,7 +84,7 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
         for fast, runner in _runners(model, tokenizer.pad_token_id).items():
             runner.peft = adapter
             assert (runner._fast_for(names) is not None) == fast
-            out[fast] = _prefill_then_decode(runner, tokenizer, names)
+            out[fast] = _prefill_then_decode(runner, tokenizer, names, level=rows == "level")
     (fast_logits, fast_cache), (plain_logits, plain_cache) = out[True], out[False]
     torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_logits.argmax(-1), plain_logits.argmax(-1))
