@@ -131,6 +131,24 @@ class FastDecode:
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module(x)
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                scale: float) -> torch.Tensor:
+        """Attention of one new query per row, q [n, heads, hd], over k, v [n, kv_heads, width, hd]
+        (views of the cache); returns [n, heads * hd]. One row: SDPA. More: two batched matmuls
+        with each key/value head's query group side by side, which on CPU beats SDPA's kernel for
+        a single query position by 1.2-1.7x at 8-32 rows (the longer the context, the more)."""
+        n, heads, hd = q.shape
+        kv_heads = k.shape[1]
+        if n == 1:
+            o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
+                                               enable_gqa=kv_heads != heads)
+            return o.view(n, heads * hd)
+        group = heads // kv_heads
+        scores = torch.matmul(q.reshape(n, kv_heads, group, hd), k.transpose(-1, -2)).mul_(scale)
+        if mask is not None:
+            scores.add_(mask)  # [n, 1, 1, width]: each row's own positions
+        return torch.matmul(torch.softmax(scores, dim=-1), v).view(n, heads * hd)
+
     def decode(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor, width: int,
                name: Optional[str], ragged: Optional[bool] = None) -> torch.Tensor:
         """Logits [n, V] for rows 0..n-1, row i feeding tokens[i] at positions[i]; keys and values
@@ -170,9 +188,8 @@ class FastDecode:
             else:
                 kc[:n, :, at] = k
                 vc[:n, :, at] = v
-            o = F.scaled_dot_product_attention(qk[:, :heads, None, :], kc[:n, :, :width], vc[:n, :, :width],
-                                               attn_mask=mask, scale=attn.scaling, enable_gqa=kv_heads != heads)
-            h = h + self._linear(attn.o_proj, o.view(n, heads * hd), name)
+            o = self._attend(qk[:, :heads], kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
+            h = h + self._linear(attn.o_proj, o, name)
             x = self._norm(layer.post_attention_layernorm, h)
             gate = self._linear(mlp.gate_proj, x, name)
             up = self._linear(mlp.up_proj, x, name)
