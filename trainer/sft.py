@@ -9,6 +9,7 @@ PEFT's own save_pretrained, so the directory is a standard PEFT adapter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ class Hyper:
     target_modules: str
     cpu_bf16: bool = False  # bf16 autocast on a CPU with native bf16 (weights stay float32)
     distill_replay: bool = False  # base-answered replay rows learn the base's distribution (KL)
+    fused_lora: bool = True  # LoRA layers as one autograd node each where exact (trainer.fused_lora)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -175,6 +177,7 @@ def train(
     """
     import torch
 
+    from trainer.fused_lora import fused_lora
     from trainer.parallel import Shard
 
     if not samples:
@@ -206,35 +209,39 @@ def train(
     epoch = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    while step < total:
-        if not batches:
-            batches = length_grouped_batches(samples, hp.batch_size, hp.seed + epoch)[::-1]
-            epoch += 1
-        batch = batches.pop()
-        answer_tokens = sum(answer_token_count(e) for e in batch)
-        mine = shard.rows(batch)
-        if mine:
-            ids, mask, labels = collate(mine, pad, device)
-            rows = distill_rows(mine, device) if hp.distill_replay else None
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
-                loss = answer_loss(model, ids, mask, labels, reduction="sum", distill_rows=rows) / max(1, answer_tokens)
-            (loss / hp.grad_accum).backward()
-            window_loss += float(loss.detach())
-            window_tokens += int(mask.sum())
-        micro += 1
-        if micro % hp.grad_accum == 0 or micro == micro_needed:
-            window_loss, window_tokens = shard.reduce(params, [window_loss, float(window_tokens)])
-            window_tokens = int(window_tokens)
-            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-            opt.step()
-            schedule.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = window_loss / hp.grad_accum
-            tokens_seen += window_tokens
-            if on_step:
-                on_step(step, total, last_loss, window_tokens)
-            window_loss, window_tokens = 0.0, 0
+    with contextlib.ExitStack() as fused:
+        if hp.fused_lora:
+            fused.enter_context(fused_lora(model))
+        while step < total:
+            if not batches:
+                batches = length_grouped_batches(samples, hp.batch_size, hp.seed + epoch)[::-1]
+                epoch += 1
+            batch = batches.pop()
+            answer_tokens = sum(answer_token_count(e) for e in batch)
+            mine = shard.rows(batch)
+            if mine:
+                ids, mask, labels = collate(mine, pad, device)
+                rows = distill_rows(mine, device) if hp.distill_replay else None
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
+                    loss = answer_loss(model, ids, mask, labels, reduction="sum", distill_rows=rows)
+                    loss = loss / max(1, answer_tokens)
+                (loss / hp.grad_accum).backward()
+                window_loss += float(loss.detach())
+                window_tokens += int(mask.sum())
+            micro += 1
+            if micro % hp.grad_accum == 0 or micro == micro_needed:
+                window_loss, window_tokens = shard.reduce(params, [window_loss, float(window_tokens)])
+                window_tokens = int(window_tokens)
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                opt.step()
+                schedule.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                last_loss = window_loss / hp.grad_accum
+                tokens_seen += window_tokens
+                if on_step:
+                    on_step(step, total, last_loss, window_tokens)
+                window_loss, window_tokens = 0.0, 0
     model.eval()
     seconds = time.time() - start
     stats = {
