@@ -8,9 +8,14 @@ computation directly on the model's own modules and weights (nothing copied):
 
     h = embed(tokens)
     per layer: x = norm(h); q, k, v = proj(x) (+ LoRA); rotary; write k, v into the
-               slot cache in place; h += o(sdpa(q, cache[:width])); x = norm(h);
+               slot cache in place; h += o(attention(q, cache[:width])); x = norm(h);
                h += down(act(gate(x)) * up(x)) (+ LoRA on each)
     logits = lm_head(norm(h))
+
+q, k and v come from one GEMM where the CPU weights were laid side by side
+(packed_linear.fuse_siblings), the rotary embedding (the model's own cos / sin,
+Llama's rotate-half formula) turns q and k in one pass, LoRA updates are added
+into the projections' outputs in place, and rows all at one position need no mask.
 
 It is used only where it computes exactly what the transformers forward would:
 one adapter (or none) for the whole batch, plain LoRA on the projections (no
@@ -23,7 +28,6 @@ architectures, sliding-window attention) goes through transformers as before;
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -63,7 +67,6 @@ class FastDecode:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self._rotary = sys.modules[type(base).__module__].apply_rotary_pos_emb  # the architecture's own
 
     @classmethod
     def build(cls, model) -> Optional["FastDecode"]:
