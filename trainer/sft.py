@@ -209,9 +209,7 @@ def train(
     epoch = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.ExitStack() as fused:
-        if hp.fused_lora:
-            fused.enter_context(fused_lora(model))
+    with fused_lora(model) if hp.fused_lora else contextlib.nullcontext():
         while step < total:
             if not batches:
                 batches = length_grouped_batches(samples, hp.batch_size, hp.seed + epoch)[::-1]
