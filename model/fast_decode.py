@@ -134,7 +134,8 @@ class FastDecode:
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module(x)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                 scale: float) -> torch.Tensor:
         """Attention of one new query per row, q [n, heads, hd], over k, v [n, kv_heads, width, hd]
         (views of the cache); returns [n, heads * hd]. One row: SDPA. More: two batched matmuls
@@ -153,17 +154,15 @@ class FastDecode:
         return torch.matmul(torch.softmax(scores, dim=-1), v).view(n, heads * hd)
 
     def decode(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor, width: int,
-               name: Optional[str], ragged: Optional[bool] = None) -> torch.Tensor:
+               name: Optional[str], ragged: bool) -> torch.Tensor:
         """Logits [n, V] for rows 0..n-1, row i feeding tokens[i] at positions[i]; keys and values
         are written into `cache` (a kv_cache.SlotCache with room for `width` positions).
-        `ragged`: whether rows are at different positions (None: look)."""
+        `ragged`: whether some row is not at position width - 1 (the caller knows from its list)."""
         base = _base_model(model)
         inner = base.model
         n = tokens.shape[0]
         heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
         half = hd // 2
-        if ragged is None:
-            ragged = bool((positions != width - 1).any())
         h = inner.embed_tokens(tokens)  # [n, hidden]
         cos, sin = inner.rotary_emb(h, positions[:, None])  # [n, 1, hd]
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step

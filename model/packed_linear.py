@@ -76,9 +76,14 @@ class Fused:
     members: tuple  # the PackedLinear modules, in column order
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.mm(flat, self.weight) if self.bias is None else torch.addmm(self.bias, flat, self.weight)
-        return out.reshape(*x.shape[:-1], self.weight.shape[1])
+        return _times_transposed(x, self.weight, self.bias)
+
+
+def _times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight (+ bias) for an [in, out] weight, over x's last dimension."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+    return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
 class PackedLinear(nn.Linear):
@@ -89,11 +94,10 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.packed.dtype or x.device.type != "cpu":  # e.g. autocast elsewhere: the exact path
             raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
-        flat = x.reshape(-1, x.shape[-1])
         if self.layout is Layout.TRANSPOSED:
-            out = torch.mm(flat, self.packed) if self.bias is None else torch.addmm(self.bias, flat, self.packed)
-        else:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            return _times_transposed(x, self.packed, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
