@@ -110,6 +110,62 @@ def distill_rows(batch: list[Encoded], device):
     return torch.tensor([e.distill for e in batch], dtype=torch.bool, device=device)
 
 
+# A batch's rows share their leading tokens (the identity system prompt: 33 of SmolLM2's
+# ~60 tokens a row in the anchor stage) when at least this many are common to all of them.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(ids, mask) -> int:
+    """How many leading tokens every row of a right-padded batch has in common, short of
+    each row's last token (every row keeps one of its own); 0 below MIN_SHARED_PREFIX."""
+
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(dim=0) & (mask == 1).all(dim=0)
+    differs = (~same).nonzero()
+    n = int(differs[0]) if len(differs) else ids.shape[1]
+    n = min(n, int(mask.sum(dim=1).min()) - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _exact_to_share(body) -> bool:
+    """Sharing the prefix is the same arithmetic as the plain forward only without dropout
+    (one prefix pass would give every row the same dropout mask) and without gradient
+    checkpointing (which turns the key/value cache off)."""
+    import torch
+
+    if not body.training:
+        return True
+    if getattr(body, "gradient_checkpointing", False):
+        return False
+    if float(getattr(body.config, "attention_dropout", 0.0) or 0.0) > 0:
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in body.modules())
+
+
+def body_hidden(body, ids, mask):
+    """The decoder's last hidden states [rows, length, hidden] for a right-padded batch.
+
+    Where every row starts with the same tokens, those are run once (one row) and their
+    keys and values handed to the rest of each row as a cache: the rows' own tokens attend
+    to them exactly as in one forward of the whole batch, and the backward pass sums each
+    row's gradient into the one shared pass. Same loss and gradients; the shared tokens'
+    arithmetic is done once instead of once a row."""
+    n = shared_prefix_length(ids, mask) if _exact_to_share(body) else 0
+    if n == 0:
+        return body(input_ids=ids, attention_mask=mask).last_hidden_state
+    import torch
+
+    from model.runner import cache_argument
+
+    rows, name = ids.shape[0], cache_argument(body)
+    head = body(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], use_cache=True)
+    cache = head[name]
+    cache.batch_repeat_interleave(rows)
+    tail = body(input_ids=ids[:, n:], attention_mask=mask, use_cache=True, **{name: cache})
+    return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
+
+
 def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=None):
     """Cross-entropy (mean, or "sum") over the answer tokens, with the output layer applied
     only there.
@@ -133,7 +189,7 @@ def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=
     if body is None or head is None:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         return loss * keep.sum() if reduction == "sum" else loss
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    hidden = body_hidden(body, ids, mask)[:, :-1]
     if distill_rows is None or not bool(distill_rows.any()) or not hasattr(model, "disable_adapter"):
         logits = head(hidden[keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
@@ -141,7 +197,7 @@ def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=
     as_base = keep & distill_rows[:, None]
     total = F.cross_entropy(head(hidden[as_answer]).float(), targets[as_answer], reduction="sum")
     with torch.no_grad(), model.disable_adapter():
-        base_hidden = body(input_ids=ids[distill_rows], attention_mask=mask[distill_rows]).last_hidden_state[:, :-1]
+        base_hidden = body_hidden(body, ids[distill_rows], mask[distill_rows])[:, :-1]
         base_logp = F.log_softmax(head(base_hidden[as_base[distill_rows]]).float(), dim=-1)
     logp = F.log_softmax(head(hidden[as_base]).float(), dim=-1)
     total = total + F.kl_div(logp, base_logp, log_target=True, reduction="sum")
