@@ -1,7 +1,8 @@
 """LoRA supervised fine-tuning: load the base, attach or continue an adapter, train, save.
 
 The torch edge of the trainer. One loop for every stage: length-grouped
-batches (padding waste stays small), gradient accumulation, linear warm-up
+batches (padding waste stays small), a batch's common leading tokens (the system
+prompt) run once for all its rows, gradient accumulation, linear warm-up
 then cosine decay (ms-swift's default schedule), gradient clipping, bf16
 weights on GPU, optional gradient checkpointing. The adapter is saved with
 PEFT's own save_pretrained, so the directory is a standard PEFT adapter.
