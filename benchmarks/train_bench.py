@@ -25,6 +25,12 @@ one function for both trained adapters. Sections train_bench_vs_swift_<model>.
 trains in two one-thread processes splitting every batch (trainer.parallel, what
 `training.cpu_data_parallel: auto` does on a CPU), ms-swift with two threads; sections
 train_bench_vs_swift_<model>_2cores.
+
+--step-ab times one train step (forward and backward of a batch of the anchor stage's
+SmolLM2 rows, one thread) in one process, alternating the trainer's options: peft's own
+layers on whole rows, the fused LoRA layers (trainer.fused_lora), and those plus the
+shared leading tokens run once (sft.body_hidden, the default); it checks that every
+variant gives the same loss and LoRA gradients. Section train_bench_step_ab.
 """
 
 from __future__ import annotations
@@ -558,6 +564,80 @@ def bench_vs_swift(cases: list[SwiftCase], rounds: int, command: str) -> str:
     )
 
 
+STEP_AB_VARIANTS = (("peft layers, whole rows", False, False), ("fused LoRA, whole rows", True, False),
+                    ("fused LoRA, shared prefix once (default)", True, True))
+
+
+def bench_step_ab(rounds: int, batches_per_round: int) -> str:
+    """One process, one thread: the same batches through each variant in turn, `rounds` times."""
+    import contextlib
+    import statistics
+
+    import torch
+
+    from trainer import sft
+    from trainer.fused_lora import fused_lora
+
+    torch.set_num_threads(1)
+    _, hp = bench_hyper(batches_per_round)
+    model, tokenizer = sft.load_base(smollm2_dir(), "cpu")
+    encoded, _ = measure_yardstick(tokenizer, bench_rows(batches_per_round), hp.max_length)
+    model = sft.with_lora(model, hp)
+    with torch.no_grad():  # B starts at zero: give it values so every gradient path carries signal
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = sft.length_grouped_batches(encoded, hp.batch_size, hp.seed)[:batches_per_round]
+    collated = [sft.collate(b, tokenizer.pad_token_id, torch.device("cpu")) for b in batches]
+    tokens = sum(int(mask.sum()) for _, mask, _ in collated)
+    shared_min = sft.MIN_SHARED_PREFIX
+
+    def run(fused: bool, shared: bool, keep: bool):
+        sft.MIN_SHARED_PREFIX = shared_min if shared else 10**9
+        out = []
+        with fused_lora(model) if fused else contextlib.nullcontext():
+            for ids, mask, labels in collated:
+                loss = sft.answer_loss(model, ids, mask, labels)
+                loss.backward()
+                if keep:
+                    out.append((float(loss.detach()), [p.grad.clone() for p in params]))
+                for p in params:
+                    p.grad = None
+        sft.MIN_SHARED_PREFIX = shared_min
+        return out
+
+    reference = run(False, False, keep=True)
+    worst_loss = worst_grad = 0.0
+    for _, fused, shared in STEP_AB_VARIANTS[1:]:
+        for (l0, g0), (l1, g1) in zip(reference, run(fused, shared, keep=True)):
+            worst_loss = max(worst_loss, abs(l1 - l0) / abs(l0))
+            worst_grad = max(worst_grad, max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+                                             for a, b in zip(g0, g1)))
+    times = {name: [] for name, _, _ in STEP_AB_VARIANTS}
+    for r in range(rounds):
+        order = STEP_AB_VARIANTS if r % 2 == 0 else STEP_AB_VARIANTS[::-1]
+        for name, fused, shared in order:
+            t = time.perf_counter()
+            run(fused, shared, keep=False)
+            times[name].append(time.perf_counter() - t)
+    base = statistics.median(times[STEP_AB_VARIANTS[0][0]])
+    rows = ["| variant | median s for the batches | tokens/s | speed vs peft layers |", "|---|---|---|---|"]
+    for name, _, _ in STEP_AB_VARIANTS:
+        med = statistics.median(times[name])
+        rows.append(f"| {name} | {med:.2f} | {tokens / med:.0f} | **{base / med:.2f}x** |")
+    prefix = [sft.shared_prefix_length(ids, mask) for ids, mask, _ in collated]
+    return (f"One train step (forward + backward, no optimizer) of SmolLM2-135M-Instruct with the anchor recipe's "
+            f"LoRA (r {hp.lora_r}, all linear layers, float32, one thread), over the same {len(collated)} batches of "
+            f"{hp.batch_size} rows of the anchor stage's data ({tokens} non-pad tokens; leading tokens common to a "
+            f"batch's rows: {min(prefix)}-{max(prefix)}), each variant in turn, order reversed every other round, "
+            f"{rounds} rounds, one process.\n\n" + "\n".join(rows) + "\n\n"
+            f"Same arithmetic checked: largest relative difference from the peft-layers variant, loss "
+            f"{worst_loss:.1e}, any LoRA gradient (max-abs error over the tensor's max) {worst_grad:.1e}.\n\n"
+            f"Command: `PYTHONPATH=. python benchmarks/train_bench.py --step-ab`.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random-qwen7b", action="store_true", help="also run the 7B-shape GPU benchmark")
@@ -570,11 +650,20 @@ def main() -> None:
     ap.add_argument("--smollm2-steps", type=int, default=20)
     ap.add_argument("--qwen-steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2, help="--vs-swift: runs of each tool per model")
+    ap.add_argument("--step-ab", action="store_true",
+                    help="only the in-process A/B of one train step: peft layers / fused LoRA / shared prefix")
+    ap.add_argument("--ab-rounds", type=int, default=6, help="--step-ab: rounds")
+    ap.add_argument("--ab-batches", type=int, default=6, help="--step-ab: batches a round")
     ap.add_argument("--ours-child", nargs=4, metavar=("MODEL", "DATA", "OUT", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ours_child:
         model_dir, data, out, steps = args.ours_child
         ours_child(model_dir, data, out, int(steps))
+        return
+    if args.step_ab:
+        body = bench_step_ab(args.ab_rounds, args.ab_batches)
+        print(body)
+        write_section("train_bench_step_ab", body)
         return
     if args.vs_swift:
         os.environ[CORES_ENV] = str(args.cores)  # read here and by the child runs

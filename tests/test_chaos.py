@@ -37,7 +37,7 @@ def runs(db: Path) -> list[tuple]:
 
 
 @pytest.mark.slow  # runs `python -m bot` (against a vLLM-shaped server): seconds, not the fast tier
-async def test_a_run_left_running_by_a_killed_bot_never_refuses_the_next_retrain(tmp_path, server):
+async def test_a_run_left_running_by_a_killed_bot_never_refuses_the_next_retrain(tmp_path, server):  # noqa: F811
     config = write_config(tmp_path, server.url)
     db = tmp_path / "data" / "loopcord.db"
     store = await Store.open(db)  # as the killed bot left it: its run row still "running"

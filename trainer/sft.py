@@ -161,7 +161,9 @@ def body_hidden(body, ids, mask):
 
     rows, name = ids.shape[0], cache_argument(body)
     head = body(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], use_cache=True)
-    cache = head[name]
+    cache = head.get(name)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # a model that keeps no usable cache
+        return body(input_ids=ids, attention_mask=mask).last_hidden_state
     cache.batch_repeat_interleave(rows)
     tail = body(input_ids=ids[:, n:], attention_mask=mask, use_cache=True, **{name: cache})
     return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
