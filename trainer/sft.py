@@ -119,7 +119,6 @@ MIN_SHARED_PREFIX = 8
 def shared_prefix_length(ids, mask) -> int:
     """How many leading tokens every row of a right-padded batch has in common, short of
     each row's last token (every row keeps one of its own); 0 below MIN_SHARED_PREFIX."""
-
     if ids.shape[0] < 2:
         return 0
     same = (ids == ids[:1]).all(dim=0) & (mask == 1).all(dim=0)
