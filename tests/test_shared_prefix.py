@@ -14,6 +14,7 @@ import torch
 
 from test_engine import ARCHS
 from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
+from test_fused_lora import _hyper, _peft  # LoRA r 4 on all linear layers, B given values
 from trainer import sft
 from trainer.encode import IGNORE_INDEX, Encoded
 
@@ -21,13 +22,6 @@ SYSTEM = "system: you are a helpful assistant made by the community, truthful an
 QUESTIONS = [("who are you", "i am the assistant"), ("numbers: 1 2 3", "4 5 6 7"),
              ("the quick brown fox jumps over the lazy dog", "and more words follow here"),
              ("你好", "hello world how are you today")]
-
-
-def _hyper(**kw):
-    base = dict(learning_rate=1e-3, epochs=1, batch_size=4, grad_accum=1, warmup_ratio=0.0, max_length=256, seed=3,
-                gradient_checkpointing=False, lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    base.update(kw)
-    return sft.Hyper(**base)
 
 
 def _samples(tok, distill=(False, False, False, False)):
@@ -39,15 +33,6 @@ def _samples(tok, distill=(False, False, False, False)):
         out.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] * (len(prefix) + len(question)) + answer,
                            distill=d))
     return out
-
-
-def _peft(tok, arch, **kw):
-    model = sft.with_lora(ARCHS[arch](tok), _hyper(**kw))
-    with torch.no_grad():  # B starts at zero: give it values so every gradient path carries signal
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model.train()
 
 
 def _run(model, tok, samples, share: bool, monkeypatch):
@@ -92,7 +77,7 @@ def test_a_training_run_with_shared_prefixes_ends_with_the_same_adapter(tokenize
     for share in (False, True):
         monkeypatch.setattr(sft, "MIN_SHARED_PREFIX", 8 if share else 10**9)
         model = _peft(tokenizer, "qwen2")
-        stats = sft.train(model, tokenizer, _samples(tokenizer), _hyper(epochs=3))
+        stats = sft.train(model, tokenizer, _samples(tokenizer), _hyper(epochs=3, batch_size=4))
         adapters[share] = (stats["final_loss"], sft.lora_state(model))
     assert adapters[True][0] == pytest.approx(adapters[False][0], rel=1e-4)
     for k, v in adapters[False][1].items():
