@@ -592,20 +592,17 @@ def bench_step_ab(rounds: int, batches_per_round: int) -> str:
     batches = sft.length_grouped_batches(encoded, hp.batch_size, hp.seed)[:batches_per_round]
     collated = [sft.collate(b, tokenizer.pad_token_id, torch.device("cpu")) for b in batches]
     tokens = sum(int(mask.sum()) for _, mask, _ in collated)
-    shared_min = sft.MIN_SHARED_PREFIX
 
     def run(fused: bool, shared: bool, keep: bool):
-        sft.MIN_SHARED_PREFIX = shared_min if shared else 10**9
         out = []
         with fused_lora(model) if fused else contextlib.nullcontext():
             for ids, mask, labels in collated:
-                loss = sft.answer_loss(model, ids, mask, labels)
+                loss = sft.answer_loss(model, ids, mask, labels, share_prefix=shared)
                 loss.backward()
                 if keep:
                     out.append((float(loss.detach()), [p.grad.clone() for p in params]))
                 for p in params:
                     p.grad = None
-        sft.MIN_SHARED_PREFIX = shared_min
         return out
 
     reference = run(False, False, keep=True)

@@ -35,9 +35,8 @@ def _samples(tok, distill=(False, False, False, False)):
     return out
 
 
-def _run(model, tok, samples, share: bool, monkeypatch):
+def _run(model, tok, samples, share: bool):
     """Loss, LoRA gradients, and the [rows, tokens] shapes the embedding layer saw."""
-    monkeypatch.setattr(sft, "MIN_SHARED_PREFIX", 8 if share else 10**9)
     ids, mask, labels = sft.collate(samples, tok.pad_token_id, torch.device("cpu"))
     rows = sft.distill_rows(samples, ids.device) if any(e.distill for e in samples) else None
     seen = []
@@ -45,7 +44,7 @@ def _run(model, tok, samples, share: bool, monkeypatch):
     hook = embed.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
     try:
         model.zero_grad(set_to_none=True)
-        loss = sft.answer_loss(model, ids, mask, labels, distill_rows=rows)
+        loss = sft.answer_loss(model, ids, mask, labels, distill_rows=rows, share_prefix=share)
         loss.backward()
     finally:
         hook.remove()
@@ -54,13 +53,13 @@ def _run(model, tok, samples, share: bool, monkeypatch):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("distill", [False, True])
-def test_shared_system_prompt_gives_the_same_loss_and_gradients(tokenizer, arch, distill, monkeypatch):  # noqa: F811
+def test_shared_system_prompt_gives_the_same_loss_and_gradients(tokenizer, arch, distill):  # noqa: F811
     samples = _samples(tokenizer, (False, True, False, True) if distill else (False,) * 4)
     prefix = len(tokenizer(SYSTEM)["input_ids"])
     assert len({len(e.input_ids) for e in samples}) > 1  # rows of different lengths: padding in the batch
     model = _peft(tokenizer, arch)
-    plain_loss, plain, plain_seen = _run(model, tokenizer, samples, False, monkeypatch)
-    shared_loss, shared, shared_seen = _run(model, tokenizer, samples, True, monkeypatch)
+    plain_loss, plain, plain_seen = _run(model, tokenizer, samples, False)
+    shared_loss, shared, shared_seen = _run(model, tokenizer, samples, True)
     width = max(len(e.input_ids) for e in samples)
     assert plain_seen[0] == (4, width)
     # the system prompt (and whatever more all rows share) once, then each row's own tokens
@@ -72,29 +71,28 @@ def test_shared_system_prompt_gives_the_same_loss_and_gradients(tokenizer, arch,
         torch.testing.assert_close(shared[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_a_training_run_with_shared_prefixes_ends_with_the_same_adapter(tokenizer, monkeypatch):  # noqa: F811
+def test_a_training_run_with_shared_prefixes_ends_with_the_same_adapter(tokenizer):  # noqa: F811
     adapters = {}
     for share in (False, True):
-        monkeypatch.setattr(sft, "MIN_SHARED_PREFIX", 8 if share else 10**9)
         model = _peft(tokenizer, "qwen2")
-        stats = sft.train(model, tokenizer, _samples(tokenizer), _hyper(epochs=3, batch_size=4))
+        stats = sft.train(model, tokenizer, _samples(tokenizer), _hyper(epochs=3, batch_size=4, shared_prefix=share))
         adapters[share] = (stats["final_loss"], sft.lora_state(model))
     assert adapters[True][0] == pytest.approx(adapters[False][0], rel=1e-4)
     for k, v in adapters[False][1].items():
         torch.testing.assert_close(adapters[True][1][k], v, rtol=1e-3, atol=1e-5, msg=k)
 
 
-def test_sharing_that_would_change_the_arithmetic_runs_the_plain_forward(tokenizer, monkeypatch):  # noqa: F811
+def test_sharing_that_would_change_the_arithmetic_runs_the_plain_forward(tokenizer):  # noqa: F811
     samples = _samples(tokenizer)
     width = max(len(e.input_ids) for e in samples)
     # LoRA dropout: one shared pass would give every row the same dropout mask
-    _, _, seen = _run(_peft(tokenizer, "llama", lora_dropout=0.3), tokenizer, samples, True, monkeypatch)
+    _, _, seen = _run(_peft(tokenizer, "llama", lora_dropout=0.3), tokenizer, samples, True)
     assert seen == [(4, width)]
     # gradient checkpointing turns the key/value cache off
     model = _peft(tokenizer, "llama")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    _, _, seen = _run(model, tokenizer, samples, True, monkeypatch)
+    _, _, seen = _run(model, tokenizer, samples, True)
     assert seen == [(4, width)]
 
 

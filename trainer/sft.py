@@ -39,6 +39,7 @@ class Hyper:
     cpu_bf16: bool = False  # bf16 autocast on a CPU with native bf16 (weights stay float32)
     distill_replay: bool = False  # base-answered replay rows learn the base's distribution (KL)
     fused_lora: bool = True  # LoRA layers as one autograd node each where exact (trainer.fused_lora)
+    shared_prefix: bool = True  # a batch's common leading tokens run once where exact (body_hidden)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,15 +144,15 @@ def _exact_to_share(body) -> bool:
     return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in body.modules())
 
 
-def body_hidden(body, ids, mask):
+def body_hidden(body, ids, mask, share: bool = True):
     """The decoder's last hidden states [rows, length, hidden] for a right-padded batch.
 
     Where every row starts with the same tokens, those are run once (one row) and their
     keys and values handed to the rest of each row as a cache: the rows' own tokens attend
     to them exactly as in one forward of the whole batch, and the backward pass sums each
     row's gradient into the one shared pass. Same loss and gradients; the shared tokens'
-    arithmetic is done once instead of once a row."""
-    n = shared_prefix_length(ids, mask) if _exact_to_share(body) else 0
+    arithmetic is done once instead of once a row. `share=False`: always the plain forward."""
+    n = shared_prefix_length(ids, mask) if share and _exact_to_share(body) else 0
     if n == 0:
         return body(input_ids=ids, attention_mask=mask).last_hidden_state
     import torch
@@ -168,7 +169,7 @@ def body_hidden(body, ids, mask):
     return torch.cat([head.last_hidden_state.expand(rows, -1, -1), tail.last_hidden_state], dim=1)
 
 
-def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=None):
+def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=None, share_prefix: bool = True):
     """Cross-entropy (mean, or "sum") over the answer tokens, with the output layer applied
     only there.
 
@@ -191,7 +192,7 @@ def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=
     if body is None or head is None:
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         return loss * keep.sum() if reduction == "sum" else loss
-    hidden = body_hidden(body, ids, mask)[:, :-1]
+    hidden = body_hidden(body, ids, mask, share_prefix)[:, :-1]
     if distill_rows is None or not bool(distill_rows.any()) or not hasattr(model, "disable_adapter"):
         logits = head(hidden[keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction=reduction)
@@ -199,7 +200,7 @@ def answer_loss(model, ids, mask, labels, reduction: str = "mean", distill_rows=
     as_base = keep & distill_rows[:, None]
     total = F.cross_entropy(head(hidden[as_answer]).float(), targets[as_answer], reduction="sum")
     with torch.no_grad(), model.disable_adapter():
-        base_hidden = body_hidden(body, ids[distill_rows], mask[distill_rows])[:, :-1]
+        base_hidden = body_hidden(body, ids[distill_rows], mask[distill_rows], share_prefix)[:, :-1]
         base_logp = F.log_softmax(head(base_hidden[as_base[distill_rows]]).float(), dim=-1)
     logp = F.log_softmax(head(hidden[as_base]).float(), dim=-1)
     total = total + F.kl_div(logp, base_logp, log_target=True, reduction="sum")
@@ -279,7 +280,8 @@ def train(
                 ids, mask, labels = collate(mine, pad, device)
                 rows = distill_rows(mine, device) if hp.distill_replay else None
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.cpu_bf16 and device.type == "cpu"):
-                    loss = answer_loss(model, ids, mask, labels, reduction="sum", distill_rows=rows)
+                    loss = answer_loss(model, ids, mask, labels, reduction="sum", distill_rows=rows,
+                                       share_prefix=hp.shared_prefix)
                     loss = loss / max(1, answer_tokens)
                 (loss / hp.grad_accum).backward()
                 window_loss += float(loss.detach())
