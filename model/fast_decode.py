@@ -103,9 +103,14 @@ class FastDecode:
     def _lora(module, x: torch.Tensor, out: torch.Tensor, name: Optional[str]) -> torch.Tensor:
         """Adds adapter `name`'s low-rank update of `module` (peft-wrapped or not) to `out` in place."""
         if name is not None and name in getattr(module, "lora_A", {}):
-            a = module.lora_A[name](x)
+            lora_a, lora_b = module.lora_A[name], module.lora_B[name].weight
+            a = lora_a(x.to(lora_a.weight.dtype)).reshape(-1, lora_b.shape[1])
             flat = out.view(-1, out.shape[-1])
-            flat.addmm_(a.reshape(-1, a.shape[-1]), module.lora_B[name].weight.t(), alpha=module.scaling[name])
+            if flat.dtype == lora_b.dtype:
+                flat.addmm_(a, lora_b.t(), alpha=module.scaling[name])
+            else:  # a bf16 base with float32 adapter weights (peft's default): as peft does, the
+                # update is added in the adapter's dtype and the sum cast back
+                flat.copy_(flat.to(lora_b.dtype).addmm_(a, lora_b.t(), alpha=module.scaling[name]))
         return out
 
     def _linear(self, module, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:

@@ -92,6 +92,36 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_bfloat16_weights_run_in_onednn_and_decode_as_transformers_does(tokenizer, tmp_path, arch, adapter):  # noqa: F811
+    """worker.dtype bfloat16 on CPU: every projection and the head in oneDNN's blocked layout (its
+    bf16 kernels are the fastest there at 1-32 rows); a decode step over ragged rows, on the base
+    or on a LoRA adapter (peft keeps its weights in float32), gives the as-loaded bf16 model's
+    logits through transformers (to bf16 rounding) and the same greedy tokens."""
+    from model.packed_linear import Layout, PackedLinear
+
+    models = {packed: _sharpen(ARCHS[arch](tokenizer)).to(torch.bfloat16) for packed in (True, False)}
+    assert pack_linears(models[True]) > 0
+    layers = [m for m in models[True].modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.layout is Layout.ONEDNN and m.packed.dtype == torch.bfloat16 for m in layers)
+    names = [None] * 3
+    if adapter:
+        path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3)
+        models = {k: attach(m, "a", read_adapter(path, None)).eval() for k, m in models.items()}
+        names = ["a"] * 3
+    out = {}
+    with torch.inference_mode():
+        for packed, model in models.items():
+            runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512, fast_decode=packed)
+            runner.peft = adapter
+            assert (runner._fast_for(names) is not None) == packed
+            out[packed] = _prefill_then_decode(runner, tokenizer, names)[0].float()
+    scale = out[False].abs().max()
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=0.03 * float(scale))
+    assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_greedy_answers_on_an_adapter_match_generate(tokenizer, tmp_path, arch):  # noqa: F811
     from peft import PeftModel
