@@ -77,7 +77,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"  # bind address; keep loopback unless you set a bearer token
     port: int = 8765  # the worker's HTTP port
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+    dtype: str = "auto"  # auto: bf16 on GPU and on CPUs with native bf16, else float32 | bfloat16 | float16 | float32
     max_batch_size: int = 32  # concurrent sequences decoded together
     max_queue: int = 256  # waiting requests beyond this get 429
     max_context: Optional[int] = None  # tokens; empty: the model's max_position_embeddings

@@ -189,11 +189,35 @@ def resolve_device(requested: str) -> str:
 
 
 def resolve_dtype(requested: str, device: str):
+    """The dtype weights are loaded in: `auto` is bf16 on a GPU, float32 on a CPU (the trainer's
+    rule; the worker's `auto` is `serving_dtype`)."""
     import torch
 
     if requested == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return getattr(torch, DTYPES[requested])
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX), from /proc/cpuinfo's flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def serving_dtype(requested: str, device: str) -> str:
+    """worker.dtype as the worker serves it: `auto` is bfloat16 on a GPU and on a CPU with native
+    bf16, float32 on other CPUs. On such a CPU bf16 weights halve the bytes a decode step reads
+    (SmolLM2 in-process 1.2x float32's tokens/s at one stream, 1.6x at 8) and the loop's quality
+    scores stay within a question of float32's (RESULTS.md: serve_bench_bf16,
+    quality_bench_shipped_bfloat16). The trainer and its gate load float32 (`resolve_dtype`)."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda") or (device == "cpu" and cpu_native_bf16()):
+        return "bfloat16"
+    return "float32"
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
@@ -243,7 +267,7 @@ def load_base(path: str, device: str = "auto", dtype: str = "auto", max_context:
 
     if resolve_device(device) == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
-    model, tokenizer, dev, torch_dtype = load_model(path, device, dtype)
+    model, tokenizer, dev, torch_dtype = load_model(path, device, serving_dtype(dtype, resolve_device(device)))
     limit = getattr(model.config, "max_position_embeddings", None) or 2048
     return LoadedBase(
         model=model,

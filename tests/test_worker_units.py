@@ -101,3 +101,31 @@ def test_context_check_reports_counts_and_defaults_to_the_rest():
     assert check_context(100, None, 2048) == 1948
     with pytest.raises(APIError, match="2048.*2100.*100.*2000"):
         check_context(100, 2000, 2048)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_worker_dtype_auto_serves_bf16_where_the_cpu_computes_it(monkeypatch, native):
+    """`worker.dtype: auto`: bf16 on a GPU and on a CPU with native bf16, float32 on other CPUs;
+    an explicit dtype is served as asked; the trainer's rule (resolve_dtype) stays float32 on CPU."""
+    import torch
+
+    from model import loading
+
+    monkeypatch.setattr(loading, "cpu_native_bf16", lambda: native)
+    assert loading.serving_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert loading.serving_dtype("auto", "cuda:0") == "bfloat16"
+    assert loading.serving_dtype("float32", "cpu") == "float32"
+    assert loading.serving_dtype("bfloat16", "cpu") == "bfloat16"
+    assert loading.resolve_dtype("auto", "cpu") == torch.float32
+
+
+def test_a_base_served_with_dtype_auto_loads_in_the_serving_dtype(monkeypatch, tiny_base):
+    import torch
+
+    from model import loading
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loading, "cpu_native_bf16", lambda n=native: n)
+        loaded = loading.load_base(str(tiny_base), "cpu", "auto")
+        assert loaded.dtype == str(dtype).replace("torch.", "")
+        assert next(loaded.model.parameters()).dtype == dtype

@@ -231,13 +231,9 @@ def _general_answers(cfg: Config, base: str, adapter: str, general_rows, send) -
 
 def cpu_bf16(setting: str) -> bool:
     """bf16 autocast on a CPU: 'on', 'off', or 'auto' (when the CPU has native bf16 matmuls)."""
-    if setting != "auto":
-        return setting == "on"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+    from model.loading import cpu_native_bf16
+
+    return setting == "on" if setting != "auto" else cpu_native_bf16()
 
 
 def hyper(t: TrainingConfig, stage: str):
