@@ -154,6 +154,9 @@ def main() -> int:
     ap.add_argument("--shipped-only", action="store_true",
                     help="only the profile as shipped: its bootstrap anchor and a calibrate on the corrections "
                          "(no comparison rows); written to the quality_bench_shipped section")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="score in this dtype (training is unchanged); bfloat16 writes its own section, so "
+                         "`--registry` of a float32 run scores the same adapters both ways")
     ap.add_argument("--registry", help="resume: reuse the versions an earlier (interrupted) run of this "
                                        "script trained into this registry, in training order")
     args = ap.parse_args()
@@ -218,7 +221,7 @@ def main() -> int:
             train("generalize", "generalize", gen_cfg, parent=versions["identity-only"])
         train("three-stage", "calibrate", cfg, corrections_file=str(corr_path), parent=versions["generalize"])
 
-    model, tokenizer, _, _ = load_model(base_dir)
+    model, tokenizer, _, _ = load_model(base_dir, dtype=args.dtype)
     results = {}
     started = time.time()
     print("scoring base ...", flush=True)
@@ -245,11 +248,13 @@ def main() -> int:
             results["three-stage"]["right"], results["generalize"]["right"])
 
     body = report(results, walls, score_wall, args, len(general_rows), len(identity_rows))
-    if not args.shipped_only:
+    if not args.shipped_only and args.dtype == "float32":
         chart(results)
     print(body)
-    (WORK / "last.json").write_text(json.dumps({"results": results, "walls": walls}, indent=1, default=str))
-    write_section("quality_bench_shipped" if args.shipped_only else "quality_bench", body)
+    last = WORK / ("last.json" if args.dtype == "float32" else f"last-{args.dtype}.json")
+    last.write_text(json.dumps({"results": results, "walls": walls}, indent=1, default=str))
+    section = "quality_bench_shipped" if args.shipped_only else "quality_bench"
+    write_section(section if args.dtype == "float32" else f"{section}_{args.dtype}", body)
     return 0
 
 
@@ -263,12 +268,12 @@ def report(results: dict, walls: dict, score_wall: float, args, n_general: int, 
     head = ("| model | identity | en | zh | no system prompt | knowledge QA | arithmetic | code | "
             "retention vs base | corrections (as asked) | unseen rewordings | train wall |")
     lines = [
-        f"SmolLM2-135M-Instruct, profile `{args.profile}`, float32 on CPU; {n_identity} held-out identity questions "
+        f"SmolLM2-135M-Instruct, profile `{args.profile}`, scored in {args.dtype} on CPU; {n_identity} held-out identity questions "
         f"(each with and without the system prompt), {n_general} held-out general questions, "
         "10 corrections × (as asked + 2 unseen rewordings). Command: "
         "`PYTHONPATH=. python benchmarks/quality_bench.py"
         + "".join(f" --{k.replace('_', '-')}" for k in ("fast", "skip_three_stage", "shipped_only") if getattr(args, k))
-        + "`. `mixed` is the profile's bootstrap anchor; `mixed + calibrate` a /retrain of the 10 corrections on it.",
+        + (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + "`. `mixed` is the profile's bootstrap anchor; `mixed + calibrate` a /retrain of the 10 corrections on it.",
         "",
         head,
         "|" + "---|" * (len(cols) + 2),
