@@ -135,20 +135,23 @@ class FastDecode:
 
     @staticmethod
     def _norm(module, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # the same formula as the module's, fused
+        """The module's RMSNorm (Llama's, Qwen2's) with torch's fused kernel: float32 in one call;
+        bf16 / fp16 as the module computes it, normalised in float32, cast, then times the weight."""
+        if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
-        return module(x)
+        return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
     @staticmethod
     def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                 scale: float) -> torch.Tensor:
         """Attention of one new query per row, q [n, heads, hd], over k, v [n, kv_heads, width, hd]
-        (views of the cache); returns [n, heads * hd]. One row: SDPA. More: two batched matmuls
-        with each key/value head's query group side by side, which on CPU beats SDPA's kernel for
-        a single query position by 1.2-1.7x at 8-32 rows (the longer the context, the more)."""
+        (views of the cache); returns [n, heads * hd]. One row, or not float32: SDPA. More rows in
+        float32: two batched matmuls with each key/value head's query group side by side, which on
+        CPU beats SDPA's kernel for a single query position by 1.2-1.7x at 8-32 rows (the longer
+        the context, the more); in bf16 the matmuls copy the cache views and lose to it."""
         n, heads, hd = q.shape
         kv_heads = k.shape[1]
-        if n == 1:
+        if n == 1 or q.dtype != torch.float32:  # in bf16 SDPA is 2.4-3.6x the matmuls at 1-32 rows
             o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
                                                enable_gqa=kv_heads != heads)
             return o.view(n, heads * hd)
