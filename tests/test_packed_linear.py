@@ -1,0 +1,72 @@
+"""CPU weight layouts (model.packed_linear): a packed layer computes what nn.Linear computes.
+
+bf16 siblings of one input (q/k/v, gate/up) share one stacked oneDNN weight; each module still
+answers alone, in any call order and for any input (the one contract: siblings called on one
+input do not see it changed in place between their calls, as in every Llama / Qwen2 layer), and
+the group holds nothing once every sibling has taken its columns.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model.packed_linear import Layout, PackedLinear, pack_linears
+
+
+class Attention(nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(32, 32, bias), nn.Linear(32, 16, bias), nn.Linear(32, 16, bias)
+        self.o_proj = nn.Linear(32, 32, bias)
+
+
+def _pair(bias: bool, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    plain = Attention(bias).to(dtype).eval()
+    packed = Attention(bias).to(dtype).eval()
+    packed.load_state_dict(plain.state_dict())
+    pack_linears(packed)
+    return plain, packed
+
+
+def _close(a, b):
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_siblings_share_one_onednn_weight_and_answer_as_nn_linear(bias):
+    plain, packed = _pair(bias)
+    group = packed.q_proj.fused
+    assert group is packed.k_proj.fused is packed.v_proj.fused and group.layout is Layout.ONEDNN
+    assert all(isinstance(m, PackedLinear) and m.packed is None for m in group.members)
+    assert packed.o_proj.fused is None and packed.o_proj.layout is Layout.ONEDNN
+    x, other = torch.randn(3, 5, 32, dtype=torch.bfloat16), torch.randn(4, 32, dtype=torch.bfloat16)
+    names = ("q_proj", "k_proj", "v_proj")
+    for order in (names, names[::-1], ("k_proj", "k_proj", "q_proj")):  # as transformers calls them, and not
+        for name in order:
+            out = getattr(packed, name)(x)
+            assert out.shape == (3, 5, getattr(plain, name).out_features)
+            _close(out, getattr(plain, name)(x))
+    # another input between siblings is computed afresh, and so is the one before it
+    _close(packed.q_proj(x), plain.q_proj(x))
+    _close(packed.k_proj(other), plain.k_proj(other))
+    _close(packed.v_proj(x), plain.v_proj(x))
+
+
+def test_once_every_sibling_has_its_columns_the_group_holds_nothing():
+    _, packed = _pair(False)
+    x = torch.randn(2, 32, dtype=torch.bfloat16)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        getattr(packed, name)(x)
+    assert packed.q_proj.fused._last is None
+
+
+def test_float32_keeps_the_transposed_layout_with_column_views():
+    plain, packed = _pair(False, torch.float32)
+    group = packed.q_proj.fused
+    assert group.layout is Layout.TRANSPOSED and packed.q_proj.packed.data_ptr() == group.weight.data_ptr()
+    x = torch.randn(4, 32)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        torch.testing.assert_close(getattr(packed, name)(x), getattr(plain, name)(x), rtol=1e-5, atol=1e-5)
