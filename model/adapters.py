@@ -207,8 +207,21 @@ def attach(model, internal: str, files: AdapterFiles):
     missing = [k for k in result.missing_keys if internal in k and "lora_" in k]
     if missing:
         raise ValueError(f"adapter weights are missing {len(missing)} tensor(s), e.g. {missing[0]}")
+    _weights_for_dora(model, internal)
     model.eval()
     return model
+
+
+def _weights_for_dora(model, internal: str) -> None:
+    """DoRA reads its base layer's weight on every forward; a CPU layer packed for its GEMM
+    (model.packed_linear) keeps only a stub there, so each one DoRA wraps gets its values back."""
+    from model.packed_linear import PackedLinear
+
+    for module in model.modules():
+        if getattr(module, "use_dora", {}).get(internal):
+            base = module.get_base_layer()
+            if isinstance(base, PackedLinear):
+                base.restore_weight()
 
 
 def check_adapter_dir(path: str, shapes: dict[str, tuple[int, int]]) -> dict:

@@ -133,6 +133,26 @@ class PackedLinear(nn.Linear):
     layout: Layout
     fused: Optional[Fused] = None  # set when the weight lives in siblings' shared buffer
 
+    def dense_weight(self) -> torch.Tensor:
+        """The [out, in] weight nn.Linear would hold: a view of the packed copy (TRANSPOSED), or a
+        dense copy out of oneDNN's blocked layout (ONEDNN)."""
+        if self.layout is Layout.TRANSPOSED:
+            return self.packed.t()
+        if self.fused is None:
+            return self.packed.to_dense()
+        start = 0
+        for m in self.fused.members:
+            if m is self:
+                return self.fused.weight.to_dense()[start:start + self.out_features].clone()
+            start += m.out_features
+        raise ValueError("not a member of its group")
+
+    def restore_weight(self) -> None:
+        """Give `weight` its values back (it is a zero-storage stub after packing) for code that
+        reads it: peft's DoRA computes the weight's norm on every forward."""
+        if 0 in self.weight.stride():
+            self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout is Layout.ONEDNN:
             if self.fused is not None:
