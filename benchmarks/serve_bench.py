@@ -671,28 +671,22 @@ def _chat_ids(tok, messages) -> list[int]:
 
 
 def run_bf16(args) -> str:
-    """bf16 against float32 on SmolLM2: greedy agreement on held-out questions, and speed (alternating)."""
-    import torch
-
+    """bf16 against float32 on SmolLM2: greedy agreement on held-out questions, and speed (both
+    engines up in one process, runs alternating which goes first)."""
     rows = [json.loads(line) for line in (ROOT / "data" / "general_eval.jsonl").read_text().splitlines() if line]
     rows = rows[: args.questions]
-    outputs, speed = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        engine, tok = _engine(args.smollm2, dtype, args.cpu_threads)
-        try:
-            ids = [_chat_ids(tok, r["messages"][:1]) for r in rows]
-            done = engine_round_stop(engine, ids, args.max_tokens)
-            outputs[dtype] = done
-            speed[dtype] = {}
-            for rep in range(2):
-                for n in (1, 8):
-                    r = engine_round(engine, [_chat_ids(tok, prompt(1000 * rep + i)) for i in range(n)], 32)
-                    speed[dtype].setdefault(n, []).append(r)
-        finally:
+    engines, outputs = {}, {}
+    try:
+        for bf16 in (False, True):
+            engines[bf16], tok = _engine(args.smollm2, "bfloat16" if bf16 else "float32", args.cpu_threads)
+        ids = [_chat_ids(tok, r["messages"][:1]) for r in rows]
+        for bf16, engine in engines.items():
+            outputs[bf16] = engine_round_stop(engine, ids, args.max_tokens)
+        speed = alternate(engines, tok, 32, args.rounds, "bf16")
+    finally:
+        for engine in engines.values():
             engine.stop()
-        del engine
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    a, b = outputs["float32"], outputs["bfloat16"]
+    a, b = outputs[False], outputs[True]
     same = sum(x == y for x, y in zip(a, b))
     prefix = []
     for x, y in zip(a, b):
@@ -700,18 +694,18 @@ def run_bf16(args) -> str:
         while k < min(len(x), len(y)) and x[k] == y[k]:
             k += 1
         prefix.append(k / max(len(x), len(y), 1))
-    tok = _engine_tokenizer(args.smollm2)
     hits = {d: sum(r["answer"].lower() in tok.decode(o, skip_special_tokens=True).lower()
                    for r, o in zip(rows, outputs[d])) for d in outputs}
-    lines = [f"SmolLM2-135M-Instruct (`{args.smollm2}`), in-process `Engine`, {args.cpu_threads} thread(s), greedy, "
-             f"{len(rows)} questions of data/general_eval.jsonl (first {args.max_tokens} tokens of each answer).", "",
+    lines = [f"SmolLM2-135M-Instruct (`{args.smollm2}`), in-process `Engine` (the worker's loading, `worker.dtype` "
+             f"given), {args.cpu_threads} thread(s), greedy, {len(rows)} questions of data/general_eval.jsonl (first "
+             f"{args.max_tokens} tokens of each answer); speed: both engines up at once, {args.rounds} runs each per "
+             "row alternating which goes first, fresh prompts every run, 32 tokens per request.", "",
              f"- Greedy answers identical bf16 vs float32: **{same}/{len(rows)}**; mean shared prefix "
              f"{statistics.mean(prefix):.0%} of the answer",
-             f"- Reference answer contained: float32 {hits['float32']}/{len(rows)}, bf16 {hits['bfloat16']}/{len(rows)}"]
-    for n in (1, 8):
-        f32 = statistics.median(r["tok_s"] for r in speed["float32"][n])
-        b16 = statistics.median(r["tok_s"] for r in speed["bfloat16"][n])
-        lines.append(f"- {n} stream(s), 32 tokens: float32 {f32:.1f} tok/s, bf16 {b16:.1f} tok/s -> **{b16/f32:.2f}x**")
+             f"- Reference answer contained: float32 {hits[False]}/{len(rows)}, bf16 {hits[True]}/{len(rows)}", ""]
+    lines += ratio_table(speed, "float32", "bf16")
+    lines.append("")
+    lines.append(f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --bf16 --rounds {args.rounds}`.")
     return "\n".join(lines)
 
 
