@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import write_section  # noqa: E402
+from model.loading import cpu_native_bf16  # noqa: E402
 
 CACHE = ROOT / ".loopcord" / "hw_limits.json"  # serve_bench reads it rather than re-measuring
 READ_BYTES = 1 << 30  # larger than any cache by far
@@ -75,14 +76,6 @@ def matmul_gflops(dtype_name: str, threads: int) -> float:
     return 2 * m * k * n / seconds / 1e9
 
 
-def bf16_native() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def measure() -> Limits:
     import torch
 
@@ -92,7 +85,7 @@ def measure() -> Limits:
         mm = {d: {str(t): matmul_gflops(d, t) for t in (1, 2)} for d in ("float32", "bfloat16")}
     finally:
         torch.set_num_threads(before)
-    limits = Limits(read, mm, bf16_native())
+    limits = Limits(read, mm, cpu_native_bf16())
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     CACHE.write_text(json.dumps(asdict(limits)))
     return limits

@@ -808,12 +808,6 @@ def run_fast_ab(args) -> str:
     return "\n".join(lines)
 
 
-def _engine_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def engine_round_stop(engine, prompts: list[list[int]], max_tokens: int, adapter=None) -> list[list[int]]:
     """Greedy answers (stopping at EOS) of an in-process Engine, in prompt order; `adapter()`,
     when given, acquires the adapter each request runs on."""

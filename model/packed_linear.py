@@ -90,10 +90,18 @@ class Fused:
     layout: Layout = Layout.TRANSPOSED
     _last: Optional[tuple] = None  # ONEDNN: (x, output, members served from it)
 
+    def __post_init__(self) -> None:
+        self.spans: dict = {}  # member -> (first, last + 1) of its columns
+        start = 0
+        for m in self.members:
+            self.spans[m] = (start, start + m.out_features)
+            start += m.out_features
+        self.out_features = start
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout is Layout.TRANSPOSED:
             return _times_transposed(x, self.weight, self.bias)
-        return _times_onednn(x, self.weight, self.bias, sum(m.out_features for m in self.members))
+        return _times_onednn(x, self.weight, self.bias, self.out_features)
 
     def output_for(self, member: "PackedLinear", x: torch.Tensor) -> torch.Tensor:
         """`member`'s columns of the group's output for x. Llama / Qwen2-style layers call the
@@ -105,12 +113,8 @@ class Fused:
         last[2].add(member)
         if len(last[2]) == len(self.members):
             self._last = None  # every sibling has its part: hold nothing between layers
-        start = 0
-        for m in self.members:
-            if m is member:
-                return last[1][..., start:start + m.out_features]
-            start += m.out_features
-        raise ValueError("not a member of this group")
+        start, stop = self.spans[member]
+        return last[1][..., start:stop]
 
 
 def _times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -140,12 +144,8 @@ class PackedLinear(nn.Linear):
             return self.packed.t()
         if self.fused is None:
             return self.packed.to_dense()
-        start = 0
-        for m in self.fused.members:
-            if m is self:
-                return self.fused.weight.to_dense()[start:start + self.out_features].clone()
-            start += m.out_features
-        raise ValueError("not a member of its group")
+        start, stop = self.fused.spans[self]
+        return self.fused.weight.to_dense()[start:stop].clone()
 
     def restore_weight(self) -> None:
         """Give `weight` its values back (it is a zero-storage stub after packing) for code that
@@ -251,11 +251,9 @@ def fuse_siblings(model: nn.Module) -> int:
                 weight = torch.cat([m.packed for m in members], dim=1)
                 bias = torch.cat([m.bias.detach() for m in members]) if biased == {True} else None
                 group = Fused(weight, bias, members)
-                start = 0
                 for m in members:
-                    m.packed = weight[:, start:start + m.out_features]
-                    m.fused = group
-                    start += m.out_features
+                    start, stop = group.spans[m]
+                    m.packed, m.fused = weight[:, start:stop], group
                 count += 1
     return count
 
