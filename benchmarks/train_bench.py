@@ -218,7 +218,7 @@ class Yardstick:
 
 def bench_hyper(steps: int):
     """cpu-small's anchor recipe (batch 8 x 1, lr 4e-4, warm-up 5 %, max length 512, LoRA r 8,
-    alpha 32, dropout 0.05 on all linear layers, float32) for one epoch of `steps` batches."""
+    alpha 32, dropout 0.0 on all linear layers, float32) for one epoch of `steps` batches."""
     from model.config import config_from_dict
     from trainer.stages import hyper
 
