@@ -12,8 +12,8 @@ computation directly on the model's own modules and weights (nothing copied):
                h += down(act(gate(x)) * up(x)) (+ LoRA on each)
     logits = lm_head(norm(h))
 
-q, k and v come from one GEMM where the CPU weights were laid side by side
-(packed_linear.fuse_siblings), the rotary embedding (the model's own cos / sin,
+q, k and v come from one GEMM, and so do gate and up, where the CPU weights were
+laid out as one group (packed_linear), the rotary embedding (the model's own cos / sin,
 Llama's rotate-half formula) turns q and k in one pass, LoRA updates are added
 into the projections' outputs in place, and rows all at one position need no mask.
 
@@ -116,10 +116,10 @@ class FastDecode:
     def _linear(self, module, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
         return self._lora(module, x, self._unwrap(module)(x), name)
 
-    def _qkv(self, attn, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
-        """[n, q + k + v] projections of x [n, hidden]: one GEMM where the packed weights were
-        laid side by side (packed_linear.fuse_siblings), with each projection's LoRA added."""
-        mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    def _siblings(self, mods: tuple, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+        """[n, sum of outs] of projections `mods` of one input x [n, hidden] (q/k/v; gate/up): one
+        GEMM where their CPU weights were laid out as one group (packed_linear: side by side in
+        float32, stacked for oneDNN), with each projection's LoRA added to its columns."""
         bases = tuple(self._unwrap(m) for m in mods)
         group = getattr(bases[0], "fused", None)
         if group is not None and group.members == bases:
@@ -186,9 +186,9 @@ class FastDecode:
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = self._norm(layer.input_layernorm, h)
-            qkv = self._qkv(attn, x, name)
+            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, name)
             qk = qkv[:, :qk_heads * hd].view(n, qk_heads, hd)
-            qk = torch.addcmul(qk * cos, torch.cat((qk[..., half:], qk[..., :half]), dim=-1), sin)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # roll by half: cat(x2, x1)
             k = qk[:, heads:]
             v = qkv[:, qk_heads * hd:].view(n, kv_heads, hd)
             kc, vc = cache.k[i], cache.v[i]
@@ -201,7 +201,8 @@ class FastDecode:
             o = self._attend(qk[:, :heads], kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
             h = h + self._linear(attn.o_proj, o, name)
             x = self._norm(layer.post_attention_layernorm, h)
-            gate = self._linear(mlp.gate_proj, x, name)
-            up = self._linear(mlp.up_proj, x, name)
-            h = h + self._linear(mlp.down_proj, mlp.act_fn(gate) * up, name)
+            gate_up = self._siblings((mlp.gate_proj, mlp.up_proj), x, name)
+            inter = self._unwrap(mlp.gate_proj).out_features
+            gate, up = gate_up[:, :inter], gate_up[:, inter:]
+            h = h + self._linear(mlp.down_proj, mlp.act_fn(gate).mul_(up), name)
         return base.get_output_embeddings()(self._norm(inner.norm, h))

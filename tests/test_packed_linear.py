@@ -1,6 +1,7 @@
 """CPU weight layouts (model.packed_linear): a packed layer computes what nn.Linear computes.
 
-bf16 siblings of one input (q/k/v, gate/up) share one stacked oneDNN weight; each module still
+Siblings of one input laid out for oneDNN (q/k/v and gate/up in bf16; gate/up in float32) share
+one stacked oneDNN weight; each module still
 answers alone, in any call order and for any input (the one contract: siblings called on one
 input do not see it changed in place between their calls, as in every Llama / Qwen2 layer), and
 the group holds nothing once every sibling has taken its columns.
@@ -61,6 +62,31 @@ def test_once_every_sibling_has_its_columns_the_group_holds_nothing():
     for name in ("q_proj", "k_proj", "v_proj"):
         getattr(packed, name)(x)
     assert packed.q_proj.fused._last is None
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(32, 96, False), nn.Linear(32, 96, False), nn.Linear(96, 32, False)
+
+
+def test_float32_gate_and_up_share_one_onednn_weight_and_answer_as_nn_linear():
+    torch.manual_seed(0)
+    plain = MLP().eval()
+    packed = MLP().eval()
+    packed.load_state_dict(plain.state_dict())
+    pack_linears(packed)
+    group = packed.gate_proj.fused
+    assert group is packed.up_proj.fused and group.layout is Layout.ONEDNN and group.weight.dtype == torch.float32
+    assert packed.down_proj.fused is None and packed.down_proj.layout is Layout.TRANSPOSED
+    x, other = torch.randn(3, 32), torch.randn(5, 32)
+    for name in ("gate_proj", "up_proj", "up_proj", "gate_proj", "down_proj"):
+        mod = getattr(packed, name)
+        inp = x if name != "down_proj" else torch.randn(3, 96)
+        torch.testing.assert_close(mod(inp), getattr(plain, name)(inp), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.up_proj(other), plain.up_proj(other), rtol=1e-5, atol=1e-5)
+    # the module's own weight, as peft's DoRA reads it, comes back out of the stacked copy
+    torch.testing.assert_close(packed.up_proj.dense_weight(), plain.up_proj.weight, rtol=0, atol=0)
 
 
 def test_float32_keeps_the_transposed_layout_with_column_views():
