@@ -38,8 +38,8 @@ class Sampled:
 
 def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> Sampled:
     """Next token per row of `logits` [B, V]."""
-    bad = ~torch.isfinite(logits).all(-1)
-    tokens = logits.argmax(-1)
+    bad = non_finite_rows(logits)
+    tokens = greedy(logits)
     drawn = [i for i, r in enumerate(rows) if r.temperature >= GREEDY_BELOW]
     if not drawn:
         return Sampled(tokens, bad)
@@ -54,8 +54,27 @@ def sample(logits: torch.Tensor, rows: Seq[SamplingRow]) -> Sampled:
         gen = rows[i].generator
         if gen is not None:  # seeded: its own stream of noise (generators live on the CPU)
             noise[j] = torch.empty(probs.shape[-1], dtype=probs.dtype).exponential_(1, generator=gen).to(probs.device)
-    tokens[index] = (probs / noise).argmax(-1)
+    tokens[index] = greedy(probs / noise)
     return Sampled(tokens, bad)
+
+
+def greedy(scores: torch.Tensor) -> torch.Tensor:
+    """Index of each row's highest score, the first one on ties (as `argmax`). On CPU `max` over
+    a dimension is 1.7x (float32) to 4x (bf16) faster than `argmax` over a 49k vocabulary."""
+    return scores.max(-1).indices
+
+
+def non_finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the row has a NaN or infinite score. A row's float32 sum is finite whenever all
+    its scores are (NaN and infinities carry through a sum), so only rows whose sum is not
+    (a bad score, or finite ones summing past float32's range) are checked score by score:
+    on CPU a sum is ~10x cheaper than `isfinite(...).all(-1)` over a 49k vocabulary."""
+    suspect = ~logits.sum(-1, dtype=torch.float32).isfinite()
+    if not bool(suspect.any()):
+        return suspect
+    bad = suspect.clone()
+    bad[suspect] = ~torch.isfinite(logits[suspect]).all(-1)
+    return bad
 
 
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
