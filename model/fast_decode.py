@@ -1,4 +1,4 @@
-"""A lean decode step and prompt prefill for Llama-family models (Llama, Qwen2), gpt-fast style.
+"""A lean decode step (and one-prompt prefill) for Llama-family models (Llama, Qwen2), gpt-fast style.
 
 A transformers forward costs about 1,500 small operations per decode step on
 SmolLM2 (30 layers): mask building, the cache interface, peft's per-module
