@@ -17,9 +17,10 @@ laid out as one group (packed_linear), the rotary embedding (the model's own cos
 Llama's rotate-half formula) turns q and k in one pass, LoRA updates are added
 into the projections' outputs in place, and rows all at one position need no mask.
 
-The same layers run prompt chunks (`prefill`): every chunk's tokens as the rows of
-one batch, with no padding (the transformers path left-pads chunks to the longest),
-attention per chunk, each token seeing its slot's positions up to its own.
+The same layers run a chunk of one prompt (`prefill`: its tokens as the rows, each
+attending causally to the slot's positions up to its own), which is how a lone
+request's prompt is fed: 1.0-1.4x the transformers forward on SmolLM2 (the more
+so at 8 and at 128+ tokens), the same logits and cache.
 
 It is used only where it computes exactly what the transformers forward would:
 one adapter (or none) for the whole batch, plain LoRA on the projections (no
@@ -193,44 +194,29 @@ class FastDecode:
         h = self._layers(model, tokens, positions[:, None], name, attend)
         return _base_model(model).get_output_embeddings()(self._norm(_base_model(model).model.norm, h))
 
-    def prefill(self, model, cache, slots: list[int], pieces: list[torch.Tensor], starts: list[int],
-                name: Optional[str]) -> torch.Tensor:
-        """Logits [B, V] after the last token of each of B prompt chunks: pieces[b] (token ids [T_b])
-        fed at positions starts[b].. of cache slot slots[b] (positions before starts[b] already hold
-        that sequence's keys and values). The chunks' tokens run as the rows of one batch, no
-        padding; attention is per chunk, each token seeing its slot's positions up to its own."""
-        device = pieces[0].device
-        spans, offset = [], 0  # (slot, first row, rows, start position, causal mask or None)
-        for slot, piece, start in zip(slots, pieces, starts):
-            length = piece.shape[0]
-            positions = torch.arange(start, start + length, device=device)
-            causal = None
-            if length > 1:  # token t sees positions 0..start+t
-                causal = torch.arange(start + length, device=device)[None, :] <= positions[:, None]
-            spans.append((slot, offset, length, start, causal))
-            offset += length
-        tokens = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        positions = torch.cat([torch.arange(s, s + n, device=device) for _, _, n, s, _ in spans])
-        heads, hd = self.heads, self.head_dim
-        gqa = self.kv_heads != heads
+    def prefill(self, model, cache, slot: int, tokens: torch.Tensor, start: int, name: Optional[str]) -> torch.Tensor:
+        """Logits [1, V] after the last of `tokens` [T], a chunk of one sequence's prompt fed at
+        positions start..start+T-1 of cache slot `slot` (positions before `start` already hold
+        the sequence's keys and values); each token attends to the positions up to its own."""
+        length = tokens.shape[0]
+        end = start + length
+        positions = torch.arange(start, end, device=tokens.device)
+        causal = None
+        if length > 1:  # token t sees positions 0..start+t
+            causal = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
 
         def attend(i, attn, q, k, v):
             kc, vc = cache.k[i], cache.v[i]
-            out = torch.empty(q.shape[0], heads * hd, dtype=q.dtype, device=q.device)
-            for slot, first, length, start, causal in spans:
-                rows, end = slice(first, first + length), start + length
-                kc[slot, :, start:end] = k[rows].transpose(0, 1)
-                vc[slot, :, start:end] = v[rows].transpose(0, 1)
-                o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], kc[slot:slot + 1, :, :end],
-                                                   vc[slot:slot + 1, :, :end], attn_mask=causal, scale=attn.scaling,
-                                                   enable_gqa=gqa)
-                out[rows] = o[0].transpose(0, 1).reshape(length, heads * hd)
-            return out
+            kc[slot, :, start:end] = k.transpose(0, 1)
+            vc[slot, :, start:end] = v.transpose(0, 1)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[slot:slot + 1, :, :end],
+                                               vc[slot:slot + 1, :, :end], attn_mask=causal, scale=attn.scaling,
+                                               enable_gqa=self.kv_heads != self.heads)
+            return o[0].transpose(0, 1).reshape(length, self.heads * self.head_dim)
 
         h = self._layers(model, tokens, positions[:, None], name, attend)
-        last = torch.tensor([first + length - 1 for _, first, length, _, _ in spans], device=device)
         base = _base_model(model)
-        return base.get_output_embeddings()(self._norm(base.model.norm, h[last]))
+        return base.get_output_embeddings()(self._norm(base.model.norm, h[-1:]))
 
     def _layers(self, model, tokens: torch.Tensor, positions: torch.Tensor, name: Optional[str], attend) -> torch.Tensor:
         """The decoder layers over rows of one token each (tokens [r], positions [r, 1]): hidden
