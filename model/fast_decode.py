@@ -1,4 +1,4 @@
-"""A lean decode step (and one-prompt prefill) for Llama-family models (Llama, Qwen2), gpt-fast style.
+"""A lean decode step for Llama-family models (Llama, Qwen2), gpt-fast style.
 
 A transformers forward costs about 1,500 small operations per decode step on
 SmolLM2 (30 layers): mask building, the cache interface, peft's per-module
@@ -16,11 +16,6 @@ q, k and v come from one GEMM, and so do gate and up, where the CPU weights were
 laid out as one group (packed_linear), the rotary embedding (the model's own cos / sin,
 Llama's rotate-half formula) turns q and k in one pass, LoRA updates are added
 into the projections' outputs in place, and rows all at one position need no mask.
-
-The same layers run a chunk of one prompt (`prefill`: its tokens as the rows, each
-attending causally to the slot's positions up to its own), which is how a lone
-request's prompt is fed: 1.0-1.4x the transformers forward on SmolLM2 (the more
-so at 8 and at 128+ tokens), the same logits and cache.
 
 It is used only where it computes exactly what the transformers forward would:
 one adapter (or none) for the whole batch, plain LoRA on the projections (no
@@ -171,17 +166,31 @@ class FastDecode:
         """Logits [n, V] for rows 0..n-1, row i feeding tokens[i] at positions[i]; keys and values
         are written into `cache` (a kv_cache.SlotCache with room for `width` positions).
         `ragged`: whether some row is not at position width - 1 (the caller knows from its list)."""
+        base = _base_model(model)
+        inner = base.model
         n = tokens.shape[0]
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        half = hd // 2
+        h = inner.embed_tokens(tokens)  # [n, hidden]
+        cos, sin = inner.rotary_emb(h, positions[:, None])  # [n, 1, hd]
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         if ragged:  # each row attends to its own positions: one additive mask for every layer
             keep = torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]
-            dtype = _base_model(model).get_input_embeddings().weight.dtype
-            mask = torch.zeros(keep.shape, dtype=dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
+            mask = torch.zeros(keep.shape, dtype=h.dtype, device=h.device).masked_fill_(~keep, float("-inf"))
             mask = mask[:, None, None, :]
             rows = torch.arange(n, device=tokens.device)
         else:  # every row at position width - 1: it sees the whole cache view
             mask, at = None, width - 1
-
-        def attend(i, attn, q, k, v):
+        qk_heads = heads + kv_heads
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = self._norm(layer.input_layernorm, h)
+            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, name)
+            qk = qkv[:, :qk_heads * hd].view(n, qk_heads, hd)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # roll by half: cat(x2, x1)
+            k = qk[:, heads:]
+            v = qkv[:, qk_heads * hd:].view(n, kv_heads, hd)
             kc, vc = cache.k[i], cache.v[i]
             if ragged:
                 kc[rows, :, positions] = k
@@ -189,60 +198,11 @@ class FastDecode:
             else:
                 kc[:n, :, at] = k
                 vc[:n, :, at] = v
-            return self._attend(q, kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
-
-        h = self._layers(model, tokens, positions[:, None], name, attend)
-        return _base_model(model).get_output_embeddings()(self._norm(_base_model(model).model.norm, h))
-
-    def prefill(self, model, cache, slot: int, tokens: torch.Tensor, start: int, name: Optional[str]) -> torch.Tensor:
-        """Logits [1, V] after the last of `tokens` [T], a chunk of one sequence's prompt fed at
-        positions start..start+T-1 of cache slot `slot` (positions before `start` already hold
-        the sequence's keys and values); each token attends to the positions up to its own."""
-        length = tokens.shape[0]
-        end = start + length
-        positions = torch.arange(start, end, device=tokens.device)
-        causal = None
-        if length > 1:  # token t sees positions 0..start+t
-            causal = torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
-
-        def attend(i, attn, q, k, v):
-            kc, vc = cache.k[i], cache.v[i]
-            kc[slot, :, start:end] = k.transpose(0, 1)
-            vc[slot, :, start:end] = v.transpose(0, 1)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[slot:slot + 1, :, :end],
-                                               vc[slot:slot + 1, :, :end], attn_mask=causal, scale=attn.scaling,
-                                               enable_gqa=self.kv_heads != self.heads)
-            return o[0].transpose(0, 1).reshape(length, self.heads * self.head_dim)
-
-        h = self._layers(model, tokens, positions[:, None], name, attend)
-        base = _base_model(model)
-        return base.get_output_embeddings()(self._norm(base.model.norm, h[-1:]))
-
-    def _layers(self, model, tokens: torch.Tensor, positions: torch.Tensor, name: Optional[str], attend) -> torch.Tensor:
-        """The decoder layers over rows of one token each (tokens [r], positions [r, 1]): hidden
-        states [r, hidden] before the final norm. `attend(i, attn, q, k, v)` stores layer i's keys
-        and values (q [r, heads, hd], k and v [r, kv_heads, hd], rotary applied) and returns the
-        attention output [r, heads * hd]."""
-        inner = _base_model(model).model
-        r = tokens.shape[0]
-        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
-        half = hd // 2
-        h = inner.embed_tokens(tokens)  # [r, hidden]
-        cos, sin = inner.rotary_emb(h, positions)  # [r, 1, hd]
-        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        qk_heads = heads + kv_heads
-        for i, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = self._norm(layer.input_layernorm, h)
-            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, name)
-            qk = qkv[:, :qk_heads * hd].view(r, qk_heads, hd)
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # roll by half: cat(x2, x1)
-            o = attend(i, attn, qk[:, :heads], qk[:, heads:], qkv[:, qk_heads * hd:].view(r, kv_heads, hd))
+            o = self._attend(qk[:, :heads], kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
             h = h + self._linear(attn.o_proj, o, name)
             x = self._norm(layer.post_attention_layernorm, h)
             gate_up = self._siblings((mlp.gate_proj, mlp.up_proj), x, name)
             inter = self._unwrap(mlp.gate_proj).out_features
             gate, up = gate_up[:, :inter], gate_up[:, inter:]
             h = h + self._linear(mlp.down_proj, mlp.act_fn(gate).mul_(up), name)
-        return h
+        return base.get_output_embeddings()(self._norm(inner.norm, h))
