@@ -195,7 +195,6 @@ def pack_linears(model: nn.Module) -> int:
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"),)  # children that read the same input, in column order
 ONEDNN_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # ... stacked where laid out for oneDNN
-ONEDNN_FUSED_DTYPES = (torch.bfloat16, torch.float32)  # bf16: 7 -> 4 oneDNN calls a layer (GEMMs 1.08-1.10x)
 
 
 def _become_packed(module: nn.Linear, shared: set[int]) -> None:
@@ -208,8 +207,8 @@ def _become_packed(module: nn.Linear, shared: set[int]) -> None:
 
 
 def _pack_onednn_groups(model: nn.Module, shared: set[int]) -> int:
-    """Each group of ONEDNN_SIBLINGS (plain nn.Linear of one input size, a dtype in
-    ONEDNN_FUSED_DTYPES laid out for oneDNN, all with bias or none, no shared weight) packed as
+    """Each group of ONEDNN_SIBLINGS (plain nn.Linear of one input size and dtype, each laid out
+    for oneDNN in that dtype, all with bias or none, no shared weight) packed as
     one stacked oneDNN weight (`Fused`, layout ONEDNN); returns how many layers it packed."""
     count = 0
     for parent in model.modules():
@@ -220,8 +219,7 @@ def _pack_onednn_groups(model: nn.Module, shared: set[int]) -> int:
             if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is not None) for m in members}) != 1:
                 continue
             dtype = members[0].weight.dtype
-            if dtype not in ONEDNN_FUSED_DTYPES or any(
-                    pick_layout(m.out_features, m.in_features, dtype) is not Layout.ONEDNN for m in members):
+            if any(pick_layout(m.out_features, m.in_features, dtype) is not Layout.ONEDNN for m in members):
                 continue
             stacked = torch.cat([m.weight.detach() for m in members])
             bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
