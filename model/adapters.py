@@ -17,6 +17,7 @@ loaded at all.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -36,6 +37,7 @@ class AdapterVersion:
     name: str  # public name
     internal: str  # peft adapter name inside the model
     path: str
+    digest: str = ""  # sha256 of the adapter's files as read (AdapterFiles.digest); "" if not known
     refs: int = 0  # requests holding this version
     retired: bool = False  # replaced or unloaded; delete when refs reaches 0
 
@@ -86,10 +88,10 @@ class AdapterTable:
             return True
         return False
 
-    def publish(self, name: str, internal: str, path: str) -> Optional[str]:
+    def publish(self, name: str, internal: str, path: str, digest: str = "") -> Optional[str]:
         """Point `name` at a freshly loaded version; returns an old internal name to delete now."""
         with self._lock:
-            new = AdapterVersion(name, internal, path)
+            new = AdapterVersion(name, internal, path, digest)
             self._versions[internal] = new
             old = self._current.get(name)
             self._current[name] = new
@@ -135,19 +137,19 @@ class AdapterFiles:
     path: str
     config: dict  # adapter_config.json
     weights: dict  # tensor name -> torch.Tensor (a private copy, never memory-mapped)
+    digest: str = ""  # sha256 over adapter_config.json's and the weight file's bytes: the version's identity
 
 
 def _bad(message: str) -> APIError:
     return APIError(400, message, param="lora_path")
 
 
-def _read_weights(weights: Path) -> dict:
+def _parse_weights(weights: Path, data: bytes) -> dict:
     """The state dict from bytes in memory: a file rewritten meanwhile is an error, not a SIGBUS."""
     import io
 
     import torch
 
-    data = weights.read_bytes()
     if weights.suffix == ".safetensors":
         from safetensors.torch import load
 
@@ -166,7 +168,8 @@ def read_adapter(path: str, shapes: Optional[dict[str, tuple[int, int]]]) -> Ada
     if not cfg_file.is_file():
         raise _bad(f"{path!r} is not a PEFT adapter: {ADAPTER_CONFIG} is missing")
     try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        config_bytes = cfg_file.read_bytes()
+        config = json.loads(config_bytes.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise _bad(f"{cfg_file}: not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
@@ -176,7 +179,8 @@ def read_adapter(path: str, shapes: Optional[dict[str, tuple[int, int]]]) -> Ada
     if weights_file is None:
         raise _bad(f"{path!r} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
     try:
-        weights = _read_weights(weights_file)
+        data = weights_file.read_bytes()
+        weights = _parse_weights(weights_file, data)
     except Exception as exc:  # truncated, rewritten or corrupt: any reader error is the file's
         raise _bad(f"{weights_file}: cannot read adapter weights ({type(exc).__name__}: {exc})") from None
     if not isinstance(weights, dict) or not weights or not all(isinstance(t, torch.Tensor) for t in weights.values()):
@@ -186,7 +190,8 @@ def read_adapter(path: str, shapes: Optional[dict[str, tuple[int, int]]]) -> Ada
         raise _bad(f"adapter {path!r} has non-finite weights (NaN or infinity in {bad}); it would answer nothing")
     if shapes is not None:
         _check_shapes(path, {k: tuple(t.shape) for k, t in weights.items()}, shapes)
-    return AdapterFiles(path, config, weights)
+    digest = hashlib.sha256(config_bytes + b"\0" + data).hexdigest()
+    return AdapterFiles(path, config, weights, digest)
 
 
 def attach(model, internal: str, files: AdapterFiles):

@@ -17,6 +17,7 @@ Pure functions, no torch and no HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -194,6 +195,15 @@ def check_context(prompt_tokens: int, max_tokens: Optional[int], max_context: in
     return max_tokens
 
 
+def system_fingerprint(base: str, dtype: str, adapter: Optional[str]) -> str:
+    """OpenAI's `system_fingerprint`: which weights answered. A digest of the base (its path and
+    serving dtype) and of the adapter version the request held from admission to its last token
+    (the sha256 of its files, `AdapterFiles.digest`): the same for the same files across restarts,
+    different after a hot-swap to other files."""
+    parts = [base, dtype] + ([adapter] if adapter is not None else [])
+    return "fp_" + hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:16]
+
+
 def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -207,13 +217,15 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_object(cid: str, model: str, text: str, finish_reason: str, usage: dict,
-                      stop_reason: Union[str, int, None] = None) -> dict:
-    """`stop_reason` is vLLM's extra: the stop string that ended the answer (None for EOS/length)."""
+                      stop_reason: Union[str, int, None] = None, fingerprint: Optional[str] = None) -> dict:
+    """`stop_reason` is vLLM's extra: the stop string that ended the answer (None for EOS/length);
+    `fingerprint` is OpenAI's `system_fingerprint` (the worker's: which weights answered)."""
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": fingerprint,
         "choices": [
             {
                 "index": 0,
@@ -235,13 +247,14 @@ def chunk_object(
     finish_reason: Optional[str] = None,
     usage: Optional[dict] = None,
     stop_reason: Union[str, int, None] = None,
+    fingerprint: Optional[str] = None,
 ) -> dict:
     """One `chat.completion.chunk`; a usage-only chunk has empty `choices` (as OpenAI)."""
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     if finish_reason is not None:
         choice["stop_reason"] = stop_reason
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [] if delta is None else [choice]}
+           "system_fingerprint": fingerprint, "choices": [] if delta is None else [choice]}
     if usage is not None:
         out["usage"] = usage
     return out

@@ -140,7 +140,7 @@ def build_worker(cfg, args):
             raise ServeError(f"adapter {name!r}: {exc.message}") from None
         internal = table.new_internal_name()
         engine.load_adapter(internal, path, files)  # engine thread not started yet: safe here
-        table.publish(name, internal, path)
+        table.publish(name, internal, path, files.digest)
     # The HTTP loop encodes prompts while the engine thread decodes: separate tokenizer
     # objects, since a fast tokenizer is not safe to share across threads ("Already borrowed").
     return Worker(engine=engine, tokenizer=copy.deepcopy(loaded.tokenizer), base_id=args.served_model_name or (args.model or base),

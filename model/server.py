@@ -42,7 +42,7 @@ from typing import Optional
 from aiohttp import web
 
 from model import protocol
-from model.adapters import AdapterInUse, AdapterTable, read_adapter, within_roots
+from model.adapters import AdapterInUse, AdapterTable, AdapterVersion, read_adapter, within_roots
 from model.engine import Engine, QueueFull, Sequence
 from model.errors import APIError, bad_request
 from model.metrics import WorkerMetrics
@@ -97,6 +97,11 @@ class Worker:
     _sleep_generation: int = 0  # bumped by every sleep and wake; a stale offload does nothing
     _pending_offload: Optional[concurrent.futures.Future] = None
     _sleep_cancelled: Optional[asyncio.Future] = None  # resolved by the wake that cancels a pending sleep
+
+    def fingerprint(self, adapter: Optional[AdapterVersion]) -> str:
+        """The `system_fingerprint` of a response served by `adapter` (None: the base alone)."""
+        return protocol.system_fingerprint(self.base_path, self.dtype, adapter.digest or adapter.internal
+                                           if adapter is not None else None)
 
     # ---------------- state ----------------
 
@@ -221,7 +226,7 @@ class Worker:
                 await asyncio.wrap_future(self.engine.call(lambda: self.engine.load_adapter(internal, real, files)))
             except Exception as exc:
                 raise APIError(400, f"cannot load adapter {name!r} from {path!r}: {exc}", param="lora_path") from None
-            stale = self.adapters.publish(name, internal, path)
+            stale = self.adapters.publish(name, internal, path, files.digest)
             self.metrics.adapter_loads += 1
             if stale:
                 await asyncio.wrap_future(self.engine.call(lambda: self.engine.delete_adapter(stale)))
@@ -252,8 +257,11 @@ class Worker:
             raise bad_request(f"the chat template rejected the messages: {type(exc).__name__}: {exc}",
                               "messages") from None
 
-    async def make_sequence(self, req: protocol.ChatRequest, queue: asyncio.Queue) -> Sequence:
-        """Resolve the model name, build the prompt, check the context: 404/400 otherwise."""
+    async def make_sequence(self, req: protocol.ChatRequest, queue: asyncio.Queue) -> tuple[Sequence, str]:
+        """Resolve the model name, build the prompt, check the context: 404/400 otherwise.
+
+        Returns the submitted sequence and its `system_fingerprint` (taken before the engine
+        sees it: the engine lets go of the adapter version when the request ends)."""
         self.refuse_if_unavailable()
         if req.model not in (None, self.base_id) and req.model not in self.adapters:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
@@ -272,6 +280,7 @@ class Worker:
                        emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
                        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
                        ignore_eos=req.ignore_eos, adapter=adapter)
+        fingerprint = self.fingerprint(adapter)
         try:
             self.engine.submit(seq)
         except QueueFull:
@@ -281,7 +290,7 @@ class Worker:
         except BaseException:
             self.release_now(seq)
             raise
-        return seq
+        return seq, fingerprint
 
 
 async def _body(request: web.Request) -> bytes:
@@ -309,20 +318,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     worker.refuse_if_unavailable()
     req = protocol.parse_chat_request(await _body(request))
     queue: asyncio.Queue = asyncio.Queue()
-    seq = await worker.make_sequence(req, queue)
+    seq, fingerprint = await worker.make_sequence(req, queue)
     worker.active += 1
     try:
         name = req.model or worker.base_id
         if req.stream:
-            return await _stream(request, req, seq, queue, name)
-        return await _complete(seq, queue, name)
+            return await _stream(request, req, seq, queue, name, fingerprint)
+        return await _complete(seq, queue, name, fingerprint)
     finally:
         worker.active -= 1
         if seq.finish_reason is None:  # client left or the handler failed: free the slot now
             worker.engine.cancel(seq)
 
 
-async def _complete(seq: Sequence, queue: asyncio.Queue, name: str) -> web.Response:
+async def _complete(seq: Sequence, queue: asyncio.Queue, name: str, fingerprint: str) -> web.Response:
     parts = []
     while True:
         event = await queue.get()
@@ -334,31 +343,33 @@ async def _complete(seq: Sequence, queue: asyncio.Queue, name: str) -> web.Respo
             _, reason, prompt_tokens, completion_tokens = event
             usage = protocol.usage_object(prompt_tokens, completion_tokens)
             body = protocol.completion_object(protocol.new_completion_id(), name, "".join(parts), reason, usage,
-                                              stop_reason=_stop_reason(seq, reason))
+                                              stop_reason=_stop_reason(seq, reason), fingerprint=fingerprint)
             return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
 async def _stream(request, req: protocol.ChatRequest, seq: Sequence, queue: asyncio.Queue,
-                  name: str) -> web.StreamResponse:
+                  name: str, fingerprint: str) -> web.StreamResponse:
     """SSE: a role chunk, content chunks, a finish chunk, a usage chunk only if asked, [DONE]."""
     cid, created = protocol.new_completion_id(), int(time.time())
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    await response.write(_sse(protocol.chunk_object(cid, name, created, {"role": "assistant", "content": ""})))
+
+    def chunk(*args, **kw) -> bytes:
+        return _sse(protocol.chunk_object(cid, name, created, *args, fingerprint=fingerprint, **kw))
+
+    await response.write(chunk({"role": "assistant", "content": ""}))
     while True:
         event = await queue.get()
         if event[0] == "delta":
-            await response.write(_sse(protocol.chunk_object(cid, name, created, {"content": event[1]})))
+            await response.write(chunk({"content": event[1]}))
         elif event[0] == "error":
             await response.write(_sse(APIError(500, event[1]).body()))
             break
         else:
             _, reason, prompt_tokens, completion_tokens = event
-            await response.write(_sse(protocol.chunk_object(cid, name, created, {}, finish_reason=reason,
-                                                            stop_reason=_stop_reason(seq, reason))))
+            await response.write(chunk({}, finish_reason=reason, stop_reason=_stop_reason(seq, reason)))
             if req.include_usage:  # as OpenAI and vLLM: only with stream_options.include_usage
-                usage = protocol.usage_object(prompt_tokens, completion_tokens)
-                await response.write(_sse(protocol.chunk_object(cid, name, created, usage=usage)))
+                await response.write(chunk(usage=protocol.usage_object(prompt_tokens, completion_tokens)))
             break
     await response.write(_sse("[DONE]"))
     await response.write_eof()

@@ -114,6 +114,16 @@ def reference(model, ids, n):
     return out[0, len(ids):].tolist()
 
 
+def greedy_through_eos(model, ids, n):
+    """n greedy tokens, each the argmax of a full forward, EOS allowed (as `ignore_eos` serves:
+    `generate`'s min_new_tokens would forbid EOS instead)."""
+    out = list(ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_greedy_ragged_batch_matches_generate(tokenizer, arch):
     model = _sharpen(ARCHS[arch](tokenizer))
@@ -323,3 +333,59 @@ def test_adapters_mixed_in_one_batch(tokenizer, tmp_path):
     finally:
         engine.stop()
     assert [s.generated for s in batch] == expected
+
+
+def test_hot_swap_mid_decode_keeps_running_requests_on_their_version(tokenizer, tmp_path):
+    """The worker's hot-swap, in-process: a new version of adapter "a" is loaded between two steps
+    while four requests on "a" are decoding. Each of them finishes on the weights it started with,
+    token for token (logits sharpened, so a switched row would show), a request admitted after
+    the swap answers with the new weights, and the old version leaves the model with its last request."""
+    from peft import PeftModel
+
+    from benchmarks.serve_bench import make_adapter
+
+    base = _sharpen(_qwen2(tokenizer))
+    paths = {name: make_adapter(None, tmp_path / name, seed, model=base) for name, seed in (("a", 1), ("b", 2))}
+    ids, n = prompts(tokenizer), 40
+    expected = {}
+    for name, path in paths.items():
+        with_adapter = PeftModel.from_pretrained(_sharpen(_qwen2(tokenizer)), path).eval()
+        expected[name] = [greedy_through_eos(with_adapter, p, n) for p in ids]
+    assert all(a != b for a, b in zip(expected["a"], expected["b"]))  # the swap really changes every answer
+    adapters = AdapterTable()
+    engine = make_engine(base, tokenizer, adapters)
+
+    def load(path):
+        internal = adapters.new_internal_name()
+        engine.load_adapter(internal, path)
+        stale = adapters.publish("a", internal, path)
+        if stale:
+            engine.delete_adapter(stale)
+        return internal
+
+    try:
+        first = engine.call(lambda: load(paths["a"])).result()
+        running = [seq(p, n, adapter=adapters.acquire("a")) for p in ids]
+        for s in running:
+            engine.submit(s)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not all(s.generated for s in running) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+        def swap():  # on the engine thread between two steps, as the worker's load does
+            return load(paths["b"]), [len(s.generated) for s in running]
+
+        second, at_swap = engine.call(swap).result()
+        after = seq(ids[1], n, adapter=adapters.acquire("a"))
+        run(engine, [after])
+        for s in running:
+            assert s.emit.ended.wait(TIMEOUT_S)
+        assert settled(engine)
+        versions = set(engine.model.peft_config)
+    finally:
+        engine.stop()
+    assert all(0 < k < n for k in at_swap), at_swap  # every request was mid-answer at the swap
+    assert [s.generated for s in running] == expected["a"]
+    assert after.generated == expected["b"][1]
+    assert all(s.emit.outcome == "done" for s in running + [after])
+    assert second in versions and first not in versions  # the old version went with its last request

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from model.adapters import AdapterInUse, AdapterTable, check_adapter_dir
+from model.adapters import AdapterInUse, AdapterTable, check_adapter_dir, read_adapter
 from model.detokenize import IncrementalDetokenizer, StopStrings
 from model.errors import APIError
-from model.protocol import check_context, parse_chat_request
+from model.protocol import check_context, parse_chat_request, system_fingerprint
 
 
 def test_incremental_detokenizer_releases_only_whole_characters(tiny_base):
@@ -83,6 +83,33 @@ def test_adapter_dir_checks_name_the_problem(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{broken")
     with pytest.raises(APIError, match="not valid JSON"):
         check_adapter_dir(str(tmp_path), {})
+
+
+def test_fingerprint_names_the_adapter_files_not_where_or_when_they_were_loaded(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    save_file({"base_model.model.layer.lora_A.weight": torch.ones(2, 3)}, first / "adapter_model.safetensors")
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    digest = read_adapter(str(first), None).digest
+    assert read_adapter(str(copy), None).digest == digest  # the same files elsewhere: the same version
+    save_file({"base_model.model.layer.lora_A.weight": torch.ones(2, 3) * 2}, copy / "adapter_model.safetensors")
+    assert read_adapter(str(copy), None).digest != digest  # retrained weights
+    shutil.copy(first / "adapter_model.safetensors", copy)
+    (copy / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 8}))
+    assert read_adapter(str(copy), None).digest != digest  # same weights, another scale
+    base = system_fingerprint("/models/base", "bfloat16", None)
+    with_adapter = system_fingerprint("/models/base", "bfloat16", digest)
+    assert base.startswith("fp_") and with_adapter.startswith("fp_")
+    assert len({base, with_adapter, system_fingerprint("/models/base", "float32", digest),
+                system_fingerprint("/models/other", "bfloat16", digest)}) == 4
+    assert system_fingerprint("/models/base", "bfloat16", digest) == with_adapter  # nothing per process
 
 
 def test_request_parsing_accepts_openai_shapes_and_names_bad_params():
