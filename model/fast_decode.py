@@ -1,4 +1,4 @@
-"""A lean decode step for Llama-family models (Llama, Qwen2), gpt-fast style.
+"""A lean decode step and prompt prefill for Llama-family models (Llama, Qwen2), gpt-fast style.
 
 A transformers forward costs about 1,500 small operations per decode step on
 SmolLM2 (30 layers): mask building, the cache interface, peft's per-module
@@ -16,6 +16,10 @@ q, k and v come from one GEMM, and so do gate and up, where the CPU weights were
 laid out as one group (packed_linear), the rotary embedding (the model's own cos / sin,
 Llama's rotate-half formula) turns q and k in one pass, LoRA updates are added
 into the projections' outputs in place, and rows all at one position need no mask.
+
+The same layers run prompt chunks (`prefill`): every chunk's tokens as the rows of
+one batch, with no padding (the transformers path left-pads chunks to the longest),
+attention per chunk, each token seeing its slot's positions up to its own.
 
 It is used only where it computes exactly what the transformers forward would:
 one adapter (or none) for the whole batch, plain LoRA on the projections (no
@@ -166,31 +170,17 @@ class FastDecode:
         """Logits [n, V] for rows 0..n-1, row i feeding tokens[i] at positions[i]; keys and values
         are written into `cache` (a kv_cache.SlotCache with room for `width` positions).
         `ragged`: whether some row is not at position width - 1 (the caller knows from its list)."""
-        base = _base_model(model)
-        inner = base.model
         n = tokens.shape[0]
-        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
-        half = hd // 2
-        h = inner.embed_tokens(tokens)  # [n, hidden]
-        cos, sin = inner.rotary_emb(h, positions[:, None])  # [n, 1, hd]
-        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         if ragged:  # each row attends to its own positions: one additive mask for every layer
             keep = torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]
-            mask = torch.zeros(keep.shape, dtype=h.dtype, device=h.device).masked_fill_(~keep, float("-inf"))
+            dtype = _base_model(model).get_input_embeddings().weight.dtype
+            mask = torch.zeros(keep.shape, dtype=dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
             mask = mask[:, None, None, :]
             rows = torch.arange(n, device=tokens.device)
         else:  # every row at position width - 1: it sees the whole cache view
             mask, at = None, width - 1
-        qk_heads = heads + kv_heads
-        for i, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            x = self._norm(layer.input_layernorm, h)
-            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, name)
-            qk = qkv[:, :qk_heads * hd].view(n, qk_heads, hd)
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # roll by half: cat(x2, x1)
-            k = qk[:, heads:]
-            v = qkv[:, qk_heads * hd:].view(n, kv_heads, hd)
+
+        def attend(i, attn, q, k, v):
             kc, vc = cache.k[i], cache.v[i]
             if ragged:
                 kc[rows, :, positions] = k
@@ -198,11 +188,75 @@ class FastDecode:
             else:
                 kc[:n, :, at] = k
                 vc[:n, :, at] = v
-            o = self._attend(qk[:, :heads], kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
+            return self._attend(q, kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
+
+        h = self._layers(model, tokens, positions[:, None], name, attend)
+        return _base_model(model).get_output_embeddings()(self._norm(_base_model(model).model.norm, h))
+
+    def prefill(self, model, cache, slots: list[int], pieces: list[torch.Tensor], starts: list[int],
+                name: Optional[str]) -> torch.Tensor:
+        """Logits [B, V] after the last token of each of B prompt chunks: pieces[b] (token ids [T_b])
+        fed at positions starts[b].. of cache slot slots[b] (positions before starts[b] already hold
+        that sequence's keys and values). The chunks' tokens run as the rows of one batch, no
+        padding; attention is per chunk, each token seeing its slot's positions up to its own."""
+        device = pieces[0].device
+        spans, offset = [], 0  # (slot, first row, rows, start position, causal mask or None)
+        for slot, piece, start in zip(slots, pieces, starts):
+            length = piece.shape[0]
+            positions = torch.arange(start, start + length, device=device)
+            causal = None
+            if length > 1:  # token t sees positions 0..start+t
+                causal = torch.arange(start + length, device=device)[None, :] <= positions[:, None]
+            spans.append((slot, offset, length, start, causal))
+            offset += length
+        tokens = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        positions = torch.cat([torch.arange(s, s + n, device=device) for _, _, n, s, _ in spans])
+        heads, hd = self.heads, self.head_dim
+        gqa = self.kv_heads != heads
+
+        def attend(i, attn, q, k, v):
+            kc, vc = cache.k[i], cache.v[i]
+            out = torch.empty(q.shape[0], heads * hd, dtype=q.dtype, device=q.device)
+            for slot, first, length, start, causal in spans:
+                rows, end = slice(first, first + length), start + length
+                kc[slot, :, start:end] = k[rows].transpose(0, 1)
+                vc[slot, :, start:end] = v[rows].transpose(0, 1)
+                o = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], kc[slot:slot + 1, :, :end],
+                                                   vc[slot:slot + 1, :, :end], attn_mask=causal, scale=attn.scaling,
+                                                   enable_gqa=gqa)
+                out[rows] = o[0].transpose(0, 1).reshape(length, heads * hd)
+            return out
+
+        h = self._layers(model, tokens, positions[:, None], name, attend)
+        last = torch.tensor([first + length - 1 for _, first, length, _, _ in spans], device=device)
+        base = _base_model(model)
+        return base.get_output_embeddings()(self._norm(base.model.norm, h[last]))
+
+    def _layers(self, model, tokens: torch.Tensor, positions: torch.Tensor, name: Optional[str], attend) -> torch.Tensor:
+        """The decoder layers over rows of one token each (tokens [r], positions [r, 1]): hidden
+        states [r, hidden] before the final norm. `attend(i, attn, q, k, v)` stores layer i's keys
+        and values (q [r, heads, hd], k and v [r, kv_heads, hd], rotary applied) and returns the
+        attention output [r, heads * hd]."""
+        inner = _base_model(model).model
+        r = tokens.shape[0]
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        half = hd // 2
+        h = inner.embed_tokens(tokens)  # [r, hidden]
+        cos, sin = inner.rotary_emb(h, positions)  # [r, 1, hd]
+        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        qk_heads = heads + kv_heads
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x = self._norm(layer.input_layernorm, h)
+            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, name)
+            qk = qkv[:, :qk_heads * hd].view(r, qk_heads, hd)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # roll by half: cat(x2, x1)
+            o = attend(i, attn, qk[:, :heads], qk[:, heads:], qkv[:, qk_heads * hd:].view(r, kv_heads, hd))
             h = h + self._linear(attn.o_proj, o, name)
             x = self._norm(layer.post_attention_layernorm, h)
             gate_up = self._siblings((mlp.gate_proj, mlp.up_proj), x, name)
             inter = self._unwrap(mlp.gate_proj).out_features
             gate, up = gate_up[:, :inter], gate_up[:, inter:]
             h = h + self._linear(mlp.down_proj, mlp.act_fn(gate).mul_(up), name)
-        return base.get_output_embeddings()(self._norm(inner.norm, h))
+        return h

@@ -12,10 +12,10 @@ Two kinds of step, both through the unmodified transformers model with a
 Per-row LoRA adapters go through peft's mixed-batch forward (`adapter_names`);
 a batch on one adapter runs as a plain forward with that adapter active.
 
-A decode step whose rows all use one adapter (or none) runs through
-`fast_decode.FastDecode` instead where it covers the model (Llama, Qwen2 with
-plain LoRA): the same computation on the same modules without transformers'
-per-step bookkeeping.
+A decode step whose rows all use one adapter (or none), and prompt chunks on
+one adapter (or none), run through `fast_decode.FastDecode` instead where it covers the model
+(Llama, Qwen2 with plain LoRA): the same computation on the same modules without
+transformers' per-step bookkeeping.
 """
 
 from __future__ import annotations
@@ -149,6 +149,11 @@ class Runner:
         """Logits [B, V] at the last token of each row; row b feeds pieces[b] from starts[b] in slot slots[b]."""
         width = max(len(p) for p in pieces)
         cache = self.cache_for(max(s + len(p) for s, p in zip(starts, pieces)), max(slots) + 1)
+        fast = self._fast_for(names)
+        if fast is not None:  # the lean loop: the chunks' tokens as one batch, no padding or 4-D mask
+            step, name = fast
+            return step.prefill(self.model, cache, list(slots), [torch.tensor(p, device=self.device) for p in pieces],
+                                list(starts), name)
         ids = torch.full((len(pieces), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(pieces), width), dtype=torch.long)
         for b, (start, piece) in enumerate(zip(starts, pieces)):
