@@ -261,36 +261,44 @@ class Worker:
         """Resolve the model name, build the prompt, check the context: 404/400 otherwise.
 
         Returns the submitted sequence and its `system_fingerprint` (taken before the engine
-        sees it: the engine lets go of the adapter version when the request ends)."""
+        sees it: the engine lets go of the adapter version when the request ends). The engine
+        is told the request is coming while it is tokenized, so a burst starts as one batch."""
         self.refuse_if_unavailable()
         if req.model not in (None, self.base_id) and req.model not in self.adapters:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self.tokenize_pool, self.prompt_ids, req.messages)
-        max_tokens = protocol.check_context(len(ids), req.max_tokens, self.max_context)
-        # From here to submit nothing awaits: a sleep or drain cannot slip in between the
-        # check and the hand-over, so the engine is never asleep under an admitted request.
-        self.refuse_if_unavailable()
-        adapter = None
-        if req.model not in (None, self.base_id):
-            adapter = self.adapters.acquire(req.model)
-            if adapter is None:  # unloaded while we tokenized
-                raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
-        seq = Sequence(prompt_ids=ids, max_tokens=max_tokens,
-                       emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                       temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
-                       ignore_eos=req.ignore_eos, adapter=adapter)
-        fingerprint = self.fingerprint(adapter)
+        self.engine.expect()
+        submitted = False
         try:
-            self.engine.submit(seq)
-        except QueueFull:
-            self.release_now(seq)
-            raise APIError(429, f"the model worker's queue is full ({self.engine.max_queue} waiting); retry shortly",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        except BaseException:
-            self.release_now(seq)
-            raise
-        return seq, fingerprint
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(self.tokenize_pool, self.prompt_ids, req.messages)
+            max_tokens = protocol.check_context(len(ids), req.max_tokens, self.max_context)
+            # From here to submit nothing awaits: a sleep or drain cannot slip in between the
+            # check and the hand-over, so the engine is never asleep under an admitted request.
+            self.refuse_if_unavailable()
+            adapter = None
+            if req.model not in (None, self.base_id):
+                adapter = self.adapters.acquire(req.model)
+                if adapter is None:  # unloaded while we tokenized
+                    raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
+            seq = Sequence(prompt_ids=ids, max_tokens=max_tokens,
+                           emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                           temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+                           ignore_eos=req.ignore_eos, adapter=adapter)
+            fingerprint = self.fingerprint(adapter)
+            submitted = True  # submit settles the expectation whether it queues the request or not
+            try:
+                self.engine.submit(seq, expected=True)
+            except QueueFull:
+                self.release_now(seq)
+                raise APIError(429, f"the model worker's queue is full ({self.engine.max_queue} waiting); "
+                                    "retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            except BaseException:
+                self.release_now(seq)
+                raise
+            return seq, fingerprint
+        finally:
+            if not submitted:
+                self.engine.unexpect()
 
 
 async def _body(request: web.Request) -> bytes:

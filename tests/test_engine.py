@@ -389,3 +389,40 @@ def test_hot_swap_mid_decode_keeps_running_requests_on_their_version(tokenizer, 
     assert after.generated == expected["b"][1]
     assert all(s.emit.outcome == "done" for s in running + [after])
     assert second in versions and first not in versions  # the old version went with its last request
+
+
+def test_requests_announced_together_start_together(tokenizer, monkeypatch):
+    """The server announces a request while it tokenizes it (`expect`); an idle engine woken by the
+    first of a burst waits for the announced rest, so the burst is prefilled as one batch (same
+    first-token instant) instead of the first few running a prefill and a decode step ahead of the
+    others. A request announced and then refused (`unexpect`) holds nobody up."""
+    import model.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 60.0)  # long enough that only arrivals end it
+    model = _sharpen(_llama(tokenizer))
+    ids = prompts(tokenizer)
+    expected = [reference(model, p, 6) for p in ids[:3]]
+    engine = make_engine(model, tokenizer)
+    try:
+        for _ in range(3):
+            engine.expect()
+        burst = [seq(p, 6) for p in ids[:3]]
+        engine.submit(burst[0], expected=True)
+        time.sleep(0.2)
+        assert not burst[0].generated  # held for the two still announced
+        engine.submit(burst[1], expected=True)
+        engine.submit(burst[2], expected=True)
+        for s in burst:
+            assert s.emit.ended.wait(TIMEOUT_S)
+        assert settled(engine)
+        engine.expect()
+        engine.expect()
+        alone = seq(ids[3], 4)
+        engine.submit(alone, expected=True)
+        engine.unexpect()  # the other one was refused before it reached the engine
+        assert alone.emit.ended.wait(TIMEOUT_S)
+    finally:
+        engine.stop()
+    assert [s.generated for s in burst] == expected
+    assert len({s.first_token_at for s in burst}) == 1  # one prefill batch gave all three their first token
+    assert alone.emit.outcome == "done"
