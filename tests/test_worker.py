@@ -77,8 +77,9 @@ async def post(url: str, body, path="/v1/chat/completions", headers=None):
             return r.status, (json.loads(text) if r.content_type == "application/json" else text), r.headers
 
 
-async def sse_events(resp) -> list:
-    """Read an SSE body into a list of decoded `data:` payloads ('[DONE]' kept as a string)."""
+async def sse_events(resp, on_event=None) -> list:
+    """Read an SSE body into a list of decoded `data:` payloads ('[DONE]' kept as a string);
+    `on_event(event)`, if given, sees each one as it arrives."""
     events, buf = [], b""
     async for chunk in resp.content.iter_any():
         buf += chunk
@@ -88,6 +89,8 @@ async def sse_events(resp) -> list:
             assert data.startswith("data: ")
             payload = data[len("data: "):]
             events.append(payload if payload == "[DONE]" else json.loads(payload))
+            if on_event is not None:
+                on_event(events[-1])
     return events
 
 
@@ -219,20 +222,25 @@ async def test_hot_swap_during_live_streams_fails_none(worker, client, adapter_d
     swapped = asyncio.Event()
 
     async def stream(i):
-        prints, after_swap = set(), 0
+        prints, after_swap = set(), [0]
+
+        def seen(event):
+            if event == "[DONE]":
+                return
+            assert "error" not in event, event
+            prints.add(event["system_fingerprint"])
+            if event["choices"] and event["choices"][0]["delta"].get("content"):
+                started[i].set()
+                after_swap[0] += swapped.is_set()
+
         try:
             async with aiohttp.ClientSession(headers=AUTH) as s:
                 async with s.post(worker.url + "/v1/chat/completions", json=body) as r:
                     assert r.status == 200
-                    for event in await sse_events_while(r, started[i], swapped):
-                        if event == "[DONE]":
-                            continue
-                        assert "error" not in event, event
-                        prints.add(event["system_fingerprint"])
-                        after_swap += event.pop("_after_swap", 0)
+                    await sse_events(r, seen)
         finally:
             started[i].set()  # never leave the swap waiting on a stream that is already over
-        return prints, after_swap
+        return prints, after_swap[0]
 
     tasks = [asyncio.create_task(stream(i)) for i in range(8)]
     await asyncio.gather(*[e.wait() for e in started])
@@ -249,26 +257,6 @@ async def test_hot_swap_during_live_streams_fails_none(worker, client, adapter_d
     await client.load_adapter("a", adapter_dirs["a"])  # restore for other tests
     text, fingerprint = await answer(worker, "a")
     assert fingerprint == fp_a and text != answer_b
-
-
-async def sse_events_while(resp, started: asyncio.Event, swapped: asyncio.Event) -> list:
-    """`sse_events`, setting `started` at the first content and marking each content chunk that
-    arrived after `swapped` was set (`_after_swap`: 1)."""
-    events, buf = [], b""
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        while b"\n\n" in buf:
-            raw, buf = buf.split(b"\n\n", 1)
-            payload = raw.decode("utf-8")[len("data: "):]
-            if payload == "[DONE]":
-                events.append(payload)
-                continue
-            event = json.loads(payload)
-            if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                started.set()
-                event["_after_swap"] = int(swapped.is_set())
-            events.append(event)
-    return events
 
 
 async def test_bad_adapter_is_refused_and_the_old_one_keeps_serving(client, adapter_dirs, tmp_path, tiny_base):
