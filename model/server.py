@@ -260,14 +260,13 @@ class Worker:
     async def make_sequence(self, req: protocol.ChatRequest, queue: asyncio.Queue) -> tuple[Sequence, str]:
         """Resolve the model name, build the prompt, check the context: 404/400 otherwise.
 
-        Returns the submitted sequence and its `system_fingerprint` (taken before the engine
-        sees it: the engine lets go of the adapter version when the request ends). The engine
-        is told the request is coming while it is tokenized, so a burst starts as one batch."""
+        Returns the submitted sequence and its `system_fingerprint`, from the adapter version
+        acquired here (not `seq.adapter`, which the engine clears when the request ends). The
+        engine is told the request is coming while it is tokenized, so a burst starts as one batch."""
         self.refuse_if_unavailable()
         if req.model not in (None, self.base_id) and req.model not in self.adapters:
             raise APIError(404, f"The model `{req.model}` does not exist.", param="model")
         self.engine.expect()
-        submitted = False
         try:
             loop = asyncio.get_running_loop()
             ids = await loop.run_in_executor(self.tokenize_pool, self.prompt_ids, req.messages)
@@ -284,21 +283,19 @@ class Worker:
                            emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
                            temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
                            ignore_eos=req.ignore_eos, adapter=adapter)
-            fingerprint = self.fingerprint(adapter)
-            submitted = True  # submit settles the expectation whether it queues the request or not
-            try:
-                self.engine.submit(seq, expected=True)
-            except QueueFull:
-                self.release_now(seq)
-                raise APIError(429, f"the model worker's queue is full ({self.engine.max_queue} waiting); "
-                                    "retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-            except BaseException:
-                self.release_now(seq)
-                raise
-            return seq, fingerprint
-        finally:
-            if not submitted:
-                self.engine.unexpect()
+        except BaseException:
+            self.engine.unexpect()  # refused (or the client left) before it reached the engine
+            raise
+        try:
+            self.engine.submit(seq, expected=True)  # settles the announcement, queued or not
+        except QueueFull:
+            self.release_now(seq)
+            raise APIError(429, f"the model worker's queue is full ({self.engine.max_queue} waiting); retry shortly",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except BaseException:
+            self.release_now(seq)
+            raise
+        return seq, self.fingerprint(adapter)
 
 
 async def _body(request: web.Request) -> bytes:
