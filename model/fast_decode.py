@@ -191,7 +191,8 @@ class FastDecode:
             return self._attend(q, kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
 
         h = self._layers(model, tokens, positions[:, None], name, attend)
-        return _base_model(model).get_output_embeddings()(self._norm(_base_model(model).model.norm, h))
+        base = _base_model(model)
+        return base.get_output_embeddings()(self._norm(base.model.norm, h))
 
     def prefill(self, model, cache, slots: list[int], pieces: list[torch.Tensor], starts: list[int],
                 name: Optional[str]) -> torch.Tensor:
@@ -201,16 +202,17 @@ class FastDecode:
         padding; attention is per chunk, each token seeing its slot's positions up to its own."""
         device = pieces[0].device
         spans, offset = [], 0  # (slot, first row, rows, start position, causal mask or None)
+        rows_at = []  # each chunk's positions
         for slot, piece, start in zip(slots, pieces, starts):
             length = piece.shape[0]
-            positions = torch.arange(start, start + length, device=device)
+            rows_at.append(torch.arange(start, start + length, device=device))
             causal = None
             if length > 1:  # token t sees positions 0..start+t
-                causal = torch.arange(start + length, device=device)[None, :] <= positions[:, None]
+                causal = torch.arange(start + length, device=device)[None, :] <= rows_at[-1][:, None]
             spans.append((slot, offset, length, start, causal))
             offset += length
         tokens = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        positions = torch.cat([torch.arange(s, s + n, device=device) for _, _, n, s, _ in spans])
+        positions = torch.cat(rows_at) if len(rows_at) > 1 else rows_at[0]
         heads, hd = self.heads, self.head_dim
         gqa = self.kv_heads != heads
 
