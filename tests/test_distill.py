@@ -55,7 +55,9 @@ def test_distilled_rows_cost_nothing_until_the_adapter_drifts_and_then_pull_it_b
     drifted.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    # A small step: at 0.05 plain SGD overshoots on some tiny bases (trained on another CPU) and the
+    # KL climbs again after its first drop.
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005)
     for _ in range(5):  # descending the KL moves the adapted model back toward the base
         opt.step()
         opt.zero_grad()
