@@ -16,7 +16,8 @@ keeps one copy of its weight in one of two layouts:
   out >= 2 x in) and LM heads (>= `ONEDNN_MIN_OUT` outputs), where MKL's
   `torch.mm` at 8-16 rows streams the weight at about half the speed (0.76x on
   576x1536; a 49k-vocabulary head 1.7x faster in oneDNN at 8 rows). In bf16 every
-  layer takes this layout: oneDNN's bf16 kernels beat `torch.mm` on each projection.
+  layer takes this layout: oneDNN's bf16 kernels beat `torch.mm` on each projection
+  (on a CPU where oneDNN has no bf16 kernels, AVX2 only, bf16 layers are TRANSPOSED).
 
 Whole decode steps against all-oneDNN (SmolLM2, float32, one thread, the two
 interleaved in one process on the shared box): prefill of a 43-token prompt
@@ -67,12 +68,19 @@ def supported(device: str, dtype: torch.dtype) -> bool:
     return device == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
 
 
+def onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); without
+    them it refuses to lay out a bf16 weight ("bf16 path needs the cpu support ...")."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def pick_layout(out_features: int, in_features: int, dtype: torch.dtype = torch.float32) -> Layout:
     """float32: oneDNN's blocked layout for widening layers (MLP up/gate projections, LM heads),
     `torch.mm` otherwise. bfloat16: oneDNN for every layer (its bf16 kernels beat `torch.mm` and
-    `F.linear` on every SmolLM2 projection at 1, 8 and 32 rows, 1.2-2.4x)."""
+    `F.linear` on every SmolLM2 projection at 1, 8 and 32 rows, 1.2-2.4x) where oneDNN has bf16
+    kernels for this CPU, `torch.mm` where it has none (an AVX2-only CPU)."""
     if dtype == torch.bfloat16:
-        return Layout.ONEDNN
+        return Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
     widening = out_features >= ONEDNN_WIDEN * in_features
     return Layout.ONEDNN if widening or out_features >= ONEDNN_MIN_OUT else Layout.TRANSPOSED
 

@@ -88,28 +88,32 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
     (fast_logits, fast_cache), (plain_logits, plain_cache) = out[True], out[False]
     torch.testing.assert_close(fast_logits, plain_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_logits.argmax(-1), plain_logits.argmax(-1))
-    for a, b in zip(fast_cache, plain_cache):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_cache, plain_cache):  # (2e-5 apart on an AVX2 CPU: q/k/v as one GEMM or three)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_bfloat16_weights_run_in_onednn_and_decode_as_transformers_does(tokenizer, tmp_path, arch, adapter):  # noqa: F811
-    """worker.dtype bfloat16 on CPU: every projection and the head in oneDNN's blocked layout (its
-    bf16 kernels are the fastest there at 1-32 rows); a decode step over ragged rows, on the base
+def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_does(tokenizer, tmp_path, arch,  # noqa: F811
+                                                                                   adapter):
+    """worker.dtype bfloat16 on CPU: every projection and the head in oneDNN's blocked layout where
+    oneDNN has bf16 kernels (the fastest there at 1-32 rows), `torch.mm`'s where it has none (an
+    AVX2-only CPU, where oneDNN refuses a bf16 weight); a decode step over ragged rows, on the base
     or on a LoRA adapter (peft keeps its weights in float32), after a lean prefill, gives the
     as-loaded bf16 model's logits through transformers (to bf16 rounding) and the same greedy tokens."""
-    from model.packed_linear import Layout, PackedLinear
+    from model.packed_linear import Layout, PackedLinear, onednn_bf16
 
     models = {packed: _sharpen(ARCHS[arch](tokenizer)).to(torch.bfloat16) for packed in (True, False)}
     assert pack_linears(models[True]) > 0
     layers = [m for m in models[True].modules() if isinstance(m, PackedLinear)]
-    assert layers and all(m.layout is Layout.ONEDNN for m in layers)
-    for layer in models[True].model.layers:  # siblings of one input stacked in one oneDNN weight
+    layout = Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
+    assert layers and all(m.layout is layout for m in layers)
+    for layer in models[True].model.layers:  # siblings of one input as one weight
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused is not None
-        assert mlp.gate_proj.fused is mlp.up_proj.fused is not None
         assert attn.q_proj.fused.weight.dtype == torch.bfloat16 and attn.o_proj.packed.dtype == torch.bfloat16
+        if layout is Layout.ONEDNN:  # stacked in one oneDNN weight (side by side for torch.mm: q/k/v only)
+            assert mlp.gate_proj.fused is mlp.up_proj.fused is not None
     names = [None] * 3
     if adapter:
         path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3)

@@ -1,8 +1,7 @@
 """CPU weight layouts (model.packed_linear): a packed layer computes what nn.Linear computes.
 
-Siblings of one input laid out for oneDNN (q/k/v and gate/up in bf16; gate/up in float32) share
-one stacked oneDNN weight; each module still
-answers alone, in any call order and for any input (the one contract: siblings called on one
+Siblings of one input laid out for oneDNN (q/k/v and gate/up in bf16 where oneDNN has bf16
+kernels; gate/up in float32) share one stacked oneDNN weight; each module still answers alone, in any call order and for any input (the one contract: siblings called on one
 input do not see it changed in place between their calls, as in every Llama / Qwen2 layer), and
 the group holds nothing once every sibling has taken its columns.
 """
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.packed_linear import Layout, PackedLinear, pack_linears
+from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
 
 
 class Attention(nn.Module):
@@ -37,12 +36,21 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_bf16_siblings_share_one_onednn_weight_and_answer_as_nn_linear(bias):
+def test_bf16_siblings_share_one_weight_and_answer_as_nn_linear(bias):
+    """Where oneDNN has bf16 kernels: q/k/v stacked in one oneDNN weight, the only copy. Where it
+    has none (an AVX2-only CPU, which refuses to lay one out): q/k/v side by side for `torch.mm`,
+    each module's weight a column view of the group's."""
     plain, packed = _pair(bias)
     group = packed.q_proj.fused
-    assert group is packed.k_proj.fused is packed.v_proj.fused and group.layout is Layout.ONEDNN
-    assert all(isinstance(m, PackedLinear) and m.packed is None for m in group.members)
-    assert packed.o_proj.fused is None and packed.o_proj.layout is Layout.ONEDNN
+    assert group is packed.k_proj.fused is packed.v_proj.fused
+    if onednn_bf16():
+        assert group.layout is Layout.ONEDNN
+        assert all(isinstance(m, PackedLinear) and m.packed is None for m in group.members)
+        assert packed.o_proj.fused is None and packed.o_proj.layout is Layout.ONEDNN
+    else:
+        assert group.layout is Layout.TRANSPOSED and group.weight.dtype == torch.bfloat16
+        assert all(m.packed.data_ptr() >= group.weight.data_ptr() for m in group.members)
+        assert packed.o_proj.fused is None and packed.o_proj.layout is Layout.TRANSPOSED
     x, other = torch.randn(3, 5, 32, dtype=torch.bfloat16), torch.randn(4, 32, dtype=torch.bfloat16)
     names = ("q_proj", "k_proj", "v_proj")
     for order in (names, names[::-1], ("k_proj", "k_proj", "q_proj")):  # as transformers calls them, and not
@@ -54,14 +62,6 @@ def test_bf16_siblings_share_one_onednn_weight_and_answer_as_nn_linear(bias):
     _close(packed.q_proj(x), plain.q_proj(x))
     _close(packed.k_proj(other), plain.k_proj(other))
     _close(packed.v_proj(x), plain.v_proj(x))
-
-
-def test_once_every_sibling_has_its_columns_the_group_holds_nothing():
-    _, packed = _pair(False)
-    x = torch.randn(2, 32, dtype=torch.bfloat16)
-    for name in ("q_proj", "k_proj", "v_proj"):
-        getattr(packed, name)(x)
-    assert packed.q_proj.fused._last is None
 
 
 class MLP(nn.Module):
@@ -96,3 +96,13 @@ def test_float32_keeps_the_transposed_layout_with_column_views():
     x = torch.randn(4, 32)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         torch.testing.assert_close(getattr(packed, name)(x), getattr(plain, name)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_once_every_sibling_has_its_columns_the_group_holds_nothing():
+    packed = MLP().eval()  # float32 gate/up: stacked for oneDNN on every CPU
+    pack_linears(packed)
+    x = torch.randn(2, 32)
+    packed.gate_proj(x)
+    assert packed.gate_proj.fused._last is not None  # up's columns wait for it
+    packed.up_proj(x)
+    assert packed.gate_proj.fused._last is None

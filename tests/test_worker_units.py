@@ -131,9 +131,10 @@ def test_context_check_reports_counts_and_defaults_to_the_rest():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_worker_dtype_auto_serves_bf16_where_the_cpu_computes_it(monkeypatch, native):
+def test_worker_dtype_auto_serves_bf16_where_the_cpu_computes_it(monkeypatch, caplog, native):
     """`worker.dtype: auto`: bf16 on a GPU and on a CPU with native bf16, float32 on other CPUs;
-    an explicit dtype is served as asked; the trainer's rule (resolve_dtype) stays float32 on CPU."""
+    an explicit dtype is served as asked, with a warning where bf16 would be emulated; the
+    trainer's rule (resolve_dtype) stays float32 on CPU."""
     import torch
 
     from model import loading
@@ -142,7 +143,10 @@ def test_worker_dtype_auto_serves_bf16_where_the_cpu_computes_it(monkeypatch, na
     assert loading.serving_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
     assert loading.serving_dtype("auto", "cuda:0") == "bfloat16"
     assert loading.serving_dtype("float32", "cpu") == "float32"
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert loading.serving_dtype("bfloat16", "cpu") == "bfloat16"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warned) is not native and all("without native bf16" in w and "float32" in w for w in warned)
     assert loading.resolve_dtype("auto", "cpu") == torch.float32
 
 
