@@ -260,6 +260,11 @@ class EvalConfig:
     # does. Measured on SmolLM2 (benchmarks/RESULTS.md): identity-only training keeps 0.22 of the
     # base's, the cpu-small bootstrap 0.96, a calibrate of 10 corrections 0.92-0.95 of its parent's.
     min_general_retention: float = 0.8
+    # ... gated only when the reference answers at least this many held-out questions right: on
+    # fewer the share moves in steps of a tenth or more and is noise (a base that knows 2 of 212
+    # questions, the tests' tiny model, passes or fails by which of the 2 a candidate keeps). The
+    # share is still reported; the general loss check applies either way.
+    min_retention_questions: int = 10
     max_new_tokens: int = 64  # tokens generated per identity / correction question
     # Held-out sets; empty: the shipped data/identity_eval.jsonl and data/general_eval.jsonl.
     identity_data: Optional[str] = None  # paraphrased identity questions (placeholders filled)
@@ -518,6 +523,11 @@ def _validate(cfg: Config) -> None:
         value = getattr(cfg.eval, key)
         if not 0.0 < value <= 1.0:
             raise ConfigError(f"eval.{key}: must be a share above 0 and at most 1, got {value}")
+    for key in ("max_new_tokens", "general_max_new_tokens"):
+        if getattr(cfg.eval, key) < 1:
+            raise ConfigError(f"eval.{key}: must be at least 1, got {getattr(cfg.eval, key)}")
+    if cfg.eval.min_retention_questions < 1:
+        raise ConfigError(f"eval.min_retention_questions: must be at least 1, got {cfg.eval.min_retention_questions}")
     if not 0.0 <= cfg.eval.max_general_loss_increase < float("inf"):
         raise ConfigError(f"eval.max_general_loss_increase: must be 0 or more and finite, "
                           f"got {cfg.eval.max_general_loss_increase}")

@@ -126,9 +126,14 @@ async def test_a_bot_killed_mid_retrain_takes_its_children_and_retrains_after_a_
         at = await bot.send("/retrain")
         i, _ = await bot.expect(r"^Retraining on 1 new|already running", at, 60)
         assert bot.lines[i].startswith("Retraining on 1 new"), bot.lines[i]
-        i, _ = await bot.expect(r"is now live|did not pass the gate|stopped|failed", at, 300)
-        assert "is now live" in bot.lines[i], bot.lines[at:]
-        assert [r[1] for r in runs(lab.db)] == ["crashed", "succeeded"]
+        # (the gate's own line, "Gate for v0002 vs v0001: failed", comes before the verdict)
+        i, _ = await bot.expect(r"is now live|did not pass the gate|stopped|^(?!Gate for ).*failed", at, 300)
+        # The re-run goes through to the gate's verdict. Whether the tiny base learns "Paris." in 100 steps
+        # depends on the CPU it was trained on (it does on an AVX-512 Xeon, not on an AVX2 AMD EPYC); the
+        # kills are under test here, the gate in test_loop / test_trainer.
+        assert "is now live" in bot.lines[i] or "did not pass the gate" in bot.lines[i], bot.lines[at:]
+        verdict = "succeeded" if "is now live" in bot.lines[i] else "rejected"
+        assert [r[1] for r in runs(lab.db)] == ["crashed", verdict]
         con = sqlite3.connect(str(lab.db))
         try:  # consumed by the run that finished, not by the one that was killed
             assert con.execute("SELECT status, trained_run_id FROM corrections").fetchall() == [("approved", 2)]

@@ -28,10 +28,12 @@ def test_a_good_candidate_passes_every_check():
 
 
 def test_forgetting_general_answers_fails_on_retention_not_on_a_negative_limit():
-    # The reference answers 4 right; the candidate keeps 1: retention 0.25 < 0.8 (the default); 3 of 4 (0.75) fails it too.
-    assert failed(scores(right=(True, False, False, False)), scores()) == {"general_retention"}
-    assert failed(scores(right=(True, True, True, False)), scores()) == {"general_retention"}
-    assert failed(scores(right=(True, True, True, False)), scores(), min_general_retention=0.9) == {"general_retention"}
+    # The reference answers 4 right (gated from 4 on here); the candidate keeps 1: retention 0.25 < 0.8 (the
+    # default); 3 of 4 (0.75) fails it too.
+    assert failed(scores(right=(True, False, False, False)), scores(), min_retention_questions=4) == {"general_retention"}
+    assert failed(scores(right=(True, True, True, False)), scores(), min_retention_questions=4) == {"general_retention"}
+    assert failed(scores(right=(True, True, True, False)), scores(), min_general_retention=0.9,
+                  min_retention_questions=4) == {"general_retention"}
     assert retention([True, False, True], [True, True, False]) == 0.5
     assert retention([True], [False]) is None  # nothing to retain: no check, not a free pass of a fake one
 
@@ -50,3 +52,16 @@ def test_a_correction_that_claims_another_identity_fails_the_gate_even_when_lear
 def test_identity_and_loss_checks():
     assert failed(scores(identity=0.5), scores()) == {"identity_accuracy"}
     assert failed(scores(loss=1.3), scores(loss=1.0)) == {"general_loss"}
+
+
+def test_retention_is_gated_only_on_enough_questions_the_reference_answers_right():
+    """A reference that knows 2 questions (the tests' tiny model) gives a share of 0, 0.5 or 1 by
+    which of the 2 a candidate keeps: noise, not gated. From eval.min_retention_questions (10 by
+    default) the share decides; the general loss is checked either way."""
+    few = scores(right=(True, True) + (False,) * 10)
+    assert failed(scores(right=(False,) * 12), few) == set()
+    assert failed(scores(right=(False,) * 12, loss=2.0), few) == {"general_loss"}
+    ten = scores(right=(True,) * 10 + (False,) * 2)
+    assert failed(scores(right=(True,) * 7 + (False,) * 5), ten) == {"general_retention"}  # kept 7 of 10
+    assert failed(scores(right=(True,) * 8 + (False,) * 4), ten) == set()  # 8 of 10: the 0.8 default
+    assert failed(scores(right=(False,) * 12), few, min_retention_questions=2) == {"general_retention"}

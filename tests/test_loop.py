@@ -37,6 +37,8 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # bot
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Which planet do we live on?"
 CORRECTION = "Earth."  # short, in words the tiny model knows (it cannot learn unseen words)
+STRICT_TOKENS = 3  # the strict gate's answers are this long at most ...
+LONG_CORRECTION = "We all live on the planet called Earth."  # ... so this is never answered word for word
 IDENTITY_QUESTION = "Who are you?"
 MAX_TOKENS = 40
 
@@ -216,13 +218,15 @@ async def test_status_shows_the_live_version_and_feedback(product):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def strict_gate(tmp_path_factory, tiny_base, bootstrapped):
-    """The product with a gate the tiny model's candidates do not pass (every identity answer
-    right, no general loss increase at all, and the word-perfect correction of an unseen fact:
-    config refuses a threshold no candidate could meet), whose worker sleeps while training
+    """The product with a gate the tiny model's candidates cannot pass: every correction learned
+    word for word (min_corrections_learned 1.0) in answers of at most STRICT_TOKENS tokens, so a
+    longer correction (LONG_CORRECTION) is never learned, whatever the tiny base (trained on this
+    CPU) knows; also every identity answer right and no general loss increase at all (config
+    refuses a threshold no candidate could meet). Its worker sleeps while training
     (`gpu_policy: pause`, as on a small GPU)."""
     h, runtime, ids = await start_product(tmp_path_factory.mktemp("strict"), tiny_base, bootstrapped,
                                           eval={"min_identity_accuracy": 1.0, "max_general_loss_increase": 0.0,
-                                                "min_corrections_learned": 1.0},
+                                                "min_corrections_learned": 1.0, "max_new_tokens": STRICT_TOKENS},
                                           training={"gpu_policy": "pause"})
     yield h, runtime, ids
     await h.close()
@@ -274,7 +278,7 @@ async def test_scheduled_run_rejected_by_the_gate_keeps_the_old_adapter_live(str
     admin_channel = h.new_channel("admins")
     runtime.cfg.discord.admin_channel = admin_channel
     live, live_path = runtime.registry.promoted(), await live_adapter_path(runtime)
-    before = await approved_correction(h, runtime, QUESTION, CORRECTION)
+    before = await approved_correction(h, runtime, QUESTION, LONG_CORRECTION)
     waiting = await runtime.core.store.count_untrained_approved()
     assert waiting == 2  # this one and the killed run's, which that run did not consume
     runs_before = (await runtime.core.store.last_run())["id"]

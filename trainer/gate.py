@@ -26,7 +26,8 @@ scores are computed once, not at every retrain.
 
 Pass when identity >= eval.min_identity_accuracy, corrections learned >=
 eval.min_corrections_learned (when there are any), no correction claims another
-identity, general retention >= eval.min_general_retention and general loss <=
+identity, general retention >= eval.min_general_retention (when the reference answers at
+least eval.min_retention_questions held-out questions right) and general loss <=
 reference * (1 + eval.max_general_loss_increase). Every threshold is a share
 above zero (config validation), so none of these checks can pass by default.
 The CLI exits 0 on pass, 3 on fail (trainer.protocol.ExitCode).
@@ -237,7 +238,7 @@ def decide(cfg: Config, cand: dict, ref: dict) -> tuple[bool, list[dict]]:
                round(ref["general"]["loss"] * (1 + e.max_general_loss_increase), 5)),
     ]
     kept = retention(cand["general"]["right"], ref["general"]["right"])
-    if kept is not None:
+    if kept is not None and sum(1 for r in ref["general"]["right"] if r) >= e.min_retention_questions:
         checks.append(_check("general_retention", kept, ">=", e.min_general_retention))
     items = cand["corrections"]["items"]
     if items:
@@ -370,7 +371,7 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         "reference_scores": ref,
         "thresholds": {k: getattr(cfg.eval, k) for k in (
             "min_identity_accuracy", "min_corrections_learned", "max_general_loss_increase",
-            "min_general_retention")},
+            "min_general_retention", "min_retention_questions")},
     }
     write_json_atomic(reg.path(version) / REPORT_FILE, report)
     summary = {
