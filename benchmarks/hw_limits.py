@@ -70,7 +70,10 @@ def matmul_gflops(dtype_name: str, threads: int) -> float:
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     seconds = _best(lambda: a @ b)
-    if torch.backends.mkldnn.is_available():  # oneDNN with a pre-packed weight (what the engine uses)
+    from model.packed_linear import onednn_bf16
+
+    # oneDNN with a pre-packed weight (what the engine uses), where oneDNN has kernels for the dtype here
+    if torch.backends.mkldnn.is_available() and (dtype != torch.bfloat16 or onednn_bf16()):
         packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
         seconds = min(seconds, _best(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")))
     return 2 * m * k * n / seconds / 1e9
