@@ -214,7 +214,7 @@ def serving_dtype(requested: str, device: str) -> str:
     scores stay within a question of float32's (RESULTS.md: serve_bench_bf16,
     quality_bench_shipped_bfloat16). The trainer and its gate load float32 (`resolve_dtype`)."""
     if requested != "auto":
-        if requested in ("bfloat16", "float16") and device == "cpu" and not cpu_native_bf16():
+        if requested == "bfloat16" and device == "cpu" and not cpu_native_bf16():
             log.warning("worker.dtype %s on a CPU without native bf16 (no AVX-512 BF16 or AMX): it runs, but "
                         "emulated, slower than float32 here; worker.dtype auto picks float32 on this CPU", requested)
         return requested
