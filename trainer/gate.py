@@ -237,8 +237,9 @@ def decide(cfg: Config, cand: dict, ref: dict) -> tuple[bool, list[dict]]:
         _check("general_loss", cand["general"]["loss"], "<=",
                round(ref["general"]["loss"] * (1 + e.max_general_loss_increase), 5)),
     ]
-    kept = retention(cand["general"]["right"], ref["general"]["right"])
-    if kept is not None and sum(1 for r in ref["general"]["right"] if r) >= e.min_retention_questions:
+    # gated on enough questions the reference knows (at least 1, config validation: so never None here)
+    if sum(ref["general"]["right"]) >= e.min_retention_questions:
+        kept = retention(cand["general"]["right"], ref["general"]["right"])
         checks.append(_check("general_retention", kept, ">=", e.min_general_retention))
     items = cand["corrections"]["items"]
     if items:
