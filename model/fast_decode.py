@@ -64,6 +64,15 @@ def _covered(model) -> bool:
     return True
 
 
+def cpu_bf16_sdpa_wins() -> bool:
+    """Whether decode attention in bf16 on this CPU goes through SDPA's kernel rather than two
+    matmuls: with AMX tiles (its flash kernel's bf16 GEMMs run on them) SDPA was 2.4-3.6x the
+    matmuls at 1-32 rows (Intel Xeon); without AMX (an AMD EPYC with AVX-512 BF16) it is the
+    slower one, 1.3x at one row and 4-6x at 8-32 rows over 80-2048 positions (54% of a 32-row step)."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx and is_amx())
+
+
 class FastDecode:
     def __init__(self, model):
         base = _base_model(model)
@@ -71,6 +80,7 @@ class FastDecode:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.cpu_bf16_sdpa = cpu_bf16_sdpa_wins()
 
     @classmethod
     def build(cls, model) -> Optional["FastDecode"]:
@@ -145,17 +155,20 @@ class FastDecode:
             return F.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
         return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
-    @staticmethod
-    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                 scale: float) -> torch.Tensor:
         """Attention of one new query per row, q [n, heads, hd], over k, v [n, kv_heads, width, hd]
-        (views of the cache); returns [n, heads * hd]. One row, or not float32: SDPA. More rows in
-        float32: two batched matmuls with each key/value head's query group side by side, which on
-        CPU beats SDPA's kernel for a single query position by 1.2-1.7x at 8-32 rows (the longer
-        the context, the more); in bf16 the matmuls copy the cache views and lose to it."""
+        (views of the cache); returns [n, heads * hd]. SDPA for one row in float32, and in bf16
+        off the CPU or where its CPU kernel is the fast one (`cpu_bf16_sdpa_wins`); otherwise two batched matmuls with each
+        key/value head's query group side by side, which on CPU beat SDPA's kernel for a single
+        query position by 1.2-1.7x at 8-32 rows in float32 (the longer the context, the more)."""
         n, heads, hd = q.shape
         kv_heads = k.shape[1]
-        if n == 1 or q.dtype != torch.float32:  # in bf16 SDPA is 2.4-3.6x the matmuls at 1-32 rows
+        if q.dtype == torch.float32:
+            sdpa = n == 1
+        else:  # bf16 (float16 on a GPU)
+            sdpa = q.device.type != "cpu" or self.cpu_bf16_sdpa
+        if sdpa:
             o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
                                                enable_gqa=kv_heads != heads)
             return o.view(n, heads * hd)

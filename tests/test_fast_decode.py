@@ -92,15 +92,17 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul-attention", "sdpa-attention"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_does(tokenizer, tmp_path, arch,  # noqa: F811
-                                                                                   adapter):
+                                                                                   adapter, sdpa):
     """worker.dtype bfloat16 on CPU: every projection and the head in oneDNN's blocked layout where
     oneDNN has bf16 kernels (the fastest there at 1-32 rows), `torch.mm`'s where it has none (an
     AVX2-only CPU, where oneDNN refuses a bf16 weight); a decode step over ragged rows, on the base
     or on a LoRA adapter (peft keeps its weights in float32), after a lean prefill, gives the
-    as-loaded bf16 model's logits through transformers (to bf16 rounding) and the same greedy tokens."""
+    as-loaded bf16 model's logits through transformers (to bf16 rounding) and the same greedy tokens,
+    with decode attention through either kernel (SDPA where the CPU has AMX, matmuls elsewhere)."""
     from model.packed_linear import Layout, PackedLinear, onednn_bf16
 
     models = {packed: _sharpen(ARCHS[arch](tokenizer)).to(torch.bfloat16) for packed in (True, False)}
@@ -125,6 +127,8 @@ def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_d
             runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512, fast_decode=packed)
             runner.peft = adapter
             assert (runner._fast_for(names) is not None) == packed
+            if packed:
+                runner.fast.cpu_bf16_sdpa = sdpa
             out[packed] = _prefill_then_decode(runner, tokenizer, names)[0].float()
     # two bf16 roundings of one computation: on these models each path's largest logit error
     # against float32 is ~3% of the scale (mean 0.3-0.5%), so they agree to 3% of it
