@@ -53,6 +53,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from model import bf16_rows
+
 log = logging.getLogger("loopcord.worker")
 
 ONEDNN_MIN_OUT = 16384  # output features from which the oneDNN blocked layout is used (LM heads)
@@ -98,6 +100,7 @@ class Fused:
     bias: Optional[torch.Tensor]
     members: tuple  # the PackedLinear modules, in column order
     layout: Layout = Layout.TRANSPOSED
+    rows: Optional[torch.Tensor] = None  # ONEDNN bf16: the stacked [sum(outs), in] weight for `bf16_rows`
     _last: Optional[tuple] = None  # ONEDNN: (x, output, members served from it)
 
     def __post_init__(self) -> None:
@@ -111,7 +114,7 @@ class Fused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout is Layout.TRANSPOSED:
             return _times_transposed(x, self.weight, self.bias)
-        return _times_onednn(x, self.weight, self.bias, self.out_features)
+        return _times_onednn(x, self.weight, self.bias, self.out_features, self.rows)
 
     def output_for(self, member: "PackedLinear", x: torch.Tensor) -> torch.Tensor:
         """`member`'s columns of the group's output for x. Llama / Qwen2-style layers call the
@@ -134,18 +137,27 @@ def _times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
-def _times_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: int) -> torch.Tensor:
-    """x @ W.T (+ bias) for a oneDNN blocked weight with `out` outputs, over x's last dimension."""
+def _times_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: int,
+                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ W.T (+ bias) for a oneDNN blocked weight with `out` outputs, over x's last dimension;
+    a few rows through `bf16_rows` where the layer keeps its [out, in] bf16 weight for it (`rows`)."""
     if x.dtype != weight.dtype or x.device.type != "cpu":  # e.g. autocast elsewhere
         raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
     flat = x.reshape(-1, x.shape[-1])
-    return torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "").reshape(*x.shape[:-1], out)
+    if rows is not None and bf16_rows.usable(flat.shape[0]):
+        y = bf16_rows.matmul(flat, rows)
+        if bias is not None:
+            y.add_(bias)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], out)
 
 
 class PackedLinear(nn.Linear):
     packed: Optional[torch.Tensor]  # [in, out] (TRANSPOSED), oneDNN's blocked tensor (ONEDNN), None (ONEDNN group)
     layout: Layout
     fused: Optional[Fused] = None  # set when the weight lives in siblings' shared buffer
+    rows: Optional[torch.Tensor] = None  # ONEDNN bf16, where `bf16_rows` runs: the [out, in] weight for it
 
     def dense_weight(self) -> torch.Tensor:
         """The [out, in] weight nn.Linear would hold: a view of the packed copy (TRANSPOSED), or a
@@ -167,7 +179,7 @@ class PackedLinear(nn.Linear):
         if self.layout is Layout.ONEDNN:
             if self.fused is not None:
                 return self.fused.output_for(self, x)
-            return _times_onednn(x, self.packed, self.bias, self.out_features)
+            return _times_onednn(x, self.packed, self.bias, self.out_features, self.rows)
         if x.dtype != self.packed.dtype or x.device.type != "cpu":  # e.g. autocast elsewhere: the exact path
             raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
         return _times_transposed(x, self.packed, self.bias)
@@ -188,6 +200,8 @@ def pack_linears(model: nn.Module) -> int:
                 module.packed = weight.detach().t().contiguous()
             else:
                 module.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+                if _keeps_rows(weight.dtype):  # a tied head reads the embedding's weight (below): no copy
+                    module.rows = None if id(weight) in shared else weight.detach().clone()
             _become_packed(module, shared)
             count += 1
         fuse_siblings(model)
@@ -197,6 +211,10 @@ def pack_linears(model: nn.Module) -> int:
             for name, p in module.named_parameters(recurse=False):
                 if p.stride() and 0 not in p.stride():  # not a packed layer's stub
                     p.data = p.data.clone()
+        for module in model.modules():  # tied weights, cloned above, are their own [out, in] copy
+            if isinstance(module, PackedLinear) and module.layout is Layout.ONEDNN and module.fused is None:
+                if id(module.weight) in shared and _keeps_rows(module.weight.dtype):
+                    module.rows = module.weight.detach()
     log.info("laid out %d linear layers for CPU GEMMs", count)
     return count
 
@@ -231,7 +249,8 @@ def _pack_onednn_groups(model: nn.Module, shared: set[int]) -> int:
                 continue
             stacked = torch.cat([m.weight.detach() for m in members])
             bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
-            group = Fused(torch.ops.mkldnn._reorder_linear_weight(stacked, None), bias, members, Layout.ONEDNN)
+            group = Fused(torch.ops.mkldnn._reorder_linear_weight(stacked, None), bias, members, Layout.ONEDNN,
+                          rows=stacked if _keeps_rows(dtype) else None)
             del stacked
             for m in members:
                 m.layout, m.packed, m.fused = Layout.ONEDNN, None, group
@@ -264,6 +283,12 @@ def fuse_siblings(model: nn.Module) -> int:
                     m.packed, m.fused = weight[:, start:stop], group
                 count += 1
     return count
+
+
+def _keeps_rows(dtype: torch.dtype) -> bool:
+    """Whether a bf16 layer laid out for oneDNN also keeps its [out, in] weight for the few-row
+    kernel (`bf16_rows`: 1.1-1.5x oneDNN's GEMMs at 1-4 rows where it runs; SmolLM2 +213 MB)."""
+    return dtype == torch.bfloat16 and bf16_rows.kernel() is not None
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
