@@ -38,6 +38,10 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# bf16 decode attention by matmuls (a CPU without AMX): up to this many rows the cache views are
+# read into float32 first, where the small products run 1.2-2x faster than bf16's (AMD EPYC, 80-2048
+# positions); at 32 rows the copy costs more than it saves (2.6x slower at 2048 positions)
+FLOAT32_ATTENTION_ROWS = 8
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -173,10 +177,14 @@ class FastDecode:
                                                enable_gqa=kv_heads != heads)
             return o.view(n, heads * hd)
         group = heads // kv_heads
+        dtype = q.dtype
+        if dtype != torch.float32 and n <= FLOAT32_ATTENTION_ROWS:  # see FLOAT32_ATTENTION_ROWS
+            q, k, v = q.float(), k.float(), v.float()
+            mask = mask.float() if mask is not None else None
         scores = torch.matmul(q.reshape(n, kv_heads, group, hd), k.transpose(-1, -2)).mul_(scale)
         if mask is not None:
             scores.add_(mask)  # [n, 1, 1, width]: each row's own positions
-        return torch.matmul(torch.softmax(scores, dim=-1), v).view(n, heads * hd)
+        return torch.matmul(torch.softmax(scores, dim=-1), v).view(n, heads * hd).to(dtype)
 
     def decode(self, model, cache, tokens: torch.Tensor, positions: torch.Tensor, width: int,
                name: Optional[str], ragged: bool) -> torch.Tensor:
