@@ -2,15 +2,15 @@
 
 On a CPU with AVX-512 BF16 but no AMX (an AMD EPYC, Zen 4) oneDNN's bf16 kernels read a
 decode step's weights at 12-14 GB/s on one thread at one row, where the memory gives 30:
-they walk several output rows at once, and this CPU streams one sequential read far
-faster than several interleaved ones (a hand-written kernel over 2 or 4 rows at a time
-was as slow as oneDNN). This one takes the weight in nn.Linear's own [out, in] layout,
-one output row after another, each a dot product of `vdpbf16ps` (bf16 pairs, float32
-sums) against the few input rows held in L1: a SmolLM2 decode step's GEMMs 1.46x
-oneDNN's at one row, 1.44x at 2, 1.10x at 4, level at 8 and slower beyond
-(RESULTS.md: serve_bench_vs_vllm_bfloat16_smollm2). It runs on one thread: used when the
-worker computes on one (`worker.cpu_threads: 1`, the default), where one core already
-takes the whole bandwidth on such a box.
+this CPU streams one sequential read far faster than several interleaved ones (a kernel
+walking 2 or 4 rows of nn.Linear's [out, in] weight at once was as slow as oneDNN, one row
+at a time 28 GB/s). So the weight is copied once (`pack`) with each block of 4 output rows
+interleaved by 32 columns, and the kernel reads a block as one stream, each output a dot
+product of `vdpbf16ps` (bf16 pairs, float32 sums) against the few input rows held in L1:
+a SmolLM2 decode step's GEMMs 10.3 ms against oneDNN's 22 at one row, 11.4 against 17 at
+4; at 8 rows level and slower beyond, where oneDNN keeps them. It runs on one thread: used
+when the worker computes on one (`worker.cpu_threads: 1`, the default), where one core
+already takes the whole bandwidth on such a box.
 
 The C source is compiled at first use with the system's C compiler (`cc`, or $CC) into
 the user's cache directory and loaded with ctypes; without a compiler, or on a CPU
@@ -37,6 +37,8 @@ log = logging.getLogger("loopcord.worker")
 
 MAX_ROWS = 4  # rows from which oneDNN is as fast or faster (8: level; 16: 0.8x)
 
+BLOCK = 4  # output rows interleaved in one stream (see `pack`)
+
 SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -49,31 +51,39 @@ static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays N
     return (uint16_t)(u >> 16);
 }
 
-/* y[m, n] = sum_k x[m, k] * w[n, k] for m < M (compile-time), n < N: one weight row at a time. */
-static inline __attribute__((always_inline)) void rows(const uint16_t *x, const uint16_t *w, uint16_t *y,
-                                                       const int M, int K, int N) {
+/* R output rows n0.. from their packed block wb ([Kp/32][R][32]) for M input rows (compile-time). */
+static inline __attribute__((always_inline)) void block(const uint16_t *x, const uint16_t *wb, uint16_t *y,
+                                                        const int M, const int R, int K, int N, int n0) {
     const int full = K & ~31;
     const __mmask32 tail = (__mmask32)((1ull << (K - full)) - 1);
-    for (int n = 0; n < N; n++) {
-        const uint16_t *wr = w + (size_t)n * K;
-        __m512 acc[4];
-        for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-        for (int k = 0; k < full; k += 32) {
-            __m512i wv = _mm512_loadu_si512((const void *)(wr + k));
-            for (int m = 0; m < M; m++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)m * K + k));
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)xv);
-            }
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++) for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
+    for (int k = 0; k < full; k += 32) {
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512((const void *)(wb + (size_t)k * R + r * 32));
+        for (int m = 0; m < M; m++) {
+            __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)m * K + k));
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
         }
-        if (full < K) {
-            __m512i wv = _mm512_maskz_loadu_epi16(tail, wr + full);
-            for (int m = 0; m < M; m++) {
-                __m512i xv = _mm512_maskz_loadu_epi16(tail, x + (size_t)m * K + full);
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)wv, (__m512bh)xv);
-            }
-        }
-        for (int m = 0; m < M; m++) y[(size_t)m * N + n] = to_bf16(_mm512_reduce_add_ps(acc[m]));
     }
+    if (full < K) {  /* the weight's padding is zeros; the input's tail is read masked */
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512((const void *)(wb + (size_t)full * R + r * 32));
+        for (int m = 0; m < M; m++) {
+            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + (size_t)m * K + full);
+            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int r = 0; r < R; r++) y[(size_t)m * N + n0 + r] = to_bf16(_mm512_reduce_add_ps(acc[r][m]));
+}
+
+static inline __attribute__((always_inline)) void rows(const uint16_t *x, const uint16_t *w, uint16_t *y,
+                                                       const int M, int K, int N) {
+    const size_t kp = (size_t)((K + 31) & ~31);
+    const int blocked = N & ~3;
+    for (int n = 0; n < blocked; n += 4) block(x, w + (size_t)n * kp, y, M, 4, K, N, n);
+    for (int n = blocked; n < N; n++) block(x, w + (size_t)n * kp, y, M, 1, K, N, n);
 }
 
 int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N) {
@@ -149,15 +159,30 @@ def usable(rows: int) -> bool:
     return rows <= MAX_ROWS and torch.get_num_threads() == 1 and _kernel is not None
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T -> [M, N], bf16, for 1 <= M <= MAX_ROWS (`usable`)."""
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's [N, K] bf16 weight laid out for `matmul`: K padded with zeros to a multiple of 32,
+    then each block of BLOCK output rows interleaved by 32 columns ([N/BLOCK][K/32][BLOCK][32]), so
+    that the kernel reads BLOCK rows as one sequential stream; the last N % BLOCK rows follow whole.
+    Flat, N * padded K elements."""
+    n, k = weight.shape
+    kp = -(-k // 32) * 32
+    w = torch.nn.functional.pad(weight.detach(), (0, kp - k)) if kp != k else weight.detach()
+    full = n // BLOCK * BLOCK
+    blocks = w[:full].reshape(full // BLOCK, BLOCK, kp // 32, 32).transpose(1, 2).reshape(-1)
+    return torch.cat([blocks, w[full:].reshape(-1)]).to(torch.bfloat16)
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, n], bf16, for 1 <= M <= MAX_ROWS (`usable`), W [n, K] laid out by `pack`."""
     m, k = x.shape
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or weight.shape[1] != k or not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"bf16_rows.matmul: bf16 x [1..{MAX_ROWS}, K] and weight [N, K], got "
-                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    kp = -(-k // 32) * 32
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"bf16_rows.matmul: bf16 x [1..{MAX_ROWS}, K] and a packed bf16 weight, got "
+                         f"{tuple(x.shape)} {x.dtype} and {packed.dtype}")
+    if packed.dim() != 1 or packed.numel() != n * kp or not packed.is_contiguous():
+        raise ValueError(f"bf16_rows.matmul: the weight must be `pack`ed from [{n}, {k}] ({n * kp} elements), "
+                         f"got {tuple(packed.shape)}")
     x = x.contiguous()
-    if not weight.is_contiguous():
-        raise ValueError("bf16_rows.matmul: the weight must be contiguous")
-    y = torch.empty((m, weight.shape[0]), dtype=torch.bfloat16)
-    _kernel(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, k, weight.shape[0])
+    y = torch.empty((m, n), dtype=torch.bfloat16)
+    _kernel(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n)
     return y

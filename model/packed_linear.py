@@ -100,7 +100,7 @@ class Fused:
     bias: Optional[torch.Tensor]
     members: tuple  # the PackedLinear modules, in column order
     layout: Layout = Layout.TRANSPOSED
-    rows: Optional[torch.Tensor] = None  # ONEDNN bf16: the stacked [sum(outs), in] weight for `bf16_rows`
+    rows: Optional[torch.Tensor] = None  # ONEDNN bf16: the stacked weight laid out for `bf16_rows`
     _last: Optional[tuple] = None  # ONEDNN: (x, output, members served from it)
 
     def __post_init__(self) -> None:
@@ -140,12 +140,12 @@ def _times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def _times_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: int,
                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ W.T (+ bias) for a oneDNN blocked weight with `out` outputs, over x's last dimension;
-    a few rows through `bf16_rows` where the layer keeps its [out, in] bf16 weight for it (`rows`)."""
+    a few rows through `bf16_rows` where the layer keeps a copy of its weight laid out for it (`rows`)."""
     if x.dtype != weight.dtype or x.device.type != "cpu":  # e.g. autocast elsewhere
         raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
     flat = x.reshape(-1, x.shape[-1])
     if rows is not None and bf16_rows.usable(flat.shape[0]):
-        y = bf16_rows.matmul(flat, rows)
+        y = bf16_rows.matmul(flat, rows, out)
         if bias is not None:
             y.add_(bias)
     else:
@@ -157,7 +157,7 @@ class PackedLinear(nn.Linear):
     packed: Optional[torch.Tensor]  # [in, out] (TRANSPOSED), oneDNN's blocked tensor (ONEDNN), None (ONEDNN group)
     layout: Layout
     fused: Optional[Fused] = None  # set when the weight lives in siblings' shared buffer
-    rows: Optional[torch.Tensor] = None  # ONEDNN bf16, where `bf16_rows` runs: the [out, in] weight for it
+    rows: Optional[torch.Tensor] = None  # ONEDNN bf16, where `bf16_rows` runs: the weight laid out for it
 
     def dense_weight(self) -> torch.Tensor:
         """The [out, in] weight nn.Linear would hold: a view of the packed copy (TRANSPOSED), or a
@@ -200,8 +200,8 @@ def pack_linears(model: nn.Module) -> int:
                 module.packed = weight.detach().t().contiguous()
             else:
                 module.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-                if _keeps_rows(weight.dtype):  # a tied head reads the embedding's weight (below): no copy
-                    module.rows = None if id(weight) in shared else weight.detach().clone()
+                if _keeps_rows(weight.dtype):
+                    module.rows = bf16_rows.pack(weight)
             _become_packed(module, shared)
             count += 1
         fuse_siblings(model)
@@ -211,10 +211,6 @@ def pack_linears(model: nn.Module) -> int:
             for name, p in module.named_parameters(recurse=False):
                 if p.stride() and 0 not in p.stride():  # not a packed layer's stub
                     p.data = p.data.clone()
-        for module in model.modules():  # tied weights, cloned above, are their own [out, in] copy
-            if isinstance(module, PackedLinear) and module.layout is Layout.ONEDNN and module.fused is None:
-                if id(module.weight) in shared and _keeps_rows(module.weight.dtype):
-                    module.rows = module.weight.detach()
     log.info("laid out %d linear layers for CPU GEMMs", count)
     return count
 
@@ -250,7 +246,7 @@ def _pack_onednn_groups(model: nn.Module, shared: set[int]) -> int:
             stacked = torch.cat([m.weight.detach() for m in members])
             bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
             group = Fused(torch.ops.mkldnn._reorder_linear_weight(stacked, None), bias, members, Layout.ONEDNN,
-                          rows=stacked if _keeps_rows(dtype) else None)
+                          rows=bf16_rows.pack(stacked) if _keeps_rows(dtype) else None)
             del stacked
             for m in members:
                 m.layout, m.packed, m.fused = Layout.ONEDNN, None, group
@@ -286,8 +282,8 @@ def fuse_siblings(model: nn.Module) -> int:
 
 
 def _keeps_rows(dtype: torch.dtype) -> bool:
-    """Whether a bf16 layer laid out for oneDNN also keeps its [out, in] weight for the few-row
-    kernel (`bf16_rows`: 1.1-1.5x oneDNN's GEMMs at 1-4 rows where it runs; SmolLM2 +213 MB)."""
+    """Whether a bf16 layer laid out for oneDNN also keeps a copy of its weight for the few-row
+    kernel (`bf16_rows`: 1.5-2x oneDNN's GEMMs at 1-4 rows where it runs; SmolLM2 +269 MB)."""
     return dtype == torch.bfloat16 and bf16_rows.kernel() is not None
 
 

@@ -31,7 +31,7 @@ def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def test_the_kernel_computes_x_times_w_transposed(m, k):
     torch.manual_seed(m * 1000 + k)
     x, w = torch.randn(m, k).to(torch.bfloat16), torch.randn(37, k).to(torch.bfloat16)
-    got, want = bf16_rows.matmul(x, w), _reference(x, w)
+    got, want = bf16_rows.matmul(x, bf16_rows.pack(w), 37), _reference(x, w)  # 9 blocks of 4 rows and one more
     assert got.shape == (m, 37) and got.dtype == torch.bfloat16
     # float32 sums in another order, each rounded once: within a bf16 unit of the largest value
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * 2 ** -7)
@@ -39,24 +39,26 @@ def test_the_kernel_computes_x_times_w_transposed(m, k):
 
 @runs_here
 def test_the_kernel_refuses_what_it_does_not_compute():
-    w = torch.randn(8, 32).to(torch.bfloat16)
+    w = bf16_rows.pack(torch.randn(8, 64).to(torch.bfloat16))
     with pytest.raises(ValueError, match="bf16 x"):
-        bf16_rows.matmul(torch.randn(1, 32), w)  # float32 input
+        bf16_rows.matmul(torch.randn(1, 64), w, 8)  # float32 input
     with pytest.raises(ValueError, match="bf16 x"):
-        bf16_rows.matmul(torch.randn(5, 32).to(torch.bfloat16), w)  # more rows than it handles
-    with pytest.raises(ValueError, match="bf16 x"):
-        bf16_rows.matmul(torch.randn(1, 16).to(torch.bfloat16), w)  # inner sizes differ
-    with pytest.raises(ValueError, match="contiguous"):
-        bf16_rows.matmul(torch.randn(1, 8).to(torch.bfloat16), w.T)
+        bf16_rows.matmul(torch.randn(5, 64).to(torch.bfloat16), w, 8)  # more rows than it handles
+    with pytest.raises(ValueError, match=r"`pack`ed from \[8, 96\]"):
+        bf16_rows.matmul(torch.randn(1, 96).to(torch.bfloat16), w, 8)  # inner sizes differ
+    with pytest.raises(ValueError, match=r"`pack`ed from \[4, 64\]"):
+        bf16_rows.matmul(torch.randn(1, 64).to(torch.bfloat16), w, 4)  # a weight of other outputs
+    with pytest.raises(ValueError, match="`pack`ed"):
+        bf16_rows.matmul(torch.randn(1, 64).to(torch.bfloat16), torch.randn(8, 64).to(torch.bfloat16), 8)
 
 
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
-        self.embed = nn.Embedding(64, 48)
+        self.embed = nn.Embedding(66, 48)
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(48, 48, True), nn.Linear(48, 16, True), nn.Linear(48, 16, True)
         self.o_proj = nn.Linear(48, 48, False)
-        self.head = nn.Linear(48, 64, False)
+        self.head = nn.Linear(48, 66, False)  # 16 blocks of 4 rows and 2 more; 48 inputs: one 32-block and a tail
         self.head.weight = self.embed.weight  # tied, as SmolLM2's
 
 
@@ -75,10 +77,10 @@ def _pair():
 def test_bf16_layers_answer_as_nn_linear_through_either_kernel(rows, threads, monkeypatch):
     plain, packed = _pair()
     assert packed.q_proj.fused.rows is not None and packed.o_proj.rows is not None
-    assert packed.head.rows.data_ptr() == packed.embed.weight.data_ptr()  # the tied head keeps no copy
+    assert packed.head.rows is not None and packed.embed.weight.stride() == (48, 1)  # the tied weight stays whole
     calls = []
     real = bf16_rows.matmul
-    monkeypatch.setattr(bf16_rows, "matmul", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    monkeypatch.setattr(bf16_rows, "matmul", lambda x, w, n: calls.append(x.shape[0]) or real(x, w, n))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
