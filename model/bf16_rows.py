@@ -1,23 +1,24 @@
-"""A bf16 GEMM for a few rows (decode of 1-4 streams) that reads the weight as one stream.
+"""A bf16 GEMM for CPUs with AVX-512 BF16 and no AMX (AMD's Zen 4) that reads each weight once.
 
-On a CPU with AVX-512 BF16 but no AMX (an AMD EPYC, Zen 4) oneDNN's bf16 kernels read a
-decode step's weights at 12-14 GB/s on one thread at one row, where the memory gives 30:
-this CPU streams one sequential read far faster than several interleaved ones (a kernel
-walking 2 or 4 rows of nn.Linear's [out, in] weight at once was as slow as oneDNN, one row
-at a time 28 GB/s). So the weight is copied once (`pack`) with each block of 4 output rows
-interleaved by 32 columns, and the kernel reads a block as one stream, each output a dot
-product of `vdpbf16ps` (bf16 pairs, float32 sums) against the few input rows held in L1:
-a SmolLM2 decode step's GEMMs 10.3 ms against oneDNN's 22 at one row, 11.4 against 17 at
-4; at 8 rows level and slower beyond, where oneDNN keeps them. It runs on one thread: used
-when the worker computes on one (`worker.cpu_threads: 1`, the default), where one core
-already takes the whole bandwidth on such a box.
+On such a CPU oneDNN's bf16 kernels read a decode step's weights at 12-14 GB/s on one thread,
+where the memory gives 30: it streams one sequential read far faster than several
+interleaved ones. This kernel takes the weight copied once (`pack`) into panels of 32
+outputs, each panel [K/2][32][2], so it is read as one stream, and computes a panel for
+every input row, 8 rows at a time, while the panel sits in L1: a pair of each input row,
+broadcast, meets 32 outputs' pairs in two `vdpbf16ps` (bf16 pairs, float32 sums), with no
+horizontal sums. SmolLM2's GEMMs on one thread against oneDNN's: 9.3 vs 20.3 ms at one row,
+9.6 vs 17 at 4, 12.7 vs 22 at 8, 22.9 vs 30.5 at 16, 45.9 vs 54.0 at 32, and 1.07-1.11x at
+64-512 rows (prompt chunks). A kernel walking nn.Linear's own rows, 2 or 4 at a time, was as
+slow as oneDNN.
 
-The C source is compiled at first use with the system's C compiler (`cc`, or $CC) into
-the user's cache directory and loaded with ctypes; without a compiler, or on a CPU
-without AVX-512 BF16, `kernel()` is None and oneDNN runs every row count, as before;
-`LOOPCORD_BF16_ROWS=0` in the environment turns it off.
-Rounding: each output is a float32 sum rounded once to bf16 (round to nearest even),
-as oneDNN's; the order of the sums differs, a unit in the last place at most.
+It runs on the calling thread: bf16 layers take its layout (`packed_linear.Layout.ROWS`, the
+only copy) where the worker computes on one thread (`worker.cpu_threads: 1`, the default),
+where one core already takes the whole bandwidth on such a box; with more threads oneDNN's
+layout, as before. The C source is compiled at first use with the system's C compiler
+(`cc`, or $CC) into the user's cache directory and loaded with ctypes; without a compiler,
+or on another CPU, `kernel()` is None and oneDNN runs; `LOOPCORD_BF16_ROWS=0` in the
+environment turns it off. Rounding: each output is a float32 sum rounded once to bf16
+(round to nearest even), as oneDNN's; the order of the sums differs.
 """
 
 from __future__ import annotations
@@ -35,65 +36,77 @@ import torch
 
 log = logging.getLogger("loopcord.worker")
 
-MAX_ROWS = 4  # rows from which oneDNN is as fast or faster (8: level; 16: 0.8x)
 
-BLOCK = 4  # output rows interleaved in one stream (see `pack`)
+PANEL = 32  # outputs a panel holds (the last may hold 16); see `pack`
 
 SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline uint16_t to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* R output rows n0.. from their packed block wb ([Kp/32][R][32]) for M input rows (compile-time). */
-static inline __attribute__((always_inline)) void block(const uint16_t *x, const uint16_t *wb, uint16_t *y,
-                                                        const int M, const int R, int K, int N, int n0) {
-    const int full = K & ~31;
-    const __mmask32 tail = (__mmask32)((1ull << (K - full)) - 1);
-    __m512 acc[4][4];
-    for (int r = 0; r < R; r++) for (int m = 0; m < M; m++) acc[r][m] = _mm512_setzero_ps();
-    for (int k = 0; k < full; k += 32) {
-        __m512i wv[4];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512((const void *)(wb + (size_t)k * R + r * 32));
-        for (int m = 0; m < M; m++) {
-            __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)m * K + k));
-            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+/* One panel of 16 * NB outputs (n0..) for MM input rows (both compile-time): the panel wp is
+   [Kp/2][16 * NB][2], so each k pair of the panel is NB vectors of 16 outputs x 2 inputs, and a
+   pair of each input row, broadcast, meets them in one vdpbf16ps: no horizontal sums. */
+static inline __attribute__((always_inline)) void panel(const uint16_t *x, const uint16_t *wp, uint16_t *y,
+                                                        const int NB, const int MM, int K, int N, int n0) {
+    const int P = 16 * NB;
+    __m512 acc[8][2];
+    for (int m = 0; m < MM; m++) for (int b = 0; b < NB; b++) acc[m][b] = _mm512_setzero_ps();
+    const int even = K & ~1;
+    for (int k = 0; k < even; k += 2) {
+        __m512i wv[2];
+        for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512((const void *)(wp + (size_t)k * P + b * 32));
+        for (int m = 0; m < MM; m++) {
+            uint32_t pair; memcpy(&pair, x + (size_t)m * K + k, 4);
+            __m512i xv = _mm512_set1_epi32((int)pair);
+            for (int b = 0; b < NB; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], (__m512bh)wv[b], (__m512bh)xv);
         }
     }
-    if (full < K) {  /* the weight's padding is zeros; the input's tail is read masked */
-        __m512i wv[4];
-        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512((const void *)(wb + (size_t)full * R + r * 32));
-        for (int m = 0; m < M; m++) {
-            __m512i xv = _mm512_maskz_loadu_epi16(tail, x + (size_t)m * K + full);
-            for (int r = 0; r < R; r++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+    if (even < K) {  /* an odd K: the last input alone (the packed weight's pair is padded with zero) */
+        __m512i wv[2];
+        for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_si512((const void *)(wp + (size_t)even * P + b * 32));
+        for (int m = 0; m < MM; m++) {
+            __m512i xv = _mm512_set1_epi32((int)x[(size_t)m * K + even]);
+            for (int b = 0; b < NB; b++) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], (__m512bh)wv[b], (__m512bh)xv);
         }
     }
-    for (int m = 0; m < M; m++)
-        for (int r = 0; r < R; r++) y[(size_t)m * N + n0 + r] = to_bf16(_mm512_reduce_add_ps(acc[r][m]));
+    for (int b = 0; b < NB; b++) {
+        const int first = n0 + b * 16, valid = N - first;
+        if (valid <= 0) break;
+        const __mmask16 keep = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+        for (int m = 0; m < MM; m++) {  /* float32 sums rounded once to bf16, to nearest even */
+            __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[m][b]);
+            _mm256_mask_storeu_epi16((void *)(y + (size_t)m * N + first), keep, h);
+        }
+    }
 }
 
-static inline __attribute__((always_inline)) void rows(const uint16_t *x, const uint16_t *w, uint16_t *y,
-                                                       const int M, int K, int N) {
-    const size_t kp = (size_t)((K + 31) & ~31);
-    const int blocked = N & ~3;
-    for (int n = 0; n < blocked; n += 4) block(x, w + (size_t)n * kp, y, M, 4, K, N, n);
-    for (int n = blocked; n < N; n++) block(x, w + (size_t)n * kp, y, M, 1, K, N, n);
-}
+#define ROWS(NB, MM) static void panel_##NB##_##MM(const uint16_t *x, const uint16_t *wp, uint16_t *y, \
+                                                   int K, int N, int n0) { panel(x, wp, y, NB, MM, K, N, n0); }
+#define ALL(NB) ROWS(NB, 1) ROWS(NB, 2) ROWS(NB, 3) ROWS(NB, 4) ROWS(NB, 5) ROWS(NB, 6) ROWS(NB, 7) ROWS(NB, 8)
+ALL(1) ALL(2)
 
+typedef void (*panel_fn)(const uint16_t *, const uint16_t *, uint16_t *, int, int, int);
+static const panel_fn PANELS[2][8] = {
+    {panel_1_1, panel_1_2, panel_1_3, panel_1_4, panel_1_5, panel_1_6, panel_1_7, panel_1_8},
+    {panel_2_1, panel_2_2, panel_2_3, panel_2_4, panel_2_5, panel_2_6, panel_2_7, panel_2_8},
+};
+
+/* y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N; w is W packed by bf16_rows.pack. Each panel
+   is read from memory once and serves every input row, 8 at a time, from the cache. */
 int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N) {
-    switch (M) {
-        case 1: rows(x, w, y, 1, K, N); return 0;
-        case 2: rows(x, w, y, 2, K, N); return 0;
-        case 3: rows(x, w, y, 3, K, N); return 0;
-        case 4: rows(x, w, y, 4, K, N); return 0;
-        default: return -1;
+    if (M < 1 || K < 1 || N < 1) return -1;
+    const size_t kp = (size_t)((K + 1) & ~1);
+    const int np = (N + 15) & ~15;
+    for (int n0 = 0; n0 < np; n0 += 32) {
+        const int nb = np - n0 >= 32 ? 2 : 1;
+        const uint16_t *wp = w + (size_t)n0 * kp;
+        for (int m0 = 0; m0 < M; m0 += 8) {
+            const int mm = M - m0 < 8 ? M - m0 : 8;
+            PANELS[nb - 1][mm - 1](x + (size_t)m0 * K, wp, y + (size_t)m0 * N, K, N, n0);
+        }
     }
+    return 0;
 }
 """
 
@@ -154,34 +167,55 @@ def kernel():
     return fn
 
 
-def usable(rows: int) -> bool:
-    """Whether `matmul` runs a GEMM of this many rows (the worker computes on one thread)."""
-    return rows <= MAX_ROWS and torch.get_num_threads() == 1 and _kernel is not None
+def runs_here() -> bool:
+    """Whether bf16 layers are laid out for this kernel: it runs on this CPU and the worker computes
+    on one thread (`worker.cpu_threads: 1`, the default; with more, oneDNN's threads share the work)."""
+    return torch.get_num_threads() == 1 and kernel() is not None
+
+
+def padded(n: int, k: int) -> tuple[int, int]:
+    """(outputs, inputs) of a [n, k] weight once `pack`ed: n up to a multiple of 16, k of 2."""
+    return -(-n // 16) * 16, -(-k // 2) * 2
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's [N, K] bf16 weight laid out for `matmul`: K padded with zeros to a multiple of 32,
-    then each block of BLOCK output rows interleaved by 32 columns ([N/BLOCK][K/32][BLOCK][32]), so
-    that the kernel reads BLOCK rows as one sequential stream; the last N % BLOCK rows follow whole.
-    Flat, N * padded K elements."""
+    """nn.Linear's [N, K] bf16 weight laid out for `matmul`, flat: zero-padded to `padded(N, K)`,
+    then cut into panels of PANEL outputs (the last of 16 where N is not a multiple of 32), each
+    panel [K/2][its outputs][2] (input pairs innermost, as `vdpbf16ps` takes them)."""
     n, k = weight.shape
-    kp = -(-k // 32) * 32
-    w = torch.nn.functional.pad(weight.detach(), (0, kp - k)) if kp != k else weight.detach()
-    full = n // BLOCK * BLOCK
-    blocks = w[:full].reshape(full // BLOCK, BLOCK, kp // 32, 32).transpose(1, 2).reshape(-1)
-    return torch.cat([blocks, w[full:].reshape(-1)]).to(torch.bfloat16)
+    np_, kp = padded(n, k)
+    w = torch.nn.functional.pad(weight.detach().to(torch.bfloat16), (0, kp - k, 0, np_ - n))
+    parts, start = [], 0
+    while start < np_:
+        size = min(PANEL, np_ - start)
+        parts.append(w[start:start + size].reshape(size, kp // 2, 2).transpose(0, 1).reshape(-1))
+        start += size
+    return torch.cat(parts)
+
+
+def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The [n, k] weight back out of `pack`'s layout (a copy)."""
+    np_, kp = padded(n, k)
+    parts, start, offset = [], 0, 0
+    while start < np_:
+        size = min(PANEL, np_ - start)
+        parts.append(packed[offset:offset + size * kp].view(kp // 2, size, 2).transpose(0, 1).reshape(size, kp))
+        start, offset = start + size, offset + size * kp
+    return torch.cat(parts)[:n, :k].clone()
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, n], bf16, for 1 <= M <= MAX_ROWS (`usable`), W [n, K] laid out by `pack`."""
+    """x [M, K] @ W.T -> [M, n], bf16, W [n, K] laid out by `pack`; on the calling thread."""
     m, k = x.shape
-    kp = -(-k // 32) * 32
-    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"bf16_rows.matmul: bf16 x [1..{MAX_ROWS}, K] and a packed bf16 weight, got "
+    np_, kp = padded(n, k)
+    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or m < 1:
+        raise ValueError(f"bf16_rows.matmul: bf16 x [M >= 1, K] and a packed bf16 weight, got "
                          f"{tuple(x.shape)} {x.dtype} and {packed.dtype}")
-    if packed.dim() != 1 or packed.numel() != n * kp or not packed.is_contiguous():
-        raise ValueError(f"bf16_rows.matmul: the weight must be `pack`ed from [{n}, {k}] ({n * kp} elements), "
+    if packed.dim() != 1 or packed.numel() != np_ * kp or not packed.is_contiguous():
+        raise ValueError(f"bf16_rows.matmul: the weight must be `pack`ed from [{n}, {k}] ({np_ * kp} elements), "
                          f"got {tuple(packed.shape)}")
+    if _kernel is None:
+        raise RuntimeError("bf16_rows.matmul: the kernel is not loaded on this machine (see kernel())")
     x = x.contiguous()
     y = torch.empty((m, n), dtype=torch.bfloat16)
     _kernel(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n)

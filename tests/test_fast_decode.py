@@ -92,29 +92,40 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("sdpa", [False, True], ids=["matmul-attention", "sdpa-attention"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_does(tokenizer, tmp_path, arch,  # noqa: F811
-                                                                                   adapter, sdpa):
-    """worker.dtype bfloat16 on CPU: every projection and the head in oneDNN's blocked layout where
-    oneDNN has bf16 kernels (the fastest there at 1-32 rows), `torch.mm`'s where it has none (an
-    AVX2-only CPU, where oneDNN refuses a bf16 weight); a decode step over ragged rows, on the base
+                                                                                   adapter, sdpa, threads):
+    """worker.dtype bfloat16 on CPU: every projection and the head in bf16_rows' layout where its
+    kernel runs and the worker computes on one thread (AVX-512 BF16 without AMX), else in oneDNN's
+    blocked layout where oneDNN has bf16 kernels, `torch.mm`'s where it has none (an AVX2-only CPU,
+    where oneDNN refuses a bf16 weight); a decode step over ragged rows, on the base
     or on a LoRA adapter (peft keeps its weights in float32), after a lean prefill, gives the
     as-loaded bf16 model's logits through transformers (to bf16 rounding) and the same greedy tokens,
     with decode attention through either kernel (SDPA where the CPU has AMX, matmuls elsewhere)."""
+    from model import bf16_rows
     from model.packed_linear import Layout, PackedLinear, onednn_bf16
 
     models = {packed: _sharpen(ARCHS[arch](tokenizer)).to(torch.bfloat16) for packed in (True, False)}
     assert pack_linears(models[True]) > 0
     layers = [m for m in models[True].modules() if isinstance(m, PackedLinear)]
-    layout = Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
+    layout = Layout.ROWS if bf16_rows.runs_here() else Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
+    assert (layout is Layout.ROWS) == (threads == 1 and bf16_rows.kernel() is not None)
     assert layers and all(m.layout is layout for m in layers)
     for layer in models[True].model.layers:  # siblings of one input as one weight
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.q_proj.fused is attn.k_proj.fused is attn.v_proj.fused is not None
         assert attn.q_proj.fused.weight.dtype == torch.bfloat16 and attn.o_proj.packed.dtype == torch.bfloat16
-        if layout is Layout.ONEDNN:  # stacked in one oneDNN weight (side by side for torch.mm: q/k/v only)
+        if layout.stacked:  # stacked in one weight (side by side for torch.mm: q/k/v only)
             assert mlp.gate_proj.fused is mlp.up_proj.fused is not None
     names = [None] * 3
     if adapter:
