@@ -41,6 +41,7 @@ PANEL = 32  # outputs a panel holds (the last may hold 16); see `pack`
 
 SOURCE = r"""
 #include <immintrin.h>
+#include <math.h>  /* INFINITY */
 #include <stdint.h>
 #include <string.h>
 
@@ -94,6 +95,92 @@ static const panel_fn PANELS[2][8] = {
 
 /* y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N; w is W packed by bf16_rows.pack. Each panel
    is read from memory once and serves every input row, 8 at a time, from the cache. */
+/* e^x for x <= 0 (Cephes' expf: x = n ln2 + f, a degree-7 polynomial in f, times 2^n), 1-2 ulp */
+static inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Decode attention, one new query per row, over a bf16 KV cache, in float32: row i's query heads
+   q[i] ([heads][hd], contiguous) attend to positions 0..lengths[i]-1 of cache row i (kc, vc:
+   [rows][kv_heads][capacity][hd], strides in elements), each group of heads / kv_heads query heads
+   reading its key/value head once; out[i] is [heads * hd]. hd a multiple of 32, groups of at most 8. */
+int loopcord_bf16_attention(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, uint16_t *out,
+                            const int32_t *lengths, int n, int heads, int kv_heads, int hd,
+                            long long row_stride, long long head_stride, float scale, float *scratch) {
+    const int group = heads / kv_heads, chunks = hd / 32;
+    if (hd % 32 || group > 8 || group * kv_heads != heads || chunks > 8) return -1;
+    for (int i = 0; i < n; i++) {
+        const int len = lengths[i];
+        for (int g = 0; g < kv_heads; g++) {
+            const uint16_t *kb = kc + i * row_stride + g * head_stride, *vb = vc + i * row_stride + g * head_stride;
+            const uint16_t *qg = q + ((size_t)i * heads + (size_t)g * group) * hd;
+            float *scores = scratch;  /* [group][len] */
+            __m512i qv[8][8];
+            for (int h = 0; h < group; h++)
+                for (int c = 0; c < chunks; c++) qv[h][c] = _mm512_loadu_si512((const void *)(qg + h * hd + c * 32));
+            float top[8];
+            for (int h = 0; h < group; h++) top[h] = -INFINITY;
+            for (int t = 0; t < len; t++) {
+                const uint16_t *kt = kb + (size_t)t * hd;
+                __m512i kv[8];
+                for (int c = 0; c < chunks; c++) kv[c] = _mm512_loadu_si512((const void *)(kt + c * 32));
+                for (int h = 0; h < group; h++) {
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int c = 0; c < chunks; c++) acc = _mm512_dpbf16_ps(acc, (__m512bh)qv[h][c], (__m512bh)kv[c]);
+                    const float sc = _mm512_reduce_add_ps(acc) * scale;
+                    scores[h * len + t] = sc;
+                    if (sc > top[h]) top[h] = sc;
+                }
+            }
+            float total[8];
+            for (int h = 0; h < group; h++) {
+                const __m512 shift = _mm512_set1_ps(top[h]);
+                __m512 sum = _mm512_setzero_ps();
+                float *sh = scores + h * len;
+                for (int t = 0; t < len; t += 16) {
+                    const __mmask16 keep = len - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - t)) - 1);
+                    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, sh + t), shift));
+                    _mm512_mask_storeu_ps(sh + t, keep, e);
+                    sum = _mm512_mask_add_ps(sum, keep, sum, e);
+                }
+                total[h] = _mm512_reduce_add_ps(sum);
+            }
+            __m512 acc[8][16];
+            for (int h = 0; h < group; h++) for (int c = 0; c < 2 * chunks; c++) acc[h][c] = _mm512_setzero_ps();
+            for (int t = 0; t < len; t++) {
+                const uint16_t *vt = vb + (size_t)t * hd;
+                __m512 vf[16];
+                for (int c = 0; c < 2 * chunks; c++)
+                    vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                        _mm256_loadu_si256((const __m256i *)(vt + c * 16))), 16));
+                for (int h = 0; h < group; h++) {
+                    const __m512 p = _mm512_set1_ps(scores[h * len + t]);
+                    for (int c = 0; c < 2 * chunks; c++) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
+                }
+            }
+            for (int h = 0; h < group; h++) {
+                const __m512 inv = _mm512_set1_ps(len > 0 ? 1.f / total[h] : 0.f);
+                uint16_t *o = out + ((size_t)i * heads + (size_t)g * group + h) * hd;
+                for (int c = 0; c < 2 * chunks; c++)
+                    _mm256_storeu_si256((__m256i *)(o + c * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[h][c], inv)));
+            }
+        }
+    }
+    return 0;
+}
+
 int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N) {
     if (M < 1 || K < 1 || N < 1) return -1;
     const size_t kp = (size_t)((K + 1) & ~1);
@@ -113,6 +200,7 @@ int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M,
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC")
 
 _kernel: Optional[ctypes._CFuncPtr] = None
+_attention: Optional[ctypes._CFuncPtr] = None
 _tried = False
 
 
@@ -155,7 +243,8 @@ def kernel():
         return None
     compiler = os.environ.get("CC", "cc")
     try:
-        fn = ctypes.CDLL(str(_build(compiler))).loopcord_bf16_rows
+        lib = ctypes.CDLL(str(_build(compiler)))
+        fn, attend = lib.loopcord_bf16_rows, lib.loopcord_bf16_attention
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.info("bf16 few-row kernel not built (%s%s): oneDNN runs every bf16 GEMM", exc,
@@ -163,7 +252,11 @@ def kernel():
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
-    _kernel = fn
+    attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_longlong] * 2 + [ctypes.c_float,
+                                                                                            ctypes.c_void_p]
+    attend.restype = ctypes.c_int
+    global _attention
+    _kernel, _attention = fn, attend
     return fn
 
 
@@ -220,3 +313,40 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     y = torch.empty((m, n), dtype=torch.bfloat16)
     _kernel(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n)
     return y
+
+
+def attention_covers(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether `attention` takes a model of this shape (head size a multiple of 32 up to 256, at
+    most 8 query heads per key/value head)."""
+    return head_dim % 32 == 0 and head_dim <= 256 and heads % kv_heads == 0 and heads // kv_heads <= 8
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, longest: int,
+              scale: float) -> torch.Tensor:
+    """Decode attention in float32 over a bf16 cache: q [n, heads, hd] (one new query per row; row i
+    is cache row i), k_cache / v_cache one layer's [rows >= n, kv_heads, capacity, hd], lengths [n]
+    int32 with 1 <= lengths[i] <= longest <= capacity (row i attends to its positions
+    0..lengths[i]-1; the caller's invariant, not read back here); returns [n, heads * hd] bf16. On a
+    CPU without AMX torch's bf16 matmuls (and SDPA) run these small products far below the
+    memory's speed and copy the cache views; this reads each row's keys and values once:
+    SmolLM2's shapes 4x the matmuls at one row, 2.3-3x at 8, 1.7-3.6x at 32 (80-2048 positions)."""
+    n, heads, hd = q.shape
+    kv_heads = k_cache.shape[1]
+    if _attention is None:
+        raise RuntimeError("bf16_rows.attention: the kernel is not loaded on this machine (see kernel())")
+    if (q.dtype, k_cache.dtype, v_cache.dtype) != (torch.bfloat16,) * 3 or lengths.dtype != torch.int32 \
+            or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < n \
+            or k_cache.shape[3] != hd or k_cache.stride(3) != 1 or k_cache.stride(2) != hd \
+            or not attention_covers(heads, kv_heads, hd) or lengths.shape != (n,) \
+            or not 1 <= longest <= k_cache.shape[2]:
+        raise ValueError(f"bf16_rows.attention: bf16 q [n, heads, hd] and caches [rows, kv_heads, capacity, hd] "
+                         f"with lengths in 1..capacity, got q {tuple(q.shape)} {q.dtype}, cache "
+                         f"{tuple(k_cache.shape)} {k_cache.dtype}, lengths {tuple(lengths.shape)} {lengths.dtype}, "
+                         f"longest {longest}")
+    q = q.contiguous()
+    lengths = lengths.contiguous()
+    out = torch.empty((n, heads * hd), dtype=torch.bfloat16)
+    scratch = torch.empty(heads // kv_heads * longest, dtype=torch.float32)
+    _attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lengths.data_ptr(), n, heads,
+               kv_heads, hd, k_cache.stride(0), k_cache.stride(1), scale, scratch.data_ptr())
+    return out

@@ -37,6 +37,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from model import bf16_rows
+
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # bf16 decode attention by matmuls (a CPU without AMX): up to this many rows the cache views are
 # read into float32 first, where the small products run 1.2-2x faster than bf16's (AMD EPYC, 80-2048
@@ -85,6 +87,9 @@ class FastDecode:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.cpu_bf16_sdpa = cpu_bf16_sdpa_wins()
+        # bf16 decode attention through bf16_rows' kernel where bf16 layers run on it (see decode)
+        self.bf16_kernel_attention = bf16_rows.runs_here() and bf16_rows.attention_covers(
+            self.heads, self.kv_heads, self.head_dim)
 
     @classmethod
     def build(cls, model) -> Optional["FastDecode"]:
@@ -192,9 +197,27 @@ class FastDecode:
         are written into `cache` (a kv_cache.SlotCache with room for `width` positions).
         `ragged`: whether some row is not at position width - 1 (the caller knows from its list)."""
         n = tokens.shape[0]
+        dtype = _base_model(model).get_input_embeddings().weight.dtype
+        if dtype == torch.bfloat16 and self.bf16_kernel_attention and tokens.device.type == "cpu":
+            # bf16_rows' kernel: each row reads its own positions once, in float32 (no mask, no copies)
+            lengths = (positions + 1 if ragged else torch.full((n,), width)).to(torch.int32)
+            rows = torch.arange(n)
+
+            def attend(i, attn, q, k, v):
+                kc, vc = cache.k[i], cache.v[i]
+                if ragged:
+                    kc[rows, :, positions] = k
+                    vc[rows, :, positions] = v
+                else:
+                    kc[:n, :, width - 1] = k
+                    vc[:n, :, width - 1] = v
+                return bf16_rows.attention(q, kc, vc, lengths, width, attn.scaling)
+
+            h = self._layers(model, tokens, positions[:, None], name, attend)
+            base = _base_model(model)
+            return base.get_output_embeddings()(self._norm(base.model.norm, h))
         if ragged:  # each row attends to its own positions: one additive mask for every layer
             keep = torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]
-            dtype = _base_model(model).get_input_embeddings().weight.dtype
             mask = torch.zeros(keep.shape, dtype=dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
             mask = mask[:, None, None, :]
             rows = torch.arange(n, device=tokens.device)

@@ -16,6 +16,8 @@ from torch import nn
 
 from model import bf16_rows
 from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
+from test_engine import prompts
+from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
 
 runs_here = pytest.mark.skipif(bf16_rows.kernel() is None,
                                reason="the kernel does not run on this CPU (needs AVX-512 BF16, no AMX) or no compiler")
@@ -134,3 +136,98 @@ def test_the_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(bf16_rows, "_kernel", None)
     monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
     assert bf16_rows.kernel() is None
+
+
+def _attention_reference(q, kc, vc, lengths, scale):
+    """Row i's query heads over its first lengths[i] positions, in float32 (SDPA per row)."""
+    import torch.nn.functional as F
+
+    rows = []
+    for i, length in enumerate(lengths.tolist()):
+        o = F.scaled_dot_product_attention(q[i:i + 1, :, None].float(), kc[i:i + 1, :, :length].float(),
+                                           vc[i:i + 1, :, :length].float(), scale=scale,
+                                           enable_gqa=kc.shape[1] != q.shape[1])
+        rows.append(o.reshape(-1))
+    return torch.stack(rows)
+
+
+@runs_here
+@pytest.mark.parametrize("heads,kv_heads,hd", [(9, 3, 64), (14, 2, 64), (4, 4, 32), (28, 4, 128)])
+def test_the_attention_kernel_attends_each_row_to_its_own_positions(heads, kv_heads, hd):
+    torch.manual_seed(heads + hd)
+    n, capacity = 5, 70
+    kc, vc = torch.randn(8, kv_heads, capacity, hd).to(torch.bfloat16), torch.randn(8, kv_heads, capacity, hd).to(torch.bfloat16)
+    q = (torch.randn(n, heads, hd) * 2).to(torch.bfloat16)
+    lengths = torch.tensor([1, 17, 16, 33, 64], dtype=torch.int32)  # one position, a vector's width and not
+    got = bf16_rows.attention(q, kc, vc, lengths, 64, hd ** -0.5)
+    want = _attention_reference(q, kc, vc, lengths, hd ** -0.5)
+    assert got.shape == (n, heads * hd) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2 ** -7, atol=2 ** -8)
+    # positions past a row's length do not count: other values there change nothing
+    kc[:, :, 64:], vc[:, :, 64:] = 100.0, -100.0
+    kc[0, :, 1:], vc[0, :, 1:] = 100.0, -100.0
+    torch.testing.assert_close(bf16_rows.attention(q, kc, vc, lengths, 64, hd ** -0.5), got, rtol=0, atol=0)
+
+
+@runs_here
+def test_the_attention_kernel_refuses_shapes_it_does_not_take():
+    kc = torch.zeros(2, 2, 8, 48).to(torch.bfloat16)
+    assert not bf16_rows.attention_covers(4, 2, 48) and not bf16_rows.attention_covers(18, 2, 64)
+    with pytest.raises(ValueError, match="bf16 q"):
+        bf16_rows.attention(torch.zeros(2, 4, 48).to(torch.bfloat16), kc, kc, torch.ones(2, dtype=torch.int32), 1, 1.0)
+    kc = torch.zeros(2, 2, 8, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="longest 9"):  # longer than the cache holds
+        bf16_rows.attention(torch.zeros(2, 4, 64).to(torch.bfloat16), kc, kc, torch.ones(2, dtype=torch.int32), 9, 1.0)
+    with pytest.raises(ValueError, match="bf16 q"):  # float32 query
+        bf16_rows.attention(torch.zeros(2, 4, 64), kc, kc, torch.ones(2, dtype=torch.int32), 1, 1.0)
+
+
+def _model(arch: str, tok):
+    """A Llama or Qwen2 of head size 32 (the attention kernel's smallest), logits sharpened."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_model import build_model
+
+    dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2)
+    torch.manual_seed(3)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=512,
+                                             tie_word_embeddings=True, **dims))
+    else:
+        model = build_model(tok, seed=3, **dims)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+    return model.to(torch.bfloat16).eval()
+
+
+@runs_here
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_bf16_model_decodes_through_both_kernels_as_transformers_does(arch, tokenizer):  # noqa: F811
+    """A bf16 model whose head size the attention kernel takes (32), packed on one thread: the lean
+    prefill and a ragged decode step (GEMMs and attention in bf16_rows) give the transformers
+    forward's logits to bf16 rounding and its greedy tokens."""
+    from model.runner import Runner
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for fast in (True, False):
+            model = _model(arch, tokenizer)
+            if fast:
+                pack_linears(model)
+            runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 256, fast_decode=fast)
+            if fast:
+                assert runner.fast.bf16_kernel_attention
+            ids = prompts(tokenizer)[:3]
+            with torch.inference_mode():
+                runner.cache_for(max(map(len, ids)) + 8, 3)
+                runner.chunk([0, 1, 2], [0, 0, 0], ids, [None] * 3)
+                out[fast] = runner.decode(torch.tensor([5, 17, 42]), [len(i) for i in ids], [None] * 3).float()
+    finally:
+        torch.set_num_threads(old)
+    # 0.08% of the scale apart here (float32 attention against transformers' bf16 products); one
+    # position left out of a row's attention moves them 2%
+    scale = out[False].abs().max()
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=0.005 * float(scale))
+    assert torch.equal(out[True].argmax(-1), out[False].argmax(-1))
