@@ -27,6 +27,8 @@ DoRA, no LoRA bias; peft has wrapped nothing else: no modules_to_save, nothing o
 the embeddings, the head or the norms), and a decoder layer made only of the parts
 above. Anything else (a batch mixing adapters, other
 architectures, sliding-window attention) goes through transformers as before;
+where bf16 layers run on model.bf16_rows' kernel (AVX-512 BF16 without AMX, one thread),
+decode attention runs on its attention kernel too (float32 sums over the bf16 cache);
 `FastDecode.build` says None for a model it does not cover.
 """
 
@@ -168,9 +170,10 @@ class FastDecode:
                 scale: float) -> torch.Tensor:
         """Attention of one new query per row, q [n, heads, hd], over k, v [n, kv_heads, width, hd]
         (views of the cache); returns [n, heads * hd]. SDPA for one row in float32, and in bf16
-        off the CPU or where its CPU kernel is the fast one (`cpu_bf16_sdpa_wins`); otherwise two batched matmuls with each
-        key/value head's query group side by side, which on CPU beat SDPA's kernel for a single
-        query position by 1.2-1.7x at 8-32 rows in float32 (the longer the context, the more)."""
+        off the CPU or where its CPU kernel is the fast one (`cpu_bf16_sdpa_wins`); otherwise two
+        batched matmuls with each key/value head's query group side by side, which on CPU beat
+        SDPA's kernel for a single query position by 1.2-1.7x at 8-32 rows in float32 (the longer
+        the context, the more). (Where bf16 layers run on bf16_rows, `decode` uses its kernel.)"""
         n, heads, hd = q.shape
         kv_heads = k.shape[1]
         if q.dtype == torch.float32:

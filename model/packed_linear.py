@@ -106,8 +106,8 @@ class Fused:
     members' biases concatenated (None when they have none).
 
     TRANSPOSED: `weight` [in, sum(outs)], each member's `packed` a column view of it.
-    ONEDNN: `weight` the oneDNN blocked copy of the members' weights stacked, the only
-    copy; a member called on x computes every member's columns once and hands the siblings
+    ONEDNN, ROWS: `weight` the oneDNN blocked (or bf16_rows-packed) copy of the members' weights
+    stacked, the only copy; a member called on x computes every member's columns once and hands the siblings
     theirs when they are called on the same x next (`output_for`)."""
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
@@ -213,7 +213,7 @@ def pack_linears(model: nn.Module) -> int:
     shared = _shared_weights(model)
     count = 0
     with torch.no_grad():
-        count += _pack_onednn_groups(model, shared)
+        count += _pack_stacked_groups(model, shared)
         for module in model.modules():
             if type(module) is not nn.Linear:
                 continue
@@ -239,7 +239,7 @@ def pack_linears(model: nn.Module) -> int:
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"),)  # children that read the same input, in column order
-ONEDNN_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # ... stacked where laid out for oneDNN
+STACKED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # ... stacked (ONEDNN, ROWS)
 
 
 def _become_packed(module: nn.Linear, shared: set[int]) -> None:
@@ -251,13 +251,13 @@ def _become_packed(module: nn.Linear, shared: set[int]) -> None:
         module.weight = nn.Parameter(stub, requires_grad=False)
 
 
-def _pack_onednn_groups(model: nn.Module, shared: set[int]) -> int:
-    """Each group of ONEDNN_SIBLINGS (plain nn.Linear of one input size and dtype, each laid out
-    for oneDNN in that dtype, all with bias or none, no shared weight) packed as
-    one stacked oneDNN weight (`Fused`, layout ONEDNN); returns how many layers it packed."""
+def _pack_stacked_groups(model: nn.Module, shared: set[int]) -> int:
+    """Each group of STACKED_SIBLINGS (plain nn.Linear of one input size and dtype, each laid out
+    for oneDNN or for bf16_rows in that dtype, all with bias or none, no shared weight) packed as
+    one stacked weight in that layout (`Fused`); returns how many layers it packed."""
     count = 0
     for parent in model.modules():
-        for names in ONEDNN_SIBLINGS:
+        for names in STACKED_SIBLINGS:
             members = tuple(getattr(parent, n, None) for n in names)
             if not all(type(m) is nn.Linear and id(m.weight) not in shared for m in members):
                 continue
