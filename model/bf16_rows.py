@@ -95,6 +95,54 @@ static const panel_fn PANELS[2][8] = {
 
 /* y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N; w is W packed by bf16_rows.pack. Each panel
    is read from memory once and serves every input row, 8 at a time, from the cache. */
+/* The float32 twin: panels [K][16 * NB] (no pairs), one FMA per input row and 16 outputs. */
+static inline __attribute__((always_inline)) void panel32(const float *x, const float *wp, float *y,
+                                                          const int NB, const int MM, int K, int N, int n0) {
+    const int P = 16 * NB;
+    __m512 acc[8][2];
+    for (int m = 0; m < MM; m++) for (int b = 0; b < NB; b++) acc[m][b] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 wv[2];
+        for (int b = 0; b < NB; b++) wv[b] = _mm512_loadu_ps(wp + (size_t)k * P + b * 16);
+        for (int m = 0; m < MM; m++) {
+            const __m512 xv = _mm512_set1_ps(x[(size_t)m * K + k]);
+            for (int b = 0; b < NB; b++) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        const int first = n0 + b * 16, valid = N - first;
+        if (valid <= 0) break;
+        const __mmask16 keep = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+        for (int m = 0; m < MM; m++) _mm512_mask_storeu_ps(y + (size_t)m * N + first, keep, acc[m][b]);
+    }
+}
+
+#define ROWS32(NB, MM) static void panel32_##NB##_##MM(const float *x, const float *wp, float *y, \
+                                                       int K, int N, int n0) { panel32(x, wp, y, NB, MM, K, N, n0); }
+#define ALL32(NB) ROWS32(NB, 1) ROWS32(NB, 2) ROWS32(NB, 3) ROWS32(NB, 4) ROWS32(NB, 5) ROWS32(NB, 6) \
+                  ROWS32(NB, 7) ROWS32(NB, 8)
+ALL32(1) ALL32(2)
+
+typedef void (*panel32_fn)(const float *, const float *, float *, int, int, int);
+static const panel32_fn PANELS32[2][8] = {
+    {panel32_1_1, panel32_1_2, panel32_1_3, panel32_1_4, panel32_1_5, panel32_1_6, panel32_1_7, panel32_1_8},
+    {panel32_2_1, panel32_2_2, panel32_2_3, panel32_2_4, panel32_2_5, panel32_2_6, panel32_2_7, panel32_2_8},
+};
+
+int loopcord_f32_rows(const float *x, const float *w, float *y, int M, int K, int N) {
+    if (M < 1 || K < 1 || N < 1) return -1;
+    const int np = (N + 15) & ~15;
+    for (int n0 = 0; n0 < np; n0 += 32) {
+        const int nb = np - n0 >= 32 ? 2 : 1;
+        const float *wp = w + (size_t)n0 * K;
+        for (int m0 = 0; m0 < M; m0 += 8) {
+            const int mm = M - m0 < 8 ? M - m0 : 8;
+            PANELS32[nb - 1][mm - 1](x + (size_t)m0 * K, wp, y + (size_t)m0 * N, K, N, n0);
+        }
+    }
+    return 0;
+}
+
 /* e^x for x <= 0 (Cephes' expf: x = n ln2 + f, a degree-7 polynomial in f, times 2^n), 1-2 ulp */
 static inline __m512 exp_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
@@ -201,6 +249,7 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-share
 
 _kernel: Optional[ctypes._CFuncPtr] = None
 _attention: Optional[ctypes._CFuncPtr] = None
+_kernel_f32: Optional[ctypes._CFuncPtr] = None
 _tried = False
 
 
@@ -244,7 +293,7 @@ def kernel():
     compiler = os.environ.get("CC", "cc")
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
-        fn, attend = lib.loopcord_bf16_rows, lib.loopcord_bf16_attention
+        fn, fn32, attend = lib.loopcord_bf16_rows, lib.loopcord_f32_rows, lib.loopcord_bf16_attention
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.info("bf16 few-row kernel not built (%s%s): oneDNN runs every bf16 GEMM", exc,
@@ -252,11 +301,12 @@ def kernel():
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
+    fn32.argtypes, fn32.restype = fn.argtypes, ctypes.c_int
     attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_longlong] * 2 + [ctypes.c_float,
                                                                                             ctypes.c_void_p]
     attend.restype = ctypes.c_int
-    global _attention
-    _kernel, _attention = fn, attend
+    global _attention, _kernel_f32
+    _kernel, _kernel_f32, _attention = fn, fn32, attend
     return fn
 
 
@@ -266,52 +316,71 @@ def runs_here() -> bool:
     return torch.get_num_threads() == 1 and kernel() is not None
 
 
-def padded(n: int, k: int) -> tuple[int, int]:
-    """(outputs, inputs) of a [n, k] weight once `pack`ed: n up to a multiple of 16, k of 2."""
-    return -(-n // 16) * 16, -(-k // 2) * 2
+def padded(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(outputs, inputs) of a [n, k] weight once `pack`ed: n up to a multiple of 16, k (bf16) of 2."""
+    return -(-n // 16) * 16, (-(-k // 2) * 2 if dtype == torch.bfloat16 else k)
+
+
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _panels(w: torch.Tensor, size: int, kp: int, bf16: bool) -> torch.Tensor:
+    """One panel of `size` outputs, [K/2][size][2] (bf16) or [K][size] (float32), flat."""
+    if bf16:
+        return w.reshape(size, kp // 2, 2).transpose(0, 1).reshape(-1)
+    return w.t().reshape(-1)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's [N, K] bf16 weight laid out for `matmul`, flat: zero-padded to `padded(N, K)`,
-    then cut into panels of PANEL outputs (the last of 16 where N is not a multiple of 32), each
-    panel [K/2][its outputs][2] (input pairs innermost, as `vdpbf16ps` takes them)."""
+    """nn.Linear's [N, K] weight (bf16 or float32) laid out for `matmul`, flat: zero-padded to
+    `padded(N, K)`, then cut into panels of PANEL outputs (the last of 16 where N is not a
+    multiple of 32), each panel [K/2][its outputs][2] in bf16 (input pairs innermost, as
+    `vdpbf16ps` takes them), [K][its outputs] in float32."""
+    if weight.dtype not in DTYPES:
+        raise ValueError(f"bf16_rows.pack: a bf16 or float32 weight, got {weight.dtype}")
     n, k = weight.shape
-    np_, kp = padded(n, k)
-    w = torch.nn.functional.pad(weight.detach().to(torch.bfloat16), (0, kp - k, 0, np_ - n))
+    np_, kp = padded(n, k, weight.dtype)
+    w = torch.nn.functional.pad(weight.detach(), (0, kp - k, 0, np_ - n))
     parts, start = [], 0
     while start < np_:
         size = min(PANEL, np_ - start)
-        parts.append(w[start:start + size].reshape(size, kp // 2, 2).transpose(0, 1).reshape(-1))
+        parts.append(_panels(w[start:start + size], size, kp, weight.dtype == torch.bfloat16).contiguous())
         start += size
     return torch.cat(parts)
 
 
 def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The [n, k] weight back out of `pack`'s layout (a copy)."""
-    np_, kp = padded(n, k)
+    np_, kp = padded(n, k, packed.dtype)
     parts, start, offset = [], 0, 0
     while start < np_:
         size = min(PANEL, np_ - start)
-        parts.append(packed[offset:offset + size * kp].view(kp // 2, size, 2).transpose(0, 1).reshape(size, kp))
+        flat = packed[offset:offset + size * kp]
+        if packed.dtype == torch.bfloat16:
+            parts.append(flat.view(kp // 2, size, 2).transpose(0, 1).reshape(size, kp))
+        else:
+            parts.append(flat.view(kp, size).t())
         start, offset = start + size, offset + size * kp
     return torch.cat(parts)[:n, :k].clone()
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, n], bf16, W [n, K] laid out by `pack`; on the calling thread."""
+    """x [M, K] @ W.T -> [M, n] in x's dtype (bf16 or float32), W [n, K] laid out by `pack` in that
+    dtype; on the calling thread."""
     m, k = x.shape
-    np_, kp = padded(n, k)
-    if x.dtype != torch.bfloat16 or packed.dtype != torch.bfloat16 or m < 1:
-        raise ValueError(f"bf16_rows.matmul: bf16 x [M >= 1, K] and a packed bf16 weight, got "
-                         f"{tuple(x.shape)} {x.dtype} and {packed.dtype}")
+    np_, kp = padded(n, k, x.dtype)
+    if x.dtype not in DTYPES or packed.dtype != x.dtype or m < 1:
+        raise ValueError(f"bf16_rows.matmul: x [M >= 1, K] and a packed weight of one dtype, bf16 or float32, "
+                         f"got {tuple(x.shape)} {x.dtype} and {packed.dtype}")
     if packed.dim() != 1 or packed.numel() != np_ * kp or not packed.is_contiguous():
         raise ValueError(f"bf16_rows.matmul: the weight must be `pack`ed from [{n}, {k}] ({np_ * kp} elements), "
                          f"got {tuple(packed.shape)}")
-    if _kernel is None:
+    fn = _kernel if x.dtype == torch.bfloat16 else _kernel_f32
+    if fn is None:
         raise RuntimeError("bf16_rows.matmul: the kernel is not loaded on this machine (see kernel())")
     x = x.contiguous()
-    y = torch.empty((m, n), dtype=torch.bfloat16)
-    _kernel(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n)
+    y = torch.empty((m, n), dtype=x.dtype)
+    fn(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n)
     return y
 
 

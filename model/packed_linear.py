@@ -18,10 +18,11 @@ keeps one copy of its weight in one of these layouts:
   576x1536; a 49k-vocabulary head 1.7x faster in oneDNN at 8 rows). In bf16 every
   layer takes this layout: oneDNN's bf16 kernels beat `torch.mm` on each projection
   (on a CPU where oneDNN has no bf16 kernels, AVX2 only, bf16 layers are TRANSPOSED).
-- `Layout.ROWS`: bf16 on a CPU with AVX-512 BF16 and no AMX (AMD's Zen 4) where the
-  worker computes on one thread: panels for model.bf16_rows' kernel, which reads each
-  weight as one stream (oneDNN reads 12-14 GB/s of the 30 there): SmolLM2's GEMMs 2.2x
-  oneDNN's at one row, 1.7x at 8, 1.2x at 32, 1.07x at prompt sizes.
+- `Layout.ROWS`: bf16 and float32 on a CPU with AVX-512 BF16 and no AMX (AMD's Zen 4)
+  where the worker computes on one thread: panels for model.bf16_rows' kernels, which
+  read each weight as one stream (oneDNN and MKL read 12-21 GB/s of the 30 there):
+  SmolLM2's GEMMs in bf16 2.2x oneDNN's at one row, 1.7x at 8, 1.2x at 32, 1.07x at
+  prompt sizes; in float32 1.73x / 2.12x / 1.32x / 1.14x the layouts above.
 
 Whole decode steps against all-oneDNN (SmolLM2, float32, one thread, the two
 interleaved in one process on the shared box): prefill of a 43-token prompt
@@ -90,11 +91,12 @@ def pick_layout(out_features: int, in_features: int, dtype: torch.dtype = torch.
     """float32: oneDNN's blocked layout for widening layers (MLP up/gate projections, LM heads),
     `torch.mm` otherwise. bfloat16: oneDNN for every layer (its bf16 kernels beat `torch.mm` and
     `F.linear` on every SmolLM2 projection at 1, 8 and 32 rows, 1.2-2.4x) where oneDNN has bf16
-    kernels for this CPU, `torch.mm` where it has none (an AVX2-only CPU); `bf16_rows`' layout where its
-    kernel runs (AVX-512 BF16 without AMX, one compute thread at start-up: 1.1-2x oneDNN there)."""
+    kernels for this CPU, `torch.mm` where it has none (an AVX2-only CPU). Either dtype: `bf16_rows`'
+    layout where its kernels run (AVX-512 BF16 without AMX, one compute thread at start-up: SmolLM2's
+    GEMMs 1.1-2.2x oneDNN's in bf16 there, 1.3-2.1x the float32 layouts above at 1-32 rows)."""
+    if dtype in bf16_rows.DTYPES and bf16_rows.runs_here():
+        return Layout.ROWS
     if dtype == torch.bfloat16:
-        if bf16_rows.runs_here():
-            return Layout.ROWS
         return Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
     widening = out_features >= ONEDNN_WIDEN * in_features
     return Layout.ONEDNN if widening or out_features >= ONEDNN_MIN_OUT else Layout.TRANSPOSED

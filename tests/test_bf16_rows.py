@@ -24,29 +24,35 @@ runs_here = pytest.mark.skipif(bf16_rows.kernel() is None,
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The float32 product rounded once to bf16, as the kernel and oneDNN round."""
-    return (x.float() @ w.float().T).to(torch.bfloat16)
+    """The float32 product rounded once to x's dtype, as the kernels and oneDNN round."""
+    return (x.float() @ w.float().T).to(x.dtype)
 
 
 @runs_here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("k", [576, 1536, 32, 50, 7])  # an odd number of inputs too
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 32, 100])  # within one chunk of 8 rows, across chunks
-def test_the_kernel_computes_x_times_w_transposed(m, k):
+def test_the_kernel_computes_x_times_w_transposed(m, k, dtype):
     torch.manual_seed(m * 1000 + k)
-    x, w = torch.randn(m, k).to(torch.bfloat16), torch.randn(37, k).to(torch.bfloat16)
-    got, want = bf16_rows.matmul(x, bf16_rows.pack(w), 37), _reference(x, w)  # a panel of 32 outputs, one of 16 with 5
-    assert got.shape == (m, 37) and got.dtype == torch.bfloat16
-    # float32 sums in another order, each rounded once: within a bf16 unit of the largest value
-    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * 2 ** -7)
+    x, w = torch.randn(m, k).to(dtype), torch.randn(37, k).to(dtype)
+    packed = bf16_rows.pack(w)
+    got, want = bf16_rows.matmul(x, packed, 37), _reference(x, w)  # a panel of 32 outputs, one of 16 with 5
+    assert got.shape == (m, 37) and got.dtype == dtype
+    # float32 sums in another order (each rounded once to bf16): within a unit of the largest value
+    unit = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -16  # float32: sums of up to 1536 terms
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.abs().max()) * unit)
+    assert torch.equal(bf16_rows.unpack(packed, 37, k), w)  # the layout loses nothing
 
 
 @runs_here
 def test_the_kernel_refuses_what_it_does_not_compute():
     w = bf16_rows.pack(torch.randn(8, 64).to(torch.bfloat16))
-    with pytest.raises(ValueError, match="bf16 x"):
-        bf16_rows.matmul(torch.randn(1, 64), w, 8)  # float32 input
-    with pytest.raises(ValueError, match="bf16 x"):
+    with pytest.raises(ValueError, match="one dtype"):
+        bf16_rows.matmul(torch.randn(1, 64), w, 8)  # float32 input, bf16 weight
+    with pytest.raises(ValueError, match="one dtype"):
         bf16_rows.matmul(torch.randn(0, 64).to(torch.bfloat16), w, 8)  # no rows
+    with pytest.raises(ValueError, match="bf16 or float32"):
+        bf16_rows.pack(torch.randn(8, 64).to(torch.float16))
     with pytest.raises(ValueError, match=r"`pack`ed from \[8, 96\]"):
         bf16_rows.matmul(torch.randn(1, 96).to(torch.bfloat16), w, 8)  # inner sizes differ
     with pytest.raises(ValueError, match=r"`pack`ed from \[40, 64\]"):
@@ -65,10 +71,10 @@ class Tiny(nn.Module):
         self.head.weight = self.embed.weight  # tied, as SmolLM2's
 
 
-def _pair(threads: int):
+def _pair(threads: int, dtype=torch.bfloat16):
     torch.manual_seed(0)
-    plain = Tiny().to(torch.bfloat16).eval()
-    packed = Tiny().to(torch.bfloat16).eval()
+    plain = Tiny().to(dtype).eval()
+    packed = Tiny().to(dtype).eval()
     packed.load_state_dict(plain.state_dict())
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -80,7 +86,7 @@ def _pair(threads: int):
 
 
 def _answers_as_nn_linear(plain, packed, rows: int) -> None:
-    x = torch.randn(rows, 48).to(torch.bfloat16)
+    x = torch.randn(rows, 48).to(plain.o_proj.weight.dtype)
     with torch.inference_mode():
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head"):
             want = getattr(plain, name)(x).float()
@@ -89,9 +95,10 @@ def _answers_as_nn_linear(plain, packed, rows: int) -> None:
 
 
 @runs_here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("rows", [1, 5, 32, 100])
-def test_on_one_thread_bf16_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, monkeypatch):
-    plain, packed = _pair(threads=1)
+def test_on_one_thread_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, dtype, monkeypatch):
+    plain, packed = _pair(threads=1, dtype=dtype)
     layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
     assert layers and all(m.layout is Layout.ROWS for m in layers)
     group = packed.q_proj.fused
@@ -107,7 +114,10 @@ def test_on_one_thread_bf16_layers_take_the_kernels_layout_and_answer_as_nn_line
         assert torch.equal(getattr(packed, name).dense_weight(), getattr(plain, name).weight)
 
 
-def test_with_more_threads_bf16_layers_keep_onednns_layout():
+def test_with_more_threads_layers_keep_the_onednn_and_torch_mm_layouts():
+    plain, packed = _pair(threads=2, dtype=torch.float32)
+    assert all(m.layout is Layout.TRANSPOSED for m in packed.modules() if isinstance(m, PackedLinear))  # none widens
+    _answers_as_nn_linear(plain, packed, 3)
     if not onednn_bf16():
         pytest.skip("bf16 layers are laid out for torch.mm on this CPU")
     plain, packed = _pair(threads=2)
@@ -182,7 +192,7 @@ def test_the_attention_kernel_refuses_shapes_it_does_not_take():
         bf16_rows.attention(torch.zeros(2, 4, 64), kc, kc, torch.ones(2, dtype=torch.int32), 1, 1.0)
 
 
-def _model(arch: str, tok):
+def _model(arch: str, tok, dtype=torch.bfloat16):
     """A Llama or Qwen2 of head size 32 (the attention kernel's smallest), logits sharpened."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from tiny_model import build_model
@@ -197,15 +207,16 @@ def _model(arch: str, tok):
         model = build_model(tok, seed=3, **dims)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30)
-    return model.to(torch.bfloat16).eval()
+    return model.to(dtype).eval()
 
 
 @runs_here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_bf16_model_decodes_through_both_kernels_as_transformers_does(arch, tokenizer):  # noqa: F811
-    """A bf16 model whose head size the attention kernel takes (32), packed on one thread: the lean
-    prefill and a ragged decode step (GEMMs and attention in bf16_rows) give the transformers
-    forward's logits to bf16 rounding and its greedy tokens."""
+def test_a_model_decodes_through_the_kernels_as_transformers_does(arch, dtype, tokenizer):  # noqa: F811
+    """A model whose head size the attention kernel takes (32), packed on one thread: the lean
+    prefill and a ragged decode step (GEMMs in bf16_rows; in bf16 attention too) give the
+    transformers forward's logits to rounding and its greedy tokens."""
     from model.runner import Runner
 
     old = torch.get_num_threads()
@@ -213,9 +224,10 @@ def test_a_bf16_model_decodes_through_both_kernels_as_transformers_does(arch, to
     try:
         out = {}
         for fast in (True, False):
-            model = _model(arch, tokenizer)
+            model = _model(arch, tokenizer, dtype)
             if fast:
                 pack_linears(model)
+                assert model.model.layers[0].self_attn.o_proj.layout is Layout.ROWS
             runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 256, fast_decode=fast)
             if fast:
                 assert runner.fast.bf16_kernel_attention
