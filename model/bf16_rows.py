@@ -1,24 +1,27 @@
-"""A bf16 GEMM for CPUs with AVX-512 BF16 and no AMX (AMD's Zen 4) that reads each weight once.
+"""GEMMs (bf16 and float32) and bf16 decode attention for CPUs with AVX-512 BF16 and no AMX
+(AMD's Zen 4), reading each weight once, as one stream.
 
-On such a CPU oneDNN's bf16 kernels read a decode step's weights at 12-14 GB/s on one thread,
-where the memory gives 30: it streams one sequential read far faster than several
-interleaved ones. This kernel takes the weight copied once (`pack`) into panels of 32
-outputs, each panel [K/2][32][2], so it is read as one stream, and computes a panel for
-every input row, 8 rows at a time, while the panel sits in L1: a pair of each input row,
-broadcast, meets 32 outputs' pairs in two `vdpbf16ps` (bf16 pairs, float32 sums), with no
-horizontal sums. SmolLM2's GEMMs on one thread against oneDNN's: 9.3 vs 20.3 ms at one row,
-9.6 vs 17 at 4, 12.7 vs 22 at 8, 22.9 vs 30.5 at 16, 45.9 vs 54.0 at 32, and 1.07-1.11x at
-64-512 rows (prompt chunks). A kernel walking nn.Linear's own rows, 2 or 4 at a time, was as
-slow as oneDNN.
+On such a CPU oneDNN's bf16 kernels read a decode step's weights at 12-14 GB/s on one thread
+(MKL's and oneDNN's float32 12-21), where the memory gives 30: it streams one sequential read
+far faster than several interleaved ones. These kernels take the weight copied once (`pack`)
+into panels of 32 outputs, each panel [K/2][32][2] in bf16 ([K][32] in float32), so it is
+read as one stream, and compute a panel for every input row, 8 rows at a time, while the panel
+sits in L1: a pair of each input row, broadcast, meets 32 outputs' pairs in two `vdpbf16ps`
+(bf16 pairs, float32 sums; float32: FMAs), with no horizontal sums. SmolLM2's GEMMs on one
+thread against oneDNN's in bf16: 9.3 vs 20.3 ms at one row, 9.6 vs 17 at 4, 12.7 vs 22 at 8,
+22.9 vs 30.5 at 16, 45.9 vs 54.0 at 32, 1.07-1.11x at 64-512 rows (prompt chunks); in float32
+1.73x / 2.12x / 1.32x / 1.14x the torch.mm / oneDNN split at 1 / 8 / 32 / 128 rows. A kernel
+walking nn.Linear's own rows, 2 or 4 at a time, was as slow as oneDNN. `attention` is decode
+attention over a bf16 KV cache in float32 (torch's bf16 matmuls and SDPA there are far slower).
 
-It runs on the calling thread: bf16 layers take its layout (`packed_linear.Layout.ROWS`, the
-only copy) where the worker computes on one thread (`worker.cpu_threads: 1`, the default),
-where one core already takes the whole bandwidth on such a box; with more threads oneDNN's
-layout, as before. The C source is compiled at first use with the system's C compiler
-(`cc`, or $CC) into the user's cache directory and loaded with ctypes; without a compiler,
-or on another CPU, `kernel()` is None and oneDNN runs; `LOOPCORD_BF16_ROWS=0` in the
-environment turns it off. Rounding: each output is a float32 sum rounded once to bf16
-(round to nearest even), as oneDNN's; the order of the sums differs.
+They run on the calling thread: layers take this layout (`packed_linear.Layout.ROWS`, the only
+copy) where the worker computes on one thread (`worker.cpu_threads: 1`, the default), where one
+core already takes the whole bandwidth on such a box; with more threads the oneDNN / torch.mm
+layouts, as before. The C source is compiled at first use with the system's C compiler (`cc`,
+or $CC) into the user's cache directory and loaded with ctypes; without a compiler, or on
+another CPU, `kernel()` is None and nothing changes; `LOOPCORD_BF16_ROWS=0` in the environment
+turns them off. Rounding: each bf16 output is a float32 sum rounded once to bf16 (round to
+nearest even), as oneDNN's; the order of the sums differs.
 """
 
 from __future__ import annotations
@@ -254,8 +257,8 @@ _tried = False
 
 
 def cpu_supported() -> bool:
-    """AVX-512 BF16 without AMX tiles: where this kernel was measured to beat oneDNN (on an AMX
-    CPU oneDNN's bf16 kernels run on the tiles; not measured against this one)."""
+    """AVX-512 BF16 without AMX tiles: where these kernels were measured to beat oneDNN (on an AMX
+    CPU oneDNN's bf16 kernels run on the tiles; not measured against these)."""
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(avx512_bf16 and avx512_bf16()) and not bool(amx and amx())
@@ -296,7 +299,7 @@ def kernel():
         fn, fn32, attend = lib.loopcord_bf16_rows, lib.loopcord_f32_rows, lib.loopcord_bf16_attention
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
-        log.info("bf16 few-row kernel not built (%s%s): oneDNN runs every bf16 GEMM", exc,
+        log.info("CPU kernels (model.bf16_rows) not built (%s%s): oneDNN and torch.mm run every GEMM", exc,
                  ": " + detail.decode(errors="replace").strip()[:300] if detail else "")
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
@@ -307,12 +310,13 @@ def kernel():
     attend.restype = ctypes.c_int
     global _attention, _kernel_f32
     _kernel, _kernel_f32, _attention = fn, fn32, attend
+    log.info("CPU kernels (model.bf16_rows) loaded from %s", _cache_dir())
     return fn
 
 
 def runs_here() -> bool:
-    """Whether bf16 layers are laid out for this kernel: it runs on this CPU and the worker computes
-    on one thread (`worker.cpu_threads: 1`, the default; with more, oneDNN's threads share the work)."""
+    """Whether layers are laid out for these kernels: they run on this CPU and the worker computes on
+    one thread (`worker.cpu_threads: 1`, the default; with more, oneDNN's threads share the work)."""
     return torch.get_num_threads() == 1 and kernel() is not None
 
 
