@@ -201,31 +201,15 @@ class FastDecode:
         `ragged`: whether some row is not at position width - 1 (the caller knows from its list)."""
         n = tokens.shape[0]
         dtype = _base_model(model).get_input_embeddings().weight.dtype
-        if dtype == torch.bfloat16 and self.bf16_kernel_attention and tokens.device.type == "cpu":
-            # bf16_rows' kernel: each row reads its own positions once, in float32 (no mask, no copies)
+        kernel = dtype == torch.bfloat16 and self.bf16_kernel_attention and tokens.device.type == "cpu"
+        rows, mask = torch.arange(n, device=tokens.device), None
+        if kernel:  # bf16_rows' attention: each row reads its own positions once, in float32 (no mask, no copies)
             lengths = (positions + 1 if ragged else torch.full((n,), width)).to(torch.int32)
-            rows = torch.arange(n)
-
-            def attend(i, attn, q, k, v):
-                kc, vc = cache.k[i], cache.v[i]
-                if ragged:
-                    kc[rows, :, positions] = k
-                    vc[rows, :, positions] = v
-                else:
-                    kc[:n, :, width - 1] = k
-                    vc[:n, :, width - 1] = v
-                return bf16_rows.attention(q, kc, vc, lengths, width, attn.scaling)
-
-            h = self._layers(model, tokens, positions[:, None], name, attend)
-            base = _base_model(model)
-            return base.get_output_embeddings()(self._norm(base.model.norm, h))
-        if ragged:  # each row attends to its own positions: one additive mask for every layer
+        elif ragged:  # each row attends to its own positions: one additive mask for every layer
             keep = torch.arange(width, device=tokens.device)[None, :] <= positions[:, None]
             mask = torch.zeros(keep.shape, dtype=dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
             mask = mask[:, None, None, :]
-            rows = torch.arange(n, device=tokens.device)
-        else:  # every row at position width - 1: it sees the whole cache view
-            mask, at = None, width - 1
+        # else every row is at position width - 1: it sees the whole cache view
 
         def attend(i, attn, q, k, v):
             kc, vc = cache.k[i], cache.v[i]
@@ -233,8 +217,10 @@ class FastDecode:
                 kc[rows, :, positions] = k
                 vc[rows, :, positions] = v
             else:
-                kc[:n, :, at] = k
-                vc[:n, :, at] = v
+                kc[:n, :, width - 1] = k
+                vc[:n, :, width - 1] = v
+            if kernel:
+                return bf16_rows.attention(q, kc, vc, lengths, width, attn.scaling)
             return self._attend(q, kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
 
         h = self._layers(model, tokens, positions[:, None], name, attend)
