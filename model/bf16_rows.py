@@ -15,8 +15,9 @@ walking nn.Linear's own rows, 2 or 4 at a time, was as slow as oneDNN. `attentio
 attention over a bf16 KV cache in float32 (torch's bf16 matmuls and SDPA there are far slower).
 
 They run on the calling thread: layers take this layout (`packed_linear.Layout.ROWS`, the only
-copy) where the worker computes on one thread (`worker.cpu_threads: 1`, the default), where one
-core already takes the whole bandwidth on such a box; with more threads the oneDNN / torch.mm
+copy) where the worker computes on one thread (`worker.cpu_threads: 1`, as serve_bench and the
+tests run it; empty, the default, is torch's one thread per core), where one core already takes
+the whole bandwidth on such a box; with more threads the oneDNN / torch.mm
 layouts, as before. The C source is compiled at first use with the system's C compiler (`cc`,
 or $CC) into the user's cache directory and loaded with ctypes; without a compiler, or on
 another CPU, `kernel()` is None and nothing changes; `LOOPCORD_BF16_ROWS=0` in the environment
@@ -316,7 +317,7 @@ def kernel():
 
 def runs_here() -> bool:
     """Whether layers are laid out for these kernels: they run on this CPU and the worker computes on
-    one thread (`worker.cpu_threads: 1`, the default; with more, oneDNN's threads share the work)."""
+    one thread (`worker.cpu_threads: 1`; with more, oneDNN's threads share the work)."""
     return torch.get_num_threads() == 1 and kernel() is not None
 
 
