@@ -385,7 +385,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
         raise RuntimeError("bf16_rows.matmul: the kernel is not loaded on this machine (see kernel())")
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype)
-    fn(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n)
+    if fn(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n) != 0:
+        raise RuntimeError(f"bf16_rows.matmul: the kernel refused [{m}, {k}] x [{n}, {k}]")
     return y
 
 
@@ -421,6 +422,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, len
     lengths = lengths.contiguous()
     out = torch.empty((n, heads * hd), dtype=torch.bfloat16)
     scratch = torch.empty(heads // kv_heads * longest, dtype=torch.float32)
-    _attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lengths.data_ptr(), n, heads,
-               kv_heads, hd, k_cache.stride(0), k_cache.stride(1), scale, scratch.data_ptr())
+    if _attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lengths.data_ptr(), n, heads,
+                  kv_heads, hd, k_cache.stride(0), k_cache.stride(1), scale, scratch.data_ptr()) != 0:
+        raise RuntimeError(f"bf16_rows.attention: the kernel refused heads {heads}, kv_heads {kv_heads}, hd {hd}")
     return out
