@@ -97,8 +97,6 @@ static const panel_fn PANELS[2][8] = {
     {panel_2_1, panel_2_2, panel_2_3, panel_2_4, panel_2_5, panel_2_6, panel_2_7, panel_2_8},
 };
 
-/* y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N; w is W packed by bf16_rows.pack. Each panel
-   is read from memory once and serves every input row, 8 at a time, from the cache. */
 /* The float32 twin: panels [K][16 * NB] (no pairs), one FMA per input row and 16 outputs. */
 static inline __attribute__((always_inline)) void panel32(const float *x, const float *wp, float *y,
                                                           const int NB, const int MM, int K, int N, int n0) {
@@ -133,18 +131,23 @@ static const panel32_fn PANELS32[2][8] = {
     {panel32_2_1, panel32_2_2, panel32_2_3, panel32_2_4, panel32_2_5, panel32_2_6, panel32_2_7, panel32_2_8},
 };
 
-int loopcord_f32_rows(const float *x, const float *w, float *y, int M, int K, int N) {
-    if (M < 1 || K < 1 || N < 1) return -1;
-    const int np = (N + 15) & ~15;
-    for (int n0 = 0; n0 < np; n0 += 32) {
-        const int nb = np - n0 >= 32 ? 2 : 1;
-        const float *wp = w + (size_t)n0 * K;
-        for (int m0 = 0; m0 < M; m0 += 8) {
-            const int mm = M - m0 < 8 ? M - m0 : 8;
-            PANELS32[nb - 1][mm - 1](x + (size_t)m0 * K, wp, y + (size_t)m0 * N, K, N, n0);
-        }
-    }
+/* y[m, n] = sum_k x[m, k] * W[n, k] for m < M, n < N; w is W packed by bf16_rows.pack (its panels
+   KP inputs long). Each panel is read from memory once and serves every input row, 8 at a time,
+   from the cache. */
+#define RUN_PANELS(TABLE, KP)                                                                  \
+    if (M < 1 || K < 1 || N < 1) return -1;                                                    \
+    const int np = (N + 15) & ~15;                                                             \
+    for (int n0 = 0; n0 < np; n0 += 32) {                                                      \
+        const int nb = np - n0 >= 32 ? 2 : 1;                                                  \
+        for (int m0 = 0; m0 < M; m0 += 8) {                                                    \
+            const int mm = M - m0 < 8 ? M - m0 : 8;                                            \
+            TABLE[nb - 1][mm - 1](x + (size_t)m0 * K, w + (size_t)n0 * (KP), y + (size_t)m0 * N, K, N, n0); \
+        }                                                                                      \
+    }                                                                                          \
     return 0;
+
+int loopcord_f32_rows(const float *x, const float *w, float *y, int M, int K, int N) {
+    RUN_PANELS(PANELS32, (size_t)K)
 }
 
 /* e^x for x <= 0 (Cephes' expf: x = n ln2 + f, a degree-7 polynomial in f, times 2^n), 1-2 ulp */
@@ -234,18 +237,7 @@ int loopcord_bf16_attention(const uint16_t *q, const uint16_t *kc, const uint16_
 }
 
 int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N) {
-    if (M < 1 || K < 1 || N < 1) return -1;
-    const size_t kp = (size_t)((K + 1) & ~1);
-    const int np = (N + 15) & ~15;
-    for (int n0 = 0; n0 < np; n0 += 32) {
-        const int nb = np - n0 >= 32 ? 2 : 1;
-        const uint16_t *wp = w + (size_t)n0 * kp;
-        for (int m0 = 0; m0 < M; m0 += 8) {
-            const int mm = M - m0 < 8 ? M - m0 : 8;
-            PANELS[nb - 1][mm - 1](x + (size_t)m0 * K, wp, y + (size_t)m0 * N, K, N, n0);
-        }
-    }
-    return 0;
+    RUN_PANELS(PANELS, (size_t)((K + 1) & ~1))
 }
 """
 
@@ -257,12 +249,17 @@ _kernel_f32: Optional[ctypes._CFuncPtr] = None
 _tried = False
 
 
+def amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles (torch's check; False where this torch has none)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
 def cpu_supported() -> bool:
     """AVX-512 BF16 without AMX tiles: where these kernels were measured to beat oneDNN (on an AMX
     CPU oneDNN's bf16 kernels run on the tiles; not measured against these)."""
     avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(avx512_bf16 and avx512_bf16()) and not bool(amx and amx())
+    return bool(avx512_bf16 and avx512_bf16()) and not amx_tiles()
 
 
 def _cache_dir() -> Path:

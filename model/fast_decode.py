@@ -77,8 +77,7 @@ def cpu_bf16_sdpa_wins() -> bool:
     matmuls: with AMX tiles (its flash kernel's bf16 GEMMs run on them) SDPA was 2.4-3.6x the
     matmuls at 1-32 rows (Intel Xeon); without AMX (an AMD EPYC with AVX-512 BF16) it is the
     slower one, 1.3x at one row and 4-6x at 8-32 rows over 80-2048 positions (54% of a 32-row step)."""
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
+    return bf16_rows.amx_tiles()
 
 
 class FastDecode:
