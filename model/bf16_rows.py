@@ -14,15 +14,19 @@ thread against oneDNN's in bf16: 9.3 vs 20.3 ms at one row, 9.6 vs 17 at 4, 12.7
 walking nn.Linear's own rows, 2 or 4 at a time, was as slow as oneDNN. `attention` is decode
 attention over a bf16 KV cache in float32 (torch's bf16 matmuls and SDPA there are far slower).
 
-They run on the calling thread: layers take this layout (`packed_linear.Layout.ROWS`, the only
-copy) where the worker computes on one thread (`worker.cpu_threads: 1`, as serve_bench and the
-tests run it; empty, the default, is torch's one thread per core), where one core already takes
-the whole bandwidth on such a box; with more threads the oneDNN / torch.mm
-layouts, as before. The C source is compiled at first use with the system's C compiler (`cc`,
-or $CC) into the user's cache directory and loaded with ctypes; without a compiler, or on
-another CPU, `kernel()` is None and nothing changes; `LOOPCORD_BF16_ROWS=0` in the environment
-turns them off. Rounding: each bf16 output is a float32 sum rounded once to bf16 (round to
-nearest even), as oneDNN's; the order of the sums differs.
+Layers take this layout (`packed_linear.Layout.ROWS`, the only copy) wherever the kernels run.
+A call splits its panels (attention: its rows' key/value heads) across torch's own OpenMP
+threads, as many as torch uses (`worker.cpu_threads`; the kernels are built with -fopenmp and the
+loader hands them the libgomp torch already loaded, so there is one pool of threads, not two),
+and each output is computed by one thread in one order: the same numbers on any thread count.
+On both cores of a 2-core Zen 4 against one, SmolLM2's bf16 GEMMs take 9.3 / 9.3 / 23 / 253 ms
+at 1 / 8 / 32 / 400 rows against 11.2 / 14.8 / 44 / 498 (oneDNN on two: 19 / 23 / 38 / 275).
+The C source is compiled at first use with the system's C compiler (`cc`, or $CC) into the
+user's cache directory and loaded with ctypes; without a compiler, or on another CPU, `kernel()`
+is None and nothing changes; `LOOPCORD_BF16_ROWS=0` in the environment turns them off. Where a
+second OpenMP runtime would be loaded beside torch's, they run on the calling thread alone.
+Rounding: each bf16 output is a float32 sum rounded once to bf16 (round to nearest even), as
+oneDNN's; the order of the sums differs.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ SOURCE = r"""
 #include <math.h>  /* INFINITY */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* One panel of 16 * NB outputs (n0..) for MM input rows (both compile-time): the panel wp is
    [Kp/2][16 * NB][2], so each k pair of the panel is NB vectors of 16 outputs x 2 inputs, and a
@@ -135,10 +142,11 @@ static const panel32_fn PANELS32[2][8] = {
    KP inputs long). Each panel is read from memory once and serves every input row, 8 at a time,
    from the cache. */
 #define RUN_PANELS(TABLE, KP)                                                                  \
-    if (M < 1 || K < 1 || N < 1) return -1;                                                    \
-    const int np = (N + 15) & ~15;                                                             \
-    for (int n0 = 0; n0 < np; n0 += 32) {                                                      \
-        const int nb = np - n0 >= 32 ? 2 : 1;                                                  \
+    if (M < 1 || K < 1 || N < 1 || threads < 1) return -1;                                     \
+    const int np = (N + 15) & ~15, panels = (np + 31) / 32;                                    \
+    _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1 && panels > 1)") \
+    for (int p = 0; p < panels; p++) {                                                         \
+        const int n0 = p * 32, nb = np - n0 >= 32 ? 2 : 1;                                     \
         for (int m0 = 0; m0 < M; m0 += 8) {                                                    \
             const int mm = M - m0 < 8 ? M - m0 : 8;                                            \
             TABLE[nb - 1][mm - 1](x + (size_t)m0 * K, w + (size_t)n0 * (KP), y + (size_t)m0 * N, K, N, n0); \
@@ -146,7 +154,7 @@ static const panel32_fn PANELS32[2][8] = {
     }                                                                                          \
     return 0;
 
-int loopcord_f32_rows(const float *x, const float *w, float *y, int M, int K, int N) {
+int loopcord_f32_rows(const float *x, const float *w, float *y, int M, int K, int N, int threads) {
     RUN_PANELS(PANELS32, (size_t)K)
 }
 
@@ -173,15 +181,24 @@ static inline __m512 exp_nonpositive(__m512 x) {
    reading its key/value head once; out[i] is [heads * hd]. hd a multiple of 32, groups of at most 8. */
 int loopcord_bf16_attention(const uint16_t *q, const uint16_t *kc, const uint16_t *vc, uint16_t *out,
                             const int32_t *lengths, int n, int heads, int kv_heads, int hd,
-                            long long row_stride, long long head_stride, float scale, float *scratch) {
+                            long long row_stride, long long head_stride, float scale, int longest, int threads,
+                            float *scratch) {
     const int group = heads / kv_heads, chunks = hd / 32;
-    if (hd % 32 || group > 8 || group * kv_heads != heads || chunks > 8) return -1;
-    for (int i = 0; i < n; i++) {
-        const int len = lengths[i];
-        for (int g = 0; g < kv_heads; g++) {
+    if (hd % 32 || group > 8 || group * kv_heads != heads || chunks > 8 || threads < 1) return -1;
+    for (int i = 0; i < n; i++) if (lengths[i] < 0 || lengths[i] > longest) return -1;
+    const int jobs = n * kv_heads;
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && jobs > 1)
+    for (int job = 0; job < jobs; job++) {
+        const int i = job / kv_heads, g = job % kv_heads, len = lengths[i];
+#ifdef _OPENMP
+        const int worker = omp_get_thread_num();
+#else
+        const int worker = 0;
+#endif
+        {
             const uint16_t *kb = kc + i * row_stride + g * head_stride, *vb = vc + i * row_stride + g * head_stride;
             const uint16_t *qg = q + ((size_t)i * heads + (size_t)g * group) * hd;
-            float *scores = scratch;  /* [group][len] */
+            float *scores = scratch + (size_t)worker * group * longest;  /* this thread's [group][len] */
             __m512i qv[8][8];
             for (int h = 0; h < group; h++)
                 for (int c = 0; c < chunks; c++) qv[h][c] = _mm512_loadu_si512((const void *)(qg + h * hd + c * 32));
@@ -236,16 +253,17 @@ int loopcord_bf16_attention(const uint16_t *q, const uint16_t *kc, const uint16_
     return 0;
 }
 
-int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N) {
+int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N, int threads) {
     RUN_PANELS(PANELS, (size_t)((K + 1) & ~1))
 }
 """
 
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
 
 _kernel: Optional[ctypes._CFuncPtr] = None
 _attention: Optional[ctypes._CFuncPtr] = None
 _kernel_f32: Optional[ctypes._CFuncPtr] = None
+_shared_threads = False  # the kernels' OpenMP threads are torch's (see `threads`)
 _tried = False
 
 
@@ -300,22 +318,45 @@ def kernel():
         log.info("CPU kernels (model.bf16_rows) not built (%s%s): oneDNN and torch.mm run every GEMM", exc,
                  ": " + detail.decode(errors="replace").strip()[:300] if detail else "")
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 4
     fn.restype = ctypes.c_int
     fn32.argtypes, fn32.restype = fn.argtypes, ctypes.c_int
-    attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_longlong] * 2 + [ctypes.c_float,
-                                                                                            ctypes.c_void_p]
+    attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_longlong] * 2 + [
+        ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     attend.restype = ctypes.c_int
-    global _attention, _kernel_f32
+    global _attention, _kernel_f32, _shared_threads
     _kernel, _kernel_f32, _attention = fn, fn32, attend
+    runtimes = _openmp_runtimes()
+    _shared_threads = len(runtimes) == 1
+    if not _shared_threads:  # a second pool beside torch's would fight it for the cores
+        log.info("CPU kernels (model.bf16_rows): OpenMP runtimes %s, not torch's alone: the kernels run on "
+                 "one thread", sorted(runtimes) or "none")
     log.info("CPU kernels (model.bf16_rows) loaded from %s", _cache_dir())
     return fn
 
 
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux): one, torch's own, where the
+    kernels' `omp parallel` shares torch's threads (the loader reuses the libgomp.so.1 torch loaded)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {line.split()[-1] for line in maps
+            if "/" in line and any(Path(line.split()[-1]).name.startswith(n) for n in names)}
+
+
+def threads() -> int:
+    """Threads a kernel call splits its work across: torch's intra-op count, where the kernels
+    share torch's OpenMP threads; otherwise 1."""
+    return torch.get_num_threads() if _shared_threads else 1
+
+
 def runs_here() -> bool:
-    """Whether layers are laid out for these kernels: they run on this CPU and the worker computes on
-    one thread (`worker.cpu_threads: 1`; with more, oneDNN's threads share the work)."""
-    return torch.get_num_threads() == 1 and kernel() is not None
+    """Whether layers are laid out for these kernels: they run on this CPU (on torch's threads, see
+    `threads`)."""
+    return kernel() is not None
 
 
 def padded(n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
@@ -382,7 +423,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
         raise RuntimeError("bf16_rows.matmul: the kernel is not loaded on this machine (see kernel())")
     x = x.contiguous()
     y = torch.empty((m, n), dtype=x.dtype)
-    if fn(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n) != 0:
+    if fn(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, k, n, threads()) != 0:
         raise RuntimeError(f"bf16_rows.matmul: the kernel refused [{m}, {k}] x [{n}, {k}]")
     return y
 
@@ -418,8 +459,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, len
     q = q.contiguous()
     lengths = lengths.contiguous()
     out = torch.empty((n, heads * hd), dtype=torch.bfloat16)
-    scratch = torch.empty(heads // kv_heads * longest, dtype=torch.float32)
+    workers = threads()
+    scratch = torch.empty(workers * heads // kv_heads * longest, dtype=torch.float32)
     if _attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lengths.data_ptr(), n, heads,
-                  kv_heads, hd, k_cache.stride(0), k_cache.stride(1), scale, scratch.data_ptr()) != 0:
-        raise RuntimeError(f"bf16_rows.attention: the kernel refused heads {heads}, kv_heads {kv_heads}, hd {hd}")
+                  kv_heads, hd, k_cache.stride(0), k_cache.stride(1), scale, longest, workers,
+                  scratch.data_ptr()) != 0:
+        raise RuntimeError(f"bf16_rows.attention: the kernel refused heads {heads}, kv_heads {kv_heads}, hd {hd} "
+                           f"or a length outside 0..{longest}")
     return out

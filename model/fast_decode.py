@@ -27,7 +27,7 @@ DoRA, no LoRA bias; peft has wrapped nothing else: no modules_to_save, nothing o
 the embeddings, the head or the norms), and a decoder layer made only of the parts
 above. Anything else (a batch mixing adapters, other
 architectures, sliding-window attention) goes through transformers as before;
-where bf16 layers run on model.bf16_rows' kernel (AVX-512 BF16 without AMX, one thread),
+where bf16 layers run on model.bf16_rows' kernels (AVX-512 BF16 without AMX),
 decode attention runs on its attention kernel too (float32 sums over the bf16 cache);
 `FastDecode.build` says None for a model it does not cover.
 """

@@ -18,8 +18,9 @@ keeps one copy of its weight in one of these layouts:
   576x1536; a 49k-vocabulary head 1.7x faster in oneDNN at 8 rows). In bf16 every
   layer takes this layout: oneDNN's bf16 kernels beat `torch.mm` on each projection
   (on a CPU where oneDNN has no bf16 kernels, AVX2 only, bf16 layers are TRANSPOSED).
-- `Layout.ROWS`: bf16 and float32 on a CPU with AVX-512 BF16 and no AMX (AMD's Zen 4)
-  where the worker computes on one thread: panels for model.bf16_rows' kernels, which
+- `Layout.ROWS`: bf16 and float32 on a CPU with AVX-512 BF16 and no AMX (AMD's Zen 4),
+  on any thread count (the kernels split their panels across torch's threads): panels
+  for model.bf16_rows' kernels, which
   read each weight as one stream (oneDNN and MKL read 12-21 GB/s of the 30 there):
   SmolLM2's GEMMs in bf16 2.2x oneDNN's at one row, 1.7x at 8, 1.2x at 32, 1.07x at
   prompt sizes; in float32 1.73x / 2.12x / 1.32x / 1.14x the layouts above.
@@ -69,7 +70,7 @@ ONEDNN_WIDEN = 2  # ... and layers with at least this many times more outputs th
 class Layout(enum.StrEnum):
     TRANSPOSED = "transposed"
     ONEDNN = "onednn"
-    ROWS = "rows"  # bf16 laid out for model.bf16_rows' kernel (AVX-512 BF16 without AMX, one thread)
+    ROWS = "rows"  # bf16 / float32 laid out for model.bf16_rows' kernels (AVX-512 BF16 without AMX)
 
     @property
     def stacked(self) -> bool:
@@ -92,8 +93,8 @@ def pick_layout(out_features: int, in_features: int, dtype: torch.dtype = torch.
     `torch.mm` otherwise. bfloat16: oneDNN for every layer (its bf16 kernels beat `torch.mm` and
     `F.linear` on every SmolLM2 projection at 1, 8 and 32 rows, 1.2-2.4x) where oneDNN has bf16
     kernels for this CPU, `torch.mm` where it has none (an AVX2-only CPU). Either dtype: `bf16_rows`'
-    layout where its kernels run (AVX-512 BF16 without AMX, one compute thread at start-up: SmolLM2's
-    GEMMs 1.1-2.2x oneDNN's in bf16 there, 1.3-2.1x the float32 layouts above at 1-32 rows)."""
+    layout where its kernels run (AVX-512 BF16 without AMX: SmolLM2's GEMMs 1.1-2.2x oneDNN's in bf16
+    there on one thread, 1.1-2.5x on two, 1.3-2.1x the float32 layouts above at 1-32 rows)."""
     if dtype in bf16_rows.DTYPES and bf16_rows.runs_here():
         return Layout.ROWS
     if dtype == torch.bfloat16:

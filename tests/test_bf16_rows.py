@@ -1,9 +1,10 @@
 """The bf16 kernel for CPUs with AVX-512 BF16 and no AMX (model.bf16_rows) and the layers laid
 out for it (model.packed_linear's Layout.ROWS).
 
-Where it runs (such a CPU, a C compiler) and the worker computes on one thread, bf16 layers
-take its layout, the only copy, and answer as nn.Linear does, to bf16 rounding, at decode and
-prompt row counts; with more threads, or where it cannot be built, oneDNN's layout as before.
+Where it runs (such a CPU, a C compiler), bf16 and float32 layers take its layout, the only
+copy, and answer as nn.Linear does, to rounding, at decode and prompt row counts, on one thread
+or split across torch's threads (the same numbers either way); where it cannot be built or is
+turned off, oneDNN's and torch.mm's layouts as before.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def _answers_as_nn_linear(plain, packed, rows: int) -> None:
 
 
 @runs_here
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("rows", [1, 5, 32, 100])
-def test_on_one_thread_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, dtype, monkeypatch):
-    plain, packed = _pair(threads=1, dtype=dtype)
+def test_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, dtype, threads, monkeypatch):
+    plain, packed = _pair(threads=threads, dtype=dtype)
     layers = [m for m in packed.modules() if isinstance(m, PackedLinear)]
     assert layers and all(m.layout is Layout.ROWS for m in layers)
     group = packed.q_proj.fused
@@ -107,22 +109,50 @@ def test_on_one_thread_layers_take_the_kernels_layout_and_answer_as_nn_linear(ro
     calls = []
     real = bf16_rows.matmul
     monkeypatch.setattr(bf16_rows, "matmul", lambda x, w, n: calls.append(x.shape[0]) or real(x, w, n))
-    _answers_as_nn_linear(plain, packed, rows)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _answers_as_nn_linear(plain, packed, rows)
+    finally:
+        torch.set_num_threads(old)
     assert calls == [rows] * 3  # q/k/v as one call (with their biases), o, the head
     # the weight as nn.Linear holds it, for code that reads it (peft's DoRA)
     for name in ("q_proj", "v_proj", "o_proj"):
         assert torch.equal(getattr(packed, name).dense_weight(), getattr(plain, name).weight)
 
 
-def test_with_more_threads_layers_keep_the_onednn_and_torch_mm_layouts():
-    plain, packed = _pair(threads=2, dtype=torch.float32)
-    assert all(m.layout is Layout.TRANSPOSED for m in packed.modules() if isinstance(m, PackedLinear))  # none widens
-    _answers_as_nn_linear(plain, packed, 3)
-    if not onednn_bf16():
-        pytest.skip("bf16 layers are laid out for torch.mm on this CPU")
-    plain, packed = _pair(threads=2)
-    assert all(m.layout is Layout.ONEDNN for m in packed.modules() if isinstance(m, PackedLinear))
-    _answers_as_nn_linear(plain, packed, 3)
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
+    """The kernels share torch's OpenMP threads (one runtime in the process, the libgomp torch
+    loaded), split a call's panels (attention: its rows and key/value heads) across as many as
+    torch uses, and give bit for bit what one thread gives."""
+    assert len(bf16_rows._openmp_runtimes()) == 1
+    torch.manual_seed(5)
+    n, k = 200, 72  # 7 panels: split unevenly
+    w = (torch.randn(n, k) * 0.1).to(dtype)
+    packed = bf16_rows.pack(w)
+    q = torch.randn(6, 9, 64).to(torch.bfloat16)
+    kc, vc = torch.randn(2, 6, 3, 50, 64).to(torch.bfloat16).unbind(0)
+    lengths = torch.tensor([1, 50, 7, 33, 20, 49], dtype=torch.int32)
+    old = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert bf16_rows.threads() == threads
+            out[threads] = [bf16_rows.matmul(torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype),
+                                             packed, n) for m in (1, 9, 40)]
+            out[threads].append(bf16_rows.attention(q, kc, vc, lengths, 50, 0.125))
+    finally:
+        torch.set_num_threads(old)
+    for one, two in zip(out[1], out[2]):
+        assert torch.equal(one, two)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(40)).to(dtype)
+    torch.testing.assert_close(out[2][2].float(), _reference(x, w).float(), rtol=0,
+                               atol=float(_reference(x, w).float().abs().max()) * 2 ** -7)
+    torch.testing.assert_close(out[2][3].float(), _attention_reference(q, kc, vc, lengths, 0.125),
+                               rtol=2 ** -7, atol=2 ** -8)
 
 
 def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_path, caplog):
@@ -141,11 +171,19 @@ def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_pa
     _answers_as_nn_linear(plain, packed, 1)
 
 
-def test_the_kernel_can_be_turned_off(monkeypatch):
+def test_the_kernel_can_be_turned_off_and_layers_keep_the_onednn_and_torch_mm_layouts(monkeypatch):
     monkeypatch.setattr(bf16_rows, "_tried", False)
     monkeypatch.setattr(bf16_rows, "_kernel", None)
     monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
     assert bf16_rows.kernel() is None
+    plain, packed = _pair(threads=2, dtype=torch.float32)
+    assert all(m.layout is Layout.TRANSPOSED for m in packed.modules() if isinstance(m, PackedLinear))  # none widens
+    _answers_as_nn_linear(plain, packed, 3)
+    if not onednn_bf16():
+        pytest.skip("bf16 layers are laid out for torch.mm on this CPU")
+    plain, packed = _pair(threads=1)
+    assert all(m.layout is Layout.ONEDNN for m in packed.modules() if isinstance(m, PackedLinear))
+    _answers_as_nn_linear(plain, packed, 3)
 
 
 def _attention_reference(q, kc, vc, lengths, scale):
@@ -190,6 +228,9 @@ def test_the_attention_kernel_refuses_shapes_it_does_not_take():
         bf16_rows.attention(torch.zeros(2, 4, 64).to(torch.bfloat16), kc, kc, torch.ones(2, dtype=torch.int32), 9, 1.0)
     with pytest.raises(ValueError, match="bf16 q"):  # float32 query
         bf16_rows.attention(torch.zeros(2, 4, 64), kc, kc, torch.ones(2, dtype=torch.int32), 1, 1.0)
+    with pytest.raises(RuntimeError, match="outside 0..3"):  # a row longer than the longest given
+        bf16_rows.attention(torch.zeros(2, 4, 64).to(torch.bfloat16), kc, kc,
+                            torch.tensor([3, 4], dtype=torch.int32), 3, 1.0)
 
 
 def _model(arch: str, tok, dtype=torch.bfloat16):
@@ -211,16 +252,17 @@ def _model(arch: str, tok, dtype=torch.bfloat16):
 
 
 @runs_here
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_model_decodes_through_the_kernels_as_transformers_does(arch, dtype, tokenizer):  # noqa: F811
-    """A model whose head size the attention kernel takes (32), packed on one thread: the lean
+def test_a_model_decodes_through_the_kernels_as_transformers_does(arch, dtype, threads, tokenizer):  # noqa: F811
+    """A model whose head size the attention kernel takes (32), on one thread or two: the lean
     prefill and a ragged decode step (GEMMs in bf16_rows; in bf16 attention too) give the
     transformers forward's logits to rounding and its greedy tokens."""
     from model.runner import Runner
 
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         out = {}
         for fast in (True, False):

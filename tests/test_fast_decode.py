@@ -106,7 +106,7 @@ def threads(request):
 def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_does(tokenizer, tmp_path, arch,  # noqa: F811
                                                                                    adapter, sdpa, threads):
     """worker.dtype bfloat16 on CPU: every projection and the head in bf16_rows' layout where its
-    kernel runs and the worker computes on one thread (AVX-512 BF16 without AMX), else in oneDNN's
+    kernels run (AVX-512 BF16 without AMX; on one thread or two), else in oneDNN's
     blocked layout where oneDNN has bf16 kernels, `torch.mm`'s where it has none (an AVX2-only CPU,
     where oneDNN refuses a bf16 weight); a decode step over ragged rows, on the base
     or on a LoRA adapter (peft keeps its weights in float32), after a lean prefill, gives the
@@ -119,7 +119,7 @@ def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_d
     assert pack_linears(models[True]) > 0
     layers = [m for m in models[True].modules() if isinstance(m, PackedLinear)]
     layout = Layout.ROWS if bf16_rows.runs_here() else Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
-    assert (layout is Layout.ROWS) == (threads == 1 and bf16_rows.kernel() is not None)
+    assert (layout is Layout.ROWS) == (bf16_rows.kernel() is not None)
     assert layers and all(m.layout is layout for m in layers)
     for layer in models[True].model.layers:  # siblings of one input as one weight
         attn, mlp = layer.self_attn, layer.mlp

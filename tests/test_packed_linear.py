@@ -3,7 +3,9 @@
 Siblings of one input laid out for oneDNN (q/k/v and gate/up in bf16 where oneDNN has bf16
 kernels; gate/up in float32) share one stacked oneDNN weight; each module still answers alone, in any call order and for any input (the one contract: siblings called on one
 input do not see it changed in place between their calls, as in every Llama / Qwen2 layer), and
-the group holds nothing once every sibling has taken its columns.
+the group holds nothing once every sibling has taken its columns. These are the layouts where
+model.bf16_rows' kernels do not run (no AVX-512 BF16, an AMX CPU, no compiler, turned off): here
+they are turned off (tests/test_bf16_rows.py covers their own layout).
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+from model import bf16_rows
 from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
+
+
+@pytest.fixture(autouse=True)
+def no_kernels(monkeypatch):
+    """As on a CPU where bf16_rows' kernels do not run (LOOPCORD_BF16_ROWS=0)."""
+    monkeypatch.setattr(bf16_rows, "_tried", False)
+    monkeypatch.setattr(bf16_rows, "_kernel", None)
+    monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
 
 
 class Attention(nn.Module):
