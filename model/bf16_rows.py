@@ -256,6 +256,167 @@ int loopcord_bf16_attention(const uint16_t *q, const uint16_t *kc, const uint16_
 int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int K, int N, int threads) {
     RUN_PANELS(PANELS, (size_t)((K + 1) & ~1))
 }
+
+/* 16 values of a row of x (bf16 or float32) from k, as float32; past `valid` zero */
+static inline __m512 load16(const void *x, int bf16, size_t k, __mmask16 keep) {
+    if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+        _mm256_maskz_loadu_epi16(keep, (const uint16_t *)x + k)), 16));
+    return _mm512_maskz_loadu_ps(keep, (const float *)x + k);
+}
+
+/* The rotary embedding of a decode step's queries and keys, and its keys and values stored, bf16:
+   row i's qkv [heads + 2 kv_heads][hd] (rows `qkv_stride` apart), at position pos[i], turned by
+   cos[i] and the sign-folded sin[i] ([hd] each: x * cos + cat(x2, x1) * sin, Llama's rotate-half,
+   rounded as torch's mul and addcmul round: the product, then the sum), queries into q_out [n][heads][hd]
+   and keys into kc[i][g][pos[i]], values copied to vc[i][g][pos[i]] (strides in elements). */
+int loopcord_rotary_store(const uint16_t *qkv, long long qkv_stride, const uint16_t *cos, const uint16_t *sin,
+                          const int64_t *pos, uint16_t *q_out, uint16_t *kc, uint16_t *vc, int n, int heads,
+                          int kv_heads, int hd, long long row_stride, long long head_stride, int capacity) {
+    if (n < 1 || hd % 32 || hd > 256 || heads < 1 || kv_heads < 1) return -1;
+    for (int i = 0; i < n; i++) if (pos[i] < 0 || pos[i] >= capacity) return -1;
+    const int half = hd / 2;
+    for (int i = 0; i < n; i++) {
+        const uint16_t *row = qkv + (size_t)i * qkv_stride, *ci = cos + (size_t)i * hd, *si = sin + (size_t)i * hd;
+        for (int h = 0; h < heads + kv_heads; h++) {
+            const uint16_t *x = row + (size_t)h * hd;
+            uint16_t *dst = h < heads ? q_out + ((size_t)i * heads + h) * hd
+                                      : kc + i * row_stride + (h - heads) * head_stride + pos[i] * (long long)hd;
+            for (int j = 0; j < hd; j += 16) {
+                const int partner = (j + half) % hd;  /* cat(x2, x1): 16 values from the other half */
+                const __m512 xv = load16(x, 1, j, 0xffff), rv = load16(x, 1, partner, 0xffff);
+                const __m512 c = load16(ci, 1, j, 0xffff), sv = load16(si, 1, j, 0xffff);
+                const __m512 first = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(xv, c))), 16));
+                _mm256_storeu_si256((__m256i *)(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(rv, sv, first)));
+            }
+        }
+        for (int g = 0; g < kv_heads; g++)
+            memcpy(vc + i * row_stride + g * head_stride + pos[i] * (long long)hd, row + (size_t)(heads + kv_heads + g) * hd,
+                   (size_t)hd * 2);
+    }
+    return 0;
+}
+
+/* A residual add and the next RMSNorm of a decoder layer, for n rows of d values (bf16, or float32
+   where f32): h += delta (where delta is given; bf16: the sum rounded once, as torch's add), then
+   out = w * rms_norm(h): bf16 as Llama's and Qwen2's RMSNorm compute it, normalised in float32,
+   rounded to bf16, times the weight (rounded again); float32 as F.rms_norm. */
+int loopcord_add_rms_norm(void *h, const void *delta, const void *w, void *out, int n, int d, float eps, int f32,
+                          int threads) {
+    if (n < 1 || d < 1 || threads < 1) return -1;
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && n > 8)
+    for (int i = 0; i < n; i++) {
+        const size_t row = (size_t)i * d, es = f32 ? 4 : 2;
+        char *hi = (char *)h + row * es;
+        const char *di = delta ? (const char *)delta + row * es : 0;
+        __m512 sq = _mm512_setzero_ps();
+        for (int j = 0; j < d; j += 16) {
+            const __mmask16 keep = d - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - j)) - 1);
+            __m512 v = load16(hi, !f32, j, keep);
+            if (di) {
+                v = _mm512_add_ps(v, load16(di, !f32, j, keep));
+                if (f32) _mm512_mask_storeu_ps((float *)hi + j, keep, v);
+                else {
+                    const __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
+                    _mm256_mask_storeu_epi16((void *)((uint16_t *)hi + j), keep, r);
+                    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
+                }
+            }
+            sq = _mm512_fmadd_ps(v, v, sq);
+        }
+        const float inv = 1.f / sqrtf(_mm512_reduce_add_ps(sq) / (float)d + eps);
+        const __m512 s = _mm512_set1_ps(inv);
+        for (int j = 0; j < d; j += 16) {
+            const __mmask16 keep = d - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - j)) - 1);
+            const __m512 v = _mm512_mul_ps(load16(hi, !f32, j, keep), s), wv = load16(w, !f32, j, keep);
+            if (f32) _mm512_mask_storeu_ps((float *)out + row + j, keep, _mm512_mul_ps(v, wv));
+            else {
+                const __m512 nv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                    (__m256i)_mm512_cvtneps_pbh(v)), 16));
+                _mm256_mask_storeu_epi16((void *)((uint16_t *)out + row + j), keep,
+                                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(nv, wv)));
+            }
+        }
+    }
+    return 0;
+}
+
+/* A LoRA update added in place, in float32 as peft adds a float32 adapter's, for MM (<= 4) rows:
+   a = A x_i (A [R][K] float32, R a multiple of 4, zero rows padding it), then out[i][j] += sum_r
+   Bt[r][j] a[r] for j < N (Bt: B transposed, the scaling folded in, float32, given as `bt`,
+   panels of 16 outputs [Np/16][R][16], Np = N zero-padded to a multiple of 64, so that 4 panels
+   are read side by side, each as one sequential read), out[i] a row of `ostride` elements (bf16:
+   rounded once to nearest even; or float32). Four independent sums at a time: one would wait
+   on each FMA's latency. */
+static inline __attribute__((always_inline)) void lora_rows(const char *x, int x_bf16, const float *A,
+                                                            const float *bt, char *out, int out_bf16, const int MM,
+                                                            int K, int R, int N, long long ostride) {
+    float a[4][1024];
+    const size_t xs = x_bf16 ? 2 : 4, os = out_bf16 ? 2 : 4;
+    for (int r0 = 0; r0 < R; r0 += 4) {
+        __m512 acc[4][4];
+        for (int m = 0; m < MM; m++) for (int q = 0; q < 4; q++) acc[m][q] = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            const __mmask16 keep = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            __m512 xv[4];
+            for (int m = 0; m < MM; m++) xv[m] = load16(x + (size_t)m * K * xs, x_bf16, k, keep);
+            for (int q = 0; q < 4; q++) {
+                const __m512 av = _mm512_maskz_loadu_ps(keep, A + (size_t)(r0 + q) * K + k);
+                for (int m = 0; m < MM; m++) acc[m][q] = _mm512_fmadd_ps(av, xv[m], acc[m][q]);
+            }
+        }
+        for (int m = 0; m < MM; m++) for (int q = 0; q < 4; q++) a[m][r0 + q] = _mm512_reduce_add_ps(acc[m][q]);
+    }
+    const int np = (N + 63) & ~63;
+    for (int j = 0; j < np; j += 64) {
+        __m512 sum[4][4];
+        for (int m = 0; m < MM; m++) for (int c = 0; c < 4; c++) sum[m][c] = _mm512_setzero_ps();
+        const float *pb = bt + (size_t)(j / 16) * R * 16;
+        for (int r = 0; r < R; r++) {
+            __m512 b[4];
+            for (int c = 0; c < 4; c++) b[c] = _mm512_loadu_ps(pb + ((size_t)c * R + r) * 16);
+            for (int m = 0; m < MM; m++) {
+                const __m512 av = _mm512_set1_ps(a[m][r]);
+                for (int c = 0; c < 4; c++) sum[m][c] = _mm512_fmadd_ps(av, b[c], sum[m][c]);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            const int first = j + 16 * c, valid = N - first;
+            if (valid <= 0) break;
+            const __mmask16 keep = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+            for (int m = 0; m < MM; m++) {
+                char *o = out + ((size_t)m * ostride + first) * os;
+                if (out_bf16) {
+                    const __m512 v = _mm512_add_ps(load16(o, 1, 0, keep), sum[m][c]);
+                    _mm256_mask_storeu_epi16((void *)o, keep, (__m256i)_mm512_cvtneps_pbh(v));
+                } else {
+                    _mm512_mask_storeu_ps((float *)o, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, (float *)o), sum[m][c]));
+                }
+            }
+        }
+    }
+}
+
+#define LORA(MM) static void lora_##MM(const char *x, int xb, const float *A, const float *bt, char *out, int ob, \
+                                       int K, int R, int N, long long os) { lora_rows(x, xb, A, bt, out, ob, MM, K, R, N, os); }
+LORA(1) LORA(2) LORA(3) LORA(4)
+typedef void (*lora_fn)(const char *, int, const float *, const float *, char *, int, int, int, int, long long);
+static const lora_fn LORAS[4] = {lora_1, lora_2, lora_3, lora_4};
+
+/* out[n][N] += (x[n][K] A^T) Bt for n rows, 4 at a time (see lora_rows) */
+int loopcord_lora(const void *x, int x_bf16, const float *A, const float *bt, void *out, int out_bf16,
+                  int n, int K, int R, int N, long long ostride, int threads) {
+    if (n < 1 || K < 1 || R < 4 || R % 4 || R > 1024 || N < 1 || threads < 1) return -1;
+    const int blocks = (n + 3) / 4;
+    const size_t xs = x_bf16 ? 2 : 4, os = out_bf16 ? 2 : 4;
+    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && blocks > 1)
+    for (int blk = 0; blk < blocks; blk++) {
+        const int i0 = blk * 4, mm = n - i0 < 4 ? n - i0 : 4;
+        LORAS[mm - 1]((const char *)x + (size_t)i0 * K * xs, x_bf16, A, bt, (char *)out + (size_t)i0 * ostride * os,
+                      out_bf16, K, R, N, ostride);
+    }
+    return 0;
+}
 """
 
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
@@ -263,6 +424,9 @@ FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopen
 _kernel: Optional[ctypes._CFuncPtr] = None
 _attention: Optional[ctypes._CFuncPtr] = None
 _kernel_f32: Optional[ctypes._CFuncPtr] = None
+_lora: Optional[ctypes._CFuncPtr] = None
+_norm: Optional[ctypes._CFuncPtr] = None
+_rotary: Optional[ctypes._CFuncPtr] = None
 _shared_threads = False  # the kernels' OpenMP threads are torch's (see `threads`)
 _tried = False
 
@@ -324,8 +488,19 @@ def kernel():
     attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4 + [ctypes.c_longlong] * 2 + [
         ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     attend.restype = ctypes.c_int
-    global _attention, _kernel_f32, _shared_threads
-    _kernel, _kernel_f32, _attention = fn, fn32, attend
+    lora = lib.loopcord_lora
+    lora.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [
+        ctypes.c_int] * 5 + [ctypes.c_longlong, ctypes.c_int]
+    lora.restype = ctypes.c_int
+    norm = lib.loopcord_add_rms_norm
+    norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    norm.restype = ctypes.c_int
+    rotary = lib.loopcord_rotary_store
+    rotary.argtypes = [ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4 + [
+        ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int]
+    rotary.restype = ctypes.c_int
+    global _attention, _kernel_f32, _shared_threads, _lora, _norm, _rotary
+    _kernel, _kernel_f32, _attention, _lora, _norm, _rotary = fn, fn32, attend, lora, norm, rotary
     runtimes = _openmp_runtimes()
     _shared_threads = len(runtimes) == 1
     if not _shared_threads:  # a second pool beside torch's would fight it for the cores
@@ -467,3 +642,94 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, len
         raise RuntimeError(f"bf16_rows.attention: the kernel refused heads {heads}, kv_heads {kv_heads}, hd {hd} "
                            f"or a length outside 0..{longest}")
     return out
+
+
+MAX_LORA_RANK = 1024  # the ranks (summed over stacked siblings) `lora_add` takes
+
+
+def lora_pack(a: torch.Tensor, bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA update's A [R, K] and Bt [R, N] (B transposed, the scaling folded in) laid out for
+    `lora_add`, float32: A with zero rows up to a multiple of 4, Bt as panels of 16 outputs
+    [N/16][R][16], flat, N zero-padded to a multiple of 64 (R as A's)."""
+    r, n = bt.shape
+    extra = -r % 4
+    a = torch.nn.functional.pad(a.float(), (0, 0, 0, extra)).contiguous()
+    padded_bt = torch.nn.functional.pad(bt.float(), (0, -n % 64, 0, extra))
+    return a, padded_bt.view(r + extra, -1, 16).transpose(0, 1).contiguous().view(-1)
+
+
+def lora_add(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, n_out: int, out: torch.Tensor) -> None:
+    """out += (x @ A.T) @ Bt in float32, in place, as peft adds a float32 adapter's update to a
+    layer's output (bf16: the sum rounded once): x [n, K] and out [n, n_out] (rows may be strided,
+    columns contiguous) bf16 or float32; a and bt, A [R, K] and Bt [R, n_out] (B transposed, the
+    scaling folded in) laid out by `lora_pack`; R at most MAX_LORA_RANK. One call where peft's
+    update of a layer is five or six small torch operations."""
+    n, k = x.shape
+    r = a.shape[0]
+    if _lora is None:
+        raise RuntimeError("bf16_rows.lora_add: the kernel is not loaded on this machine (see kernel())")
+    if x.dtype not in DTYPES or out.dtype not in DTYPES or (a.dtype, bt.dtype) != (torch.float32,) * 2 \
+            or a.dim() != 2 or a.shape[1] != k or r % 4 or not 4 <= r <= MAX_LORA_RANK or n < 1 \
+            or out.shape != (n, n_out) or bt.shape != (-(-n_out // 64) * 64 * r,) \
+            or not (a.is_contiguous() and bt.is_contiguous()) or out.stride(1) != 1:
+        raise ValueError(f"bf16_rows.lora_add: x [n, K], a and bt `lora_pack`ed from [R, K] and [R, {n_out}], "
+                         f"out [n, {n_out}], got {tuple(x.shape)} {x.dtype}, {tuple(a.shape)} {a.dtype}, "
+                         f"{tuple(bt.shape)} {bt.dtype}, {tuple(out.shape)} {out.dtype}")
+    x = x.contiguous()
+    if _lora(x.data_ptr(), x.dtype == torch.bfloat16, a.data_ptr(), bt.data_ptr(), out.data_ptr(),
+             out.dtype == torch.bfloat16, n, k, r, n_out, out.stride(0), threads()) != 0:
+        raise RuntimeError(f"bf16_rows.lora_add: the kernel refused n {n}, K {k}, R {r}, N {n_out}")
+
+
+def add_rms_norm(h: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """A residual add in place and the next RMSNorm, for rows h [n, d] (bf16 or float32,
+    contiguous): h += delta (where given, h's dtype and shape), then w * rms_norm(h) as Llama's and
+    Qwen2's RMSNorm compute it (bf16: normalised in float32 and rounded, times the weight); a new
+    tensor. Two calls where torch's are six to eight operations."""
+    n, d = h.shape
+    if _norm is None:
+        raise RuntimeError("bf16_rows.add_rms_norm: the kernel is not loaded on this machine (see kernel())")
+    if h.dtype not in DTYPES or weight.dtype != h.dtype or weight.shape != (d,) or not h.is_contiguous() \
+            or not weight.is_contiguous() or (delta is not None and (delta.dtype != h.dtype or delta.shape != h.shape)):
+        raise ValueError(f"bf16_rows.add_rms_norm: h [n, d] contiguous, delta like h, weight [d], one dtype "
+                         f"(bf16 or float32), got h {tuple(h.shape)} {h.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, delta {None if delta is None else (tuple(delta.shape), delta.dtype)}")
+    out = torch.empty_like(h)
+    if delta is not None:
+        delta = delta.contiguous()
+    if _norm(h.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(), n, d, eps,
+             h.dtype == torch.float32, threads()) != 0:
+        raise RuntimeError(f"bf16_rows.add_rms_norm: the kernel refused n {n}, d {d}")
+    return out
+
+
+def rotary_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """A bf16 decode step's rotary embedding and cache writes in one call: qkv [n, (heads + 2 kv_heads)
+    * hd] (q/k/v's outputs side by side, rows may be strided), cos and sin [n, hd] (sin with
+    rotate-half's sign folded in: cat(-sin1, sin2)), positions [n] int64; row i's keys (turned)
+    and values go to cache row i at positions[i] (k_cache / v_cache one layer's [rows >= n, kv_heads,
+    capacity, hd]); returns the turned queries [n, heads, hd], rounded as torch's mul and addcmul
+    round."""
+    n = qkv.shape[0]
+    hd = k_cache.shape[3]
+    if _rotary is None:
+        raise RuntimeError("bf16_rows.rotary_store: the kernel is not loaded on this machine (see kernel())")
+    tensors = (qkv, cos, sin, k_cache, v_cache)
+    if any(t.dtype != torch.bfloat16 for t in tensors) or positions.dtype != torch.int64 \
+            or qkv.shape[1] != (heads + 2 * kv_heads) * hd or qkv.stride(1) != 1 or cos.shape != (n, hd) \
+            or sin.shape != (n, hd) or not (cos.is_contiguous() and sin.is_contiguous()) \
+            or positions.shape != (n,) or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() \
+            or k_cache.shape[0] < n or k_cache.shape[1] != kv_heads or k_cache.stride(3) != 1 \
+            or k_cache.stride(2) != hd or hd % 32 or hd > 256:
+        raise ValueError(f"bf16_rows.rotary_store: bf16 qkv [n, (heads + 2 kv_heads) * hd], cos / sin [n, hd], "
+                         f"int64 positions [n], caches [rows, kv_heads, capacity, hd]; got qkv {tuple(qkv.shape)} "
+                         f"{qkv.dtype}, cos {tuple(cos.shape)}, positions {tuple(positions.shape)} {positions.dtype}, "
+                         f"cache {tuple(k_cache.shape)} {k_cache.dtype}")
+    positions = positions.contiguous()
+    q = torch.empty((n, heads, hd), dtype=torch.bfloat16)
+    if _rotary(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
+               k_cache.data_ptr(), v_cache.data_ptr(), n, heads, kv_heads, hd, k_cache.stride(0), k_cache.stride(1),
+               k_cache.shape[2]) != 0:
+        raise RuntimeError(f"bf16_rows.rotary_store: the kernel refused a position outside 0..{k_cache.shape[2] - 1}")
+    return q

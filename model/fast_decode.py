@@ -15,7 +15,9 @@ computation directly on the model's own modules and weights (nothing copied):
 q, k and v come from one GEMM, and so do gate and up, where the CPU weights were
 laid out as one group (packed_linear), the rotary embedding (the model's own cos / sin,
 Llama's rotate-half formula) turns q and k in one pass, LoRA updates are added
-into the projections' outputs in place, and rows all at one position need no mask.
+into the projections' outputs in place, a group's at once (`LoRA`: one kernel call on
+CPU where peft's forward makes five or six operations a projection), and rows all at
+one position need no mask.
 
 The same layers run prompt chunks (`prefill`): every chunk's tokens as the rows of
 one batch, with no padding (the transformers path left-pads chunks to the longest),
@@ -80,6 +82,60 @@ def cpu_bf16_sdpa_wins() -> bool:
     return bf16_rows.amx_tiles()
 
 
+def _projections(layer) -> tuple:
+    attn, mlp = layer.self_attn, layer.mlp
+    return tuple(getattr(attn, p) for p in PROJECTIONS[:4]) + tuple(getattr(mlp, p) for p in PROJECTIONS[4:])
+
+
+def _groups(layer) -> tuple:
+    """The layer's projections by the input they read: (q, k, v), (o,), (gate, up), (down,)."""
+    p = _projections(layer)
+    return p[0:3], p[3:4], p[4:6], p[6:7]
+
+
+class LoRA:
+    """One adapter's update of a group of projections that read one input (q/k/v, gate/up, or one
+    projection), as two products: out += (x @ a.T) @ bt, a the members' A stacked [sum of ranks,
+    in], bt their B transposed and scaled, block-diagonal [sum of ranks, sum of outs], in float32
+    (peft keeps adapter weights in float32 and adds the update in float32 to a bf16 base's output,
+    rounding the sum once: so here). On CPU where model.bf16_rows' kernels run, one kernel call;
+    elsewhere two matmuls and the add, where peft's forward is
+    five or six operations for each projection."""
+
+    def __init__(self, a: torch.Tensor, bt: torch.Tensor):
+        self.a, self.bt, self.outs = a, bt, bt.shape[1]
+        self.kernel = a.device.type == "cpu" and bf16_rows.runs_here() and a.shape[0] <= bf16_rows.MAX_LORA_RANK
+        if self.kernel:  # laid out for the kernel, the only copy
+            self.packed = bf16_rows.lora_pack(a, bt)
+            self.a = self.bt = None
+
+    @classmethod
+    def stack(cls, mods: tuple, name: str) -> Optional["LoRA"]:
+        """The group's update for adapter `name`, or None where none of `mods` has one."""
+        outs = [getattr(m, "base_layer", m).out_features for m in mods]
+        parts = [(i, m.lora_A[name].weight, m.lora_B[name].weight, m.scaling[name])
+                 for i, m in enumerate(mods) if name in getattr(m, "lora_A", {})]
+        if not parts:
+            return None
+        a = torch.cat([pa.float() for _, pa, _, _ in parts]).contiguous()
+        bt = torch.zeros(a.shape[0], sum(outs), dtype=torch.float32, device=a.device)
+        rank = 0
+        for i, pa, pb, scaling in parts:
+            start = sum(outs[:i])
+            bt[rank:rank + pa.shape[0], start:start + outs[i]] = pb.float().t() * scaling
+            rank += pa.shape[0]
+        return cls(a, bt)
+
+    def add_to(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out [n, sum of outs] += the update of x [n, in], in place."""
+        if self.kernel:
+            bf16_rows.lora_add(x, *self.packed, self.outs, out)
+        elif out.dtype == torch.float32:
+            out.addmm_(x.float() @ self.a.t(), self.bt)
+        else:
+            out.copy_(torch.addmm(out.float(), x.float() @ self.a.t(), self.bt))
+
+
 class FastDecode:
     def __init__(self, model):
         base = _base_model(model)
@@ -91,6 +147,9 @@ class FastDecode:
         # bf16 decode attention through bf16_rows' kernel where bf16 layers run on it (see decode)
         self.bf16_kernel_attention = bf16_rows.runs_here() and bf16_rows.attention_covers(
             self.heads, self.kv_heads, self.head_dim)
+        self.cpu_kernels = bf16_rows.runs_here()  # residual adds and norms (`_add_norm`) there too
+        self._loras: dict = {}  # adapter name -> (its first LoRA weight, per layer the groups' LoRAs)
+        self._loras_for: tuple = ()  # the adapters loaded when those were built
 
     @classmethod
     def build(cls, model) -> Optional["FastDecode"]:
@@ -123,39 +182,52 @@ class FastDecode:
     def _unwrap(module):
         return getattr(module, "base_layer", module)
 
-    @staticmethod
-    def _lora(module, x: torch.Tensor, out: torch.Tensor, name: Optional[str]) -> torch.Tensor:
-        """Adds adapter `name`'s low-rank update of `module` (peft-wrapped or not) to `out` in place."""
-        if name is not None and name in getattr(module, "lora_A", {}):
-            lora_a, lora_b = module.lora_A[name], module.lora_B[name].weight
-            a = lora_a(x.to(lora_a.weight.dtype)).reshape(-1, lora_b.shape[1])
-            flat = out.view(-1, out.shape[-1])
-            if flat.dtype == lora_b.dtype:
-                flat.addmm_(a, lora_b.t(), alpha=module.scaling[name])
-            else:  # a bf16 base with float32 adapter weights (peft's default): as peft does, the
-                # update is added in the adapter's dtype and the sum cast back
-                flat.copy_(flat.to(lora_b.dtype).addmm_(a, lora_b.t(), alpha=module.scaling[name]))
+    def _layer_loras(self, model, name: Optional[str]) -> Optional[list]:
+        """Adapter `name`'s updates for each layer, (q/k/v, o, gate/up, down) as `LoRA`s (None
+        where no projection of the group has one), built on first use and kept while the same
+        adapters are loaded (`name` is one adapter version's fresh internal name)."""
+        if name is None:
+            return None
+        inner = _base_model(model).model
+        first = next((m.lora_A[name].weight for layer in inner.layers for m in _projections(layer)
+                      if name in getattr(m, "lora_A", {})), None)
+        loaded = tuple(getattr(model, "peft_config", {}))
+        if self._loras_for != loaded:
+            self._loras, self._loras_for = {}, loaded  # adapters were loaded or deleted since
+        kept = self._loras.get(name)
+        if kept is None or kept[0] is not first:
+            kept = (first, [tuple(LoRA.stack(mods, name) for mods in _groups(layer)) for layer in inner.layers])
+            self._loras[name] = kept
+        return kept[1]
+
+    def _linear(self, module, x: torch.Tensor, lora: Optional["LoRA"]) -> torch.Tensor:
+        out = self._unwrap(module)(x)
+        if lora is not None:
+            lora.add_to(x, out)
         return out
 
-    def _linear(self, module, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
-        return self._lora(module, x, self._unwrap(module)(x), name)
-
-    def _siblings(self, mods: tuple, x: torch.Tensor, name: Optional[str]) -> torch.Tensor:
+    def _siblings(self, mods: tuple, x: torch.Tensor, lora: Optional["LoRA"]) -> torch.Tensor:
         """[n, sum of outs] of projections `mods` of one input x [n, hidden] (q/k/v; gate/up): one
         GEMM where their CPU weights were laid out as one group (packed_linear: side by side in
-        float32, stacked for oneDNN), with each projection's LoRA added to its columns."""
+        float32, stacked for oneDNN), with the group's LoRA updates added to their columns."""
         bases = tuple(self._unwrap(m) for m in mods)
         group = getattr(bases[0], "fused", None)
         if group is not None and group.members == bases:
             out = group(x)
         else:
             out = torch.cat([b(x) for b in bases], dim=-1)
-        if name is not None:
-            start = 0
-            for m, b in zip(mods, bases):
-                self._lora(m, x, out[:, start:start + b.out_features], name)
-                start += b.out_features
+        if lora is not None:
+            lora.add_to(x, out)
         return out
+
+    def _add_norm(self, module, h: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
+        """h += delta in place (the residual add, where delta is given), then the module's RMSNorm
+        of h: in one bf16_rows kernel call on CPU where the kernels run, else as torch computes it."""
+        if self.cpu_kernels and h.device.type == "cpu" and module.weight.dtype == h.dtype:
+            return bf16_rows.add_rms_norm(h, delta, module.weight, module.variance_epsilon)
+        if delta is not None:
+            h.add_(delta)
+        return self._norm(module, h)
 
     @staticmethod
     def _norm(module, x: torch.Tensor) -> torch.Tensor:
@@ -210,16 +282,21 @@ class FastDecode:
             mask = mask[:, None, None, :]
         # else every row is at position width - 1: it sees the whole cache view
 
-        def attend(i, attn, q, k, v):
+        at = positions.to(torch.int64)
+
+        def attend(i, attn, qkv, cos, sin):
             kc, vc = cache.k[i], cache.v[i]
+            if kernel:  # the rotary embedding, the cache writes and attention: two calls
+                q = bf16_rows.rotary_store(qkv, self.heads, self.kv_heads, cos.view(n, -1), sin.view(n, -1), at,
+                                           kc, vc)
+                return bf16_rows.attention(q, kc, vc, lengths, width, attn.scaling)
+            q, k, v = self._turn(qkv, cos, sin)
             if ragged:
                 kc[rows, :, positions] = k
                 vc[rows, :, positions] = v
             else:
                 kc[:n, :, width - 1] = k
                 vc[:n, :, width - 1] = v
-            if kernel:
-                return bf16_rows.attention(q, kc, vc, lengths, width, attn.scaling)
             return self._attend(q, kc[:n, :, :width], vc[:n, :, :width], mask, attn.scaling)
 
         h = self._layers(model, tokens, positions[:, None], name, attend)
@@ -248,7 +325,8 @@ class FastDecode:
         heads, hd = self.heads, self.head_dim
         gqa = self.kv_heads != heads
 
-        def attend(i, attn, q, k, v):
+        def attend(i, attn, qkv, cos, sin):
+            q, k, v = self._turn(qkv, cos, sin)
             kc, vc = cache.k[i], cache.v[i]
             out = torch.empty(q.shape[0], heads * hd, dtype=q.dtype, device=q.device)
             for slot, first, length, start, causal in spans:
@@ -266,31 +344,38 @@ class FastDecode:
         base = _base_model(model)
         return base.get_output_embeddings()(self._norm(base.model.norm, h[last]))
 
+    def _turn(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        """q [r, heads, hd], k and v [r, kv_heads, hd] out of q/k/v's outputs side by side (qkv
+        [r, (heads + 2 kv_heads) * hd]), q and k turned by the rotary embedding (cos, sin [r, 1,
+        hd], sin with rotate-half's sign folded in) in one pass."""
+        r, heads, kv_heads, hd = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        qk = qkv[:, :(heads + kv_heads) * hd].view(r, heads + kv_heads, hd)
+        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)  # roll by half: cat(x2, x1)
+        return qk[:, :heads], qk[:, heads:], qkv[:, (heads + kv_heads) * hd:].view(r, kv_heads, hd)
+
     def _layers(self, model, tokens: torch.Tensor, positions: torch.Tensor, name: Optional[str], attend) -> torch.Tensor:
         """The decoder layers over rows of one token each (tokens [r], positions [r, 1]): hidden
-        states [r, hidden] before the final norm. `attend(i, attn, q, k, v)` stores layer i's keys
-        and values (q [r, heads, hd], k and v [r, kv_heads, hd], rotary applied) and returns the
-        attention output [r, heads * hd]."""
+        states [r, hidden] before the final norm. `attend(i, attn, qkv, cos, sin)` turns layer i's
+        queries and keys by the rotary embedding (`_turn`: qkv the q/k/v outputs side by side [r,
+        (heads + 2 kv_heads) * hd], cos and sin [r, 1, hd], sin's sign folded), stores its keys and
+        values and returns the attention output [r, heads * hd]."""
         inner = _base_model(model).model
-        r = tokens.shape[0]
-        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
-        half = hd // 2
-        h = inner.embed_tokens(tokens)  # [r, hidden]
+        loras = self._layer_loras(model, name)
+        half = self.head_dim // 2
+        h = inner.embed_tokens(tokens)  # [r, hidden], the residual stream, updated in place
+        pending = None  # the last MLP output, added with the next norm
         cos, sin = inner.rotary_emb(h, positions)  # [r, 1, hd]
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        qk_heads = heads + kv_heads
         for i, layer in enumerate(inner.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            x = self._norm(layer.input_layernorm, h)
-            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, name)
-            qk = qkv[:, :qk_heads * hd].view(r, qk_heads, hd)
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)  # roll by half: cat(x2, x1)
-            o = attend(i, attn, qk[:, :heads], qk[:, heads:], qkv[:, qk_heads * hd:].view(r, kv_heads, hd))
-            h = h + self._linear(attn.o_proj, o, name)
-            x = self._norm(layer.post_attention_layernorm, h)
-            gate_up = self._siblings((mlp.gate_proj, mlp.up_proj), x, name)
+            qkv_lora, o_lora, gate_up_lora, down_lora = loras[i] if loras is not None else (None,) * 4
+            x = self._add_norm(layer.input_layernorm, h, pending)  # the previous layer's MLP output added
+            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, qkv_lora)
+            o = attend(i, attn, qkv, cos, sin)
+            x = self._add_norm(layer.post_attention_layernorm, h, self._linear(attn.o_proj, o, o_lora))
+            gate_up = self._siblings((mlp.gate_proj, mlp.up_proj), x, gate_up_lora)
             inter = self._unwrap(mlp.gate_proj).out_features
             gate, up = gate_up[:, :inter], gate_up[:, inter:]
-            h = h + self._linear(mlp.down_proj, mlp.act_fn(gate).mul_(up), name)
-        return h
+            pending = self._linear(mlp.down_proj, mlp.act_fn(gate).mul_(up), down_lora)
+        return h if pending is None else h.add_(pending)

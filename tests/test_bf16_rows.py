@@ -125,8 +125,8 @@ def test_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, dtype, thr
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
     """The kernels share torch's OpenMP threads (one runtime in the process, the libgomp torch
-    loaded), split a call's panels (attention: its rows and key/value heads) across as many as
-    torch uses, and give bit for bit what one thread gives."""
+    loaded), split a call's panels (attention: its rows and key/value heads; LoRA: its rows)
+    across as many as torch uses, and give bit for bit what one thread gives."""
     assert len(bf16_rows._openmp_runtimes()) == 1
     torch.manual_seed(5)
     n, k = 200, 72  # 7 panels: split unevenly
@@ -135,6 +135,7 @@ def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
     q = torch.randn(6, 9, 64).to(torch.bfloat16)
     kc, vc = torch.randn(2, 6, 3, 50, 64).to(torch.bfloat16).unbind(0)
     lengths = torch.tensor([1, 50, 7, 33, 20, 49], dtype=torch.int32)
+    lora = bf16_rows.lora_pack(torch.randn(8, k), torch.randn(8, n))
     old = torch.get_num_threads()
     out = {}
     try:
@@ -144,6 +145,9 @@ def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
             out[threads] = [bf16_rows.matmul(torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype),
                                              packed, n) for m in (1, 9, 40)]
             out[threads].append(bf16_rows.attention(q, kc, vc, lengths, 50, 0.125))
+            lora_out = torch.zeros(9, n, dtype=dtype)
+            bf16_rows.lora_add(torch.ones(9, k, dtype=dtype), *lora, n, lora_out)
+            out[threads].append(lora_out)
     finally:
         torch.set_num_threads(old)
     for one, two in zip(out[1], out[2]):
@@ -153,6 +157,7 @@ def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
                                atol=float(_reference(x, w).float().abs().max()) * 2 ** -7)
     torch.testing.assert_close(out[2][3].float(), _attention_reference(q, kc, vc, lengths, 0.125),
                                rtol=2 ** -7, atol=2 ** -8)
+    assert out[2][4].abs().min() > 0  # every row and output written
 
 
 def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_path, caplog):
@@ -231,6 +236,98 @@ def test_the_attention_kernel_refuses_shapes_it_does_not_take():
     with pytest.raises(RuntimeError, match="outside 0..3"):  # a row longer than the longest given
         bf16_rows.attention(torch.zeros(2, 4, 64).to(torch.bfloat16), kc, kc,
                             torch.tensor([3, 4], dtype=torch.int32), 3, 1.0)
+
+
+@runs_here
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["into-bf16", "into-float32"])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16-input", "float32-input"])
+@pytest.mark.parametrize("n,k,r,outs", [(1, 576, 24, 960), (5, 100, 7, 33), (9, 1536, 8, 576), (6, 70, 1, 130)])
+def test_the_lora_kernel_adds_peft_s_float32_update_in_place(n, k, r, outs, x_dtype, out_dtype):
+    """out += (x @ A.T) @ Bt in float32, the sum rounded once to out's dtype, as peft adds a
+    float32 adapter's update; into a column slice of a wider output (a sibling's columns), the
+    columns beside it untouched; ranks and widths not multiples of the kernel's 4 and 64."""
+    torch.manual_seed(n + r)
+    x = torch.randn(n, k).to(x_dtype)
+    a, bt = torch.randn(r, k) * 0.1, torch.randn(r, outs) * 0.1
+    wide = torch.randn(n, outs + 10).to(out_dtype)
+    before = wide.clone()
+    want = (wide[:, 3:3 + outs].float() + (x.float() @ a.T) @ bt).to(out_dtype).float()
+    bf16_rows.lora_add(x, *bf16_rows.lora_pack(a, bt), outs, wide[:, 3:3 + outs])
+    scale = float(want.abs().max())
+    torch.testing.assert_close(wide[:, 3:3 + outs].float(), want, rtol=0,
+                               atol=scale * (2 ** -7 if out_dtype == torch.bfloat16 else 1e-5))
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 3 + outs:], before[:, 3 + outs:])
+
+
+@runs_here
+def test_the_lora_kernel_refuses_what_it_does_not_compute():
+    a, bt = bf16_rows.lora_pack(torch.randn(4, 32), torch.randn(4, 16))
+    x, out = torch.randn(2, 32), torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="lora_pack"):  # not laid out
+        bf16_rows.lora_add(x, torch.randn(4, 32), torch.randn(4, 16), 16, out)
+    with pytest.raises(ValueError, match="lora_pack"):  # packed for another width
+        bf16_rows.lora_add(x, a, bt, 80, torch.zeros(2, 80))
+    with pytest.raises(ValueError, match="lora_pack"):  # float16
+        bf16_rows.lora_add(x.half(), a, bt, 16, out)
+    big = bf16_rows.lora_pack(torch.randn(bf16_rows.MAX_LORA_RANK + 1, 32), torch.randn(bf16_rows.MAX_LORA_RANK + 1, 16))
+    with pytest.raises(ValueError, match="lora_pack"):
+        bf16_rows.lora_add(x, *big, 16, out)
+    assert torch.equal(out, torch.zeros(2, 16))
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+@pytest.mark.parametrize("n,d", [(1, 576), (5, 100), (33, 896)])
+def test_the_norm_kernel_adds_the_residual_and_normalises_as_the_model_does(n, d, dtype):
+    """h += delta in place (rounded as torch's add), then RMSNorm as Llama's and Qwen2's modules
+    compute it (bf16: normalised in float32, rounded, times the weight); without delta, the norm."""
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(n + d)
+    norm = LlamaRMSNorm(d, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(d) + 0.5)
+    norm = norm.to(dtype)
+    h, delta = (torch.randn(n, d) * 3).to(dtype), torch.randn(n, d).to(dtype)
+    summed = h + delta
+    with torch.inference_mode():
+        want = norm(summed).float()
+    got = bf16_rows.add_rms_norm(h, delta, norm.weight.detach(), 1e-5)
+    assert torch.equal(h, summed)
+    # bf16: at most one rounding step apart where the float32 sums' order differs
+    atol = float(want.abs().max()) * (2 ** -7 if dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=atol)
+    torch.testing.assert_close(bf16_rows.add_rms_norm(summed.clone(), None, norm.weight.detach(), 1e-5).float(), want,
+                               rtol=0, atol=atol)
+    assert not torch.equal(got.float(), F.rms_norm(summed.float(), (d,), eps=1e-5))  # the weight applied
+    with pytest.raises(ValueError, match="one dtype"):
+        bf16_rows.add_rms_norm(h, delta.half(), norm.weight.detach(), 1e-5)
+
+
+@runs_here
+@pytest.mark.parametrize("heads,kv_heads,hd", [(9, 3, 64), (4, 4, 32), (14, 2, 128)])
+def test_the_rotary_kernel_turns_queries_and_keys_and_stores_keys_and_values(heads, kv_heads, hd):
+    """As the lean loop's torch path (x * cos + cat(x2, x1) * sin, rounded as torch's mul and
+    addcmul), from q/k/v's outputs side by side in a strided row; each row's key and value land at
+    its own position of its own cache row, nothing else written."""
+    torch.manual_seed(heads + hd)
+    n, half = 5, hd // 2
+    wide = torch.randn(n, (heads + 2 * kv_heads) * hd + 7).to(torch.bfloat16)
+    qkv = wide[:, :(heads + 2 * kv_heads) * hd]
+    cos, sin = torch.randn(n, hd).to(torch.bfloat16), torch.randn(n, hd).to(torch.bfloat16)
+    sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)
+    positions = torch.tensor([3, 0, 7, 7, 1])
+    kc, vc = torch.zeros(8, kv_heads, 10, hd).to(torch.bfloat16), torch.zeros(8, kv_heads, 10, hd).to(torch.bfloat16)
+    q = bf16_rows.rotary_store(qkv, heads, kv_heads, cos, sin, positions, kc, vc)
+    qk = qkv[:, :(heads + kv_heads) * hd].reshape(n, heads + kv_heads, hd)
+    turned = torch.addcmul(qk * cos[:, None], qk.roll(half, -1), sin[:, None])
+    want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
+    want_k[torch.arange(n), :, positions] = turned[:, heads:]
+    want_v[torch.arange(n), :, positions] = qkv[:, (heads + kv_heads) * hd:].reshape(n, kv_heads, hd)
+    assert torch.equal(q, turned[:, :heads]) and torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    with pytest.raises(RuntimeError, match="outside 0..9"):
+        bf16_rows.rotary_store(qkv, heads, kv_heads, cos, sin, torch.tensor([3, 0, 10, 7, 1]), kc, vc)
 
 
 def _model(arch: str, tok, dtype=torch.bfloat16):
