@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from model import bf16_rows
+from model.packed_linear import Layout
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 # bf16 decode attention by matmuls (a CPU without AMX): up to this many rows the cache views are
@@ -91,6 +92,42 @@ def _groups(layer) -> tuple:
     """The layer's projections by the input they read: (q, k, v), (o,), (gate, up), (down,)."""
     p = _projections(layer)
     return p[0:3], p[3:4], p[4:6], p[6:7]
+
+
+def _gemm(bases: tuple):
+    """x [r, in] -> the outputs of projections `bases` (unwrapped, one input) side by side: one
+    call where their CPU weights were laid out as one group (packed_linear), bf16_rows' kernel
+    called directly for its layout, the modules' own forward otherwise."""
+    group = getattr(bases[0], "fused", None)
+    if group is not None and group.members == bases:
+        call, layout, weight, bias, outs = group, group.layout, group.weight, group.bias, group.out_features
+    elif len(bases) == 1:
+        base = bases[0]
+        call, layout, weight = base, getattr(base, "layout", None), getattr(base, "packed", None)
+        bias, outs = base.bias, base.out_features
+    else:
+        return lambda x: torch.cat([b(x) for b in bases], dim=-1)
+    if layout is Layout.ROWS and weight is not None:
+        if bias is None:
+            return lambda x: bf16_rows.matmul(x, weight, outs)
+        return lambda x: bf16_rows.matmul(x, weight, outs).add_(bias)
+    return call
+
+
+class _LayerPlan:
+    """One decoder layer's parts, looked up once (a step otherwise walks ~800 module attributes):
+    its attention module (for its scaling), the two norms (module, weight, eps), the GEMMs of
+    q/k/v, o, gate/up and down (`_gemm`), the MLP's activation and its width."""
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        bases = tuple(getattr(m, "base_layer", m) for m in _projections(layer))
+        self.attn = attn
+        self.norms = tuple((n, n.weight, n.variance_epsilon)
+                           for n in (layer.input_layernorm, layer.post_attention_layernorm))
+        self.qkv, self.o, self.gate_up, self.down = (_gemm(bases[0:3]), _gemm(bases[3:4]), _gemm(bases[4:6]),
+                                                     _gemm(bases[6:7]))
+        self.act, self.inter = mlp.act_fn, bases[4].out_features
 
 
 class LoRA:
@@ -148,6 +185,7 @@ class FastDecode:
         self.bf16_kernel_attention = bf16_rows.runs_here() and bf16_rows.attention_covers(
             self.heads, self.kv_heads, self.head_dim)
         self.cpu_kernels = bf16_rows.runs_here()  # residual adds and norms (`_add_norm`) there too
+        self._plans: Optional[tuple] = None  # (what they were built from, the layers' `_LayerPlan`s)
         self._loras: dict = {}  # adapter name -> (its first LoRA weight, per layer the groups' LoRAs)
         self._loras_for: tuple = ()  # the adapters loaded when those were built
 
@@ -200,31 +238,30 @@ class FastDecode:
             self._loras[name] = kept
         return kept[1]
 
-    def _linear(self, module, x: torch.Tensor, lora: Optional["LoRA"]) -> torch.Tensor:
-        out = self._unwrap(module)(x)
+    def _layer_plans(self, inner) -> list:
+        """The layers' `_LayerPlan`s, rebuilt where the layers or their first projection's layout
+        are not the ones they were built from (peft wraps the projections; their base layers stay)."""
+        first = self._unwrap(inner.layers[0].self_attn.q_proj)
+        built_from = (inner.layers, first, type(first), getattr(first, "packed", None), getattr(first, "fused", None))
+        if self._plans is None or any(a is not b for a, b in zip(self._plans[0], built_from)):
+            self._plans = (built_from, [_LayerPlan(layer) for layer in inner.layers])
+        return self._plans[1]
+
+    @staticmethod
+    def _project(gemm, x: torch.Tensor, lora: Optional["LoRA"]) -> torch.Tensor:
+        """A projection group's outputs [n, sum of outs] of x [n, in], its LoRA updates added."""
+        out = gemm(x)
         if lora is not None:
             lora.add_to(x, out)
         return out
 
-    def _siblings(self, mods: tuple, x: torch.Tensor, lora: Optional["LoRA"]) -> torch.Tensor:
-        """[n, sum of outs] of projections `mods` of one input x [n, hidden] (q/k/v; gate/up): one
-        GEMM where their CPU weights were laid out as one group (packed_linear: side by side in
-        float32, stacked for oneDNN), with the group's LoRA updates added to their columns."""
-        bases = tuple(self._unwrap(m) for m in mods)
-        group = getattr(bases[0], "fused", None)
-        if group is not None and group.members == bases:
-            out = group(x)
-        else:
-            out = torch.cat([b(x) for b in bases], dim=-1)
-        if lora is not None:
-            lora.add_to(x, out)
-        return out
-
-    def _add_norm(self, module, h: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
-        """h += delta in place (the residual add, where delta is given), then the module's RMSNorm
-        of h: in one bf16_rows kernel call on CPU where the kernels run, else as torch computes it."""
-        if self.cpu_kernels and h.device.type == "cpu" and module.weight.dtype == h.dtype:
-            return bf16_rows.add_rms_norm(h, delta, module.weight, module.variance_epsilon)
+    def _add_norm(self, norm: tuple, h: torch.Tensor, delta: Optional[torch.Tensor]) -> torch.Tensor:
+        """h += delta in place (the residual add, where delta is given), then the RMSNorm `norm`
+        (module, weight, eps) of h: in one bf16_rows kernel call on CPU where the kernels run,
+        else as torch computes it."""
+        module, weight, eps = norm
+        if self.cpu_kernels and h.device.type == "cpu" and weight.dtype == h.dtype:
+            return bf16_rows.add_rms_norm(h, delta, weight, eps)
         if delta is not None:
             h.add_(delta)
         return self._norm(module, h)
@@ -367,15 +404,13 @@ class FastDecode:
         cos, sin = inner.rotary_emb(h, positions)  # [r, 1, hd]
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign folded in once a step
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        for i, layer in enumerate(inner.layers):
-            attn, mlp = layer.self_attn, layer.mlp
+        project = self._project
+        for i, plan in enumerate(self._layer_plans(inner)):
             qkv_lora, o_lora, gate_up_lora, down_lora = loras[i] if loras is not None else (None,) * 4
-            x = self._add_norm(layer.input_layernorm, h, pending)  # the previous layer's MLP output added
-            qkv = self._siblings((attn.q_proj, attn.k_proj, attn.v_proj), x, qkv_lora)
-            o = attend(i, attn, qkv, cos, sin)
-            x = self._add_norm(layer.post_attention_layernorm, h, self._linear(attn.o_proj, o, o_lora))
-            gate_up = self._siblings((mlp.gate_proj, mlp.up_proj), x, gate_up_lora)
-            inter = self._unwrap(mlp.gate_proj).out_features
-            gate, up = gate_up[:, :inter], gate_up[:, inter:]
-            pending = self._linear(mlp.down_proj, mlp.act_fn(gate).mul_(up), down_lora)
+            x = self._add_norm(plan.norms[0], h, pending)  # the previous layer's MLP output added
+            o = attend(i, plan.attn, project(plan.qkv, x, qkv_lora), cos, sin)
+            x = self._add_norm(plan.norms[1], h, project(plan.o, o, o_lora))
+            gate_up = project(plan.gate_up, x, gate_up_lora)
+            gate, up = gate_up[:, :plan.inter], gate_up[:, plan.inter:]
+            pending = project(plan.down, plan.act(gate).mul_(up), down_lora)
         return h if pending is None else h.add_(pending)
