@@ -260,7 +260,7 @@ class FastDecode:
         (module, weight, eps) of h: in one bf16_rows kernel call on CPU where the kernels run,
         else as torch computes it."""
         module, weight, eps = norm
-        if self.cpu_kernels and h.device.type == "cpu" and weight.dtype == h.dtype:
+        if self.cpu_kernels and h.device.type == "cpu" and weight.dtype == h.dtype and h.dtype in bf16_rows.DTYPES:
             return bf16_rows.add_rms_norm(h, delta, weight, eps)
         if delta is not None:
             h.add_(delta)
