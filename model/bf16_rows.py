@@ -13,6 +13,10 @@ thread against oneDNN's in bf16: 9.3 vs 20.3 ms at one row, 9.6 vs 17 at 4, 12.7
 1.73x / 2.12x / 1.32x / 1.14x the torch.mm / oneDNN split at 1 / 8 / 32 / 128 rows. A kernel
 walking nn.Linear's own rows, 2 or 4 at a time, was as slow as oneDNN. `attention` is decode
 attention over a bf16 KV cache in float32 (torch's bf16 matmuls and SDPA there are far slower).
+The lean decode loop (model.fast_decode) also calls three small ones where torch makes several
+operations of a few microseconds each: `lora_add` (a sibling group's LoRA update, float32 as peft
+adds it), `add_rms_norm` (the residual add and the next RMSNorm) and `rotary_store` (a bf16 step's
+rotary embedding and its cache writes).
 
 Layers take this layout (`packed_linear.Layout.ROWS`, the only copy) wherever the kernels run.
 A call splits its panels (attention: its rows' key/value heads) across torch's own OpenMP
