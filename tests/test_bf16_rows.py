@@ -125,9 +125,9 @@ def test_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, dtype, thr
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
     """The kernels share torch's OpenMP threads (one runtime in the process, the libgomp torch
-    loaded), split a call's panels (attention: its rows and key/value heads; LoRA: its rows)
+    loaded; where a second one was loaded beside it, each call runs on one thread), split a call's panels (attention: its rows and key/value heads; LoRA: its rows)
     across as many as torch uses, and give bit for bit what one thread gives."""
-    assert len(bf16_rows._openmp_runtimes()) == 1
+    shared = len(bf16_rows._openmp_runtimes()) == 1  # else (a second runtime beside torch's) one thread each call
     torch.manual_seed(5)
     n, k = 200, 72  # 7 panels: split unevenly
     w = (torch.randn(n, k) * 0.1).to(dtype)
@@ -141,7 +141,7 @@ def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert bf16_rows.threads() == threads
+            assert bf16_rows.threads() == (threads if shared else 1)
             out[threads] = [bf16_rows.matmul(torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype),
                                              packed, n) for m in (1, 9, 40)]
             out[threads].append(bf16_rows.attention(q, kc, vc, lengths, 50, 0.125))
