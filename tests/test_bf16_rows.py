@@ -125,8 +125,9 @@ def test_layers_take_the_kernels_layout_and_answer_as_nn_linear(rows, dtype, thr
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 def test_torchs_threads_split_the_work_and_compute_the_same_numbers(dtype):
     """The kernels share torch's OpenMP threads (one runtime in the process, the libgomp torch
-    loaded; where a second one was loaded beside it, each call runs on one thread), split a call's panels (attention: its rows and key/value heads; LoRA: its rows)
-    across as many as torch uses, and give bit for bit what one thread gives."""
+    loaded; where a second one was loaded beside it, each call runs on one thread), split a
+    call's panels (attention: its rows and key/value heads; LoRA: its rows) across as many as
+    torch uses, and give bit for bit what one thread gives."""
     shared = len(bf16_rows._openmp_runtimes()) == 1  # else (a second runtime beside torch's) one thread each call
     torch.manual_seed(5)
     n, k = 200, 72  # 7 panels: split unevenly
