@@ -60,6 +60,11 @@ SOURCE = r"""
 #include <omp.h>
 #endif
 
+/* 16 bf16 values widened to float32 (exact: bf16 is float32's upper half) */
+static inline __m512 widen(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+/* float32 rounded to bf16 (nearest even) and widened back */
+static inline __m512 to_bf16(__m512 v) { return widen((__m256i)_mm512_cvtneps_pbh(v)); }
+
 /* One panel of 16 * NB outputs (n0..) for MM input rows (both compile-time): the panel wp is
    [Kp/2][16 * NB][2], so each k pair of the panel is NB vectors of 16 outputs x 2 inputs, and a
    pair of each input row, broadcast, meets them in one vdpbf16ps: no horizontal sums. */
@@ -239,8 +244,7 @@ int loopcord_bf16_attention(const uint16_t *q, const uint16_t *kc, const uint16_
                 const uint16_t *vt = vb + (size_t)t * hd;
                 __m512 vf[16];
                 for (int c = 0; c < 2 * chunks; c++)
-                    vf[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                        _mm256_loadu_si256((const __m256i *)(vt + c * 16))), 16));
+                    vf[c] = widen(_mm256_loadu_si256((const __m256i *)(vt + c * 16)));
                 for (int h = 0; h < group; h++) {
                     const __m512 p = _mm512_set1_ps(scores[h * len + t]);
                     for (int c = 0; c < 2 * chunks; c++) acc[h][c] = _mm512_fmadd_ps(p, vf[c], acc[h][c]);
@@ -263,8 +267,7 @@ int loopcord_bf16_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int M,
 
 /* 16 values of a row of x (bf16 or float32) from k, as float32; past `valid` zero */
 static inline __m512 load16(const void *x, int bf16, size_t k, __mmask16 keep) {
-    if (bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-        _mm256_maskz_loadu_epi16(keep, (const uint16_t *)x + k)), 16));
+    if (bf16) return widen(_mm256_maskz_loadu_epi16(keep, (const uint16_t *)x + k));
     return _mm512_maskz_loadu_ps(keep, (const float *)x + k);
 }
 
@@ -289,8 +292,7 @@ int loopcord_rotary_store(const uint16_t *qkv, long long qkv_stride, const uint1
                 const int partner = (j + half) % hd;  /* cat(x2, x1): 16 values from the other half */
                 const __m512 xv = load16(x, 1, j, 0xffff), rv = load16(x, 1, partner, 0xffff);
                 const __m512 c = load16(ci, 1, j, 0xffff), sv = load16(si, 1, j, 0xffff);
-                const __m512 first = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(xv, c))), 16));
+                const __m512 first = to_bf16(_mm512_mul_ps(xv, c));
                 _mm256_storeu_si256((__m256i *)(dst + j), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(rv, sv, first)));
             }
         }
@@ -323,7 +325,7 @@ int loopcord_add_rms_norm(void *h, const void *delta, const void *w, void *out, 
                 else {
                     const __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
                     _mm256_mask_storeu_epi16((void *)((uint16_t *)hi + j), keep, r);
-                    v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
+                    v = widen(r);
                 }
             }
             sq = _mm512_fmadd_ps(v, v, sq);
@@ -335,8 +337,7 @@ int loopcord_add_rms_norm(void *h, const void *delta, const void *w, void *out, 
             const __m512 v = _mm512_mul_ps(load16(hi, !f32, j, keep), s), wv = load16(w, !f32, j, keep);
             if (f32) _mm512_mask_storeu_ps((float *)out + row + j, keep, _mm512_mul_ps(v, wv));
             else {
-                const __m512 nv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                    (__m256i)_mm512_cvtneps_pbh(v)), 16));
+                const __m512 nv = to_bf16(v);
                 _mm256_mask_storeu_epi16((void *)((uint16_t *)out + row + j), keep,
                                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(nv, wv)));
             }
