@@ -120,14 +120,12 @@ class _LayerPlan:
     q/k/v, o, gate/up and down (`_gemm`), the MLP's activation and its width."""
 
     def __init__(self, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        bases = tuple(getattr(m, "base_layer", m) for m in _projections(layer))
-        self.attn = attn
+        groups = [tuple(getattr(m, "base_layer", m) for m in mods) for mods in _groups(layer)]
+        self.attn = layer.self_attn
         self.norms = tuple((n, n.weight, n.variance_epsilon)
                            for n in (layer.input_layernorm, layer.post_attention_layernorm))
-        self.qkv, self.o, self.gate_up, self.down = (_gemm(bases[0:3]), _gemm(bases[3:4]), _gemm(bases[4:6]),
-                                                     _gemm(bases[6:7]))
-        self.act, self.inter = mlp.act_fn, bases[4].out_features
+        self.qkv, self.o, self.gate_up, self.down = (_gemm(g) for g in groups)
+        self.act, self.inter = layer.mlp.act_fn, groups[2][0].out_features
 
 
 class LoRA:
