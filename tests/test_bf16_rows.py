@@ -177,10 +177,15 @@ def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_pa
     _answers_as_nn_linear(plain, packed, 1)
 
 
-def test_the_kernel_can_be_turned_off_and_layers_keep_the_onednn_and_torch_mm_layouts(monkeypatch):
+def turn_off_kernels(monkeypatch) -> None:
+    """As on a CPU where bf16_rows' kernels do not run: `LOOPCORD_BF16_ROWS=0`, looked at afresh."""
     monkeypatch.setattr(bf16_rows, "_tried", False)
     monkeypatch.setattr(bf16_rows, "_kernel", None)
     monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
+
+
+def test_the_kernel_can_be_turned_off_and_layers_keep_the_onednn_and_torch_mm_layouts(monkeypatch):
+    turn_off_kernels(monkeypatch)
     assert bf16_rows.kernel() is None
     plain, packed = _pair(threads=2, dtype=torch.float32)
     assert all(m.layout is Layout.TRANSPOSED for m in packed.modules() if isinstance(m, PackedLinear))  # none widens

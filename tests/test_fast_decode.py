@@ -68,12 +68,10 @@ def _served(tok, arch, path, ids, n=10, check=None) -> list[list[int]]:
 def kernels(request, monkeypatch):
     """model.bf16_rows' kernels where this CPU runs them, and (no-kernels) as on a CPU where they
     do not: the layers' other layouts and LoRA updates by torch's matmuls."""
-    from model import bf16_rows
+    from test_bf16_rows import turn_off_kernels
 
     if request.param == "no-kernels":
-        monkeypatch.setattr(bf16_rows, "_tried", False)
-        monkeypatch.setattr(bf16_rows, "_kernel", None)
-        monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
+        turn_off_kernels(monkeypatch)
     return request.param
 
 

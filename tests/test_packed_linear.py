@@ -13,17 +13,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from test_bf16_rows import turn_off_kernels
 
-from model import bf16_rows
 from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
 
 
 @pytest.fixture(autouse=True)
 def no_kernels(monkeypatch):
     """As on a CPU where bf16_rows' kernels do not run (LOOPCORD_BF16_ROWS=0)."""
-    monkeypatch.setattr(bf16_rows, "_tried", False)
-    monkeypatch.setattr(bf16_rows, "_kernel", None)
-    monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
+    turn_off_kernels(monkeypatch)
 
 
 class Attention(nn.Module):
