@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from bot.store import MAX_CORRECTION_CHARS
 from model.client import ModelError
 from model.config import Config
 from trainer.protocol import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims
@@ -99,7 +100,7 @@ DECISIONS = ("approved", "rejected")
 
 
 async def review(store, correction_id: int, decision: str, reviewer_id: int, text: Optional[str] = None,
-                 cfg: Optional[Config] = None) -> CorrectionView:
+                 cfg: Optional[Config] = None, memory=None) -> CorrectionView:
     """Approve / reject a correction (optionally editing the text), stored with the reviewer.
 
     What an admin expects from a second click: the same decision again is refused with
@@ -107,11 +108,15 @@ async def review(store, correction_id: int, decision: str, reviewer_id: int, tex
     untrained correction). A rejected correction is not approved by a stray click: it must be
     reopened first (`reopen`). An approved one can still be rejected (later retrains stop
     replaying it; an adapter that already learned it needs a rollback). With `cfg`, the returned view
-    carries a warning when the text claims another identity."""
+    carries a warning when the text claims another identity. With `memory`, an approved
+    correction becomes a memory entry at once (bot.memory)."""
     if decision not in DECISIONS:
         raise AdminError(f"unknown decision {decision!r}: use approve or reject")
     if text is not None and not text.strip():
         raise AdminError("The corrected answer cannot be empty.")
+    if text is not None and len(text.strip()) > MAX_CORRECTION_CHARS:
+        raise AdminError(f"The corrected answer is {len(text.strip()):,} characters long; at most "
+                         f"{MAX_CORRECTION_CHARS:,} are allowed.")
     row = await store.get_correction(correction_id)
     if row is None:
         raise AdminError(f"There is no correction #{correction_id}.")
@@ -129,6 +134,8 @@ async def review(store, correction_id: int, decision: str, reviewer_id: int, tex
         latest = await store.get_correction(correction_id)
         raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; it is now "
                          f"{latest['status'] if latest else 'deleted'}.")
+    if decision == "approved" and memory is not None:
+        await memory.sync()  # the fact answers from now on (an error here leaves the approval made)
     return correction_view(await store.get_correction(correction_id), cfg)
 
 
@@ -146,7 +153,55 @@ async def reopen(store, correction_id: int, cfg: Optional[Config] = None) -> Cor
     return correction_view(await store.get_correction(correction_id), cfg)
 
 
-async def status_report(cfg: Config, store, client, retrainer, live, registry=None) -> str:
+RETRACTED_REASON = "retracted by an admin"
+
+
+async def retract(store, memory, correction_id: int, admin_id: int) -> CorrectionView:
+    """Take a fact out of the memory now and out of later training: its correction is
+    rejected (the store drops the entry in the same transaction)."""
+    row = await store.get_correction(correction_id)
+    if row is None:
+        raise AdminError(f"There is no fact or correction #{correction_id}. /memory lists the facts.")
+    if row["status"] != "approved":
+        raise AdminError(f"Correction #{correction_id} is {row['status']}, not an approved fact; nothing to retract.")
+    if not await store.set_correction_status(correction_id, "rejected", admin_id, reason=RETRACTED_REASON,
+                                             only_from=("approved",)):
+        raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; look again.")
+    return correction_view(await store.get_correction(correction_id))
+
+
+def memory_line(memory, entries: int) -> str:
+    if not memory.cfg.memory.enabled:
+        return "**Memory:** off (memory.enabled: false)"
+    if not memory.on:
+        return f"**Memory:** ⚠️ off: {memory.error or 'the embedding model is not loaded'}"
+    return f"**Memory:** {entries} fact{'s' if entries != 1 else ''} answer at once (/memory lists them)"
+
+
+def render_facts(facts, name_of) -> str:
+    """/memory's list: one line per fact, with who taught and approved it."""
+    if not facts:
+        return "No facts in this community's memory yet: an approved correction becomes one."
+    lines = []
+    for f in facts:
+        score = f" (match {f.score:.2f})" if f.score else ""
+        lines.append(f"#{f.correction_id}{score} Q: {preview(f.question, 120)} → {preview(f.answer, 200)}"
+                     f" — {source_line([f], name_of)[2:]}")
+    return "\n".join(lines)
+
+
+def source_line(facts, name_of) -> str:
+    """The footer of an answer that used the memory: who taught it, who approved it."""
+    parts = []
+    for f in facts:
+        who = name_of(f.suggested_by) if f.suggested_by is not None else "a member"
+        by = name_of(f.approved_by) if f.approved_by is not None else "an admin"
+        parts.append(f"from a correction by {who}, approved by {by}" if f.approved_by != f.suggested_by
+                     else f"from a correction by {who}")
+    return "📌 " + "; ".join(dict.fromkeys(parts))
+
+
+async def status_report(cfg: Config, store, client, retrainer, live, registry=None, memory=None) -> str:
     """Everything an admin asks first, as text (Discord markdown is fine in a terminal).
 
     `live` is the Runtime's LiveAdapter (the truth about what answers use); the server's
@@ -164,13 +219,23 @@ async def status_report(cfg: Config, store, client, retrainer, live, registry=No
     lines.append("**Flags:** " + (", ".join(f"{k} {v}" for k, v in sorted(flags.items())) or "none"))
     lines.append("**Corrections:** " + (", ".join(f"{k} {v}" for k, v in sorted(corrections.items())) or "none"))
     lines.append(f"**Approved, not yet trained:** {await store.count_untrained_approved()}")
+    if memory is not None:
+        lines.append(memory_line(memory, await store.count_memory()))
     run = await store.last_run()
     if run:
         lines.append(
             f"**Last run:** #{run['id']} {run['status']} → {run['version'] or '-'} "
             f"({run['trigger']}, {run['started_at']}) {run['message'] or ''}".rstrip()
         )
+        lines += [f"**Not learned in run #{run['id']}:** {line}" for line in not_learned_lines(run.get("report"))]
     return "\n".join(lines)
+
+
+def not_learned_lines(report: Optional[dict]) -> list[str]:
+    """One line per correction a gated candidate did not learn, with what it answered."""
+    items = (((report or {}).get("candidate") or {}).get("corrections") or {}).get("items") or []
+    return [f"#{i.get('id')} {preview(i.get('correction'), 80)!r}: it answered {preview(i.get('answer'), 120)!r}"
+            for i in items if not i.get("learned")]
 
 
 def _version_lines(registry, version: str) -> list[str]:

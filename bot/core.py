@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 from model.client import (
     ModelBadRequest,
@@ -28,13 +28,15 @@ from model.client import (
     ModelUnavailable,
 )
 from model.config import Config, secret
+from trainer.matching import states_fact
 
 from bot.admin import claimed_identities
 from bot.context import Turn, build_prompt, context_budget, question_budget
 from bot.inflight import InflightLimiter
+from bot.memory import Fact, Memory, scope_of
 from bot.policy import RateLimiter
 from bot.privacy import ForgetReport, forget_everywhere
-from bot.store import Store, TooManyPending
+from bot.store import MAX_CORRECTION_CHARS, Store, TooManyPending
 from bot.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,11 @@ class Request:
     guild_id: Optional[int] = None
     channel_id: Optional[int] = None
     message_id: Optional[int] = None
+
+    @property
+    def scope(self) -> str:
+        """Whose community memory answers here (bot.memory.scope_of)."""
+        return scope_of(self.guild_id, self.channel_id)
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class AnswerResult:
     notice: Optional[str] = None  # user-facing words for an error
     ttft_ms: Optional[float] = None
     total_ms: Optional[float] = None
+    facts: list[Fact] = field(default_factory=list)  # memory entries put into the prompt
+    sources: list[Fact] = field(default_factory=list)  # ... of those, the ones the answer states
 
     @property
     def display(self) -> str:
@@ -155,6 +164,7 @@ class Core:
         # Set while the worker sleeps for a retrain (gpu_policy: pause): users get this at once.
         self.paused_notice: Optional[str] = None
         self.max_context: Optional[int] = None  # the model's context in tokens, when the server says
+        self.memory = Memory(cfg, store)  # started by the Runtime (loading its model takes seconds)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -215,8 +225,8 @@ class Core:
         """Tokens a new question may take; front-ends trim longer ones with a notice (fit_question)."""
         return question_budget(self.cfg.identity.system, self.context_budget())
 
-    def prompt_for(self, turns: list[Turn]) -> list[dict]:
-        return build_prompt(self.cfg.identity.system, turns,
+    def prompt_for(self, turns: list[Turn], facts: Sequence[Fact] = ()) -> list[dict]:
+        return build_prompt(self.cfg.identity.system, turns, facts=[(f.question, f.answer) for f in facts],
                             token_budget=self.context_budget(), max_messages=self.cfg.discord.max_history_messages)
 
     async def model_for_answer(self) -> tuple[str, Optional[str]]:
@@ -234,15 +244,28 @@ class Core:
         request: Request,
         on_queue: Optional[Callable[[int], Awaitable[None]]] = None,
     ) -> AnswerStream:
-        """Stream an answer to `request`. Errors end the stream; `result` says how it ended."""
+        """Stream an answer to `request`. Errors end the stream; `result` says how it ended.
+        The prompt is complete once iteration starts (the memory is asked first)."""
         result = AnswerResult(prompt=self.prompt_for(request.turns))
-        return AnswerStream(result, self._generate(result, on_queue))
+        return AnswerStream(result, self._generate(request, result, on_queue))
 
-    async def _generate(self, result: AnswerResult, on_queue) -> AsyncIterator[str]:
+    async def _recall(self, request: Request, result: AnswerResult) -> None:
+        """The community's facts for this question into the prompt (none: the prompt stays)."""
+        question = next((t.content for t in reversed(request.turns) if t.role == "user"), "")
+        try:
+            result.facts = await self.memory.recall(request.scope, question)
+        except Exception:  # the memory must never cost an answer
+            log.exception("recalling facts failed; answering without them")
+            result.facts = []
+        if result.facts:
+            result.prompt = self.prompt_for(request.turns, result.facts)
+
+    async def _generate(self, request: Request, result: AnswerResult, on_queue) -> AsyncIterator[str]:
         start = time.perf_counter()
         if self.paused_notice:
             result.status, result.notice, result.total_ms = AnswerStatus.ERROR, self.paused_notice, 0.0
             return
+        await self._recall(request, result)
         try:
             async with self.limiter.slot(on_queue):
                 start = time.perf_counter()  # time the model, not the queue
@@ -264,6 +287,7 @@ class Core:
             self._fail(result, exc, MSG_FAILED)
         finally:
             result.total_ms = (time.perf_counter() - start) * 1000
+        result.sources = [f for f in result.facts if states_fact(result.text, f.answer, f.question)]
 
     def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)
@@ -329,6 +353,9 @@ class Core:
         text = text.strip()
         if not text:
             raise FeedbackError("The correction is empty: write the answer I should have given.")
+        if len(text) > MAX_CORRECTION_CHARS:
+            raise FeedbackError(f"The correction is {len(text):,} characters long; a correction may have at most "
+                                f"{MAX_CORRECTION_CHARS:,}. Write the right answer in a few sentences.")
         exchange = await self.store.exchange_by_message(message_id)
         if exchange is None:
             raise FeedbackError("That message isn't one of my answers, so there is nothing to correct.")
@@ -342,7 +369,10 @@ class Core:
                                                       max_pending=self.cfg.discord.max_pending_corrections)
         except TooManyPending as exc:
             raise FeedbackError(str(exc)) from None
-        return {**await self.store.get_correction(cid), "claims": claims}
+        row = await self.store.get_correction(cid)
+        if row["status"] == "approved":
+            await self.memory.sync()
+        return {**row, "claims": claims}
 
     async def forget_me(self, user_id: int) -> ForgetReport:
         """The store, run exports and registry records lose the user's text (bot.privacy)."""

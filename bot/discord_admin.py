@@ -18,6 +18,7 @@ import discord
 from discord import app_commands
 
 from bot import admin
+from bot.memory import fact_of, scope_of
 from bot.retrain import RetrainRefused, RetrainResult, format_progress, summarize_report
 from bot.runtime import Runtime
 
@@ -127,7 +128,7 @@ class ReviewView(discord.ui.View):
             return
         try:
             view = await admin.review(self.runtime.core.store, correction_id, decision, interaction.user.id,
-                                      text=text, cfg=self.runtime.cfg)
+                                      text=text, cfg=self.runtime.cfg, memory=self.runtime.core.memory)
         except admin.AdminError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
@@ -203,6 +204,13 @@ async def run_retrain(runtime: Runtime, interaction: discord.Interaction) -> Non
 # ------------------------------------------------------------------- the commands
 
 
+MEMORY_LIST_LIMIT = 15  # facts /memory shows (one Discord message)
+
+
+def mention(user_id: int) -> str:
+    return f"<@{user_id}>"  # rendered as a name; allowed_mentions keeps it from pinging
+
+
 def admin_commands(runtime: Runtime):
     """A `LoopcordBot` command setup registering the admin commands."""
 
@@ -227,16 +235,44 @@ def admin_commands(runtime: Runtime):
                 text = str(exc)
             await interaction.response.send_message(text, ephemeral=True)
 
+        @tree.command(name="memory", description="Facts this server's approved corrections taught (admins)")
+        @app_commands.describe(search="Show the facts closest to this text (default: the latest)")
+        async def memory(interaction: discord.Interaction, search: Optional[str] = None) -> None:
+            if await refuse_unless_admin(runtime, interaction):
+                return
+            mem, scope = runtime.core.memory, scope_of(interaction.guild_id, interaction.channel_id)
+            if not mem.on:
+                text = admin.memory_line(mem, 0)
+            elif search:
+                text = admin.render_facts(await mem.search(scope, search, MEMORY_LIST_LIMIT), mention)
+            else:
+                entries = await runtime.core.store.memory_entries(scope)
+                text = admin.render_facts([fact_of(e) for e in entries[-MEMORY_LIST_LIMIT:]], mention)
+            await interaction.response.send_message(admin.preview(text, 2000), ephemeral=True,
+                                                    allowed_mentions=discord.AllowedMentions.none())
+
+        @tree.command(name="retract", description="Take a fact out of the memory and later training (admins)")
+        @app_commands.describe(fact="The fact's number (/memory shows it), e.g. 3")
+        async def retract(interaction: discord.Interaction, fact: int) -> None:
+            if await refuse_unless_admin(runtime, interaction):
+                return
+            try:
+                view = await admin.retract(runtime.core.store, runtime.core.memory, fact, interaction.user.id)
+                text = f"Fact #{view.id} retracted: it no longer answers and later retrains leave it out."
+            except admin.AdminError as exc:
+                text = str(exc)
+            await interaction.response.send_message(text, ephemeral=True)
+
         @tree.command(name="retrain", description="Learn the approved corrections now (admins)")
         async def retrain(interaction: discord.Interaction) -> None:
             if await refuse_unless_admin(runtime, interaction):
                 return
             try:
-                n = await runtime.retrainer.check_can_start()
+                text = await runtime.retrainer.announcement()
             except RetrainRefused as exc:
                 await interaction.response.send_message(f"Retrain not started: {exc}", ephemeral=True)
                 return
-            await interaction.response.send_message(f"🛠️ Retraining on {n} new approved corrections…")
+            await interaction.response.send_message(f"🛠️ {text}")
             await run_retrain(runtime, interaction)
 
         @tree.command(name="rollback", description="Go back to an earlier adapter version (admins)")

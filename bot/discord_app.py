@@ -20,8 +20,10 @@ import discord.http
 import yarl
 from discord import app_commands
 
+from bot.admin import source_line
 from bot.context import Turn, fit_question, strip_mention
 from bot.core import MSG_QUEUED, Core, FeedbackError, Request
+from bot.discord_admin import mention
 from bot.policy import MessageFacts, is_allowed, is_trusted, should_respond
 from bot.render import split_message, streaming_view
 from bot.store import StoreError
@@ -410,7 +412,8 @@ class LoopcordBot(discord.Client):
                 raise task.exception()  # an edit failed: Discord shows less than the answer
         if posted is not None:
             await posted
-        await reply.show(split_message(result.display))
+        footer = f"\n-# {source_line(result.sources, mention)}" if result.sources else ""
+        await reply.show(split_message(result.display + footer))
 
     # ------------------------------------------------------------ slash commands
 

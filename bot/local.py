@@ -39,6 +39,7 @@ from model.config import Config
 from bot import admin
 from bot.context import Turn, fit_question
 from bot.core import FeedbackError, Request
+from bot.memory import TERMINAL_SCOPE, fact_of
 from bot.retrain import RetrainRefused, format_progress, summarize_report
 from bot.runtime import BootstrapError, Runtime, data_dir
 from bot.store import StoreError
@@ -52,6 +53,7 @@ PROMPT = "you> "
 LOG_FILE = "bot.log"  # in the data directory
 HISTORY_FILE = "history"  # readline history, in the data directory
 HISTORY_LENGTH = 1000
+MEMORY_LIST_LIMIT = 20  # facts /memory shows
 EXIT_INTERRUPTED = 130  # the shell's convention for "ended by Ctrl-C"
 HELP = """\
 Type a message to chat. Commands:
@@ -62,6 +64,8 @@ Type a message to chat. Commands:
   /approve ID [TEXT]    approve a correction (optionally with edited text)
   /reject ID            reject a correction
   /reopen ID            put a reviewed correction back to pending
+  /memory [TEXT]        the facts approved corrections taught (the closest to TEXT)
+  /retract ID           take a fact out of the memory and out of later training
   /retrain              train on approved corrections, gate, and hot-swap
   /rollback [VERSION]   go back to the previous (or given) adapter version
   /status               model, live adapter, worker, feedback and last run
@@ -148,6 +152,7 @@ class Terminal:
             "/help": self.cmd_help, "/flag": self.cmd_flag, "/good": self.cmd_good,
             "/correct": self.cmd_correct, "/corrections": self.cmd_corrections,
             "/approve": self.cmd_approve, "/reject": self.cmd_reject, "/reopen": self.cmd_reopen,
+            "/memory": self.cmd_memory, "/retract": self.cmd_retract,
             "/retrain": self.cmd_retrain, "/rollback": self.cmd_rollback, "/status": self.cmd_status,
             "/new": self.cmd_new, "/forget-me": self.cmd_forget_me,
         }
@@ -215,6 +220,8 @@ class Terminal:
         if result.status != "complete":
             self.say(result.display[len(result.text):], end="")
         self.say()
+        if result.sources:
+            self.say(admin.source_line(result.sources, author_label))
         answer_id = local_message_id()
         await self.core.record(request, result, [answer_id])
         if result.status != "error":
@@ -270,8 +277,11 @@ class Terminal:
 
     async def cmd_approve(self, args, rest) -> None:
         cid, text = _id_and_text(args, rest)
-        view = await admin.review(self.core.store, cid, "approved", LOCAL_USER_ID, text=text, cfg=self.runtime.cfg)
-        self.say(f"Correction #{view.id} approved. /retrain to learn it.")
+        view = await admin.review(self.core.store, cid, "approved", LOCAL_USER_ID, text=text, cfg=self.runtime.cfg,
+                                  memory=self.core.memory)
+        self.say(f"Correction #{view.id} approved: "
+                 + ("it answers from now on (/memory lists the facts); /retrain makes it part of the model."
+                    if self.core.memory.on else "/retrain to learn it."))
         if view.warning:
             self.say(f"{view.warning} /reject {view.id} if that was not intended.")
 
@@ -285,10 +295,26 @@ class Terminal:
         view = await admin.reopen(self.core.store, cid)
         self.say(f"Correction #{view.id} is pending again: /approve {view.id} or /reject {view.id}.")
 
+    async def cmd_memory(self, args, rest) -> None:
+        memory = self.core.memory
+        if not memory.on:
+            self.say(admin.memory_line(memory, 0).replace("**", ""))
+            return
+        if rest:
+            facts = await memory.search(TERMINAL_SCOPE, rest, MEMORY_LIST_LIMIT)
+        else:
+            entries = await self.core.store.memory_entries(TERMINAL_SCOPE)
+            facts = [fact_of(e) for e in entries[-MEMORY_LIST_LIMIT:]]
+        self.say(admin.render_facts(facts, author_label))
+
+    async def cmd_retract(self, args, rest) -> None:
+        cid, _ = _id_and_text(args, rest, command="/retract")
+        view = await admin.retract(self.core.store, self.core.memory, cid, LOCAL_USER_ID)
+        self.say(f"Fact #{view.id} retracted: it no longer answers and later retrains leave it out.")
+
     async def cmd_retrain(self, args, rest) -> None:
         # Refusals (nothing new, one already running) come before any "Retraining…".
-        n = await self.runtime.retrainer.check_can_start()
-        self.say(f"Retraining on {n} new approved correction{'s' if n != 1 else ''}… (Ctrl-C cancels)")
+        self.say(f"{await self.runtime.retrainer.announcement()} (Ctrl-C cancels)")
         display = ProgressDisplay(self.out, self.live_progress)
         try:
             result = await self.runtime.retrain("manual", LOCAL_USER_ID, display)

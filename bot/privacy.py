@@ -58,6 +58,9 @@ class ForgetReport:
         if c.get("quotes_erased"):
             text += (f" Your words were also erased where {_plural(c['quotes_erased'], 'conversation', 'conversations')}"
                      " of other people quoted them.")
+        if c.get("memory"):
+            text += (f" {_plural(c['memory'], 'fact', 'facts')} made from your words left the memory"
+                     " and no longer answer.")
         if self.files.records_removed:
             text += f" Removed from {self.files.files_rewritten} training files too."
         return text + (" A model already trained keeps what it learned until the next retrain,"

@@ -50,7 +50,8 @@ class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"  # gate passed, promoted, live
     REJECTED = "rejected"  # the gate said no; the live adapter is unchanged
     FAILED = "failed"  # passed, but could not be promoted or loaded; unchanged
-    CRASHED = "crashed"  # the trainer died or the run was cancelled; unchanged
+    CRASHED = "crashed"  # the trainer died; unchanged
+    CANCELLED = "cancelled"  # someone cancelled it (Ctrl-C, shutdown); unchanged
 
 
 @dataclass
@@ -63,7 +64,8 @@ class RetrainResult:
     seconds: float = 0.0
     n_corrections: int = 0
     stderr_tail: list[str] = field(default_factory=list)
-    not_learned: list[dict] = field(default_factory=list)  # {"id", "question", "correction"}: stay approved
+    # {"id", "question", "correction", "answer"}: the candidate's answer; they stay waiting
+    not_learned: list[dict] = field(default_factory=list)
 
 
 def format_progress(event: dict) -> str:
@@ -106,9 +108,11 @@ def summarize_report(report: dict) -> str:
 
 
 def _not_learned_text(items: list[dict]) -> str:
-    named = "; ".join(f"#{c['id']} ({_preview(c.get('correction'))})" for c in items)
-    return (f" It did not learn correction{'s' if len(items) > 1 else ''} {named}: "
-            f"{'they stay' if len(items) > 1 else 'it stays'} approved for the next retrain.")
+    named = "; ".join(f"#{c['id']} {_preview(c.get('correction'))}, it answered {_preview(c.get('answer'))}"
+                      for c in items)
+    return (f" It did not learn correction{'s' if len(items) > 1 else ''} {named}. "
+            f"{'They stay' if len(items) > 1 else 'It stays'} approved and in the memory (it answers from there); "
+            "/retrain tries again, or /retract a fact that should go.")
 
 
 def _preview(text: Optional[str], limit: int = 60) -> str:
@@ -168,8 +172,17 @@ class Retrainer:
             raise RetrainRefused("No adapter is promoted yet: run `python -m trainer bootstrap` first.")
         new = await self.store.count_untrained_approved()
         if new == 0:
-            raise RetrainRefused("Nothing new to learn: no approved corrections since the last retrain.")
+            raise RetrainRefused("Nothing new to learn: every approved correction is learned by the live "
+                                 "version. Approve a correction first (/corrections).")
         return new
+
+    async def announcement(self) -> str:
+        """What /retrain says it starts on: the corrections to learn, and those learned earlier
+        that ride along so they are kept."""
+        new = await self.check_can_start()
+        replayed = len(await self.store.export_approved_corrections()) - new
+        text = f"Retraining on {new} approved correction{'s' if new != 1 else ''} not learned yet"
+        return text + (f" (and replaying {replayed} learned earlier)…" if replayed > 0 else "…")
 
     async def retrain(self, trigger: str, started_by: Optional[int], progress: Optional[Progress] = None) -> RetrainResult:
         """Export → calibrate → gate → promote → hot-swap. Raises RetrainRefused."""
@@ -193,7 +206,7 @@ class Retrainer:
             result = await self._train_gate_promote(corrections, progress, result)
         except asyncio.CancelledError:
             await self._kill_trainer()
-            result.status, result.message = RunStatus.CRASHED, "The retrain was cancelled; the live adapter is unchanged."
+            result.status, result.message = RunStatus.CANCELLED, "The retrain was cancelled; the live adapter is unchanged."
             raise
         except Exception as exc:  # anything unexpected: report it, keep serving what we had
             log.exception("retrain run %s failed", run_id)
@@ -203,11 +216,11 @@ class Retrainer:
             await self._wake_worker()
             result.seconds = time.monotonic() - started
             await self.store.finish_run(run_id, status=result.status, version=result.version, report=result.report, message=result.message)
-            if result.status in (RunStatus.SUCCEEDED, RunStatus.REJECTED):
-                # Consumed: a rejected run's corrections still ride along in every later
-                # export, but they alone do not trigger another (scheduled) run. A live
-                # version that did not learn a correction leaves it waiting for the next run.
-                unlearned = {c["id"] for c in result.not_learned} if result.status == RunStatus.SUCCEEDED else set()
+            if result.status == RunStatus.SUCCEEDED:
+                # Learned by the live version. What it did not learn, and everything of a run
+                # that did not go live, stays waiting: /retrain may try again at once (the
+                # schedule waits for something new, bot.schedule).
+                unlearned = {c["id"] for c in result.not_learned}
                 await self.store.mark_corrections_trained(run_id, [r["id"] for r in rows if r["id"] not in unlearned])
         return result
 
@@ -229,11 +242,15 @@ class Retrainer:
             return result
         result.report = _load_json(gate.get("report"))
         result.chart = Path(gate.get("chart")) if gate.get("chart") and Path(gate.get("chart")).exists() else None
-        result.not_learned = [{k: c.get(k) for k in ("id", "question", "correction")}
+        result.not_learned = [{k: c.get(k) for k in ("id", "question", "correction", "answer")}
                               for c in gate.get("corrections") or [] if not c.get("learned")]
         if gate.verdict != Verdict.PASSED:
             result.status = RunStatus.REJECTED
-            result.message = f"{result.version} did not pass the gate, so the live adapter stays {previous}."
+            failed = [c.get("name") for c in (result.report or {}).get("checks") or [] if not c.get("passed")]
+            result.message = (f"{result.version} did not pass the gate ({', '.join(failed) or 'see the report'}), "
+                              f"so the live adapter stays {previous}.")
+            if result.not_learned:
+                result.message += _not_learned_text(result.not_learned)
             return result
         promoted = await self._trainer([Command.PROMOTE, result.version], progress)
         if not promoted.ok and promote_went_through(self.registry, result.version):

@@ -141,6 +141,7 @@ class Runtime:
             except RegistryError as exc:
                 raise StartupError(f"the adapter registry is not usable: {exc}") from None
             runtime.core = await Core.create(cfg, worker_port=worker_port, adapters=runtime.worker_adapters)
+            await runtime.core.memory.start()
             runtime.core.live = lambda: runtime.live
             runtime.core.on_adapter_missing = runtime._adapter_missing
             runtime.retrainer = Retrainer(cfg, runtime.core.store, runtime.core.client,
@@ -183,7 +184,7 @@ class Runtime:
 
     async def status(self) -> str:
         return await admin.status_report(self.cfg, self.core.store, self.core.client, self.retrainer, self.live,
-                                         self.registry)
+                                         self.registry, self.core.memory)
 
     async def rollback(self, to: Optional[str] = None) -> str:
         version = await self.retrainer.rollback(to)

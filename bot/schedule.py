@@ -1,5 +1,7 @@
 """The retrain schedule: every `training.schedule_hours`, retrain by itself when
-at least `training.schedule_min_corrections` approved corrections are waiting."""
+at least `training.schedule_min_corrections` approved corrections are waiting that were
+approved since the last run that finished (so a run the gate rejected is not repeated on
+the same corrections every tick; an admin's /retrain may retry it at once)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ SECONDS_PER_HOUR = 3600.0
 
 async def scheduled_retrain_once(retrainer: Retrainer, min_corrections: int) -> Optional[RetrainResult]:
     """One tick: retrain if enough corrections wait; None when it did not run."""
-    waiting = await retrainer.store.count_untrained_approved()
+    last = await retrainer.store.last_run()
+    since = last["started_at"] if last and last["status"] in ("succeeded", "rejected") else None
+    waiting = await retrainer.store.count_untrained_approved(approved_after=since)
     if waiting < max(1, min_corrections) or retrainer.running:
         log.info("schedule: %d approved corrections waiting (need %d); not retraining", waiting, min_corrections)
         return None

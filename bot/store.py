@@ -45,7 +45,10 @@ EXCHANGE_STATUSES = ("complete", "cut_off", "error")
 FLAG_KINDS = ("bad", "good")
 CORRECTION_STATUSES = ("pending", "approved", "rejected")
 RUN_TRIGGERS = ("manual", "schedule")
-RUN_STATUSES = ("running", "succeeded", "failed", "rejected", "crashed")
+RUN_STATUSES = ("running", "succeeded", "failed", "rejected", "crashed", "cancelled")
+# A correction's text is trained on, shown in reviews and quoted in prompts: longer than
+# this is refused when it is made (issue 29: one 108,000-character correction stopped every retrain).
+MAX_CORRECTION_CHARS = 2000
 
 # Each script moves the schema from version i to i+1. Append, never edit.
 MIGRATIONS: list[str] = [
@@ -120,6 +123,41 @@ MIGRATIONS: list[str] = [
     # keeps its row (so their corrections stay on record) but loses the asker's text.
     """
     ALTER TABLE exchanges ADD COLUMN forgotten_at TEXT;
+    """,
+    # v3: the community memory (an approved correction, live at once, one entry per correction,
+    # gone with it), and runs that were cancelled (the table rebuilt for the new CHECK; the
+    # migration runs with foreign keys off, as SQLite's procedure for this requires).
+    """
+    CREATE TABLE memory (
+        correction_id INTEGER PRIMARY KEY REFERENCES corrections(id) ON DELETE CASCADE,
+        scope TEXT NOT NULL,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        suggested_by INTEGER,
+        approved_by INTEGER,
+        created_at TEXT NOT NULL,
+        embedding_model TEXT NOT NULL,
+        embedding BLOB NOT NULL
+    );
+    CREATE INDEX memory_scope ON memory(scope);
+    CREATE TABLE training_runs_v3 (
+        id INTEGER PRIMARY KEY,
+        trigger TEXT NOT NULL CHECK (trigger IN ('manual', 'schedule')),
+        started_by INTEGER,
+        status TEXT NOT NULL
+            CHECK (status IN ('running', 'succeeded', 'failed', 'rejected', 'crashed', 'cancelled')),
+        version TEXT,
+        parent_version TEXT,
+        report TEXT,
+        message TEXT,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        n_corrections INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO training_runs_v3 SELECT id, trigger, started_by, status, version, parent_version, report,
+        message, started_at, finished_at, n_corrections FROM training_runs;
+    DROP TABLE training_runs;
+    ALTER TABLE training_runs_v3 RENAME TO training_runs;
     """,
 ]
 
@@ -200,6 +238,8 @@ class Store:
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        # Bumped by every write that may change the memory table: readers keep a cache per value.
+        self.memory_generation = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -244,20 +284,33 @@ class Store:
                 f"the store at {self.path} has schema version {version}, newer than this "
                 f"loopcord knows ({len(MIGRATIONS)}); upgrade loopcord or use another store.path"
             )
-        for target in range(version + 1, len(MIGRATIONS) + 1):
-            statements = _split_statements(MIGRATIONS[target - 1])
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in statements:
-                    await self._db.execute(statement)
-                await self._db.execute(f"PRAGMA user_version = {target}")
-                await self._db.execute("COMMIT")
-            except BaseException as exc:
-                await self._rollback()
-                if _is_full(exc):
-                    raise self._full_error() from None
-                raise
-            log.info("store %s migrated to schema version %d", self.path, target)
+        # Foreign keys off while tables are rebuilt (SQLite's documented procedure: dropping a
+        # parent table would otherwise act on its children), checked before each commit.
+        await self._db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for target in range(version + 1, len(MIGRATIONS) + 1):
+                await self._migrate_to(target)
+        finally:
+            await self._db.execute("PRAGMA foreign_keys = ON")
+
+    async def _migrate_to(self, target: int) -> None:
+        statements = _split_statements(MIGRATIONS[target - 1])
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                await self._db.execute(statement)
+            async with self._db.execute("PRAGMA foreign_key_check") as cur:
+                if await cur.fetchone() is not None:
+                    raise StoreError(f"the store at {self.path}: migration to version {target} "
+                                     "would break a foreign key; nothing was changed")
+            await self._db.execute(f"PRAGMA user_version = {target}")
+            await self._db.execute("COMMIT")
+        except BaseException as exc:
+            await self._rollback()
+            if _is_full(exc):
+                raise self._full_error() from None
+            raise
+        log.info("store %s migrated to schema version %d", self.path, target)
 
     # -------------------------------------------------------------- plumbing
 
@@ -471,7 +524,9 @@ class Store:
         only_from: Optional[Sequence[str]] = None,
     ) -> bool:
         """Review a correction (optionally editing its text). False if it does not exist, or
-        (with `only_from`) if its status is no longer one of those: a concurrent review won."""
+        (with `only_from`) if its status is no longer one of those: a concurrent review won.
+        Its memory entry goes in the same transaction when it leaves "approved" or its text
+        changes (bot.memory adds the entry for what is approved now)."""
         if status not in CORRECTION_STATUSES:
             raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
         reviewed_at = now_iso() if status != "pending" else None
@@ -483,8 +538,19 @@ class Store:
             args.append(text)
         args.append(correction_id)
         args.extend(only_from or ())
-        (cur,) = await self._write([(sql, args)])
-        return cur.rowcount > 0
+
+        async def body(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(sql, args)
+            if cur.rowcount == 0:
+                return False
+            if status != "approved" or text is not None:
+                await db.execute("DELETE FROM memory WHERE correction_id = ?", (correction_id,))
+            return True
+
+        try:
+            return await self._transact(body)
+        finally:
+            self.memory_generation += 1
 
     async def list_corrections(
         self, status: Optional[str] = None, limit: int = 20, offset: int = 0
@@ -502,10 +568,13 @@ class Store:
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
 
-    async def count_untrained_approved(self) -> int:
+    async def count_untrained_approved(self, approved_after: Optional[str] = None) -> int:
+        """Approved corrections no promoted run has learned yet (with `approved_after`, an ISO
+        time: only those approved since then)."""
+        since, args = ("", ()) if approved_after is None else (" AND c.reviewed_at > ?", (approved_after,))
         row = await self._fetchone(
             "SELECT COUNT(*) FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"
-            " WHERE c.status = 'approved' AND c.trained_run_id IS NULL AND e.forgotten_at IS NULL"
+            " WHERE c.status = 'approved' AND c.trained_run_id IS NULL AND e.forgotten_at IS NULL" + since, args
         )
         return row[0]
 
@@ -542,6 +611,43 @@ class Store:
             [("UPDATE corrections SET trained_run_id = ? WHERE id = ?", (run_id, cid))
              for cid in correction_ids]
         )
+
+    # ---------------------------------------------------------------- memory
+
+    async def memory_entries(self, scope: Optional[str] = None) -> list[dict]:
+        """Memory entries (all, or one scope's), oldest first, embeddings included."""
+        where, args = ("", ()) if scope is None else (" WHERE scope = ?", (scope,))
+        rows = await self._fetchall("SELECT * FROM memory" + where + " ORDER BY correction_id", args)
+        return [dict(r) for r in rows]
+
+    async def corrections_missing_memory(self, embedding_model: str) -> list[dict]:
+        """Approved corrections (question not forgotten) with no memory entry from this model."""
+        rows = await self._fetchall(
+            _CORRECTION_SELECT + " LEFT JOIN memory m ON m.correction_id = c.id"
+            " WHERE c.status = 'approved' AND e.forgotten_at IS NULL"
+            " AND (m.correction_id IS NULL OR m.embedding_model != ?) ORDER BY c.id", (embedding_model,))
+        return [_correction_row(r) for r in rows]
+
+    async def put_memory(self, correction_id: int, text: str, row: "MemoryRow") -> bool:
+        """Make correction `correction_id` a memory entry, only if it is still approved with
+        this `text` (a review that happened while its embedding was computed wins)."""
+        async def body(db: aiosqlite.Connection) -> bool:
+            async with db.execute("SELECT reviewer_id FROM corrections WHERE id = ? AND status = 'approved'"
+                                  " AND text = ?", (correction_id, text)) as cur:
+                found = await cur.fetchone()
+            if found is None:
+                return False
+            await _put_memory(db, correction_id, row, found[0])
+            return True
+
+        try:
+            return await self._transact(body)
+        finally:
+            self.memory_generation += 1
+
+    async def count_memory(self, scope: Optional[str] = None) -> int:
+        where, args = ("", ()) if scope is None else (" WHERE scope = ?", (scope,))
+        return (await self._fetchone("SELECT COUNT(*) FROM memory" + where, args))[0]
 
     # --------------------------------------------------------- training runs
 
@@ -631,6 +737,9 @@ class Store:
                 asked = [_question(json.loads(r[0])) for r in await cur.fetchall()]
             erasure = Erasure(frozenset(scrub), frozenset(q for q in asked if q.strip()))
             counts = {}
+            marks = ",".join("?" * len(scrub))
+            cur = await db.execute(f"DELETE FROM memory WHERE correction_id IN ({marks})", scrub)
+            counts["memory"] = cur.rowcount
             cur = await db.execute("DELETE FROM flags WHERE user_id = ?", (user_id,))
             counts["flags"] = cur.rowcount
             cur = await db.execute("DELETE FROM corrections WHERE user_id = ?", (user_id,))
@@ -663,6 +772,7 @@ class Store:
                         await db.execute("UPDATE exchanges SET prompt_messages = ? WHERE id = ?",
                                          (json.dumps(cleaned, ensure_ascii=False), eid))
             await db.execute("UPDATE corrections SET reviewer_id = NULL WHERE reviewer_id = ?", (user_id,))
+            await db.execute("UPDATE memory SET approved_by = NULL WHERE approved_by = ?", (user_id,))
             await db.execute("UPDATE training_runs SET started_by = NULL WHERE started_by = ?", (user_id,))
             async with db.execute("SELECT id, report FROM training_runs WHERE report IS NOT NULL") as cur:
                 reports = list(await cur.fetchall())
@@ -673,7 +783,10 @@ class Store:
                                      (json.dumps(cleaned), run_id))
             return Forgotten(counts=counts, erasure=erasure)
 
-        forgotten = await self._transact(body)
+        try:
+            forgotten = await self._transact(body)
+        finally:
+            self.memory_generation += 1
         await self.compact()
         return forgotten
 
@@ -763,3 +876,25 @@ def _run_row(row: aiosqlite.Row) -> dict:
     out = dict(row)
     out["report"] = json.loads(out["report"]) if out["report"] else None
     return out
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """What a memory entry holds besides its correction: where it answers, what it answers,
+    and the question's embedding (bot.memory computes it before the transaction)."""
+
+    scope: str
+    question: str
+    answer: str
+    suggested_by: Optional[int]
+    embedding_model: str
+    embedding: bytes
+
+
+async def _put_memory(db: aiosqlite.Connection, correction_id: int, row: MemoryRow,
+                      approved_by: Optional[int]) -> None:
+    await db.execute(
+        "INSERT OR REPLACE INTO memory (correction_id, scope, question, answer, suggested_by, approved_by,"
+        " created_at, embedding_model, embedding) VALUES (?,?,?,?,?,?,?,?,?)",
+        (correction_id, row.scope, row.question, row.answer, row.suggested_by, approved_by, now_iso(),
+         row.embedding_model, row.embedding))

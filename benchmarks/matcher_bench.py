@@ -1,0 +1,75 @@
+"""The gate's matcher against people's judgement: does an answer state a correction's fact?
+
+benchmarks/data/matcher_labels.jsonl holds (question, correction, answer, right) rows written
+by hand: answers in other words, verbose and short ones, other formats (18:00 for 6 pm), and
+near misses (another day, channel or name), partial answers, denials, hedges, real answers of
+the base model. Rows of the `dev` split were used to shape the matcher; the `test` split's
+figures are the ones to quote. Reported: false accepts (a wrong answer counted as learned)
+and false rejects (a right answer counted as not learned), for the matcher the gate uses
+(key content plus the embedding model's similarity) and for the token-F1 matcher it replaced.
+
+    python benchmarks/matcher_bench.py            # writes RESULTS.md
+    python benchmarks/matcher_bench.py --split dev --no-write --show
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.config import load_config  # noqa: E402
+from model.embedding import Embedder  # noqa: E402
+from trainer.matching import answer_matches, states_fact  # noqa: E402
+
+from benchmarks.results import write_section  # noqa: E402
+
+LABELS = ROOT / "benchmarks" / "data" / "matcher_labels.jsonl"
+
+
+def rates(rows: list[dict], verdicts: list[bool]) -> dict:
+    wrong = [v for r, v in zip(rows, verdicts) if not r["right"]]
+    right = [v for r, v in zip(rows, verdicts) if r["right"]]
+    return {"false_accepts": sum(wrong) / len(wrong), "false_rejects": sum(not v for v in right) / len(right),
+            "n_wrong": len(wrong), "n_right": len(right)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--split", choices=("dev", "test"), default="test")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--show", action="store_true", help="print the rows the matcher gets wrong")
+    args = p.parse_args()
+    rows = [json.loads(line) for line in LABELS.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["split"] == args.split]
+    cfg = load_config(ROOT / "config.yaml")
+    embedder = Embedder.load(cfg.memory.embedding_model, cfg.path(cfg.memory.cache_dir))
+    answers = embedder.encode([r["answer"] for r in rows])
+    facts = embedder.encode([r["correction"] for r in rows])
+    sims = (answers * facts).sum(-1).tolist()
+    ours = [states_fact(r["answer"], r["correction"], r["question"], s) for r, s in zip(rows, sims)]
+    keys_only = [states_fact(r["answer"], r["correction"], r["question"]) for r in rows]
+    before = [answer_matches(r["answer"], r["correction"], question=r["question"]) for r in rows]
+    results = {"gate matcher (key content + embedding similarity)": rates(rows, ours),
+               "key content alone (the bot's 📌 footer)": rates(rows, keys_only),
+               "token-F1 matcher it replaced": rates(rows, before)}
+    if args.show:
+        for r, v, s in zip(rows, ours, sims):
+            if v != r["right"]:
+                print(f"{'FA' if v else 'FR'} sim={s:.2f} | {r['correction']} | {r['answer']} | {r['why']}")
+    lines = [f"{len(rows)} labelled answers ({args.split} split of benchmarks/data/matcher_labels.jsonl); "
+             "`python benchmarks/matcher_bench.py`", "",
+             "| matcher | false accepts | false rejects |", "|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['false_accepts']:.1%} of {r['n_wrong']} | {r['false_rejects']:.1%} of {r['n_right']} |")
+    print("\n".join(lines))
+    if not args.no_write and args.split == "test":
+        write_section("matcher_bench", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
