@@ -4,14 +4,20 @@ As a newcomer would: each fact's question is asked in a fresh conversation in on
 the answer is corrected (the correction as a member types it) and an admin approves it. Then,
 each in a fresh conversation: the question as asked and its unseen rewordings (written before
 any tuning, benchmarks/data/facts_test.jsonl; tune on facts_dev.jsonl only). An answer is right
-when it contains every key of the fact (the data file's `key`, case-insensitive: independent of
-the gate's matcher). Retention and identity: every held-out general and identity question is
+when it contains every key of the fact (the data file's `key`; case, spacing, thousands
+separators and number words up to twenty aside: independent of the gate's matcher). Retention and identity: every held-out general and identity question is
 asked with the memory on; a question the memory adds nothing to gets byte-for-byte the prompt
 it had without one (so the same greedy answer), and each one it does add facts to is answered
 both ways and compared. Also: retrieval time per question, and a search over 10,000 entries.
 
     python benchmarks/memory_bench.py                     # the test set, writes RESULTS.md
     python benchmarks/memory_bench.py --facts dev --no-write --min-similarity 0.55
+    python benchmarks/memory_bench.py --retrain 3      # teach 3, /retrain, then memory on and off
+
+With --retrain N only the first N facts are taught, then one /retrain (calibrate, gate,
+hot-swap) runs as an admin's would; each question is then asked with the memory on and with
+it off (the LoRA alone), and the gate's own figures (identity, retention against the parent,
+corrections learned as a fresh question) are reported beside the wall time.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -45,9 +52,21 @@ CONCURRENT = 8
 _ids = itertools.count(10**12)
 
 
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven "
+                                             "twelve thirteen fourteen fifteen sixteen seventeen eighteen "
+                                             "nineteen twenty".split())}
+
+
+def _plain(text: str) -> str:
+    """Case, spacing, thousands separators and number words up to twenty do not matter."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.casefold())
+    text = re.sub(r"\b(" + "|".join(_NUMBERS) + r")\b", lambda m: _NUMBERS[m.group(1)], text)
+    return " ".join(text.split())
+
+
 def has_keys(answer: str, keys: list[str]) -> bool:
-    folded = " ".join(answer.casefold().split())
-    return all(" ".join(k.casefold().split()) in folded for k in keys)
+    plain = _plain(answer)
+    return all(re.search(r"(?<!\w)" + re.escape(_plain(k)) + r"(?!\w)", plain) for k in keys)
 
 
 async def ask(core, question: str, user: int = 7, guild: int = GUILD) -> tuple[str, object]:
@@ -73,6 +92,8 @@ async def ask_without_memory(core, question: str) -> str:
 
 async def run(args) -> dict:
     facts = [json.loads(line) for line in FACTS[args.facts].read_text().splitlines() if line.strip()]
+    if args.retrain:
+        facts = facts[:args.retrain]
     cfg = load_config(ROOT / "config.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="memory-bench-"))
     cfg.store.path = str(tmp / "loopcord.db")
@@ -90,14 +111,27 @@ async def run(args) -> dict:
             message_id, _ = await ask(core, f["question"], user=100 + i)
             row = await core.suggest_correction(message_id, 100 + i, f["correction"])
             await admin.review(core.store, row["id"], "approved", ADMIN, cfg=cfg, memory=core.memory)
+        retrain = None
+        if args.retrain:
+            started = time.perf_counter()
+            result = await runtime.retrain("manual", ADMIN)
+            report = result.report or {}
+            retrain = {"status": str(result.status), "seconds": round(time.perf_counter() - started, 1),
+                       "message": result.message, "metrics": (runtime.registry.get(result.version).get("metrics")
+                                                              if result.version else None),
+                       "checks": report.get("checks")}
         rows, recall_ms = [], []
         gate = asyncio.Semaphore(CONCURRENT)  # the worker batches concurrent requests
 
         async def reask(f: dict, how: str, q: str) -> None:
             async with gate:
                 _, result = await ask(core, q)
+            shown = result.text + "".join(f" {x.answer}" for x in result.quoted)  # what a member reads
+            lora_alone = await ask_without_memory(core, q) if args.retrain else ""
             rows.append({"kind": f["kind"], "how": how, "question": q, "answer": result.text,
-                         "right": has_keys(result.text, f["key"]), "footer": bool(result.sources),
+                         "right": has_keys(shown, f["key"]), "model_right": has_keys(result.text, f["key"]),
+                         "lora_right": has_keys(lora_alone, f["key"]), "lora_answer": lora_alone,
+                         "footer": bool(result.sources or result.quoted),
                          "facts": [x.correction_id for x in result.facts]})
 
         for f in facts:  # retrieval alone, one question at a time (what one answer waits for)
@@ -131,7 +165,12 @@ async def run(args) -> dict:
         search_10k_ms = await search_10k(core)
     finally:
         await runtime.close()
-    return summarize(rows, unrelated, recall_ms, search_10k_ms, cfg, args)
+    res = summarize(rows, unrelated, recall_ms, search_10k_ms, cfg, args)
+    res["retrain"] = retrain
+    if retrain:
+        for how in ("asked", "reworded"):
+            res[f"{how}_lora_alone"] = round(share([r for r in rows if r["how"] == how], lambda r: r["lora_right"]), 3)
+    return res
 
 
 def eval_questions(cfg):
@@ -174,10 +213,12 @@ def p95(xs: list[float]) -> float:
 
 
 def summarize(rows, unrelated, recall_ms, search_10k_ms, cfg, args) -> dict:
-    out = {"facts": args.facts, "min_similarity": cfg.memory.min_similarity, "max_facts": cfg.memory.max_facts}
+    out = {"facts": args.facts, "min_similarity": cfg.memory.min_similarity, "max_facts": cfg.memory.max_facts,
+           "quote_similarity": cfg.memory.quote_similarity}
     for how in ("asked", "reworded"):
         sel = [r for r in rows if r["how"] == how]
         out[how] = round(share(sel), 3)
+        out[f"{how}_model_words"] = round(share(sel, lambda r: r["model_right"]), 3)
         for kind in ("community", "common"):
             out[f"{how}_{kind}"] = round(share([r for r in sel if r["kind"] == kind]), 3)
     out["n_facts"] = sum(1 for r in rows if r["how"] == "asked")
@@ -208,7 +249,8 @@ def markdown(res: dict) -> str:
         f"Right after `/approve`, no retrain: {res['n_facts']} held-out facts taught in one server "
         f"({res['facts']} set), each asked again in a fresh conversation. SmolLM2-135M-Instruct with its "
         f"identity adapter, greedy, the embedded worker; memory.min_similarity {res['min_similarity']}, "
-        f"max_facts {res['max_facts']}. `python benchmarks/memory_bench.py`",
+        f"max_facts {res['max_facts']}, quote_similarity {res['quote_similarity']}. "
+        "`python benchmarks/memory_bench.py`",
         "",
         "| | all | community facts | common facts |",
         "|---|---|---|---|",
@@ -216,15 +258,35 @@ def markdown(res: dict) -> str:
         f"| unseen rewordings ({res['n_reworded']}) | {res['reworded']:.1%} | {res['reworded_community']:.1%} "
         f"| {res['reworded_common']:.1%} |",
         "",
+        "Right means the answer a member reads contains every key of the fact: the model's words, or the "
+        "fact quoted under them (📌) when the model did not state a close one. In the model's own words "
+        f"alone: {res['asked_model_words']:.1%} as asked, {res['reworded_model_words']:.1%} of the rewordings.",
+        "",
         "| held-out check, memory on | result |",
         "|---|---|",
         f"| general questions answered right before, still right | {res['general_kept']:.1%} "
         f"({res['general_prompts_changed']} of {res['general_questions']} prompts got a fact) |",
         f"| identity questions answered as Loopcord | {res['identity_with_memory']:.1%} "
         f"({res['identity_prompts_changed']} of {res['identity_questions']} prompts got a fact) |",
-        f"| right answers showing the 📌 source | {res['footer_when_right']:.1%} |",
+        f"| right answers with a 📌 line (source or quote) | {res['footer_when_right']:.1%} |",
         f"| retrieval per question, p50 / p95 | {res['recall_ms_p50']} / {res['recall_ms_p95']} ms |",
         f"| one search over 10,000 entries (p50, embedding included) | {res['search_10k_ms_p50']} ms |",
+    ])
+
+
+def retrain_markdown(res: dict) -> str:
+    r, m = res["retrain"], res["retrain"]["metrics"] or {}
+    return "\n".join([
+        f"{res['n_facts']} held-out facts ({res['facts']} set) taught in one server, then one `/retrain` "
+        "(SmolLM2, cpu-small profile, 2 cores). `python benchmarks/memory_bench.py --retrain N`", "",
+        f"Run: **{r['status']}** in {r['seconds']:.0f} s. {r['message']}", "",
+        "| after the retrain | as asked | unseen rewordings |", "|---|---|---|",
+        f"| memory on (what members read) | {res['asked']:.1%} | {res['reworded']:.1%} |",
+        f"| memory off: the LoRA alone | {res['asked_lora_alone']:.1%} | {res['reworded_lora_alone']:.1%} |", "",
+        "Gate (memory off): identity {0}, general retention vs the parent {1}, corrections learned as a fresh "
+        "question {2}, in their conversation {3}, with the memory {4}.".format(
+            *(m.get(k) for k in ("identity_accuracy", "general_retention", "corrections_learned",
+                                 "corrections_in_context", "corrections_with_memory"))),
     ])
 
 
@@ -236,13 +298,19 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--no-write", action="store_true", help="print only (for tuning on the dev set)")
     p.add_argument("--json", type=Path, help="also write the full result here")
+    p.add_argument("--retrain", type=int, default=0, help="teach this many facts, then /retrain")
     args = p.parse_args()
     res = asyncio.run(run(args))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, ensure_ascii=False))
     print(markdown(res))
     print(json.dumps({k: v for k, v in res.items() if k not in ("misses", "changed")}))
-    if not args.no_write and args.facts == "test":
+    if args.retrain:
+        text = retrain_markdown(res)
+        print(text)
+        if not args.no_write and args.facts == "test":
+            write_section(f"memory_bench_retrain_{args.retrain}", text)
+    elif not args.no_write and args.facts == "test":
         write_section("memory_bench", markdown(res))
 
 

@@ -186,19 +186,25 @@ def render_facts(facts, name_of) -> str:
     for f in facts:
         score = f" (match {f.score:.2f})" if f.score else ""
         lines.append(f"#{f.correction_id}{score} Q: {preview(f.question, 120)} → {preview(f.answer, 200)}"
-                     f" — {source_line([f], name_of)[2:]}")
+                     f" — {_taught_by(f, name_of)}")
     return "\n".join(lines)
 
 
-def source_line(facts, name_of) -> str:
-    """The footer of an answer that used the memory: who taught it, who approved it."""
-    parts = []
-    for f in facts:
-        who = name_of(f.suggested_by) if f.suggested_by is not None else "a member"
-        by = name_of(f.approved_by) if f.approved_by is not None else "an admin"
-        parts.append(f"from a correction by {who}, approved by {by}" if f.approved_by != f.suggested_by
-                     else f"from a correction by {who}")
-    return "📌 " + "; ".join(dict.fromkeys(parts))
+def _taught_by(f, name_of) -> str:
+    who = name_of(f.suggested_by) if f.suggested_by is not None else "a member"
+    if f.approved_by == f.suggested_by:
+        return f"from a correction by {who}"
+    return f"from a correction by {who}, approved by {name_of(f.approved_by) if f.approved_by is not None else 'an admin'}"
+
+
+def memory_footer(sources, quoted, name_of) -> Optional[str]:
+    """The line under an answer that used the memory: who taught what it states (`sources`),
+    or, when the model did not state a close fact, that fact quoted with its source (`quoted`)."""
+    if sources:
+        return "📌 " + "; ".join(dict.fromkeys(_taught_by(f, name_of) for f in sources))
+    if quoted:
+        return "📌 " + " ".join(f"Confirmed here: “{preview(f.answer, 400)}” ({_taught_by(f, name_of)})" for f in quoted)
+    return None
 
 
 async def status_report(cfg: Config, store, client, retrainer, live, registry=None, memory=None) -> str:

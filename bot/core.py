@@ -108,6 +108,7 @@ class AnswerResult:
     total_ms: Optional[float] = None
     facts: list[Fact] = field(default_factory=list)  # memory entries put into the prompt
     sources: list[Fact] = field(default_factory=list)  # ... of those, the ones the answer states
+    quoted: list[Fact] = field(default_factory=list)  # a close fact the answer did not state: shown
 
     @property
     def display(self) -> str:
@@ -288,6 +289,9 @@ class Core:
         finally:
             result.total_ms = (time.perf_counter() - start) * 1000
         result.sources = [f for f in result.facts if states_fact(result.text, f.answer, f.question)]
+        close = [f for f in result.facts[:1] if f.score >= self.cfg.memory.quote_similarity]
+        if result.status == AnswerStatus.COMPLETE and not result.sources:
+            result.quoted = close  # a small model may not use what it was given: show it, with its source
 
     def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)

@@ -20,7 +20,7 @@ import discord.http
 import yarl
 from discord import app_commands
 
-from bot.admin import source_line
+from bot.admin import memory_footer
 from bot.context import Turn, fit_question, strip_mention
 from bot.core import MSG_QUEUED, Core, FeedbackError, Request
 from bot.discord_admin import mention
@@ -412,8 +412,8 @@ class LoopcordBot(discord.Client):
                 raise task.exception()  # an edit failed: Discord shows less than the answer
         if posted is not None:
             await posted
-        footer = f"\n-# {source_line(result.sources, mention)}" if result.sources else ""
-        await reply.show(split_message(result.display + footer))
+        footer = memory_footer(result.sources, result.quoted, mention)
+        await reply.show(split_message(result.display + (f"\n-# {footer}" if footer else "")))
 
     # ------------------------------------------------------------ slash commands
 

@@ -220,8 +220,9 @@ class Terminal:
         if result.status != "complete":
             self.say(result.display[len(result.text):], end="")
         self.say()
-        if result.sources:
-            self.say(admin.source_line(result.sources, author_label))
+        footer = admin.memory_footer(result.sources, result.quoted, author_label)
+        if footer:
+            self.say(footer)
         answer_id = local_message_id()
         await self.core.record(request, result, [answer_id])
         if result.status != "error":

@@ -36,6 +36,9 @@ from trainer.registry import Registry, RegistryError
 log = logging.getLogger(__name__)
 
 TRAINER_TAIL_LINES = 20  # stderr lines kept for the report when the trainer fails
+# The longest line read from the trainer's pipes: its final event lists every correction with the
+# candidate's answers (asyncio's default, 64 KiB, stopped every retrain once corrections were long).
+TRAINER_LINE_LIMIT = 32 * 1024 * 1024
 
 Progress = Callable[[dict], Awaitable[None]]
 MSG_INTERRUPTED = ("The bot stopped while this retrain was running; its corrections stay approved "
@@ -358,7 +361,7 @@ async def run_trainer(
         cmd += ["--config", str(cfg.source)]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(),
+        stdin=asyncio.subprocess.DEVNULL, cwd=str(cfg.root), env=child_env(), limit=TRAINER_LINE_LIMIT,
         # A bot killed mid-retrain takes its trainer with it (else it trains on for nobody).
         preexec_fn=CHILD_PREEXEC,
     )

@@ -293,6 +293,9 @@ class MemoryConfig:
     # (chosen on the development facts: benchmarks/memory_bench.py).
     min_similarity: float = 0.45
     max_facts: int = 2  # facts put into one prompt, the closest first
+    # An answer that does not state the closest fact gets it quoted under it, with its source,
+    # when the fact is at least this close (chosen on the development facts).
+    quote_similarity: float = 0.5
 
 
 @dataclass
@@ -483,6 +486,7 @@ def _validate_ranges(cfg: Config) -> None:
         ("training.lora.alpha", cfg.training.lora.alpha, lambda v: v > 0, "greater than 0"),
         ("memory.min_similarity", cfg.memory.min_similarity, lambda v: -1 <= v <= 1, "between -1 and 1"),
         ("memory.max_facts", cfg.memory.max_facts, lambda v: v >= 1, "at least 1"),
+        ("memory.quote_similarity", cfg.memory.quote_similarity, lambda v: -1 <= v <= 1, "between -1 and 1"),
     ]
     for stage in ("anchor", "generalize", "calibrate"):
         checks.append((f"training.{stage}.learning_rate", getattr(cfg.training, stage).learning_rate,

@@ -491,6 +491,11 @@ class Engine:
             self._active = None
             self.model.delete_adapter(internal)
             log.info("deleted adapter version %s", internal)
+            if not self.model.peft_config:
+                # peft keeps looking up the deleted (last) adapter's config on every forward:
+                # with none left, serve the plain base model again (its layers as they were).
+                self.model = self.model.unload()
+                self.peft = False
 
     def offload(self) -> None:
         """Sleep: free accelerator memory held by weights and cache (run when idle)."""

@@ -124,8 +124,8 @@ async def test_a_bot_killed_mid_retrain_takes_its_children_and_retrains_after_a_
         bot = await lab.start_bot(tally)  # same data dir: the lock, the store and the registry as left
         assert bot is not None, tally
         at = await bot.send("/retrain")
-        i, _ = await bot.expect(r"^Retraining on 1 new|already running", at, 60)
-        assert bot.lines[i].startswith("Retraining on 1 new"), bot.lines[i]
+        i, _ = await bot.expect(r"^Retraining on 1 approved correction not learned yet|already running", at, 60)
+        assert bot.lines[i].startswith("Retraining on 1 approved correction not learned yet"), bot.lines[i]
         # (the gate's own line, "Gate for v0002 vs v0001: failed", comes before the verdict)
         i, _ = await bot.expect(r"is now live|did not pass the gate|stopped|^(?!Gate for ).*failed", at, 300)
         # The re-run goes through to the gate's verdict. Whether the tiny base learns "Paris." in 100 steps
@@ -135,8 +135,9 @@ async def test_a_bot_killed_mid_retrain_takes_its_children_and_retrains_after_a_
         verdict = "succeeded" if "is now live" in bot.lines[i] else "rejected"
         assert [r[1] for r in runs(lab.db)] == ["crashed", verdict]
         con = sqlite3.connect(str(lab.db))
-        try:  # consumed by the run that finished, not by the one that was killed
-            assert con.execute("SELECT status, trained_run_id FROM corrections").fetchall() == [("approved", 2)]
+        try:  # learned by the run that went live, not by the one that was killed (a rejected run leaves it waiting)
+            learned_by = 2 if verdict == "succeeded" else None
+            assert con.execute("SELECT status, trained_run_id FROM corrections").fetchall() == [("approved", learned_by)]
         finally:
             con.close()
     finally:

@@ -426,3 +426,33 @@ def test_requests_announced_together_start_together(tokenizer, monkeypatch):
     assert [s.generated for s in burst] == expected
     assert len({s.first_token_at for s in burst}) == 1  # one prefill batch gave all three their first token
     assert alone.emit.outcome == "done"
+
+
+def test_unloading_the_last_adapter_leaves_the_base_answering_as_before(tokenizer, tmp_path):
+    """Issue 29: unloading the only adapter made every later request fail (peft looked up the
+    deleted adapter's config), the base's included, and loading it again did not help."""
+    from benchmarks.serve_bench import make_adapter
+
+    base = _sharpen(_qwen2(tokenizer))
+    path = make_adapter(None, tmp_path / "a", 1, model=base)
+    p = prompts(tokenizer)[1]
+    expected = reference(base, p, 10)
+    adapters = AdapterTable()
+    engine = make_engine(base, tokenizer, adapters)
+    try:
+        internal = adapters.new_internal_name()
+        engine.call(lambda: engine.load_adapter(internal, path)).result()
+        adapters.publish("a", internal, path)
+        on_a = run(engine, [seq(p, 10, adapter=adapters.acquire("a"))])[0].generated
+        assert on_a != expected
+        settled(engine)
+        engine.call(lambda: engine.delete_adapter(adapters.unload("a"))).result()
+        (after,) = run(engine, [seq(p, 10)])
+        assert after.emit.outcome == "done" and after.generated == expected
+        internal = adapters.new_internal_name()  # and it can be loaded again
+        engine.call(lambda: engine.load_adapter(internal, path)).result()
+        adapters.publish("a", internal, path)
+        again = run(engine, [seq(p, 10, adapter=adapters.acquire("a")), seq(p, 10)])
+        assert [s.generated for s in again] == [on_a, expected]
+    finally:
+        engine.stop()

@@ -305,7 +305,15 @@ async def test_scheduled_run_rejected_by_the_gate_keeps_the_old_adapter_live(str
     assert await live_adapter_path(runtime) == live_path
     _, again = await h.ask(h.user("carol"), QUESTION)
     assert again["answer"] == before["answer"] and again["adapter_version"] == live
-    assert await runtime.core.store.count_untrained_approved() == 0  # consumed: no re-run every tick
+    # No dead end: the run names what it did not learn, and its corrections stay waiting, so an
+    # admin may retry at once; the schedule waits for a newly approved one instead of re-running.
+    assert await runtime.core.store.count_untrained_approved() == waiting
+    missed = [i for i in run["report"]["candidate"]["corrections"]["items"] if not i["learned"]]
+    status = await runtime.status()
+    for item in missed:
+        assert f"#{item['id']} " in run["message"] and f"**Not learned in run #{run['id']}:** #{item['id']}" in status
+    assert await runtime.retrainer.check_can_start() == waiting
+    assert await scheduled_retrain_once(runtime.retrainer, min_corrections=1) is None
 
 
 # ------------------------------------------------------------------ the terminal

@@ -112,6 +112,22 @@ async def test_an_approved_correction_answers_a_reworded_question_in_a_new_conve
     assert f"#{cid}" in it.original["content"] and "6 pm UTC" in it.original["content"], listing
 
 
+async def test_when_the_model_ignores_a_close_fact_the_answer_quotes_it_with_its_source(env):
+    h = env
+    pia = h.user("pia")
+    await teach(h, pia, "What is the wifi password at meetups?", "The meetup wifi password is tinkerden42.")
+    saved, h.server.script = h.server.script, Script(text="Passwords are secret.")  # a model that ignores it
+    try:
+        _, exchange = await h.ask(h.user("quinn"), "Which password do I use for the meetup wifi?",
+                                  channel=h.new_channel())
+    finally:
+        h.server.script = saved
+    (content,) = h.final_contents(exchange)
+    assert content.startswith("Passwords are secret.")
+    assert f"📌 Confirmed here: “The meetup wifi password is tinkerden42.” (from a correction by <@{pia}>, " \
+           f"approved by <@{h.admin}>)" in content
+
+
 async def test_an_unrelated_question_gets_exactly_the_prompt_it_had_without_a_memory(env):
     h = env
     await teach(h, h.user("cora"), "Who maintains the wiki?", "Priya maintains the wiki.")

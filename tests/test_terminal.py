@@ -370,7 +370,7 @@ async def test_real_worker_and_trainer_logs_stay_out_of_the_chat_and_ctrl_c_canc
         at = await bot.expect(r"Loopcord> [^\n]*\n", timeout=120)
         for line in ("/flag", "/correct Hello! I am Loopcord.", "/approve 1", "/retrain"):
             bot.send(line + "\r")
-        at = await bot.expect(r"Retraining on 1 new approved correction… \(Ctrl-C cancels\)", after=at, timeout=60)
+        at = await bot.expect(r"Retraining on 1 approved correction not learned yet… \(Ctrl-C cancels\)", after=at, timeout=60)
         await bot.expect(r"🛠️ calibrate: loading", after=at, timeout=240)  # the trainer child is at work
         log_file = tmp_path / "data" / "bot.log"
         for _ in range(600):  # its stderr reaches the log file, not the chat
