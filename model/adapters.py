@@ -157,6 +157,11 @@ def _parse_weights(weights: Path, data: bytes) -> dict:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+# adapter_config.json keys that replace whole modules (lm_head, embeddings) rather than add LoRA
+# updates: peft serves them only by swapping the module for every row, which breaks mixed batches.
+UNSUPPORTED_CONFIG = ("modules_to_save", "trainable_token_indices")
+
+
 def read_adapter(path: str, shapes: Optional[dict[str, tuple[int, int]]]) -> AdapterFiles:
     """Read and validate a PEFT LoRA adapter dir against the base; 400 naming the problem otherwise."""
     import torch
@@ -172,9 +177,15 @@ def read_adapter(path: str, shapes: Optional[dict[str, tuple[int, int]]]) -> Ada
         config = json.loads(config_bytes.decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise _bad(f"{cfg_file}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _bad(f"{cfg_file}: JSON nested too deep to be an adapter config") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise _bad(f"{path!r} is not a LoRA adapter (peft_type={kind!r})")
+    unsupported = [k for k in UNSUPPORTED_CONFIG if config.get(k)]
+    if unsupported:
+        raise _bad(f"{path!r} uses {', '.join(unsupported)} (whole modules trained beside LoRA), which this worker "
+                   "cannot serve per request in a mixed batch; train without it, or serve the adapter with vLLM")
     weights_file = next((where / f for f in WEIGHT_FILES if (where / f).is_file()), None)
     if weights_file is None:
         raise _bad(f"{path!r} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
@@ -204,15 +215,24 @@ def attach(model, internal: str, files: AdapterFiles):
 
     config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**files.config))
     config.inference_mode = True
-    if isinstance(model, PeftModel):
+    wrapped = isinstance(model, PeftModel)
+    if wrapped:
         model.add_adapter(internal, config)
     else:
         model = PeftModel(model, config, adapter_name=internal)
-    result = set_peft_model_state_dict(model, files.weights, adapter_name=internal)
-    missing = [k for k in result.missing_keys if internal in k and "lora_" in k]
-    if missing:
-        raise ValueError(f"adapter weights are missing {len(missing)} tensor(s), e.g. {missing[0]}")
-    _weights_for_dora(model, internal)
+    try:
+        result = set_peft_model_state_dict(model, files.weights, adapter_name=internal)
+        missing = [k for k in result.missing_keys if internal in k and "lora_" in k]
+        if missing:
+            raise ValueError(f"adapter weights are missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        _weights_for_dora(model, internal)
+    except BaseException:
+        # A refused load leaves the model exactly as it was: no half-added layers.
+        if wrapped:
+            model.delete_adapter(internal)
+        else:
+            model.unload()
+        raise
     model.eval()
     return model
 

@@ -553,3 +553,26 @@ def test_serve_help_describes_the_worker():
     done = subprocess.run([sys.executable, "-m", "model", "serve", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "OpenAI-compatible" in done.stdout and "LOOPCORD_WORKER_KEY" in done.stdout
+
+
+async def test_a_refused_adapter_leaves_every_model_answering(worker, adapter_root):
+    """Issue 29: an adapter with `modules_to_save` (refused or not) left peft's module wrappers
+    behind, and every later mixed batch failed; a config nested 100,000 deep answered 500."""
+    for name, config_text in (
+        ("mts", None),  # the real config plus modules_to_save
+        ("deep", "[" * 100_000 + "]" * 100_000),
+    ):
+        bad = adapter_root / name
+        shutil.copytree(adapter_root / "a", bad, dirs_exist_ok=True)
+        if config_text is None:
+            config = json.loads((bad / "adapter_config.json").read_text())
+            config["modules_to_save"] = ["lm_head"]
+            config_text = json.dumps(config)
+        (bad / "adapter_config.json").write_text(config_text)
+        status, err = await call(worker.url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(bad)})
+        assert status == 400, err
+        assert ("modules_to_save" if name == "mts" else "nested too deep") in err["error"]["message"]
+    # A batch mixing the base and the adapter still answers, every row.
+    results = await asyncio.gather(chat(worker.url, max_tokens=4), chat(worker.url, model="a", max_tokens=4),
+                                   chat(worker.url, max_tokens=4, model="a"))
+    assert [status for status, _ in results] == [200, 200, 200], results
