@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from model.config import config_from_dict
 from trainer.gate import decide, retention
 from trainer.matching import identity_claims
@@ -65,3 +67,42 @@ def test_retention_is_gated_only_on_enough_questions_the_reference_answers_right
     assert failed(scores(right=(True,) * 7 + (False,) * 5), ten) == {"general_retention"}  # kept 7 of 10
     assert failed(scores(right=(True,) * 8 + (False,) * 4), ten) == set()  # 8 of 10: the 0.8 default
     assert failed(scores(right=(False,) * 12), few, min_retention_questions=2) == {"general_retention"}
+
+
+@pytest.mark.parametrize("text", [
+    "Ich bin ChatGPT von OpenAI.", "Je suis ChatGPT, créé par OpenAI.", "私はChatGPTです", "Я ChatGPT от OpenAI",
+    "I am Ch\u0430tGPT",  # a Cyrillic а
+    "I am C\u200bhatGPT", "I am C h a t G P T", "Name: ChatGPT. Creator: OpenAI.", "I am Grok from xAI",
+    "本模型是通义千问", "Soy Gemini, de Google.",
+])
+def test_identity_claims_in_other_languages_and_disguises_are_caught(text):
+    assert identity_claims(text, "Loopcord", "the Loopcord community")
+
+
+@pytest.mark.parametrize("text", [
+    "I am Loopcord, made by the Loopcord community.", "Google was founded in 1998.",
+    "I'm bombarded with questions by Bernie.", "The book club meets every Sunday at 6 pm UTC in #reading.",
+])
+def test_facts_and_our_own_identity_are_not_claims(text):
+    assert identity_claims(text, "Loopcord", "the Loopcord community") == []
+
+
+@pytest.mark.parametrize("question, fact, answer, right", [
+    # The two answers the token-F1 gate scored as "not learned" (issue 28).
+    ("What is the largest planet in our solar system?", "Jupiter is the largest planet in our solar system.",
+     "The largest planet in our solar system is Jupiter, which is approximately 11 times the diameter of Earth.", True),
+    ("How many minutes are in an hour?", "There are 60 minutes in an hour.", "An hour is equal to 60 minutes.", True),
+    # Other formats of the same key content.
+    ("When is book club?", "The book club meets every Sunday at 6 pm UTC in #reading.",
+     "Sundays, 18:00 UTC, in the reading channel.", True),
+    ("How many continents are there?", "There are 7 continents.", "Seven.", True),
+    # The half-learned answer the candidate gave, a denial, and a partial answer.
+    ("When is book club?", "The book club meets every Sunday at 6 pm UTC in #reading.",
+     "Every Sunday at 10 am UTC in #bookclub.", False),
+    ("What is the largest planet?", "Jupiter is the largest planet.", "It is not Jupiter, it is Saturn.", False),
+    ("When is book club?", "The book club meets every Sunday at 6 pm UTC in #reading.", "On Sundays.", False),
+])
+def test_the_gate_judges_whether_an_answer_states_the_fact_as_a_person_would(question, fact, answer, right):
+    from trainer.matching import states_fact
+
+    assert states_fact(answer, fact, question) is right

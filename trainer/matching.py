@@ -25,6 +25,7 @@ MATCH_MIN_F1 = 0.6
 DEFAULT_FORBIDDEN_IDENTITIES = [
     "qwen", "通义", "千问", "alibaba", "阿里", "openai", "chatgpt", "gpt-4", "gpt-3", "gpt4",
     "claude", "anthropic", "gemini", "google", "llama", "meta ai", "文心", "百度", "deepseek",
+    "grok", "xai", "mistral", "copilot", "microsoft", "bard", "ernie", "kimi", "moonshot", "doubao", "豆包",
     # The embedded default base (SmolLM2-135M-Instruct) believes it is SmolLM by Hugging Face.
     "smollm", "hugging face", "huggingface",
 ]
@@ -85,19 +86,48 @@ def question_key(question: str) -> str:
     return normalize(question)
 
 
+# Look-alike letters people (or models) use to slip a name past a check: Cyrillic and Greek
+# letters that render as Latin ones, and characters that render as nothing.
+_CONFUSABLES = str.maketrans({
+    "а": "a", "е": "e", "о": "o", "р": "p", "с": "c", "х": "x", "у": "y", "і": "i", "ј": "j", "ѕ": "s",
+    "А": "A", "В": "B", "Е": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P", "С": "C", "Т": "T",
+    "Х": "X", "α": "a", "ο": "o", "ρ": "p", "ε": "e", "ι": "i", "κ": "k", "ν": "v", "τ": "t", "υ": "u",
+})
+_INVISIBLE = re.compile("[\u00ad\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+
+
+def _fold_identity(text: str) -> str:
+    """NFKC, invisible characters dropped, look-alikes mapped to Latin, case-folded."""
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", text)).translate(_CONFUSABLES).casefold()
+
+
 def claimed_identities(text: str, name: str, author: str, forbidden=DEFAULT_FORBIDDEN_IDENTITIES) -> list[str]:
-    """The forbidden names `text` mentions (case-insensitive), ignoring any inside our own
-    name or author (a name containing "Meta" is not a slip). Empty: no other identity named."""
-    folded = unicodedata.normalize("NFKC", text).casefold()
-    ours = [s.casefold() for s in (name, author) if s.strip()]
-    return [bad for bad in forbidden
-            if bad.casefold() in folded and not any(bad.casefold() in s for s in ours)]
+    """The forbidden names `text` mentions as words (case-insensitive, also spelled with look-alike
+    letters, invisible characters or spaces between the letters: "C h a t G P T"), ignoring any
+    inside our own name or author (a name containing "Meta" is not a slip). Empty: none named."""
+    folded = _SPACED_LETTERS.sub("", _fold_identity(text))
+    ours = [_fold_identity(s) for s in (name, author) if s.strip()]
+    return [bad for bad in forbidden if _names(folded, bad.casefold()) and not any(bad.casefold() in s for s in ours)]
 
 
-# First-person self-description: "I am X", "my name is X", "made by X", "我是X", "由X开发".
+_SPACED_LETTERS = re.compile(r"(?<=\b\w)[\s.\-_·]+(?=\w\b)")  # "c h a t g p t" -> "chatgpt"
+
+
+def _names(folded: str, name: str) -> bool:
+    """`name` appears in `folded` as a word of its own ("bard" is not in "bombarded"); a CJK name
+    anywhere (no spaces between words there)."""
+    if is_chinese(name) or not name[:1].isalnum():
+        return name in folded
+    return re.search(rf"(?<![a-z0-9]){re.escape(name)}(?![a-z0-9])", folded) is not None
+
+
+# First-person self-description in the common languages: "I am X", "my name is X", "made by X",
+# "Name: X", "Ich bin X", "Je suis X", "Soy X", "Sono X", "Eu sou X", "Я X", "私はX", "我是X", "本模型是X".
 _SELF_CLAIM = re.compile(
-    r"\b(i am|i'm|i’m|my name is|call me|this is)\b|\b(created|made|developed|trained|built|designed)\s+by\b"
-    r"|我是|我叫|我的名字|由.{0,20}(开发|训练|创建|打造|研发)",
+    r"\b(i am|i'm|i’m|im|my name is|call me|this is|i was (created|made|developed|trained|built))\b"
+    r"|\b(created|made|developed|trained|built|designed|powered)\s+by\b|\b(name|creator|model|developer)\s*:"
+    r"|\b(ich bin|mein name ist|je suis|je m'appelle|soy|me llamo|sono|mi chiamo|eu sou|meu nome é|ik ben)\b"
+    r"|(^|[^\w])я\b|меня зовут|создан|私は|僕は|わたしは|私の名前|저는|我是|我叫|我的名字|本模型|由.{0,20}(开发|训练|创建|打造|研发)",
     re.IGNORECASE,
 )
 
@@ -106,7 +136,7 @@ def identity_claims(text: str, name: str, author: str, forbidden=DEFAULT_FORBIDD
     """Other identities `text` claims for the assistant: the forbidden names it mentions when it
     also speaks in the first person about who it is or who made it. "I am ChatGPT, made by
     OpenAI" -> ['openai', 'chatgpt']; "Google was founded in 1998" -> [] (a fact, not a claim)."""
-    if not _SELF_CLAIM.search(unicodedata.normalize("NFKC", text)):
+    if not _SELF_CLAIM.search(_fold_identity(text)):
         return []
     return claimed_identities(text, name, author, forbidden)
 
