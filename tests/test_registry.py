@@ -201,25 +201,56 @@ def test_promote_and_rollback_end_with_exactly_one_done_event(tmp_path):
                                      "message": "nothing to roll back to: no earlier promoted version"}]
 
 
-def test_import_registers_an_outside_peft_adapter_and_refuses_what_is_not_one(tmp_path):
-    outside = tmp_path / "swift-output" / "checkpoint-50"
-    outside.mkdir(parents=True)
-    (outside / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "base_model_name_or_path": "Qwen/Qwen2.5-7B-Instruct",
-         "target_modules": ["q_proj", "v_proj"]}))
-    (outside / "adapter_model.safetensors").write_bytes(b"weights")
+def test_import_registers_an_outside_peft_adapter_and_refuses_what_the_worker_would(tmp_path, tiny_base):
+    """`trainer import` takes an adapter trained elsewhere (ms-swift, PEFT) and refuses, with the
+    worker's own words, every adapter the worker would refuse: a promote --force could otherwise
+    make it live (issue 29)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.test_worker import make_adapter
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  base: {tiny_base}\ntraining:\n  registry_dir: {tmp_path / 'reg'}\n")
+    outside = make_adapter(str(tiny_base), tmp_path / "swift-output" / "checkpoint-50", seed=1)
     code, events, _ = trainer(tmp_path, "import", str(outside))
     assert code == 0 and len(events) == 1 and events[0]["event"] == "done" and events[0]["version"] == "v0001"
     reg = Registry(tmp_path / "reg")
     m = reg.get("v0001")
     assert m["stage"] == "imported" and m["source"] == str(outside) and m["status"] == "candidate"
-    assert m["source_base"] == "Qwen/Qwen2.5-7B-Instruct" and m["base"] == str(tmp_path / "base")
-    assert (reg.path("v0001") / "adapter_model.safetensors").read_bytes() == b"weights"
-    (outside / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
-    code, events, _ = trainer(tmp_path, "import", str(outside))
-    assert code == 2 and "only LoRA adapters" in events[-1]["message"]
-    code, events, _ = trainer(tmp_path, "import", str(tmp_path / "nowhere"))
-    assert code == 2 and "not a directory" in events[-1]["message"]
+    assert m["base"] == str(tiny_base)
+    assert (reg.path("v0001") / "adapter_model.safetensors").read_bytes() == \
+        (outside / "adapter_model.safetensors").read_bytes()
+
+    def variant(name, edit_config=None, edit_weights=None):
+        bad = tmp_path / name
+        shutil.copytree(outside, bad)
+        if edit_config:
+            cfg = json.loads((bad / "adapter_config.json").read_text())
+            edit_config(cfg)
+            (bad / "adapter_config.json").write_text(json.dumps(cfg))
+        if edit_weights:
+            weights = load_file(bad / "adapter_model.safetensors")
+            edit_weights(weights)
+            save_file(weights, bad / "adapter_model.safetensors")
+        return bad
+
+    def nan(weights):
+        next(iter(weights.values()))[0, 0] = float("nan")
+
+    def other_shape(weights):
+        key = next(k for k in weights if "lora_A" in k)
+        weights[key] = weights[key][:, :-1].contiguous()
+
+    for bad, words in ((variant("nan", edit_weights=nan), "non-finite"),
+                       (variant("shape", edit_weights=other_shape), "shape"),
+                       (variant("mts", edit_config=lambda c: c.update(modules_to_save=["lm_head"])), "modules_to_save"),
+                       (variant("prefix", edit_config=lambda c: c.update(peft_type="PREFIX_TUNING")), "not a LoRA"),
+                       (tmp_path / "nowhere", "not a directory")):
+        code, events, stderr = trainer(tmp_path, "import", str(bad))
+        assert code == 2 and words in events[-1]["message"], (bad, events, stderr[-2000:])
+        assert "Traceback" not in stderr
     assert reg.versions() == ["v0001"]
 
 

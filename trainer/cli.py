@@ -146,9 +146,29 @@ def _import(cfg, source: str, progress) -> str:
 
     reg = _registry(cfg)
     # The same base the stages train on, so an imported version can be a calibrate parent.
-    version = reg.import_adapter(source, {"base": str(ensure_base(cfg, progress))})
+    base = ensure_base(cfg, progress)
+    _check_servable(source, base)
+    version = reg.import_adapter(source, {"base": str(base)})
     _say(f"imported {source} as {version}", progress)
     return version
+
+
+def _check_servable(source: str, base) -> None:
+    """Refuse what the worker would refuse (model.adapters.read_adapter: NaN weights, shapes of
+    another base, modules_to_save, a broken config), with the worker's own words."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model.adapters import linear_shapes, read_adapter
+    from model.errors import APIError
+    from trainer.registry import RegistryError
+
+    with torch.device("meta"):  # shapes only: no weights read
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
+    try:
+        read_adapter(str(source), linear_shapes(skeleton))
+    except APIError as exc:
+        raise RegistryError(f"{source}: the worker would refuse this adapter: {exc.message}") from None
 
 
 def cmd_import(cfg, args, progress) -> int:
