@@ -262,3 +262,21 @@ def test_eval_help_explains_version_and_exit_status_3():
                          cwd=os.path.dirname(os.path.dirname(__file__)), check=True).stdout
     assert "--version" in out and "registry version" in out
     assert "3 the gate FAILED" in out
+
+
+def test_the_fix_the_error_suggests_for_a_missing_promoted_version_works(tmp_path):
+    """PROMOTED naming a version that is gone: the error says `rollback --to VERSION`; running
+    exactly that (or promote --force) repairs the registry instead of failing the same way."""
+    code, _, _ = trainer(tmp_path, "list")  # writes the config
+    reg = Registry(tmp_path / "reg")
+    v1, v2 = add_version(reg, passed=True), add_version(reg, passed=True)
+    reg.promote(v1)
+    (tmp_path / "reg" / "PROMOTED").write_text("v0009\n")
+    with pytest.raises(RegistryError, match=r"rollback --to VERSION"):
+        reg.promoted()
+    code, events, stderr = trainer(tmp_path, "rollback", "--to", v1)
+    assert code == 0 and events[-1]["version"] == v1, (events, stderr[-2000:])
+    assert reg.promoted() == v1
+    (tmp_path / "reg" / "PROMOTED").write_text("v0009\n")
+    code, events, stderr = trainer(tmp_path, "promote", v2, "--force")
+    assert code == 0 and reg.promoted() == v2, (events, stderr[-2000:])

@@ -181,7 +181,7 @@ def cmd_import(cfg, args, progress) -> int:
 
 def cmd_promote(cfg, args, progress) -> int:
     reg = _registry(cfg)
-    previous = reg.promoted()
+    previous = reg.pointer()  # as PROMOTED had it, even a missing version (promoting repairs that)
     v = reg.promote(args.version, force=args.force)
     progress.done(command=Command.PROMOTE, version=v, path=str(reg.path(v).resolve()), previous=previous)
     _say(f"promoted {v}", progress)
@@ -190,7 +190,7 @@ def cmd_promote(cfg, args, progress) -> int:
 
 def cmd_rollback(cfg, args, progress) -> int:
     reg = _registry(cfg)
-    previous = reg.promoted()
+    previous = reg.pointer() if args.to else reg.promoted()  # --to VERSION repairs a missing one
     v = reg.rollback(args.to)
     progress.done(command=Command.ROLLBACK, version=v, path=str(reg.path(v).resolve()), previous=previous)
     _say(f"rolled back to {v}", progress)

@@ -173,6 +173,15 @@ class Registry:
                                 f"`python -m trainer rollback --to VERSION`")
         return v
 
+    def pointer(self) -> Optional[str]:
+        """What PROMOTED says, whether or not that version exists (None: nothing promoted)."""
+        try:
+            return (self.root / PROMOTED_FILE).read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{self.root / PROMOTED_FILE} cannot be read ({exc})") from None
+
     def latest(self, stage: Optional[str] = None) -> Optional[str]:
         for v in reversed(self.versions()):
             try:
@@ -386,7 +395,7 @@ class Registry:
                 "or promote with --force)"
             )
         with self.locked():
-            previous = self.promoted()
+            previous = self.pointer()  # may name a missing version: promoting repairs that
             self._set_pointer(version, "promote", previous, force)
             fields = {**self.get(version), "status": "promoted", "promoted_at": now_iso()}
             write_json_atomic(self.path(version) / MANIFEST, fields)
@@ -395,7 +404,7 @@ class Registry:
     def rollback(self, to: Optional[str] = None) -> str:
         """Re-point to `to` or, by default, the version that was live before the current one."""
         with self.locked():
-            current = self.promoted()
+            current = self.pointer() if to is not None else self.promoted()  # --to repairs a missing one
             if to is None:
                 stack = self.promotion_stack()
                 earlier = [v for v in stack if v != current]
@@ -409,7 +418,7 @@ class Registry:
             if to == current:
                 raise RegistryError(f"{to} is already the promoted version")
             self._set_pointer(to, "rollback", current, False, explicit=explicit)
-            if current:
+            if current and current in self.versions():
                 write_json_atomic(self.path(current) / MANIFEST, {**self.get(current), "status": "rolled_back"})
             write_json_atomic(self.path(to) / MANIFEST, {**self.get(to), "status": "promoted"})
         return to
