@@ -278,6 +278,9 @@ async def _server_lines(cfg: Config, client, live) -> list[str]:
     if health:
         line = (f"**Worker:** up on {health.get('device', '?')}, queue {health.get('queue_depth', 0)}, "
                 f"running {health.get('running', 0)}" + (", asleep" if health.get("sleeping") else ""))
+        if health.get("status") == "unhealthy":
+            line += (f" — ⚠️ its last {health.get('failures_in_a_row', 'few')} answers failed in the model "
+                     "(the bot restarts its own worker; details in the worker's log)")
     else:
         line = f"**Worker:** up at {client.base_url} (its /health gives no details)"
     lines = [line]

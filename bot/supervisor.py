@@ -28,6 +28,8 @@ RESTART_BACKOFF_START_S = 1.0
 RESTART_BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 60.0  # a worker up this long resets the backoff
 KILL_GRACE_EXTRA_S = 5.0  # on top of worker.drain_timeout_s before SIGKILL
+HEALTH_PROBE_S = 15.0  # how often the worker's /health is asked whether its answers still work
+UNHEALTHY_PROBES = 2  # ... and after this many "unhealthy" in a row it is restarted
 
 
 class WorkerState(StrEnum):
@@ -76,6 +78,7 @@ class WorkerSupervisor:
         self.worker: Optional[WorkerProcess] = None
         self._model_path: Optional[Path] = None
         self._watch_task: Optional[asyncio.Task] = None
+        self._probe_task: Optional[asyncio.Task] = None
         self._stopping = False
 
     async def start(self) -> None:
@@ -84,6 +87,7 @@ class WorkerSupervisor:
         self._stopping = False
         await self._launch()
         self._watch_task = asyncio.create_task(self._watch(), name="worker-supervisor")
+        self._probe_task = asyncio.create_task(self._probe(), name="worker-health-probe")
 
     async def _launch(self) -> None:
         self.state = WorkerState.STARTING if self.restarts == 0 and self.worker is None else WorkerState.RESTARTING
@@ -127,6 +131,29 @@ class WorkerSupervisor:
                 self.state = WorkerState.RESTARTING
                 log.error("model worker restart failed: %s", exc)
 
+    async def _probe(self, every_s: float = HEALTH_PROBE_S) -> None:
+        """Restart a worker that is up but whose answers fail (its /health says "unhealthy":
+        requests failed by the model in a row), as one that died is restarted."""
+        import aiohttp
+
+        bad = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            while not self._stopping:
+                await asyncio.sleep(every_s)
+                if self.state != WorkerState.READY:
+                    bad = 0
+                    continue
+                try:
+                    async with session.get(f"{self.base_url}/health") as r:
+                        status = (await r.json(content_type=None) or {}).get("status")
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    continue  # a dead worker is _watch's; a slow one is not failing
+                bad = bad + 1 if status == "unhealthy" else 0
+                if bad >= UNHEALTHY_PROBES and not self._stopping:
+                    log.error("model worker is up but its answers keep failing (/health: unhealthy); restarting it")
+                    bad = 0
+                    await self._terminate()  # _watch sees it exit and starts a fresh one
+
     async def _terminate(self) -> None:
         worker = self.worker
         if worker is None or worker.proc is None or worker.proc.poll() is not None:
@@ -139,12 +166,13 @@ class WorkerSupervisor:
         """SIGTERM the worker (it drains), then SIGKILL if it lingers."""
         self._stopping = True
         await self._terminate()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in (self._probe_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
         self.state = WorkerState.STOPPED
 
     @property

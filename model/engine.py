@@ -68,6 +68,7 @@ IDLE_WAIT_S = 0.5  # how long the idle loop sleeps between checks for work
 # (`expect`: received, being tokenized) so that a burst is prefilled as one batch: eight at once were
 # admitted as 2 + 6, the six waiting out the two's prefill and a decode step (TTFT 180 ms against 55).
 ARRIVAL_WAIT_S = 0.01
+UNHEALTHY_AFTER_FAILURES = 3  # requests failed by the model in a row before /health says so
 DEFAULT_MAX_LEN = 32768  # cache positions per slot when the model does not say
 # oneDNN pre-packed weights on CPU: 1.4-1.5x aggregate at 8 streams on the Qwen2.5-0.5B shape, same at 1
 # (benchmarks/serve_bench.py --pack-ab); numerically a different summation order (~1e-4 in float32 logits).
@@ -133,6 +134,9 @@ class Engine:
         self._commands: collections.deque[_Command] = collections.deque()
         self._cond = threading.Condition()
         self._stop = False
+        # Requests the model itself failed (not the request's fault) since the last one it
+        # answered: from UNHEALTHY_AFTER_FAILURES on, /health stops saying ok.
+        self.failures_in_a_row = 0
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # The adapter methods below (worker-owned) change these; the runner holds the real state.
@@ -333,7 +337,7 @@ class Engine:
         except Exception as exc:
             if len(chunks) == 1:
                 log.exception("prefill failed for one request")
-                self._finish_error(seqs[0], f"prefill failed: {type(exc).__name__}: {exc}")
+                self._model_failed(seqs[0], f"prefill failed: {type(exc).__name__}: {exc}")
                 return
             for chunk in chunks:  # find the one that fails on its own; the others go on
                 self._prefill([chunk])
@@ -386,7 +390,7 @@ class Engine:
             try:
                 logits = self.runner.chunk([seq.slot], [seq.cached], [[seq.generated[-1]]], [seq.adapter_name])
             except Exception as exc:
-                self._finish_error(seq, f"generation failed: {type(exc).__name__}: {exc}")
+                self._model_failed(seq, f"generation failed: {type(exc).__name__}: {exc}")
                 continue
             seq.cached += 1
             self._accept([seq], sample(logits, [_sampling_row(seq)]))
@@ -429,7 +433,19 @@ class Engine:
             seq.emit(("delta", tail))
         seq.finish_reason = reason
         seq.phase = Phase.FINISHED
+        self.failures_in_a_row = 0
         seq.emit(("done", reason, len(seq.prompt_ids), len(seq.generated)))
+
+    @property
+    def healthy(self) -> bool:
+        """False once UNHEALTHY_AFTER_FAILURES requests in a row failed in the model (vLLM's
+        engine-dead): answers are failing, whatever else still works."""
+        return self.failures_in_a_row < UNHEALTHY_AFTER_FAILURES
+
+    def _model_failed(self, seq: Sequence, message: str) -> None:
+        if seq.finish_reason is None:
+            self.failures_in_a_row += 1
+        self._finish_error(seq, message)
 
     def _finish_error(self, seq: Sequence, message: str) -> None:
         if seq.finish_reason is None:
@@ -456,7 +472,7 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         for seq in list(self.slots.owner.values()):
-            self._finish_error(seq, message)
+            self._model_failed(seq, message)
         self._retire()
         self.runner.release_cache()
         if self.device.startswith("cuda"):

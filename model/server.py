@@ -426,8 +426,10 @@ def _memory(device: str) -> dict:
 async def health(request: web.Request) -> web.Response:
     """Serving state and load for anyone; names and paths only for a caller holding the key."""
     worker: Worker = request.app["worker"]
+    failing = not worker.engine.healthy
     body = {
-        "status": "ok" if worker.state == WorkerState.SERVING else str(worker.state),
+        "status": "unhealthy" if failing else "ok" if worker.state == WorkerState.SERVING else str(worker.state),
+        "failures_in_a_row": worker.engine.failures_in_a_row,
         "state": str(worker.state),
         "loaded": True,
         "queue_depth": worker.engine.waiting(),

@@ -456,3 +456,29 @@ def test_unloading_the_last_adapter_leaves_the_base_answering_as_before(tokenize
         assert [s.generated for s in again] == [on_a, expected]
     finally:
         engine.stop()
+
+
+def test_health_turns_unhealthy_when_answers_keep_failing_and_recovers(tokenizer, monkeypatch):
+    """/health must not say ok while every answer fails (issue 29): requests the model itself
+    failed in a row make the engine unhealthy; the next answer that works makes it healthy."""
+    from model.engine import UNHEALTHY_AFTER_FAILURES
+
+    engine = make_engine(_sharpen(_qwen2(tokenizer)), tokenizer)
+    p = prompts(tokenizer)[0]
+    try:
+        real = engine.runner.chunk
+
+        def broken(*args, **kw):
+            raise RuntimeError("the model is broken")
+
+        monkeypatch.setattr(engine.runner, "chunk", broken)
+        for n in range(UNHEALTHY_AFTER_FAILURES):
+            assert engine.healthy
+            (failed,) = run(engine, [seq(p, 4)])
+            assert failed.emit.outcome == "error"
+        assert not engine.healthy
+        monkeypatch.setattr(engine.runner, "chunk", real)
+        (ok,) = run(engine, [seq(p, 4)])
+        assert ok.emit.outcome == "done" and engine.healthy
+    finally:
+        engine.stop()
