@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import hmac
 import json
 import logging
@@ -57,6 +58,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 # Request bodies: a whole context of text, escaped as JSON \uXXXX (6 bytes a character, ~4
 # characters a token), fits; a 10 MB body is refused (413) before it is read, parsed or tokenized.
 MIN_BODY_BYTES = 1 << 20
+LARGE_PROMPT_CHARS = 64 * 1024  # from here a prompt is tokenized apart from the short ones (16 a message: its frame)
 BODY_BYTES_PER_CONTEXT_TOKEN = 32
 
 
@@ -94,6 +96,11 @@ class Worker:
     state_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tokenize_pool: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
+    # Prompts of LARGE_PROMPT_CHARS or more are tokenized on their own thread with their own
+    # tokenizer copy: a megabyte of messages takes seconds, and a short chat must not wait behind it.
+    large_tokenize_pool: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize-large"))
+    _large_tokenizer: Optional[object] = None
     _sleep_generation: int = 0  # bumped by every sleep and wake; a stale offload does nothing
     _pending_offload: Optional[concurrent.futures.Future] = None
     _sleep_cancelled: Optional[asyncio.Future] = None  # resolved by the wake that cancels a pending sleep
@@ -249,10 +256,10 @@ class Worker:
 
     # ---------------- chat ----------------
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def prompt_ids(self, messages: list[dict], tokenizer: Optional[object] = None) -> list[int]:
         """Token ids of the prompt; message content never becomes control tokens (model.prompt)."""
         try:
-            return tokenize_chat(self.tokenizer, messages, generation_prompt=True).input_ids
+            return tokenize_chat(tokenizer or self.tokenizer, messages, generation_prompt=True).input_ids
         except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
             raise bad_request(f"the chat template rejected the messages: {type(exc).__name__}: {exc}",
                               "messages") from None
@@ -269,7 +276,13 @@ class Worker:
         self.engine.expect()
         try:
             loop = asyncio.get_running_loop()
-            ids = await loop.run_in_executor(self.tokenize_pool, self.prompt_ids, req.messages)
+            if sum(len(str(m.get("content") or "")) + 16 for m in req.messages) < LARGE_PROMPT_CHARS:
+                ids = await loop.run_in_executor(self.tokenize_pool, self.prompt_ids, req.messages)
+            else:
+                if self._large_tokenizer is None:
+                    self._large_tokenizer = copy.deepcopy(self.tokenizer)
+                ids = await loop.run_in_executor(self.large_tokenize_pool, self.prompt_ids, req.messages,
+                                                 self._large_tokenizer)
             max_tokens = protocol.check_context(len(ids), req.max_tokens, self.max_context)
             # From here to submit nothing awaits: a sleep or drain cannot slip in between the
             # check and the hand-over, so the engine is never asleep under an admitted request.

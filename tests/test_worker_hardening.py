@@ -576,3 +576,27 @@ async def test_a_refused_adapter_leaves_every_model_answering(worker, adapter_ro
     results = await asyncio.gather(chat(worker.url, max_tokens=4), chat(worker.url, model="a", max_tokens=4),
                                    chat(worker.url, max_tokens=4, model="a"))
     assert [status for status, _ in results] == [200, 200, 200], results
+
+
+async def test_a_short_chat_is_not_held_behind_large_prompts_being_tokenized(worker):
+    """Issue 29: three ~1 MB bodies of 27,000 short messages held a 2-token chat for a minute
+    (one tokenizer thread for everything). Large prompts now queue on their own thread."""
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(25_000)]
+    many[-1] = {"role": "user", "content": "and the last one"}
+    big = json.dumps({"model": "tiny", "messages": many, "max_tokens": 2})
+    ends = []
+
+    assert len(big) < 1 << 20  # under the body limit: it is read and tokenized
+
+    async def heavy_one():
+        status, err = await call(worker.url, "/v1/chat/completions", big)
+        assert status == 400 and "maximum context length" in err["error"]["message"]
+        ends.append(time.monotonic())
+
+    heavy = [asyncio.create_task(heavy_one()) for _ in range(2)]
+    await asyncio.sleep(0.3)  # the first is being tokenized (seconds), the second waits
+    status, _ = await chat(worker.url, max_tokens=2)
+    answered = time.monotonic()
+    await asyncio.gather(*heavy)
+    assert status == 200
+    assert answered < min(ends), (answered, ends)  # before any large one was done
