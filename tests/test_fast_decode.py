@@ -134,7 +134,11 @@ def test_an_adapter_loaded_again_under_the_same_name_answers_with_its_new_weight
     tol = (1e-4 if dtype == torch.float32 else 0.03) * scale  # bf16: as the other bf16 comparisons here
     assert float((logits[0] - want).abs().max()) > 3 * tol  # the two adapters answer apart
     torch.testing.assert_close(logits[1], want, rtol=0, atol=tol)
-    assert torch.equal(logits[1].argmax(-1), want.argmax(-1))
+    # The same greedy token wherever the top two are further apart than the tolerance (bf16 rows
+    # can tie within it: such a position may go either way on another CPU).
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * tol
+    assert clear.any() and torch.equal(logits[1].argmax(-1)[clear], want.argmax(-1)[clear])
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
