@@ -23,7 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from model.errors import APIError, bad_request
 
@@ -70,6 +71,9 @@ class StreamOptions(_Body):
     continuous_usage_stats: Optional[bool] = False  # accepted; usage is sent once, at the end
 
 
+UNSUPPORTED_PARAMETERS = ("logprobs", "top_logprobs", "tools", "tool_choice", "response_format")
+
+
 class ChatCompletionBody(_Body):
     messages: list[Message] = Field(min_length=1)
     model: Optional[Text] = None
@@ -83,17 +87,36 @@ class ChatCompletionBody(_Body):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False  # vLLM's extra parameter: generate max_tokens even past end-of-turn
+    # OpenAI parameters that change what an answer is, which this worker does not do: a 400
+    # saying so, never a 200 that silently ignored them (serve with vLLM for them).
+    logprobs: Optional[Any] = None
+    top_logprobs: Optional[Any] = None
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    response_format: Optional[Any] = None
 
+    @field_validator(*UNSUPPORTED_PARAMETERS)
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if value in (None, False, "none", "auto") or (info.field_name == "response_format" and value == {"type": "text"}):
+            return value
+        raise PydanticCustomError("unsupported", "not supported by this worker (serve the model with vLLM for it)")
+
+
+
+# An adapter's name is what requests put in `model`, what /v1/models lists and what logs show.
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@+-]*$"),
+                        AfterValidator(_utf8)]
 
 
 class LoadLoRABody(_Body):
-    lora_name: NonEmptyText
+    lora_name: AdapterName
     lora_path: NonEmptyText
     load_inplace: bool = False  # vLLM: replacing a loaded name must say so
 
 
 class UnloadLoRABody(_Body):
-    lora_name: NonEmptyText
+    lora_name: NonEmptyText  # any loaded name may be unloaded
 
 
 Body = TypeVar("Body", bound=_Body)

@@ -59,7 +59,21 @@ RAW_BAD = [  # (raw JSON body, the parameter the 400 names)
     (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', None),  # lone surrogate
     (b'{"messages": ' + b"[" * 50000 + b"]" * 50000 + b"}", None),  # absurd nesting
     (b"[]", None),
+    # What this worker does not do is refused, never silently ignored with a 200 (issue 29).
+    (body(logprobs=True), "logprobs"),
+    (body(top_logprobs=3), "top_logprobs"),
+    (body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (body(response_format={"type": "json_object"}), "response_format"),
 ]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "", "x" * 129, "../up", "with space"])
+def test_adapter_names_are_plain_words(name):
+    from model.protocol import LoadLoRABody, parse_body
+
+    with pytest.raises(APIError) as err:
+        parse_body(LoadLoRABody, {"lora_name": name, "lora_path": "/adapters/a"})
+    assert err.value.status == 400 and err.value.param == "lora_name"
 
 
 @pytest.mark.parametrize("raw,param", RAW_BAD)
