@@ -222,6 +222,9 @@ def test_import_registers_an_outside_peft_adapter_and_refuses_what_the_worker_wo
     assert m["base"] == str(tiny_base)
     assert (reg.path("v0001") / "adapter_model.safetensors").read_bytes() == \
         (outside / "adapter_model.safetensors").read_bytes()
+    # Owner only, the registry and what it holds (manifests and reports quote users' corrections).
+    assert (tmp_path / "reg").stat().st_mode & 0o077 == 0
+    assert all(f.stat().st_mode & 0o077 == 0 for f in reg.path("v0001").iterdir())
 
     def variant(name, edit_config=None, edit_weights=None):
         bad = tmp_path / name

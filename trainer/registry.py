@@ -49,6 +49,7 @@ STAGING_PREFIX = ".staging-"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TMP_SUFFIX = ".tmp"
 DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class RegistryError(RuntimeError):
@@ -68,7 +69,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, fsync, and os.replace it into place."""
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        # Owner only: manifests and gate reports quote what users wrote (their corrections).
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -121,7 +123,9 @@ class Registry:
         return cls(cfg.path(cfg.training.registry_dir))
 
     def _mkdir_root(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
+        for p in reversed(missing):  # the data directory too, when the registry creates it
+            p.mkdir(exist_ok=True, mode=DIR_MODE)
 
     # ---- reading --------------------------------------------------------
 
@@ -326,6 +330,7 @@ class Registry:
         try:
             for f in ADAPTER_FILES:
                 shutil.copyfile(src / f, staging / f)
+                os.chmod(staging / f, FILE_MODE)
             version = self.commit(staging, {
                 "stage": "imported", "parent": None, "source": str(src.resolve()),
                 "source_base": config.get("base_model_name_or_path"),
