@@ -195,8 +195,14 @@ async def test_flag_correct_approve_retrain_hot_swap_then_rollback(product):
     await back.wait_response()
     await h.fake.wait_for(lambda: "Rolled back" in (back.original or {}).get("content", ""), timeout=60)
     assert registry.promoted() == first_version
+    # The approved fact still answers from the memory; retracted, the question gets exactly
+    # the prompt it had at first, and the earlier version gives its earlier answer.
+    _, remembered = await h.ask(alice, QUESTION)
+    assert remembered["adapter_version"] == first_version and CORRECTION in remembered["prompt_messages"][0]["content"]
+    gone = await h.fake.slash_command(h.channel, ids["admin"], "retract", options={"fact": pending[0]["id"]})
+    assert "retracted" in (await gone.wait_response())["data"]["content"]
     _, rolled = await h.ask(alice, QUESTION)
-    assert rolled["adapter_version"] == first_version
+    assert rolled["adapter_version"] == first_version and rolled["prompt_messages"] == before["prompt_messages"]
     assert rolled["answer"] == before["answer"]
     assert h.fake.rejections == [] and h.fake.unhandled == []
 
@@ -324,7 +330,7 @@ async def test_terminal_mode_runs_the_same_loop(tmp_path, tiny_base, bootstrappe
     cfg_path = write_plain_config(tmp_path, model_sections(tiny_base, tmp_path))
     script = "\n".join([  # /new: each question is asked afresh, so the answers compare
         QUESTION, "/flag", f"/correct {CORRECTION}", "/corrections", "/approve 1", "/retrain",
-        "/new", QUESTION, "/status", "/rollback", "/new", QUESTION, "/quit",
+        "/new", QUESTION, "/status", "/rollback", "/retract 1", "/new", QUESTION, "/quit",
     ]) + "\n"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", "--config", str(cfg_path), cwd=ROOT,
@@ -340,6 +346,7 @@ async def test_terminal_mode_runs_the_same_loop(tmp_path, tiny_base, bootstrappe
     assert "passed the gate and is now live" in out, out
     assert not answer_matches(answers[0], CORRECTION) and answer_matches(answers[1], CORRECTION), answers
     assert "Live adapter: v0003" in out
-    assert "Rolled back: v0002 is live again" in out and answers[2] == answers[0]
+    # Retracted, the fact no longer answers: the first version's first answer again.
+    assert "Rolled back: v0002 is live again" in out and "Fact #1 retracted" in out and answers[2] == answers[0]
     registry = Registry(tmp_path / "adapters")
     assert registry.promoted() == "v0002" and registry.get("v0003")["stage"] == "calibrate"

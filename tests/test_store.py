@@ -326,3 +326,34 @@ async def test_forget_erases_the_users_words_quoted_in_other_peoples_prompts(tmp
     assert SECRET_Q not in run_file.read_text() and "Dogs are great." in run_file.read_text()
     await s.close()
     assert not any(SECRET_Q.encode() in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+
+
+async def test_a_version_2_store_upgrades_keeping_runs_and_what_they_trained(tmp_path):
+    """Schema v3 rebuilds training_runs (a run can be "cancelled") with foreign keys off: the
+    corrections a run trained keep pointing at it, and the memory table appears empty."""
+    from bot.store import _split_statements
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        for statement in _split_statements(script):
+            con.execute(statement)
+    con.execute("PRAGMA user_version = 2")
+    con.execute("INSERT INTO exchanges (id, user_id, prompt_messages, answer, status, created_at)"
+                " VALUES (1, 5, '[]', 'a', 'complete', 't')")
+    con.execute("INSERT INTO training_runs (id, trigger, status, started_at, report) VALUES (7, 'manual', 'succeeded', 't', '{}')")
+    con.execute("INSERT INTO corrections (id, exchange_id, user_id, text, status, created_at, trained_run_id)"
+                " VALUES (3, 1, 5, 'fact', 'approved', 't', 7)")
+    con.commit()
+    con.close()
+    s = await Store.open(path)
+    try:
+        assert await s.schema_version() == len(MIGRATIONS) == 3
+        assert (await s.get_run(7))["status"] == "succeeded"
+        assert (await s.get_correction(3))["trained_run_id"] == 7
+        assert await s.count_memory() == 0 and [r["id"] for r in await s.corrections_missing_memory("m")] == [3]
+        run = await s.start_run("manual")
+        await s.finish_run(run, status="cancelled")
+        assert (await s.get_run(run))["status"] == "cancelled"
+    finally:
+        await s.close()
