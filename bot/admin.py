@@ -175,7 +175,7 @@ def memory_line(memory, entries: int) -> str:
         return "**Memory:** off (memory.enabled: false)"
     if not memory.on:
         return f"**Memory:** ⚠️ off: {memory.error or 'the embedding model is not loaded'}"
-    return f"**Memory:** {entries} fact{'s' if entries != 1 else ''} answer at once (/memory lists them)"
+    return f"**Memory:** {entries} {'fact answers' if entries == 1 else 'facts answer'} at once (/memory lists them)"
 
 
 def render_facts(facts, name_of) -> str:

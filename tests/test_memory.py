@@ -106,7 +106,7 @@ async def test_an_approved_correction_answers_a_reworded_question_in_a_new_conve
     assert f"📌 from a correction by <@{ana}>, approved by <@{h.admin}>" in content
     assert exchange["answer"] == BOOK_CLUB  # the footer is for readers, not part of what the model said
     status = await h.runtime.status()
-    assert "**Memory:** 1 fact answer" in status
+    assert "**Memory:** 1 fact answers at once" in status
     it = await h.fake.slash_command(h.channel, h.admin, "memory", options={"search": "book club"})
     listing = (await it.wait_response())
     assert f"#{cid}" in it.original["content"] and "6 pm UTC" in it.original["content"], listing
