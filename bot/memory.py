@@ -26,6 +26,7 @@ import torch
 from model.config import Config
 from model.embedding import Embedder, EmbeddingError, from_blobs, to_blob
 
+from bot.admin import claimed_identities
 from bot.store import MemoryRow, Store
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,10 @@ class Memory:
         if not self.on:
             return 0
         async with self._sync_lock:
-            rows = await self.store.corrections_missing_memory(self.embedder.name)
+            # A correction that claims another identity ("I am ChatGPT") may be approved for the record,
+            # but it never answers: it would teach members the bot is someone else.
+            rows = [r for r in await self.store.corrections_missing_memory(self.embedder.name)
+                    if not claimed_identities(self.cfg, r["text"])]
             if not rows:
                 return 0
             vectors = await asyncio.to_thread(entry_vectors, self.embedder, [(r["question"], r["text"]) for r in rows])
