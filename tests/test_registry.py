@@ -153,10 +153,21 @@ def test_a_kill_between_promoted_and_history_is_repaired_at_start(tmp_path):
     repairs = reg.check()
     assert not stale.exists()
     assert reg.history()[-1]["version"] == v2 and reg.history()[-1]["repaired"] is True
-    assert reg.get(v2)["status"] == "promoted"
+    assert reg.get(v2)["status"] == "promoted" and reg.get(v1)["status"] == "superseded"
     assert reg.promotion_stack() == [v1, v2] and reg.rollback() == v1
-    assert len(repairs) == 3
+    assert len(repairs) == 4
     assert reg.check() == []  # nothing left to repair
+
+
+def test_only_the_live_version_says_promoted(tmp_path):
+    reg = Registry(tmp_path)
+    v1, v2 = (add_version(reg, passed=True) for _ in range(2))
+    reg.promote(v1)
+    reg.promote(v2)
+    assert [reg.get(v)["status"] for v in (v1, v2)] == ["superseded", "promoted"]
+    assert reg.get(v1)["promoted_at"]  # it was live once
+    reg.rollback()
+    assert [reg.get(v)["status"] for v in (v1, v2)] == ["promoted", "rolled_back"]
 
 
 def test_registry_directories_are_private(tmp_path):

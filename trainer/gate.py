@@ -64,7 +64,7 @@ def reference_version(reg: Registry, version: str) -> Optional[str]:
     while parent and parent not in seen:
         seen.add(parent)
         m = reg.get(parent)
-        if m.get("promoted_at") or m.get("status") in ("promoted", "rolled_back"):
+        if m.get("promoted_at") or m.get("status") in ("promoted", "superseded", "rolled_back"):
             return parent
         parent = m.get("parent")
     return None

@@ -24,8 +24,9 @@ Rollback history is a stack: a promotion pushes, a plain rollback pops, and an
 explicit `rollback --to V` pushes V on top of the version it replaced (so a plain
 rollback afterwards returns there).
 
-status in a manifest: "candidate" (new), "rejected" (gate failed), "promoted"
-(promoted at least once), "rolled_back" (an admin rolled away from it).
+status in a manifest: "candidate" (new), "rejected" (gate failed), "promoted" (live now),
+"superseded" (was live, a newer one was promoted), "rolled_back" (an admin rolled away from it);
+`promoted_at` stays on every version that was ever live.
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ class Registry:
                     write_json_atomic(self.path(current) / MANIFEST, {
                         **manifest, "status": "promoted", "promoted_at": manifest.get("promoted_at") or now_iso()})
                     repaired.append(f"{current}/{MANIFEST}: status set to promoted")
+                repaired += [f"{v}/{MANIFEST}: status set to superseded" for v in self._supersede_all_but(current)]
         return repaired
 
     # ---- writing --------------------------------------------------------
@@ -389,6 +391,22 @@ class Registry:
             event["explicit"] = explicit
         self._append_history(event)
 
+    def _supersede_all_but(self, live: str) -> list[str]:
+        """Versions other than `live` whose manifest still says "promoted" now say "superseded"
+        (caller holds the lock); returns them."""
+        changed = []
+        for v in self.versions():
+            if v == live:
+                continue
+            try:
+                m = self.get(v)
+            except RegistryError:
+                continue  # a broken version is reported by list/check, not rewritten here
+            if m.get("status") == "promoted":
+                write_json_atomic(self.path(v) / MANIFEST, {**m, "status": "superseded"})
+                changed.append(v)
+        return changed
+
     def promote(self, version: str, force: bool = False) -> str:
         """Make `version` the live adapter; only a gate-passed one unless forced."""
         manifest = self.get(version)
@@ -404,6 +422,7 @@ class Registry:
             self._set_pointer(version, "promote", previous, force)
             fields = {**self.get(version), "status": "promoted", "promoted_at": now_iso()}
             write_json_atomic(self.path(version) / MANIFEST, fields)
+            self._supersede_all_but(version)
         return version
 
     def rollback(self, to: Optional[str] = None) -> str:
