@@ -119,7 +119,7 @@ async def run(args) -> dict:
             retrain = {"status": str(result.status), "seconds": round(time.perf_counter() - started, 1),
                        "message": result.message, "metrics": (runtime.registry.get(result.version).get("metrics")
                                                               if result.version else None),
-                       "checks": report.get("checks")}
+                       "checks": report.get("checks"), "live": runtime.live.version}
         rows, recall_ms = [], []
         gate = asyncio.Semaphore(CONCURRENT)  # the worker batches concurrent requests
 
@@ -282,7 +282,8 @@ def retrain_markdown(res: dict) -> str:
         f"Run: **{r['status']}** in {r['seconds']:.0f} s. {r['message']}", "",
         "| after the retrain | as asked | unseen rewordings |", "|---|---|---|",
         f"| memory on (what members read) | {res['asked']:.1%} | {res['reworded']:.1%} |",
-        f"| memory off: the LoRA alone | {res['asked_lora_alone']:.1%} | {res['reworded_lora_alone']:.1%} |", "",
+        f"| memory off: the live LoRA alone ({r['live']}) | {res['asked_lora_alone']:.1%} "
+        f"| {res['reworded_lora_alone']:.1%} |", "",
         "Gate (memory off): identity {0}, general retention vs the parent {1}, corrections learned as a fresh "
         "question {2}, in their conversation {3}, with the memory {4}.".format(
             *(m.get(k) for k in ("identity_accuracy", "general_retention", "corrections_learned",
