@@ -288,10 +288,11 @@ class Core:
             self._fail(result, exc, MSG_FAILED)
         finally:
             result.total_ms = (time.perf_counter() - start) * 1000
-        result.sources = [f for f in result.facts if states_fact(result.text, f.answer, f.question)]
-        close = [f for f in result.facts[:1] if f.score >= self.cfg.memory.quote_similarity]
-        if result.status == AnswerStatus.COMPLETE and not result.sources:
-            result.quoted = close  # a small model may not use what it was given: show it, with its source
+        if result.facts:
+            result.sources = [f for f in result.facts if states_fact(result.text, f.answer, f.question)]
+            if result.status == AnswerStatus.COMPLETE and not result.sources:
+                # a small model may not use what it was given: show the closest, with its source
+                result.quoted = [f for f in result.facts[:1] if f.score >= self.cfg.memory.quote_similarity]
 
     def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)
