@@ -292,7 +292,7 @@ class Core:
             result.sources = [f for f in result.facts if states_fact(result.text, f.answer, f.question)]
             if result.status == AnswerStatus.COMPLETE and not result.sources:
                 # a small model may not use what it was given: show the closest, with its source
-                result.quoted = [f for f in result.facts[:1] if f.score >= self.cfg.memory.quote_similarity]
+                result.quoted = result.facts[:1]
 
     def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)

