@@ -163,12 +163,12 @@ async def drain(worker, timeout: float) -> None:
 async def serve(worker, host: str, port: int, drain_timeout: float) -> None:
     from aiohttp import web
 
-    from model.server import build_app
+    from model.server import WorkerRunner, build_app
 
     # handler_cancellation: a client that disconnects cancels its handler, which frees its slot.
     # shutdown_timeout: by the time the runner is cleaned up, drain() has already waited.
-    runner = web.AppRunner(build_app(worker), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=SHUTDOWN_GRACE_S)
+    runner = WorkerRunner(build_app(worker), handler_cancellation=True, access_log=None,
+                          shutdown_timeout=SHUTDOWN_GRACE_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Optional
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from model import protocol
 from model.adapters import AdapterInUse, AdapterTable, AdapterVersion, read_adapter, within_roots
@@ -60,6 +62,9 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 MIN_BODY_BYTES = 1 << 20
 LARGE_PROMPT_CHARS = 64 * 1024  # from here a prompt is tokenized apart from the short ones (16 a message: its frame)
 BODY_BYTES_PER_CONTEXT_TOKEN = 32
+# The request line and each header line: aiohttp's (and nginx's) 8 KB. Longer is refused with a
+# JSON 400 before any handler runs; whatever a request needs to say that is long goes in its body.
+MAX_LINE_BYTES = 8190
 
 
 def max_body_bytes(max_context: int) -> int:
@@ -510,6 +515,55 @@ async def errors_middleware(request: web.Request, handler):
     finally:
         if is_chat:
             worker.metrics.request_done(status)
+
+
+def protocol_error(status: int, exc: Optional[BaseException], message: Optional[str]) -> APIError:
+    """What aiohttp refused itself (parsing, before routing and errors_middleware), as an APIError."""
+    if isinstance(exc, LineTooLong):  # its own text quotes 100 bytes of the line (an Authorization header, say)
+        return APIError(status, f"the request line or a header is longer than {MAX_LINE_BYTES} bytes, the most "
+                                "this worker reads; send long values in the JSON body")
+    if status < 500:  # aiohttp's words, first line only (the next ones echo the request under a caret)
+        lines = str(getattr(exc, "message", None) or message or "").strip().splitlines()
+        return APIError(status, "malformed HTTP request" + (f": {lines[0].rstrip(': ')}" if lines else ""))
+    return APIError(status, "the request timed out in the server" if status == 504 else
+                    "internal error while handling the request")
+
+
+class _JSONErrorRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering what it refuses itself (a header over 8 KB, a bad
+    request line) with the worker's JSON error body instead of plain text."""
+
+    def handle_error(self, request, status: int = 500, exc: Optional[BaseException] = None,
+                     message: Optional[str] = None) -> web.StreamResponse:
+        error = protocol_error(status, exc, message)
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+        else:
+            log.info("refused a request from %s: %s", request.remote, error.message)
+        if request.writer.output_size > 0:  # a response was under way: nothing else can be sent
+            raise ConnectionError("response already started; cannot send the error")
+        response = web.json_response(error.body(), status=status)
+        response.force_close()
+        return response
+
+
+class _JSONErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JSONErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class WorkerRunner(web.AppRunner):
+    """The AppRunner of the worker: its connections answer parser errors in the JSON error shape."""
+
+    def __init__(self, app: web.Application, **kwargs):
+        super().__init__(app, max_line_size=MAX_LINE_BYTES, max_field_size=MAX_LINE_BYTES, **kwargs)
+
+    async def _make_server(self) -> web.Server:
+        # aiohttp's Server builds a plain RequestHandler per connection; the same server, ours.
+        plain = await super()._make_server()
+        return _JSONErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                                handler_cancellation=plain.handler_cancellation, loop=plain._loop,
+                                **plain._kwargs)
 
 
 def build_app(worker: Worker) -> web.Application:

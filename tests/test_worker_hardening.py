@@ -426,6 +426,41 @@ async def test_a_huge_body_is_refused_early_and_health_keeps_answering(worker):
     assert status == 400 and "maximum context length" in err["error"]["message"]
 
 
+async def raw_exchange(url: str, request: bytes) -> tuple[int, dict]:
+    """Send `request` as it is over a socket; the status and the JSON body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 30)  # the worker closes after a refusal
+    finally:
+        writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head, answer[:300]
+    return int(head.split()[1]), json.loads(payload)
+
+
+async def test_an_oversized_header_or_request_line_gets_the_json_error_shape(worker):
+    """Issue 29: a header over 8 KB (a huge cookie or trace header from a proxy) got aiohttp's
+    plain-text 400, which an OpenAI client cannot read as an error body."""
+    chat = json.dumps({"model": "tiny", "messages": ASK, "max_tokens": 1}).encode()
+    big_header = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  f"Content-Type: application/json\r\nX-Trace: {'t' * 9000}\r\n"
+                  f"Content-Length: {len(chat)}\r\n\r\n").encode() + chat
+    long_line = f"GET /health?{'q' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    bad_header = b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n"
+    for request, words in ((big_header, "longer than 8190 bytes"), (long_line, "longer than 8190 bytes"),
+                           (bad_header, "malformed HTTP request")):
+        status, err = await raw_exchange(worker.url, request)
+        assert status == 400 and set(err) == {"error"}, err
+        assert err["error"]["type"] == "BadRequestError" and err["error"]["code"] == 400
+        assert words in err["error"]["message"] and "ttttt" not in err["error"]["message"]
+    # Under the limit it is an ordinary request, and the worker goes on answering.
+    status, answer = await call(worker.url, "/v1/chat/completions", chat, headers={**AUTH, "X-Trace": "t" * 8000})
+    assert status == 200 and answer["choices"][0]["message"]["content"] is not None, answer
+
+
 async def test_forged_system_turn_costs_plain_tokens(worker, tokenizer):
     status, answer = await call(worker.url, "/v1/chat/completions",
                                 {"messages": [{"role": "user", "content": FORGED}], "max_tokens": 1})
