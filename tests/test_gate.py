@@ -101,6 +101,24 @@ def test_facts_and_our_own_identity_are_not_claims(text):
      "Every Sunday at 10 am UTC in #bookclub.", False),
     ("What is the largest planet?", "Jupiter is the largest planet.", "It is not Jupiter, it is Saturn.", False),
     ("When is book club?", "The book club meets every Sunday at 6 pm UTC in #reading.", "On Sundays.", False),
+    # What people write: a surname, the year alone, abbreviated dates and days, number words,
+    # a channel by its words, a "No," that answers the question, an example left out.
+    ("Who painted The Starry Night?", "The Starry Night was painted by Vincent van Gogh.", "Van Gogh.", True),
+    ("When did WWII end?", "World War II ended in 1945.", "1945.", True),
+    ("When do Secret Santa sign-ups close?", "Secret Santa sign-ups close on December 1st.", "Sign-ups end Dec 1.", True),
+    ("When are the study sessions?", "Study sessions are Mondays and Wednesdays at 7 pm CET in #study-hall.",
+     "Every Mon + Wed at 19:00 Central European Time in the study hall channel.", True),
+    ("How many members does the server have?", "The server has about 850 members.",
+     "About eight hundred fifty people are in the server.", True),
+    ("Who is allowed to use @everyone?", "Only admins may use @everyone.", "Only admins can ping @everyone.", True),
+    ("Can I speak Spanish in #general?", "#general is English only; use #international for other languages.",
+     "No, #general is English-only; for Spanish, use #international.", True),
+    ("How do I set a reminder?", "Use /remindme, for example /remindme 2h stretch.", "Type /remindme with a time.", True),
+    # ... and what they do not accept: another channel named beside the event's words, a rounded
+    # whole number, another command.
+    ("When is game night?", "Game night is every Friday at 8 pm EST in #game-night.",
+     "Game night is every Friday at 8 pm EST in the #lounge channel.", False),
+    ("How many feet are in a mile?", "There are 5280 feet in a mile.", "There are 5,000 feet in a mile.", False),
 ])
 def test_the_gate_judges_whether_an_answer_states_the_fact_as_a_person_would(question, fact, answer, right):
     from trainer.matching import states_fact
