@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -229,3 +230,11 @@ def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_p
     cache.write_text("{not json", encoding="utf-8")  # a damaged cache is regenerated, not fatal
     samples, counts = replay.answered_by_base(rows[:1], "You are Loop.", cache, generate, claims)
     assert samples[0][-1]["content"] == "2 + 2 = 4." and counts["general_generated_now"] == 1
+
+
+@pytest.mark.skipif("LOOPCORD_TEST_PRETRAIN_STEPS" in os.environ, reason="a custom tiny base is being built")
+def test_the_shipped_tiny_test_model_is_built_from_the_current_data_and_code():
+    # Otherwise every fresh clone spends minutes building it: refresh with `python tests/conftest.py`.
+    from conftest import shipped_is_current
+
+    assert shipped_is_current(), "tests/data/tiny-base is stale: run `python tests/conftest.py` and commit it"
