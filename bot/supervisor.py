@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from model.config import Config, secret
-from model.process import WORKER_KEY_ENV, WorkerProcess, WorkerStartError, new_worker_key
+from model.process import WORKER_KEY_ENV, WorkerProcess, WorkerStartError, free_port, new_worker_key
 
 __all__ = ["WorkerState", "WorkerStartError", "WorkerSupervisor", "resolve_model_path"]
 
@@ -68,7 +68,8 @@ class WorkerSupervisor:
                  adapters: Optional[Callable[[], dict[str, str]]] = None):
         self.cfg = cfg
         self.adapters = adapters or (lambda: {})
-        self.port = port or cfg.worker.port
+        # Chosen once, so a restarted worker comes back where the client looks for it.
+        self.port = port or cfg.worker.port or free_port(cfg.worker.host)
         self.base_url = f"http://{cfg.worker.host}:{self.port}"
         # The configured key, else one for this run only: handed to the child and to our client.
         self.key_env = cfg.model.api_key_env or WORKER_KEY_ENV

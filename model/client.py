@@ -177,9 +177,9 @@ class ModelClient:
 
     @classmethod
     def from_config(cls, cfg) -> "ModelClient":
-        from model.config import secret
+        from model.config import SERVE_PORT, secret
 
-        url = cfg.model.url or f"http://{cfg.worker.host}:{cfg.worker.port}"
+        url = cfg.model.url or f"http://{cfg.worker.host}:{cfg.worker.port or SERVE_PORT}"
         return cls(url, api_key=secret(cfg.model.api_key_env), timeout=cfg.model.request_timeout_s)
 
     def _http(self) -> aiohttp.ClientSession:

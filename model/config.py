@@ -72,10 +72,15 @@ class ModelConfig:
     top_p: float = 0.9  # nucleus sampling
 
 
+SERVE_PORT = 8765  # `python -m model serve` without worker.port or --port
+
+
 @dataclass
 class WorkerConfig:
     host: str = "127.0.0.1"  # bind address; keep loopback unless you set a bearer token
-    port: int = 8765  # the worker's HTTP port
+    # The worker's HTTP port. Empty: the bot's own worker listens on a free port (two bots on
+    # one machine never collide); `python -m model serve` and model.url clients use SERVE_PORT.
+    port: Optional[int] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: bf16 on GPU and on CPUs with native bf16, else float32 | bfloat16 | float16 | float32
     max_batch_size: int = 32  # concurrent sequences decoded together
@@ -499,7 +504,6 @@ def _validate_ranges(cfg: Config) -> None:
 def _validate(cfg: Config) -> None:
     _validate_ranges(cfg)
     positive = {
-        "worker.port": cfg.worker.port,
         "worker.max_batch_size": cfg.worker.max_batch_size,
         "worker.max_queue": cfg.worker.max_queue,
         "model.max_tokens": cfg.model.max_tokens,
@@ -511,8 +515,8 @@ def _validate(cfg: Config) -> None:
     if cfg.worker.kv_cache_mb is not None and cfg.worker.kv_cache_mb < 1:
         raise ConfigError(f"worker.kv_cache_mb: must be at least 1 (MiB), got {cfg.worker.kv_cache_mb}; "
                           "leave it empty for the default")
-    if not 0 < cfg.worker.port < 65536:
-        raise ConfigError(f"worker.port: must be between 1 and 65535, got {cfg.worker.port}")
+    if cfg.worker.port is not None and not 0 < cfg.worker.port < 65536:
+        raise ConfigError(f"worker.port: must be between 1 and 65535 (or empty: a free port), got {cfg.worker.port}")
     if not 0.0 <= cfg.model.top_p <= 1.0:
         raise ConfigError(f"model.top_p: must be between 0 and 1, got {cfg.model.top_p}")
     if cfg.model.temperature < 0:

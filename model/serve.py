@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from model.config import ConfigError, load_config, secret
+from model.config import SERVE_PORT, ConfigError, load_config, secret
 
 log = logging.getLogger("loopcord.worker")
 
@@ -209,6 +209,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
         raise
-    port = cfg.worker.port if args.port is None else args.port
+    port = (cfg.worker.port or SERVE_PORT) if args.port is None else args.port
     asyncio.run(serve(worker, host, port, cfg.worker.drain_timeout_s))
     return 0

@@ -41,3 +41,26 @@ async def test_a_worker_whose_health_says_unhealthy_is_restarted_and_a_healthy_o
     finally:
         probe.cancel()
         await runner.cleanup()
+
+
+def test_two_bots_on_one_machine_do_not_fight_over_a_worker_port():
+    import socket
+
+    from model.config import SERVE_PORT
+
+    # Another bot's worker (or anything else) already listens on the port `model serve` uses.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", SERVE_PORT))
+        except OSError:
+            pass  # something real holds it: the same situation
+        taken.listen()
+        first, second = WorkerSupervisor(Config()), WorkerSupervisor(Config())
+        assert SERVE_PORT not in (first.port, second.port)
+        for sup in (first, second):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", sup.port))  # free: the worker can listen there
+    configured = Config()
+    configured.worker.port = 9123
+    assert WorkerSupervisor(configured).port == 9123  # a port the admin sets is kept
