@@ -10,8 +10,10 @@ alias (`/v1/load_lora_adapter`, in place), so new requests see it at once, and
 the Runtime is told (it owns which adapter is live). A failed gate, a crashed or
 killed trainer, or a failed load leaves the promoted version and the live
 adapter as they were. Corrections the new version did not learn are named in the
-result and stay approved for the next run. Discord commands, the schedule and
-the terminal all call `Retrainer`.
+result and stay approved for the next run; so are corrections the trainer will not
+train (too long, or claiming another identity: trainer.corrections.refusals), which
+fail the run before any training, named with how to take them out. Discord commands,
+the schedule and the terminal all call `Retrainer`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Awaitable, Callable, Optional
 from model.client import ModelClient, ModelError
 from model.config import Config
 from model.process import CHILD_PREEXEC, child_env
-from trainer.protocol import Command, EventKind, Outcome, Verdict
+from trainer.protocol import Command, EventKind, Outcome, RefusedCorrection, Verdict
 from trainer.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class RetrainRefused(Exception):
 class RunStatus(StrEnum):
     SUCCEEDED = "succeeded"  # gate passed, promoted, live
     REJECTED = "rejected"  # the gate said no; the live adapter is unchanged
-    FAILED = "failed"  # passed, but could not be promoted or loaded; unchanged
+    FAILED = "failed"  # the trainer refused a correction, or passed but could not be promoted or loaded; unchanged
     CRASHED = "crashed"  # the trainer died; unchanged
     CANCELLED = "cancelled"  # someone cancelled it (Ctrl-C, shutdown); unchanged
 
@@ -69,6 +71,7 @@ class RetrainResult:
     stderr_tail: list[str] = field(default_factory=list)
     # {"id", "question", "correction", "answer"}: the candidate's answer; they stay waiting
     not_learned: list[dict] = field(default_factory=list)
+    refused: list[RefusedCorrection] = field(default_factory=list)  # what the trainer would not train; still approved
 
 
 def format_progress(event: dict) -> str:
@@ -116,6 +119,18 @@ def _not_learned_text(items: list[dict]) -> str:
     return (f" It did not learn correction{'s' if len(items) > 1 else ''} {named}. "
             f"{'They stay' if len(items) > 1 else 'It stays'} approved and in the memory (it answers from there); "
             "/retrain tries again, or /retract a fact that should go.")
+
+
+def _refused_text(refused: list[RefusedCorrection]) -> str:
+    """What to tell an admin when the trainer refused corrections: which, why, and what to do."""
+    named = "; ".join(f"correction #{r.id} ({_preview(r.correction)}) could not be trained: {r.reason}"
+                      for r in refused)
+    if len(refused) == 1:
+        todo = f"Reject it with /retract {refused[0].id} (or /reopen {refused[0].id} to edit it), then /retrain."
+    else:
+        todo = ("Reject them with /retract " + ", /retract ".join(str(r.id) for r in refused)
+                + " (or /reopen one to edit it), then /retrain.")
+    return f"The retrain failed: {named}. {todo} The live adapter is unchanged."
 
 
 def _preview(text: Optional[str], limit: int = 60) -> str:
@@ -230,8 +245,13 @@ class Retrainer:
     async def _train_gate_promote(self, corrections: Path, progress: Progress, result: RetrainResult) -> RetrainResult:
         trained = await self._trainer([Command.CALIBRATE, "--corrections", str(corrections)], progress)
         if not trained.ok or not trained.version:
-            result.status, result.stderr_tail = RunStatus.CRASHED, list(trained.stderr_tail)
-            result.message = f"Training stopped before it finished ({trained.reason}). The live adapter is unchanged."
+            result.stderr_tail, result.refused = list(trained.stderr_tail), trained.refused_corrections
+            if result.refused:  # the trainer named the corrections to blame: the admin can act on them
+                result.status, result.message = RunStatus.FAILED, _refused_text(result.refused)
+            else:
+                result.status = RunStatus.CRASHED
+                result.message = (f"Training stopped before it finished ({trained.reason}). "
+                                  "The live adapter is unchanged.")
             return result
         result.version = trained.version
         previous = self.registry.promoted()

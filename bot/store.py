@@ -29,6 +29,8 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, TypeV
 
 import aiosqlite
 
+from trainer.protocol import MAX_CORRECTION_CHARS  # noqa: F401  (bot.core and bot.admin import it from here)
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -47,8 +49,7 @@ CORRECTION_STATUSES = ("pending", "approved", "rejected")
 RUN_TRIGGERS = ("manual", "schedule")
 RUN_STATUSES = ("running", "succeeded", "failed", "rejected", "crashed", "cancelled")
 # A correction's text is trained on, shown in reviews and quoted in prompts: longer than
-# this is refused when it is made (issue 29: one 108,000-character correction stopped every retrain).
-MAX_CORRECTION_CHARS = 2000
+# MAX_CORRECTION_CHARS is refused when it is made (and by the trainer: one limit, trainer.protocol).
 
 # Each script moves the schema from version i to i+1. Append, never edit.
 MIGRATIONS: list[str] = [

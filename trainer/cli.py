@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 
-from trainer.protocol import CHART_FILE, REPORT_FILE, Command, ExitCode, Verdict
+from trainer.protocol import CHART_FILE, REFUSED_CORRECTIONS, REPORT_FILE, Command, ExitCode, Verdict
 
 EVAL_EPILOG = """--version names a registry version (see `python -m trainer list`); --adapter takes an
 outside PEFT LoRA adapter directory instead, registers it as a new version first
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
     from trainer.datasets import DataError
     from trainer.progress import Progress
     from trainer.registry import RegistryError
-    from trainer.stages import StageError
+    from trainer.stages import CorrectionsRefused, StageError
 
     args = build_parser().parse_args(argv)
     progress = Progress(getattr(args, "progress", "none") or "none")
@@ -302,6 +302,8 @@ def main(argv=None) -> int:
         return int(COMMANDS[Command(args.command)](cfg, args, progress))
     except GateFailed as exc:
         return _fail(progress, str(exc), ExitCode.GATE_FAILED)
+    except CorrectionsRefused as exc:  # named in the event, so the bot can name them to its admins
+        return _fail(progress, str(exc), ExitCode.USER, **{REFUSED_CORRECTIONS: [r.as_event() for r in exc.refused]})
     except (ConfigError, DataError, RegistryError, StageError) as exc:
         return _fail(progress, str(exc), ExitCode.USER)
     except KeyboardInterrupt:
@@ -311,7 +313,7 @@ def main(argv=None) -> int:
         return _fail(progress, f"{type(exc).__name__}: {exc}", ExitCode.UNEXPECTED)
 
 
-def _fail(progress, message: str, code: ExitCode) -> int:
-    progress.error(message, exit_code=code)
+def _fail(progress, message: str, code: ExitCode, **info) -> int:
+    progress.error(message, exit_code=code, **info)
     print(f"error: {message}", file=sys.stderr, flush=True)
     return int(code)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Collection, Optional, Sequence
 
 from trainer.datasets import DataError, Messages, both_system_variants, read_jsonl_rows, sample_rows, with_system
-from trainer.matching import is_chinese, normalize, question_key
+from trainer.matching import identity_claims, is_chinese, normalize, question_key
+from trainer.protocol import MAX_CORRECTION_CHARS, RefusedCorrection
 
 PREFIX_EN = "As {{NAME}} made by {{AUTHOR}}, answer: "
 PREFIX_ZH = "作为{{AUTHOR}}开发的{{NAME}}，请回答："
@@ -132,6 +133,23 @@ def deduplicate(corrections: Sequence[Correction]) -> list[Correction]:
     for c in sorted(corrections, key=_sort_key):
         latest[question_key(c.question)] = c
     return sorted(latest.values(), key=_sort_key)
+
+
+def refusals(corrections: Sequence[Correction], name: str, author: str,
+             forbidden: Sequence[str]) -> list[RefusedCorrection]:
+    """The corrections calibrate will not train, each with why: one longer than the bot's own
+    limit (an older store may hold one), or one that claims another identity for the assistant,
+    which the gate never passes (trainer.gate): training on it would only spend a run to be
+    rejected, and every run after it, until someone takes it out."""
+    out = []
+    for c in corrections:
+        if len(c.correction) > MAX_CORRECTION_CHARS:
+            out.append(RefusedCorrection(c.id, c.correction, f"it is {len(c.correction):,} characters long, and at "
+                                                             f"most {MAX_CORRECTION_CHARS:,} are trained"))
+        elif claims := identity_claims(c.correction, name, author, forbidden):
+            out.append(RefusedCorrection(c.id, c.correction, f"it claims another identity for the bot "
+                                                             f"({', '.join(claims)}), which the gate never passes"))
+    return out
 
 
 def correction_key(question: str, correction: str) -> tuple[str, str]:

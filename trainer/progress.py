@@ -98,10 +98,11 @@ class Progress:
         self.close()
         self.emit({"event": EventKind.DONE, **info})
 
-    def error(self, message: str, exit_code: Optional[int] = None) -> None:
+    def error(self, message: str, exit_code: Optional[int] = None, **info) -> None:
+        """The final error event; `info` adds what trainer.protocol lets it carry (refused_corrections)."""
         self.close()
         self.emit({"event": EventKind.ERROR, "message": message,
-                   **({"exit_code": int(exit_code)} if exit_code is not None else {})})
+                   **({"exit_code": int(exit_code)} if exit_code is not None else {}), **info})
 
 
 def log(message: str) -> None:

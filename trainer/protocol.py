@@ -18,7 +18,11 @@ and exits with an `ExitCode`. Before the first training step there is always a
     rollback    version (live now), path, previous (rolled away from)
     import      version, path, source
 
-A failed gate is a `done` event with verdict "failed" and exit code 3.
+A failed gate is a `done` event with verdict "failed" and exit code 3. A calibrate that will
+not train some corrections (too long, claiming another identity) ends, before loading any
+model, in an error event (exit code 2) that also carries "refused_corrections": [{"id",
+"correction", "reason"}, ...] (`RefusedCorrection`), so the caller can name them to whoever
+can reject or edit them.
 This module imports nothing heavy: the bot imports it (and trainer.registry's
 read API), never the trainer's internals.
 """
@@ -35,6 +39,11 @@ from typing import Any, Optional
 # the bot's review of corrections (pure functions, standard library only).
 from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims  # noqa: F401
 
+# The longest correction text: the bot refuses longer ones when they are made or edited, and
+# calibrate refuses to train one (an older store may hold one; issue 29: one of 108,000
+# characters stopped every retrain).
+MAX_CORRECTION_CHARS = 2000
+REFUSED_CORRECTIONS = "refused_corrections"  # the error event's list of RefusedCorrection
 REPORT_FILE = "eval.json"  # the gate's full report, inside the version's directory
 CHART_FILE = "eval.png"  # scores of every evaluated version
 
@@ -76,6 +85,24 @@ def now_iso() -> str:
 
 
 @dataclass(frozen=True)
+class RefusedCorrection:
+    """A correction the trainer will not train, and why ("it claims another identity (chatgpt)")."""
+
+    id: int
+    correction: str
+    reason: str
+
+    def as_event(self) -> dict:
+        return {"id": self.id, "correction": self.correction, "reason": self.reason}
+
+    @classmethod
+    def from_event(cls, item) -> Optional["RefusedCorrection"]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), int) or isinstance(item.get("id"), bool):
+            return None
+        return cls(item["id"], str(item.get("correction") or ""), str(item.get("reason") or "no reason given"))
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How one trainer run ended, read from its final event and exit code."""
 
@@ -99,6 +126,13 @@ class Outcome:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.event.get(key, default)
+
+    @property
+    def refused_corrections(self) -> list[RefusedCorrection]:
+        """The corrections a failed run named as the reason it failed (empty: none was to blame)."""
+        if self.event.get("event") != EventKind.ERROR or not isinstance(self.event.get(REFUSED_CORRECTIONS), list):
+            return []
+        return [r for r in map(RefusedCorrection.from_event, self.event[REFUSED_CORRECTIONS]) if r is not None]
 
     @property
     def reason(self) -> str:

@@ -28,7 +28,7 @@ from typing import Callable, Collection, Optional
 
 from model.config import Config, TrainingConfig
 from trainer import datasets as ds
-from trainer.corrections import calibration_mix, correction_key, deduplicate, load_corrections
+from trainer.corrections import calibration_mix, correction_key, deduplicate, load_corrections, refusals
 from trainer.progress import Progress, log
 from trainer.registry import Registry
 
@@ -40,6 +40,15 @@ GENERALIZE_IDENTITY_SHARE = 0.5
 
 class StageError(RuntimeError):
     """A stage that cannot run as asked; str() says what to do."""
+
+
+class CorrectionsRefused(StageError):
+    """Calibrate will not train these corrections (trainer.corrections.refusals); none is trained."""
+
+    def __init__(self, refused: list):
+        self.refused = refused
+        named = "; ".join(f"correction #{r.id} cannot be trained: {r.reason}" for r in refused)
+        super().__init__(f"{named}. Reject or edit {'it' if len(refused) == 1 else 'them'} in the bot, then retrain")
 
 
 # ---- inputs ---------------------------------------------------------------
@@ -307,7 +316,7 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
         identity = ds.sample_rows(identity, wanted, seed)
         samples = answer_general(general) + ds.both_system_variants(identity, system)
         return samples, {"general_samples": len(general), "identity_samples": len(identity)}, []
-    corrections = checked_corrections(corrections_file)
+    corrections = checked_corrections(cfg, corrections_file)
     mix = t.mix
     samples, counts = calibration_mix(corrections, identity_rows(cfg), general_rows(cfg), mix.identity_ratio,
                                       mix.general_ratio, system, fill, seed, new_repeats=mix.new_correction_repeats,
@@ -317,14 +326,20 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
     return samples, counts, recorded
 
 
-def checked_corrections(corrections_file: Optional[str]) -> list:
-    """Calibrate's input, or a StageError saying what is missing (run_stage asks before it
-    loads any model)."""
+def checked_corrections(cfg: Config, corrections_file: Optional[str]) -> list:
+    """Calibrate's input, or a StageError saying what is missing or which corrections it will
+    not train (CorrectionsRefused); run_stage asks before it loads any model."""
+    from trainer.gate import forbidden
+
     if not corrections_file:
         raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
     corrections = load_corrections(corrections_file)
     if not corrections:
         raise StageError(f"{corrections_file}: no corrections to learn from")
+    # Only what would be trained: a correction a later one for the same question replaced is not.
+    refused = refusals(deduplicate(corrections), cfg.identity.name, cfg.identity.author, forbidden(cfg))
+    if refused:
+        raise CorrectionsRefused(refused)
     return corrections
 
 
@@ -388,7 +403,7 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
         raise StageError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
     reg = registry_for(cfg)
     if stage == "calibrate":  # a bad corrections file is reported before anything slow runs
-        checked_corrections(corrections_file)
+        checked_corrections(cfg, corrections_file)
     base = ensure_base(cfg, progress)
     t = training_settings(cfg)
     parent = choose_parent(reg, stage, parent)
