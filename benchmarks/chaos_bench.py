@@ -1,10 +1,11 @@
 """Chaos: SIGKILL the worker, the trainer and the bot at random moments, then count the damage.
 
-    python benchmarks/chaos_bench.py [--targets worker,trainer,bot] [--rounds 3] [--seed 1]
-                                     [--model DIR] [--calibrate-steps 100] [--no-write]
+    python benchmarks/chaos_bench.py [--targets worker,trainer,bot,adapters,refused] [--rounds 3]
+                                     [--seed 1] [--model DIR] [--calibrate-steps 100] [--no-write]
 
-Every round kills a real process of the product with SIGKILL (no clean-up code of
-its own can run) at a random moment, on the tiny test base:
+Every round of worker, trainer and bot kills a real process of the product with
+SIGKILL (no clean-up code of its own can run) at a random moment; adapters and
+refused disturb a serving worker with adapter loads instead. All on the tiny test base:
 
 worker   `python -m model serve` (a live adapter loaded) under four client loops;
          SIGKILL, restart on the same port. Counts requests that failed with a
@@ -29,6 +30,24 @@ bot      the real `python -m bot` (terminal mode, driven through a pipe): chat,
          worker or trainer child of the dead bot outlives it, the registry is
          consistent, and after a retrain kill a new /retrain is accepted and
          completes. Recover = kill -> the restarted bot's first answer.
+adapters `python -m model serve` answering chats on the base, on an adapter that is always
+         loaded ("live") and on one that comes and goes ("swap"), streamed or not, from
+         four client loops, while a control loop loads "swap", replaces it in place with
+         another directory, unloads it, and replaces "live" with another adapter and back,
+         at random moments. Every answer is checked for vLLM's shape; a 404 for "swap"
+         while it is unloaded and a 409 for an unload while it answers are clear. After
+         each round, idle: no adapter request is still held, and greedy answers of the
+         base, "live" and "swap" are those of their weights before any churn.
+refused  the same worker under a mixed batch (base and "live", streamed or not, several
+         tokens each) while adapters it must refuse are loaded, under a new name and in
+         place of "live": modules_to_save, a NaN weight, a config whose rank does not fit
+         the weights, a truncated safetensors file, a config nested 100,000 deep. Every
+         load must be a 400 in the JSON error shape, every chat of the batch must answer,
+         and afterwards "live" and the base answer as before.
+         For both: lost = a chat or load answered 5xx or not in the expected shape, a
+         refused adapter that loaded, or an answer of other weights afterwards; wedged = a
+         request with no answer within 60 s, a worker that stopped answering, or an
+         adapter request still held when idle.
 
 Prints the figures and writes them to benchmarks/RESULTS.md (section
 "chaos_bench"). Target: 0 unclear failures, 0 lost, 0 wedged, 0 orphans.
@@ -49,6 +68,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -60,10 +80,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from benchmarks.results import write_section  # noqa: E402
+import aiohttp  # noqa: E402
+
 from model.client import ModelClient, ModelError  # noqa: E402
 from model.process import WorkerProcess, child_env, free_port, new_worker_key  # noqa: E402
 
-TARGETS = ("worker", "trainer", "bot")
+TARGETS = ("worker", "trainer", "bot", "adapters", "refused")
 QUESTION, CORRECTION = "What is the capital of France?", "Paris."  # the tiny base knows this one
 ASK = [{"role": "user", "content": QUESTION}]
 CLIENT_LOOPS = 4
@@ -516,6 +538,312 @@ async def trainer_round(lab: TrainerLab, r: int, rng: random.Random, tally: Tall
                        f"after the kill")
 
 
+# ---------------------------------------------------------------- adapters and refused (one serving worker)
+
+ADAPTER_OPS_PER_ROUND = 8  # loads, replacements and unloads a round of `adapters` makes
+REFUSED_BATCH = 8  # chats in flight while `refused` loads adapters the worker must refuse
+IDLE_LIMIT_S = 60.0
+
+
+class Served:
+    """A worker on the tiny base serving "live" (adapter a) and, at times, "swap", over raw HTTP
+    (every status and body seen as it is, not as a client library reads it)."""
+
+    def __init__(self, base: Path, root: Path, tmp: Path):
+        self.base, self.root, self.tmp = base, root, tmp
+        self.key = new_worker_key()
+        self.auth = {"Authorization": f"Bearer {self.key}"}
+        self.proc: Optional[WorkerProcess] = None
+        self.http: Optional[aiohttp.ClientSession] = None
+        self.reference: dict[str, str] = {}  # adapter dir (or "base") -> its greedy answer, idle
+
+    async def start(self) -> "Served":
+        args = ["--model", str(self.base), "--served-model-name", "tiny", "--lora", f"live={self.root / 'a'}",
+                "--adapter-root", str(self.root), "--cpu-threads", "1", "--max-batch-size", "8"]
+        self.proc = await asyncio.to_thread(WorkerProcess(args, api_key=self.key,
+                                                          log_path=self.tmp / "adapters-worker.log").start)
+        self.http = aiohttp.ClientSession(headers=self.auth)
+        return self
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None:
+            await asyncio.to_thread(self.proc.stop)
+
+    async def post(self, path: str, body: dict) -> tuple[int, object]:
+        async with self.http.post(self.proc.url + path, json=body,
+                                  timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)) as r:
+            text = await r.text()
+            try:
+                return r.status, json.loads(text)
+            except ValueError:
+                return r.status, text
+
+    async def load(self, name: str, adapter: Path, inplace: bool = True) -> tuple[int, object]:
+        return await self.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter),
+                                                          "load_inplace": inplace})
+
+    async def unload(self, name: str) -> tuple[int, object]:
+        return await self.post("/v1/unload_lora_adapter", {"lora_name": name})
+
+    async def health(self) -> dict:
+        async with self.http.get(self.proc.url + "/health", timeout=aiohttp.ClientTimeout(total=10)) as r:
+            return await r.json()
+
+    async def chat(self, model: str, stream: bool, max_tokens: int, ignore_eos: bool = False) -> tuple[int, str, str]:
+        """(status, what went wrong with the answer's shape or "" if nothing, the text or the error message)."""
+        body = {"model": model, "messages": ASK, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": ignore_eos, "stream": stream}
+        async with self.http.post(self.proc.url + "/v1/chat/completions", json=body,
+                                  timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)) as r:
+            raw = await r.read()
+            if r.status != 200:
+                return r.status, error_shape_problem(raw), error_message(raw)
+            return (200, *(stream_problem(raw, model) if stream else completion_problem(raw, model)))
+
+    async def answer(self, model: str) -> str:
+        status, problem, text = await self.chat(model, stream=False, max_tokens=16)
+        return text if status == 200 and not problem else f"<{status} {problem or text}>"
+
+    async def idle(self) -> dict:
+        """/health once nothing runs or waits (or after IDLE_LIMIT_S)."""
+        deadline = time.monotonic() + IDLE_LIMIT_S
+        while True:
+            h = await self.health()
+            if not (h["running"] or h["queue_depth"] or h["active_requests"]) or time.monotonic() > deadline:
+                return h
+            await asyncio.sleep(0.1)
+
+
+def error_message(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return raw[:200].decode("utf-8", "replace")
+
+
+def error_shape_problem(raw: bytes) -> str:
+    """"" when `raw` is vLLM's error body ({"error": {"message", "type", "param", "code"}})."""
+    try:
+        err = json.loads(raw)["error"]
+        ok = isinstance(err["message"], str) and isinstance(err["type"], str) and isinstance(err["code"], int)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    return "" if ok else f"not the JSON error shape: {raw[:120]!r}"
+
+
+def completion_problem(raw: bytes, model: str) -> tuple[str, str]:
+    try:
+        body = json.loads(raw)
+        choice = body["choices"][0]
+        text = choice["message"]["content"]
+        good = (body["object"] == "chat.completion" and body["model"] == model and isinstance(text, str)
+                and choice["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1)
+    except (ValueError, KeyError, IndexError, TypeError):
+        good, text = False, ""
+    return ("" if good else f"not a chat.completion of {model}: {raw[:160]!r}"), text
+
+
+def stream_problem(raw: bytes, model: str) -> tuple[str, str]:
+    """SSE chunks of `model`, one finish_reason, then [DONE]."""
+    events = [line[6:] for line in raw.decode("utf-8", "replace").split("\n") if line.startswith("data: ")]
+    if not events or events[-1].strip() != "[DONE]":
+        return f"a stream of {model} without [DONE]: {raw[-160:]!r}", ""
+    parts, finished = [], 0
+    for data in events[:-1]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return f"a stream chunk that is not JSON: {data[:120]!r}", ""
+        if "error" in chunk:
+            return f"an error inside the stream: {data[:160]}", ""
+        if chunk.get("object") != "chat.completion.chunk" or chunk.get("model") != model:
+            return f"a chunk not of {model}: {data[:160]}", ""
+        for choice in chunk.get("choices") or []:
+            parts.append(choice.get("delta", {}).get("content") or "")
+            finished += choice.get("finish_reason") is not None
+    return ("" if finished == 1 else f"a stream of {model} with {finished} finish reasons"), "".join(parts)
+
+
+def broken_adapters(good: Path, root: Path) -> dict[str, Path]:
+    """Copies of `good`, each with one thing the worker must refuse."""
+    from safetensors.torch import load_file, save_file
+
+    out = {}
+
+    def copy(name: str) -> Path:
+        shutil.copytree(good, root / name, dirs_exist_ok=True)
+        out[name] = root / name
+        return root / name
+
+    config = json.loads((good / "adapter_config.json").read_text())
+    (copy("modules-to-save") / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    (copy("rank-mismatch") / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] * 2}))
+    (copy("deep-config") / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    weights = copy("nan-weight") / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors[next(iter(tensors))][0, 0] = float("nan")
+    save_file(tensors, weights)
+    weights = copy("truncated") / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return out
+
+
+def adapter_lab(base: Path, tmp: Path) -> tuple[Path, dict[str, Path]]:
+    """Three good adapters (a, b, c: random weights, each answering its own way) and the broken ones."""
+    root = tmp / "adapter-lab"
+    for name, seed in (("a", 11), ("b", 12), ("c", 13)):
+        make_adapter(base, root / name, seed=seed)
+    return root, broken_adapters(root / "a", root)
+
+
+async def references(served: Served, tally: Tally) -> None:
+    """The greedy answer of the base and of each good adapter, asked alone on an idle worker."""
+    served.reference["base"] = await served.answer("tiny")
+    for name in ("a", "b", "c"):
+        await served.load("ref", served.root / name)
+        served.reference[name] = await served.answer("ref")
+    await served.unload("ref")
+    tally.notes.append("adapters: greedy answers before any churn (each round ends checking them): "
+                       + "; ".join(f"{k}: {v!r}" for k, v in served.reference.items()))
+    if len(set(served.reference.values())) < len(served.reference):
+        tally.notes.append("adapters: two of those answers are equal, so a swap between them goes unseen")
+
+
+async def after_round(served: Served, live: Path, swap: Optional[Path], tally: Tally, what: str) -> None:
+    """Idle: no adapter request held; the base, "live" and "swap" answer as their weights do."""
+    try:
+        h = await served.idle()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        tally.wedged.append(f"{what}: the worker stopped answering /health: {exc}")
+        return
+    held = {k: v for k, v in (h.get("adapter_requests") or {}).items() if v}
+    if held or h["running"] or h["queue_depth"] or h["active_requests"]:
+        tally.wedged.append(f"{what}: idle, yet held {held}, running {h['running']}, waiting {h['queue_depth']}, "
+                            f"active {h['active_requests']}")
+    if h.get("status") != "ok":
+        tally.wedged.append(f"{what}: /health says {h.get('status')}")
+    expect = {"tiny": "base", "live": live.name, **({"swap": swap.name} if swap else {})}
+    for model, weights in expect.items():
+        got = await served.answer(model)
+        if got != served.reference[weights]:
+            tally.lost.append(f"{what}: {model} answers {got!r}, its weights ({weights}) answer "
+                              f"{served.reference[weights]!r}")
+
+
+async def chat_loop(served: Served, rng: random.Random, stop: asyncio.Event, tally: Tally, what: str,
+                    may_be_gone: tuple[str, ...] = ()) -> None:
+    """Chats until `stop`; a model in `may_be_gone` may answer 404 (clear)."""
+    models = ["tiny", "live", *may_be_gone]
+    while not stop.is_set():
+        model = rng.choice(models)
+        try:
+            status, problem, text = await served.chat(model, stream=rng.random() < 0.5, max_tokens=rng.randint(2, 16))
+        except asyncio.TimeoutError:
+            tally.wedged.append(f"{what}: a chat with {model} had no answer within {ANSWER_TIMEOUT_S:.0f} s")
+            continue
+        except aiohttp.ClientError as exc:
+            tally.wedged.append(f"{what}: a chat with {model} broke: {type(exc).__name__}: {exc}")
+            continue
+        if status == 200 and not problem:
+            tally.ok += 1
+        elif status == 404 and model in may_be_gone and not problem:
+            tally.clear += 1
+        elif status == 429 and not problem:
+            tally.clear += 1
+            await asyncio.sleep(0.2)
+        else:
+            tally.lost.append(f"{what}: chat with {model} got {status}: {problem or text}"[:300])
+
+
+async def adapters_round(served: Served, r: int, rng: random.Random, tally: Tally, state: dict) -> None:
+    """Chats on base/live/swap while "swap" is loaded, replaced and unloaded and "live" replaced."""
+    tally.rounds += 1
+    what = f"adapters round {r}"
+    stop = asyncio.Event()
+    loops = [asyncio.create_task(chat_loop(served, rng, stop, tally, what, may_be_gone=("swap",)))
+             for _ in range(CLIENT_LOOPS)]
+    try:
+        for _ in range(ADAPTER_OPS_PER_ROUND):
+            await asyncio.sleep(rng.uniform(0.0, 1.5))
+            op = rng.choice(("load swap", "replace swap", "unload swap", "replace live"))
+            if op == "unload swap":
+                status, body = await served.unload("swap")
+                ok, refused = status == 200, status in (404, 409)  # not loaded; or answering: retry later
+                if ok:
+                    state["swap"] = None
+            elif op == "replace live":
+                target = served.root / ("b" if state["live"].name == "a" else "a")
+                status, body = await served.load("live", target)
+                ok, refused = status == 200, False
+                if ok:
+                    state["live"] = target
+            else:  # load swap (in place if it is there) or replace it with another directory
+                now = state["swap"].name if state["swap"] else None
+                target = served.root / rng.choice([n for n in ("b", "c") if n != now])
+                status, body = await served.load("swap", target, inplace=op == "replace swap" or now is not None)
+                ok, refused = status == 200, False
+                if ok:
+                    state["swap"] = target
+            tally.kills += 1
+            if refused and not error_shape_problem(json.dumps(body).encode()):
+                tally.clear += 1
+            elif not ok:
+                tally.lost.append(f"{what}: {op} got {status}: {body}"[:300])
+    finally:
+        stop.set()
+        await asyncio.gather(*loops)
+    await after_round(served, state["live"], state["swap"], tally, what)
+
+
+async def refused_round(served: Served, r: int, rng: random.Random, tally: Tally, broken: dict[str, Path]) -> None:
+    """A mixed batch (base and live) in flight while broken adapters are loaded, new and in place of live."""
+    tally.rounds += 1
+    what = f"refused round {r}"
+    live = served.root / "a"
+    status, body = await served.load("live", live)  # whatever an earlier round left, live is a again
+    if status != 200:
+        tally.lost.append(f"{what}: reloading live got {status}: {body}")
+
+    async def one(model: str, stream: bool) -> None:
+        try:
+            status, problem, text = await served.chat(model, stream, max_tokens=rng.randint(8, 24),
+                                                      ignore_eos=True)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            tally.wedged.append(f"{what}: a chat with {model} had no answer: {type(exc).__name__}: {exc}")
+            return
+        if status == 200 and not problem:
+            tally.ok += 1
+        else:
+            tally.lost.append(f"{what}: chat with {model} got {status}: {problem or text}"[:300])
+
+    batch = [asyncio.create_task(one(rng.choice(("tiny", "live")), rng.random() < 0.5)) for _ in range(REFUSED_BATCH)]
+    await asyncio.sleep(rng.uniform(0.0, 0.5))
+    for name in rng.sample(sorted(broken), len(broken)):
+        if all(task.done() for task in batch):
+            tally.notes.append(f"{what}: the batch had finished before loading {name}")
+        inplace = rng.random() < 0.5
+        try:
+            status, body = await served.load("live" if inplace else f"bad-{name}", broken[name])
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            tally.wedged.append(f"{what}: loading {name} had no answer: {type(exc).__name__}: {exc}")
+            continue
+        tally.kills += 1
+        shape = error_shape_problem(json.dumps(body).encode()) if isinstance(body, dict) else "not JSON"
+        if status == 400 and not shape:
+            tally.clear += 1
+        else:
+            tally.lost.append(f"{what}: loading {name} {'in place of live' if inplace else 'as a new name'} "
+                              f"got {status}: {shape or body}"[:300])
+    await asyncio.gather(*batch)
+    await after_round(served, live, None, tally, what)
+    async with served.http.get(served.proc.url + "/v1/models") as resp:
+        listed = [m["id"] for m in (await resp.json())["data"]]
+    if any(m.startswith("bad-") for m in listed):
+        tally.lost.append(f"{what}: a refused adapter is listed: {listed}")
+
+
 # ---------------------------------------------------------------- bot (the real `python -m bot`)
 
 
@@ -837,6 +1165,21 @@ async def run_targets(args, base: Path, tmp: Path, tallies: dict[str, Tally]) ->
                 code = await lab.bot.quit()
                 if code != 0:
                     tallies["bot"].unclear.append(f"bot: /quit exited {code}")
+    if "adapters" in tallies or "refused" in tallies:
+        root, broken = adapter_lab(base, tmp)
+        served = await Served(base, root, tmp).start()
+        try:
+            await references(served, tallies.get("adapters") or tallies["refused"])
+            state = {"live": root / "a", "swap": None}
+            for name in ("adapters", "refused"):
+                for r in range(args.rounds if name in tallies else 0):
+                    print(f"{name} round {r + 1}/{args.rounds}", flush=True)
+                    if name == "adapters":
+                        await adapters_round(served, r + 1, rng, tallies[name], state)
+                    else:
+                        await refused_round(served, r + 1, rng, tallies[name], broken)
+        finally:
+            await served.close()
 
 
 FOUND = """
@@ -853,16 +1196,22 @@ live writers, so their staging dirs survived every start-up check: they are now 
 """
 
 
+DISRUPTIONS = {"adapters": "adapter loads, replacements and unloads", "refused": "refused adapter loads"}
+
+
 def reading(tallies: dict[str, Tally]) -> str:
     bad = {n: len(t.unclear) + len(t.lost) + len(t.wedged) + len(t.orphans) for n, t in tallies.items()}
     parts = []
     for n, t in tallies.items():
+        if n in DISRUPTIONS:
+            parts.append(f"{n}: {t.kills} {DISRUPTIONS[n]} under {t.ok} good answers, {bad[n]} problems")
+            continue
         rec = sorted(t.recover_s)
         worst = f"{rec[-1]:.0f} s" if rec else "n/a"
         missed = f" ({t.rounds - t.kills} of {t.rounds} rounds ended before the kill)" if t.kills < t.rounds else ""
         parts.append(f"{n}: {t.kills} kills{missed}, {bad[n]} problems, worst recovery {worst}")
-    verdict = ("Every kill was survived: nothing acknowledged was lost, nothing was left wedged or running, "
-               "and every failure a user saw was a worded message."
+    verdict = ("Every kill and adapter change was survived: nothing acknowledged was lost, nothing was left wedged "
+               "or running, and every failure a user saw was a worded message."
                if not any(bad.values()) else "Problems are listed below the table.")
     checks = [s for t in tallies.values() for s in t.check_s]
     repair = (f"; the registry's start-up check after a trainer kill took at most {max(checks) * 1000:.0f} ms"
@@ -897,7 +1246,7 @@ async def main_async(args) -> int:
     body = (f"`python benchmarks/chaos_bench.py --targets {','.join(tallies)} --rounds {args.rounds} --seed {args.seed}` "
             f"(tiny base, calibrate {args.calibrate_steps} steps, one SIGKILL per round at a random moment; "
             f"{wall:.0f} s wall on the shared machine).\n\n"
-            "| target | kills/rounds | ok | clear failures | unclear failures | lost | wedged | orphans | "
+            "| target | kills or loads/rounds | ok | clear failures | unclear failures | lost | wedged | orphans | "
             "recover median s | recover worst s |\n|---|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
             + reading(tallies) + "\n\n"
             "How to read it. worker: ok = good answers; clear failures = requests refused with the client's typed "
@@ -910,7 +1259,16 @@ async def main_async(args) -> int:
             "trained; recover = kill to the re-run's end. bot: `python -m bot` on a pipe, killed and restarted at "
             "once on the same data directory; ok = acknowledged flags and corrections (each checked in the "
             "database); orphans = worker or trainer children alive 15 s after their bot died; recover = kill to "
-            "the restarted bot's first answer.\n"
+            "the restarted bot's first answer. adapters: one worker serving the base, \"live\" and \"swap\" to four "
+            "client loops (streamed or not) while \"swap\" is loaded, replaced with another directory and unloaded "
+            "and \"live\" replaced, at random moments; loads = those operations; ok = answers in vLLM's shape; "
+            "clear = a 404 for \"swap\" while unloaded, a 409 for an unload while it answered, a 429. refused: a mixed "
+            f"batch of {REFUSED_BATCH} base and \"live\" chats in flight while adapters the worker must refuse "
+            "(modules_to_save, a NaN weight, a rank that does not fit, a truncated file, a config nested 100,000 deep) "
+            "are loaded as new names and in place of \"live\"; clear = each refusal, a 400 in the JSON error shape. "
+            "For both, lost = a 5xx, an answer not in the expected shape, a refused adapter that loaded, or, idle "
+            "after each round, a greedy answer of the base, \"live\" or \"swap\" that is not what its weights answered "
+            "before any churn; wedged = no answer within 60 s, or an adapter request still held when idle.\n"
             + FOUND + ("\nProblems:\n" + "\n".join(problems) + "\n" if problems else "")
             + ("\nRounds:\n" + "\n".join(notes) + "\n" if notes else ""))
     print(body)
