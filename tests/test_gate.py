@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from model.config import config_from_dict
 from trainer.gate import decide, retention
 from trainer.matching import identity_claims
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def scores(identity=1.0, loss=1.0, right=(True, True, True, True), learned=(True,), claims=((),)) -> dict:
@@ -147,3 +152,13 @@ def test_the_memory_tells_a_question_about_another_subject_from_a_rewording(ques
     from trainer.matching import other_subject
 
     assert other_subject(question, fact_question, fact) is other
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_a_stored_fact_is_never_another_subject_for_its_own_question(split):
+    # Asked again word for word, a taught question must find its own fact.
+    from trainer.matching import other_subject
+
+    facts = [json.loads(line) for line in (ROOT / "benchmarks" / "data" / f"facts_{split}.jsonl").read_text().splitlines()
+             if line.strip()]
+    assert [f["question"] for f in facts if other_subject(f["question"], f["question"], f["correction"])] == []

@@ -407,17 +407,12 @@ _SENTENCE_START = re.compile(r"(?:^|[.?!:;]\s+|\n)\s*[\"'(“‘]*$")
 _POSSESSIVE = re.compile(r"['’]s$")
 
 
-def _subject_word(word: str) -> str:
-    word = _POSSESSIVE.sub("", word.casefold())
-    return _ORDINALS.get(word) or _TIME_WORDS.get(word) or _PLURALS.get(word, word)
-
-
 def subject_keys(text: str) -> set[str]:
     """What a question names: numbers and times (ordinals as numbers), links and handles, days and
     months, and capitalised words that do not start a sentence ("Brazil's" -> "brazil")."""
     keys, rest = _specials(_canonical(text))
     for m in _WORD.finditer(rest):
-        word = _subject_word(m.group(0))
+        word = _fold(m.group(0))
         if word[0].isdigit() or (word[0] == "t" and word[1:2].isdigit()) or word in _DAYS_MONTHS:
             keys.add(word)
         elif (m.group(0)[0].isupper() and word not in _COMMON_CAPS and len(word) > 1 and not _CJK.match(word)
@@ -429,7 +424,7 @@ def subject_keys(text: str) -> set[str]:
 def _mentions(text: str):
     """A test: does `text` mention a key? The same word, its stem ("brazilian" for "brazil"), a
     handle's name alone ("general" for #general), or an acronym of its capitalised words ("US")."""
-    words = {_subject_word(w) for w in _words(text)}
+    words = set(_words(text))  # folded as the keys are
     stems = {_stem(w) for w in words}
     initials = "".join(w[0] for w in re.findall(r"\b[A-Z][a-z]+", text)).casefold()
     return lambda key: (key in words or _stem(key) in stems or (key[:1] in "#@/!" and key[1:] in words)
