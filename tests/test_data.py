@@ -156,6 +156,10 @@ def test_rewordings_train_other_phrasings_and_the_gate_keeps_its_own(tmp_path):
         "Do you know what day the community meetup is?", "Tell me about the community meetup."]
     assert train_rewordings("When does the spring game jam start?", 1) == ["Tell me about the spring game jam."]
     assert train_rewordings("Who moderates this server?", 1) == ["Quick question: Who moderates this server?"]
+    # No broken English is trained where a question has no topic to restructure around.
+    for q in ("How do I open a support ticket?", "Who is allowed to use @everyone?",
+              "How many bones are in the adult human body?"):
+        assert train_rewordings(q, 1) == [f"Quick question: {q}"]
 
 
 @pytest.mark.parametrize("row, message", [

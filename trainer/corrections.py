@@ -177,6 +177,10 @@ _WH_AUX = re.compile(
     re.IGNORECASE)
 
 
+# What a topic starts with: a determiner or possessive, a name, a handle or a number.
+_NOUN_PHRASE = re.compile(r"^(?:(?:the|a|an|our|this|that|these|those|my|your|its|their)\b|(?!I\b)[A-Z#@/]|\d)")
+
+
 def restructured(question: str) -> list[str]:
     """Rewordings that change the question's structure, not only its wrapping: the indirect
     question ("Do you know what day the community meetup is?") and the topic ("Tell me about
@@ -184,8 +188,8 @@ def restructured(question: str) -> list[str]:
     Users ask again in other words, and a model that saw the answer only after one phrasing
     ties it to that phrasing."""
     m = _WH_AUX.match(question.strip())
-    if not m or is_chinese(question):
-        return []
+    if not m or is_chinese(question) or not _NOUN_PHRASE.match(m.group("rest")):
+        return []  # "How do I open a ticket?", "Who is allowed to ...": no topic to restructure around
     wh, aux, rest = m.group("wh"), m.group("aux"), m.group("rest")
     wh = wh[:1].lower() + wh[1:]
     out = []
