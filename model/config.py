@@ -9,6 +9,7 @@ Secrets never live in the file: the config names the environment variable
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -226,15 +227,19 @@ class TrainingConfig:
     # idle (trainer.parallel: the rows of every batch halved, gradients summed, the same result
     # as one process). auto/on: as eval.cpu_parallel decides for its second process. off: one.
     cpu_data_parallel: Literal["auto", "on", "off"] = "auto"
-    # Named recipe from `profiles` applied over the settings above. auto: cpu-small when
-    # training on a CPU, seeds-7b (the settings above, the seeds' Qwen2.5-7B recipe) on a GPU.
+    # Named recipe from `profiles`: its keys replace the defaults above, and the training.* keys
+    # written in the config file replace the profile's (defaults < profile < your file). auto:
+    # cpu-small when training on a CPU, seeds-7b (the defaults above, the seeds' Qwen2.5-7B
+    # recipe) on a GPU.
     profile: str = "auto"
 
 
 # Training recipes by base model and machine (training.profile picks one; each may set any
-# training.* key). seeds-7b is the seeds' recipe for Qwen2.5-7B-Instruct on one GPU, i.e. the
-# training.* defaults as written; cpu-small is for a ~135M model (the embedded SmolLM2) on a
-# small CPU, chosen by measurement (benchmarks/RESULTS.md, "quality_bench").
+# training.* key, over the defaults and under the training.* keys the config file writes).
+# seeds-7b is the seeds' recipe for Qwen2.5-7B-Instruct on one GPU, i.e. the training.*
+# defaults as written; cpu-small is for a ~135M model (the embedded SmolLM2) on a small CPU,
+# chosen by measurement (benchmarks/RESULTS.md, "quality_bench"). docs/CONFIGURATION.md
+# shows both; keep it in step.
 def default_profiles() -> dict[str, dict]:
     return {
         "seeds-7b": {},
@@ -318,6 +323,9 @@ class Config:
     root: Path = field(default=Path("."), metadata={"internal": True})
     # The file it was loaded from (None: built-in defaults); child processes get it.
     source: Optional[Path] = field(default=None, metadata={"internal": True})
+    # The `training` mapping as the file wrote it (parsed, not filled with defaults): the keys
+    # the admin set, which win over the profile in `training_for`.
+    user_training: dict = field(default_factory=dict, metadata={"internal": True})
 
     def base_model_path(self) -> Path:
         """The base model directory: model.base when it is a directory, else where the GGUF
@@ -353,8 +361,9 @@ class Config:
         return name
 
     def training_for(self, profile: str) -> "TrainingConfig":
-        """training.* with the named profile's overrides applied (validated at load)."""
-        return _apply_profile(self.training, profile, self.profiles.get(profile) or {})
+        """training.* under the named profile (validated at load): defaults < the profile's
+        overrides < the training.* keys the config file wrote (`user_training`)."""
+        return _apply_profile(self.training, profile, self.profiles.get(profile) or {}, self.user_training)
 
     def path(self, p: str | os.PathLike) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
@@ -540,7 +549,7 @@ def _validate(cfg: Config) -> None:
                           f"one of auto, {', '.join(cfg.profiles)}")
     _validate_training(cfg.training, "training")
     for name, overrides in cfg.profiles.items():
-        _validate_training(_apply_profile(cfg.training, name, overrides), f"profiles.{name}")
+        _validate_training(_apply_profile(cfg.training, name, overrides, cfg.user_training), f"profiles.{name}")
     # Gate thresholds: a share must be above 0 (a limit of 0 or less is a check that cannot fail).
     for key in ("min_identity_accuracy", "min_corrections_learned", "min_general_retention"):
         value = getattr(cfg.eval, key)
@@ -583,10 +592,18 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _apply_profile(training: "TrainingConfig", name: str, overrides: dict) -> "TrainingConfig":
+def _apply_profile(training: "TrainingConfig", name: str, overrides: dict,
+                   user: Optional[dict] = None) -> "TrainingConfig":
+    """The profile's `overrides` over `training`, then the file's own training keys (`user`,
+    the raw mapping) over both: defaults < profile < what the admin wrote. `training` already
+    holds the defaults and the file's keys (and any change a caller made since); re-applying
+    `user` on top is what keeps the admin's keys from being replaced by the profile's."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"profiles.{name}: must be a mapping of training keys, got {overrides!r}")
     merged = deep_merge(dataclasses.asdict(training), overrides)
+    # `lora:` left empty in the file means "no changes there", not "replace the profile's".
+    user = {k: v for k, v in (user or {}).items() if not (v is None and isinstance(merged.get(k), dict))}
+    merged = deep_merge(merged, user)
     merged.pop("profile", None)
     cfg = _build(TrainingConfig, merged, f"profiles.{name}")
     cfg.profile = name
@@ -599,6 +616,8 @@ def config_from_dict(data: Any, root: Path | str = ".") -> Config:
         data = {**data, "profiles": {**default_profiles(), **data["profiles"]}}
     cfg = _build(Config, data)
     cfg.root = Path(root)
+    if isinstance(data, dict) and isinstance(data.get("training"), dict):
+        cfg.user_training = copy.deepcopy(data["training"])  # _build checked every key in it
     _validate(cfg)
     return cfg
 
@@ -638,4 +657,5 @@ def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
     out.pop("root", None)
     out.pop("source", None)
+    out.pop("user_training", None)
     return out

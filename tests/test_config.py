@@ -1,8 +1,10 @@
-"""config.yaml: the shipped file is complete and valid; bad files stop with one line naming the key."""
+"""config.yaml: the shipped file is slim and valid, docs/CONFIGURATION.md lists every key; a
+profile sits between the defaults and the file; bad files stop with one line naming the key."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,20 +37,85 @@ def _has_key(data, dotted):
     return True
 
 
+def _file_keys(data, prefix=""):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _file_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
 def test_shipped_config_documents_every_key_and_loads():
+    from model.config import default_profiles
+
+    text = (ROOT / "config.yaml").read_text(encoding="utf-8")
     cfg = load_config(ROOT / "config.yaml")
     assert isinstance(cfg, Config)
-    data = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
-    missing = [k for k in _leaf_keys(Config) if not _has_key(data, k)]
-    assert not missing, f"config.yaml does not document: {missing}"
+    # Slim: only what an admin sets, each key with its comment; the rest is in the reference.
+    key_lines = [line for line in text.splitlines() if re.match(r"\s*[\w-]+:\s*[^\s#]", line)]
+    assert len(key_lines) <= 40, f"config.yaml has {len(key_lines)} key: value lines (at most 40)"
+    assert "docs/CONFIGURATION.md" in text
+    data = yaml.safe_load(text)
+    leaves = set(_leaf_keys(Config))
+    unknown = [k for k in _file_keys(data) if k not in leaves]
+    assert not unknown, f"config.yaml holds keys that are not config keys: {unknown}"
+    assert "profiles" not in data  # built in; docs/CONFIGURATION.md shows them
+    # A training.* key written in the file wins over the profile: the shipped file must write
+    # none a built-in profile sets, or it would quietly switch that part of the profile off.
+    profile_keys = {f"training.{k}" for p in default_profiles().values() for k in _file_keys(p)}
+    pinned = [k for k in _file_keys(data) if k in profile_keys]
+    assert not pinned, f"config.yaml writes training keys that override the profiles: {pinned}"
+    assert cfg.profiles == default_profiles()
+    # Every value the file writes is the default (the dataclasses own them).
+    assert dataclasses.asdict(cfg.training_for("cpu-small")) == \
+        dataclasses.asdict(config_from_dict({}).training_for("cpu-small"))
     # The key reference is docs/CONFIGURATION.md (the README points there): one table row per key.
     reference = (ROOT / "docs" / "CONFIGURATION.md").read_text(encoding="utf-8")
     undocumented = [k for k in _leaf_keys(Config) if f"| `{k}` |" not in reference]
     assert not undocumented, f"docs/CONFIGURATION.md does not list: {undocumented}"
-    # The shipped profiles are shown in full in config.yaml and must be the built-in ones.
-    from model.config import default_profiles
+    # ... and it shows the built-in profiles as they are.
+    block = re.search(r"```yaml\n(profiles:.*?)```", reference, re.S)
+    assert block and yaml.safe_load(block.group(1))["profiles"] == default_profiles()
 
-    assert cfg.profiles == default_profiles()
+
+def test_training_keys_the_file_writes_win_over_the_profile(tmp_path):
+    """defaults < profile < the user's file: an admin's learning rate or batch size is not
+    replaced by cpu-small's; the keys the file leaves out come from the profile."""
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  profile: cpu-small\n  calibrate:\n    learning_rate: 0.01\n  batch_size: 3\n",
+                    encoding="utf-8")
+    cfg = load_config(path)
+    t = cfg.training_for("cpu-small")
+    assert (t.calibrate.learning_rate, t.batch_size) == (0.01, 3)
+    # Not written: the profile's (a mapping merges key by key), then the defaults.
+    assert (t.calibrate_blend, t.grad_accum, t.max_length, t.lora.dropout) == (0.85, 1, 512, 0.0)
+    assert (t.calibrate.epochs, t.anchor.learning_rate, t.mix.rewordings) == (2.0, 4e-4, 4)
+    assert (t.warmup_ratio, t.lora.r, t.profile) == (0.05, 8, "cpu-small")
+    # The file's keys win under every profile, and cfg.training is defaults + the file.
+    assert cfg.training_for("seeds-7b").batch_size == 3 and cfg.training.calibrate.learning_rate == 0.01
+    assert cfg.training.calibrate_blend == 1.0
+    # A key the file writes is not checked against the profile's value it replaces.
+    ok = config_from_dict({"profiles": {"mine": {"batch_size": 0}}, "training": {"batch_size": 2}})
+    assert ok.training_for("mine").batch_size == 2
+
+
+def test_auto_on_a_cpu_applies_cpu_small_when_the_file_sets_no_training_keys(tmp_path):
+    from model.config import TrainingConfig, default_profiles
+
+    path = tmp_path / "config.yaml"
+    path.write_text("identity:\n  name: Ada\n", encoding="utf-8")
+    for cfg in (load_config(path), config_from_dict({}), config_from_dict({"training": {"profile": "auto"}})):
+        name = cfg.profile_name(on_gpu=False)
+        assert name == "cpu-small"
+        t = cfg.training_for(name)
+        small = default_profiles()["cpu-small"]
+        assert (t.batch_size, t.grad_accum, t.max_length, t.calibrate_blend, t.calibrate_min_steps) == \
+            (small["batch_size"], small["grad_accum"], small["max_length"], 0.85, 32)
+        assert (t.anchor.learning_rate, t.anchor.epochs, t.generalize.epochs) == (4e-4, 2.0, 0.0)
+        assert (t.mix.replay_answers, t.mix.anchor_general_ratio, t.mix.min_general_samples) == ("base", 3.0, 48)
+        assert t.warmup_ratio == TrainingConfig().warmup_ratio  # not in the profile: the default
+        seeds = cfg.training_for(cfg.profile_name(on_gpu=True))
+        assert dataclasses.asdict(seeds) == dataclasses.asdict(TrainingConfig(profile="seeds-7b"))
 
 
 def test_a_profile_overrides_training_keys_and_names_its_mistakes(tmp_path):
