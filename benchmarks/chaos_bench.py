@@ -38,8 +38,8 @@ adapters `python -m model serve` answering chats on the base, on an adapter that
          while it is unloaded and a 409 for an unload while it answers are clear. After
          each round, idle: no adapter request is still held, and greedy answers of the
          base, "live" and "swap" are those of their weights before any churn.
-refused  the same worker under a mixed batch (base and "live", streamed or not, several
-         tokens each) while adapters it must refuse are loaded, under a new name and in
+refused  the same worker under a mixed batch (base and "live", streamed or not, 150 to
+         300 tokens each) while adapters it must refuse are loaded, under a new name and in
          place of "live": modules_to_save, a NaN weight, a config whose rank does not fit
          the weights, a truncated safetensors file, a config nested 100,000 deep. Every
          load must be a 400 in the JSON error shape, every chat of the batch must answer,
@@ -808,7 +808,7 @@ async def refused_round(served: Served, r: int, rng: random.Random, tally: Tally
 
     async def one(model: str, stream: bool) -> None:
         try:
-            status, problem, text = await served.chat(model, stream, max_tokens=rng.randint(8, 24),
+            status, problem, text = await served.chat(model, stream, max_tokens=rng.randint(150, 300),
                                                       ignore_eos=True)
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             tally.wedged.append(f"{what}: a chat with {model} had no answer: {type(exc).__name__}: {exc}")
@@ -819,7 +819,7 @@ async def refused_round(served: Served, r: int, rng: random.Random, tally: Tally
             tally.lost.append(f"{what}: chat with {model} got {status}: {problem or text}"[:300])
 
     batch = [asyncio.create_task(one(rng.choice(("tiny", "live")), rng.random() < 0.5)) for _ in range(REFUSED_BATCH)]
-    await asyncio.sleep(rng.uniform(0.0, 0.5))
+    await asyncio.sleep(rng.uniform(0.0, 0.3))  # the batch runs for seconds: the loads land inside it
     for name in rng.sample(sorted(broken), len(broken)):
         if all(task.done() for task in batch):
             tally.notes.append(f"{what}: the batch had finished before loading {name}")
@@ -1023,7 +1023,7 @@ async def bot_round(lab: BotLab, r: int, moment: BotKill, rng: random.Random, ta
         if moment == BotKill.RETRAIN:
             await asyncio.wait_for(drive_n(lab, 1), 120)
             at = await bot.send("/retrain")
-            await bot.expect(r"^Retraining on \d+ new approved", at, BOT_REPLY_LIMIT_S)
+            await bot.expect(r"^Retraining on \d+ approved", at, BOT_REPLY_LIMIT_S)
             await bot.expect(r"🛠️ calibrate: \d+ steps", at, RETRAIN_LIMIT_S)  # training has begun
             await asyncio.sleep(rng.uniform(0.3, 4.0))
             retrain_kill = find_child(("trainer", "calibrate"), lab.config) is not None
@@ -1095,13 +1095,14 @@ async def retrain_after_kill(lab: BotLab, tally: Tally) -> None:
     bot = lab.bot
     at = await bot.send("/retrain")
     try:
-        i, _ = await bot.expect(r"^Retraining on \d+ new approved|already running|Nothing new|needs attention",
+        i, _ = await bot.expect(r"^Retraining on \d+ approved|already running|Nothing new|needs attention",
                                 at, BOT_REPLY_LIMIT_S)
         if not bot.lines[i].startswith("Retraining on"):
             tally.wedged.append(f"bot: /retrain after the restart: {bot.lines[i]!r}")
             return
-        i, _ = await bot.expect(r"is now live|did not pass the gate|could not be|stopped before|failed", at,
-                                RETRAIN_LIMIT_S)
+        # the result's own line, not the gate summary before it ("Gate for v0002 vs v0001: failed ❌")
+        i, _ = await bot.expect(r"^(?!Gate for |[✅❌] ).*(is now live|did not pass the gate|could not be|stopped before"
+                                r"|failed)", at, RETRAIN_LIMIT_S)
     except (BotGone, TimeoutError) as exc:
         tally.wedged.append(f"bot: /retrain after the restart did not finish: {exc}")
         return
