@@ -11,6 +11,7 @@ import yaml
 from bot.admin import status_report
 from bot.core import LiveAdapter
 from bot.retrain import Retrainer, run_trainer
+from bot.schedule import scheduled_retrain_once
 from bot.store import Store
 from model.client import ModelError
 from model.config import load_config
@@ -99,6 +100,8 @@ async def test_a_correction_that_claims_another_identity_fails_the_retrain_named
             row = await store.get_correction(cid)
             assert row["status"] == "approved" and row["trained_run_id"] is None
         assert await store.count_untrained_approved() == 2
+        # The schedule does not repeat the failure each tick: it waits for a newly approved correction.
+        assert await scheduled_retrain_once(retrainer, min_corrections=1) is None
         # /status says the same.
         status = await status_report(cfg, store, client, retrainer, LiveAdapter(version=live))
         assert f"**Last run:** #1 failed → - (manual, " in status and said in status, status
