@@ -82,15 +82,20 @@ def local_message_id() -> int:
 # ------------------------------------------------------------------ progress
 
 
+PIPE_LINE_EVERY_S = 30.0  # on a pipe, a long stage says where it is at least this often
+
+
 class ProgressDisplay:
     """Trainer progress events (JSON lines relayed by the runtime) as one live tqdm bar per
-    stage on a terminal; on a pipe, one line when a stage starts and one when it ends."""
+    stage on a terminal; on a pipe, one line when a stage starts and one when it ends, and one
+    every `every_s` seconds in between, so a log never sits silent for minutes."""
 
-    def __init__(self, out: TextIO, live: bool):
-        self.out, self.live = out, live
+    def __init__(self, out: TextIO, live: bool, every_s: float = PIPE_LINE_EVERY_S):
+        self.out, self.live, self.every_s = out, live, every_s
         self.bar: Optional[tqdm] = None
         self.stage: Optional[str] = None
         self.last: dict = {}
+        self._said_at, self._said = time.monotonic(), ""  # when and what the pipe was last told
 
     async def __call__(self, event: dict) -> None:
         kind = event.get("event")
@@ -111,6 +116,8 @@ class ProgressDisplay:
             else:
                 self._line(f"🛠️ {stage}: {total} steps…")
         self.last = event
+        if not self.live and time.monotonic() - self._said_at >= self.every_s:
+            self._line(self._where())
         if self.bar is not None:
             if total and self.bar.total != total:
                 self.bar.total = total
@@ -123,15 +130,19 @@ class ProgressDisplay:
         """End the current stage's bar (or, on a pipe, say where the stage got to)."""
         if self.bar is not None:
             self.bar.close()
-        elif self.stage is not None and not self.live and self.last:
-            loss = self.last.get("loss")
-            self._line(f"🛠️ {self.stage}: step {self.last.get('step')}/{self.last.get('total')}"
-                       + (f" · loss {float(loss):.3f}" if loss is not None else ""))
+        elif self.stage is not None and not self.live and self.last and self._said != self._where():
+            self._line(self._where())
         self.bar, self.stage, self.last = None, None, {}
+
+    def _where(self) -> str:
+        loss = self.last.get("loss")
+        return (f"🛠️ {self.stage}: step {self.last.get('step')}/{self.last.get('total')}"
+                + (f" · loss {float(loss):.3f}" if loss is not None else ""))
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
+        self._said_at, self._said = time.monotonic(), text
 
 
 # ------------------------------------------------------------------ the chat

@@ -301,6 +301,19 @@ async def test_on_a_pipe_progress_is_a_line_when_a_stage_starts_and_ends():
     assert out.getvalue().splitlines() == ["🛠️ calibrate: 144 steps…", "🛠️ calibrate: step 144/144 · loss 0.014"]
 
 
+async def test_on_a_pipe_a_long_stage_says_where_it_is_every_so_often():
+    # A log or CI pipe must not sit silent for minutes while the anchor trains (every 30 s by default).
+    out = io.StringIO()
+    display = ProgressDisplay(out, live=False, every_s=0.05)
+    events = list(_events("anchor", 3))
+    for event in events:
+        await display(event)
+        await asyncio.sleep(0.06)
+    display.close()
+    assert out.getvalue().splitlines() == ["🛠️ anchor: 3 steps…", "🛠️ anchor: step 1/3 · loss 2.000",
+                                           "🛠️ anchor: step 2/3 · loss 1.000", "🛠️ anchor: step 3/3 · loss 0.667"]
+
+
 async def test_a_full_disk_is_said_in_the_chat_and_the_chat_goes_on(tmp_path, server):
     from bot.local import Terminal
     from bot.runtime import Runtime
