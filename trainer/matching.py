@@ -196,6 +196,8 @@ _ZONES = {"est": "eastern", "edt": "eastern", "et": "eastern", "cet": "cet", "ce
 _ZONE_NAMES = re.compile(r"\b(?:central european(?: summer)? time|eastern(?: standard| daylight)?(?: time)?|"
                          r"pacific(?: standard| daylight)?(?: time)?)\b", re.IGNORECASE)
 _INTERJECTION = re.compile(r"\b(?:no|nope|yes|yeah|yep)\s*[,.!;:\u2014-]+\s", re.IGNORECASE)  # "No, #general is ..."
+_SENTENCE_START = re.compile(r"(?:^|[.?!:;]\s+|\n)\s*[\"'(“‘]*$")
+_POSSESSIVE = re.compile(r"['’]s$")
 _TIME_WORDS = {"noon": "t12:00", "midday": "t12:00", "midnight": "t00:00"}
 _URL = re.compile(r"(?:https?://)?(?:www\.)?((?:[\w-]+\.)+[a-z]{2,}(?:/[\w./?=&%-]*[\w/])?)", re.IGNORECASE)
 _HANDLE = re.compile(r"(?<![\w/])[#@/!]\w(?:[\w.@-]*\w)?", re.UNICODE)
@@ -278,7 +280,7 @@ def _key_words(text: str) -> tuple[set[str], set[str]]:
         folded = _fold(word)
         if folded in _MONTH_VERBS and not word[0].isupper():
             continue
-        if folded[0].isdigit() or (folded[0] == "t" and folded[1:2].isdigit()) or folded in _DAYS_MONTHS:
+        if _numeric(folded):
             keys.add(folded)
         elif word[0].isupper() and folded not in _COMMON_CAPS and len(folded) > 1 and not _CJK.match(word):
             # A capital that only starts a sentence ("Server boosters get ...") is no name unless
@@ -319,11 +321,8 @@ def _stem(word: str) -> str:
 
 
 def _numeric(key: str) -> bool:
+    """A number, a time ("t18:00"), a day, month or ordinal."""
     return key[0].isdigit() or (key[0] == "t" and key[1:2].isdigit()) or key in _DAYS_MONTHS
-
-
-def _asked(key: str, asked: set[str]) -> bool:
-    return _stem(key) in asked
 
 
 def _parts(name: str) -> list[str]:
@@ -374,7 +373,7 @@ def states_fact(answer: str, fact: str, question: str = "") -> bool:
     present = set(answer_words)
     asked = {_stem(w) for w in _words(question)}
     strong, weak = _key_words(fact)
-    keys = {k for k in strong if not _asked(k, asked)} or {k for k in weak if not _asked(k, asked)}
+    keys = {k for k in strong if _stem(k) not in asked} or {k for k in weak if _stem(k) not in asked}
     if _ASKS_NUMBER.search(question) and any(_numeric(k) for k in keys):
         keys = {k for k in keys if _numeric(k) or k[:1] in "#@/!" or "." in k}  # "1945." answers "When did WWII end?"
     surnames = _surnames(fact)
@@ -403,22 +402,10 @@ def states_fact(answer: str, fact: str, question: str = "") -> bool:
 # check let the memory's threshold drop from 0.45 to 0.40: 90% of unseen rewordings found their
 # fact (86% before) while general questions given a fact fell from 16% to 7% (benchmarks/memory_bench.py).
 
-_SENTENCE_START = re.compile(r"(?:^|[.?!:;]\s+|\n)\s*[\"'(“‘]*$")
-_POSSESSIVE = re.compile(r"['’]s$")
-
-
 def subject_keys(text: str) -> set[str]:
-    """What a question names: numbers and times (ordinals as numbers), links and handles, days and
-    months, and capitalised words that do not start a sentence ("Brazil's" -> "brazil")."""
-    keys, rest = _specials(_canonical(text))
-    for m in _WORD.finditer(rest):
-        word = _fold(m.group(0))
-        if word[0].isdigit() or (word[0] == "t" and word[1:2].isdigit()) or word in _DAYS_MONTHS:
-            keys.add(word)
-        elif (m.group(0)[0].isupper() and word not in _COMMON_CAPS and len(word) > 1 and not _CJK.match(word)
-              and not _SENTENCE_START.search(rest[:m.start()])):
-            keys.add(word)
-    return keys
+    """What a question names: its key words without the capitals that only start a sentence
+    ("Which city is Brazil's capital?" -> {"brazil"})."""
+    return _key_words(text)[0]
 
 
 def _mentions(text: str):
