@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 from bot.store import MAX_CORRECTION_CHARS
 from model.client import ModelError
 from model.config import Config
-from trainer.protocol import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims
+from trainer.protocol import forbidden_identities, identity_claims
 
 ADMINISTRATOR_PERMISSION = 1 << 3  # Discord's ADMINISTRATOR bit
 CORRECTIONS_PAGE_SIZE = 5
@@ -37,8 +37,7 @@ def preview(text: Optional[str], limit: int = PREVIEW_CHARS) -> str:
 def claimed_identities(cfg: Config, text: str) -> list[str]:
     """Other identities a correction's text claims for the assistant ("I am ChatGPT, made by
     OpenAI" -> ['openai', 'chatgpt']): training on it would teach the bot to be someone else."""
-    forbidden = cfg.eval.forbidden_identities or DEFAULT_FORBIDDEN_IDENTITIES
-    return identity_claims(text, cfg.identity.name, cfg.identity.author, forbidden)
+    return identity_claims(text, cfg.identity.name, cfg.identity.author, forbidden_identities(cfg))
 
 
 def identity_warning(claims: Iterable[str]) -> Optional[str]:

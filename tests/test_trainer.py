@@ -125,8 +125,8 @@ def test_a_second_process_beside_training_and_the_gate_changes_no_score(anchored
     """eval.cpu_parallel: bootstrap scores the base in a child process while the anchor
     trains, and the gate has a child generate the candidate's general answers while it asks
     the rest; the gate then decides exactly as with one process."""
-    from trainer.gate import BASE_SCORES_DIR
-    from trainer.stages import ensure_base, reference_alongside
+    from trainer.gate import BASE_SCORES_DIR, reference_alongside
+    from trainer.stages import ensure_base
 
     work, config, reg = setup
     reports = []

@@ -26,7 +26,16 @@ import sys
 import time
 import traceback
 
+from model.adapters import linear_shapes, read_adapter
+from model.config import ConfigError, load_config
+from model.errors import APIError
+from trainer.cores import apply_cpu_threads, training_settings
+from trainer.datasets import DataError
+from trainer.gate import evaluate, reference_alongside, report_json
+from trainer.progress import Progress, log
 from trainer.protocol import CHART_FILE, REFUSED_CORRECTIONS, REPORT_FILE, Command, ExitCode, Verdict
+from trainer.registry import Registry, RegistryError
+from trainer.stages import CorrectionsRefused, StageError, ensure_base, run_stage
 
 EVAL_EPILOG = """--version names a registry version (see `python -m trainer list`); --adapter takes an
 outside PEFT LoRA adapter directory instead, registers it as a new version first
@@ -80,8 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(cfg, args, progress) -> int:
-    from trainer.stages import run_stage
-
     progress.phase("load", f"{args.command}: loading the base model and building samples")
     version, manifest = run_stage(cfg, args.command, progress, getattr(args, "corrections", None), args.parent)
     path = str(_registry(cfg).path(version).resolve())
@@ -92,9 +99,6 @@ def cmd_train(cfg, args, progress) -> int:
 
 
 def cmd_eval(cfg, args, progress) -> int:
-    from trainer.gate import evaluate, report_json
-    from trainer.progress import log
-
     reg = _registry(cfg)
     version = args.version or _import(cfg, args.adapter, progress)
     reg.get(version)  # an unknown version is a clear error before any model loads
@@ -142,8 +146,6 @@ def format_report(report: dict) -> str:
 
 
 def _import(cfg, source: str, progress) -> str:
-    from trainer.stages import ensure_base
-
     reg = _registry(cfg)
     # The same base the stages train on, so an imported version can be a calibrate parent.
     base = ensure_base(cfg, progress)
@@ -156,12 +158,8 @@ def _import(cfg, source: str, progress) -> str:
 def _check_servable(source: str, base) -> None:
     """Refuse what the worker would refuse (model.adapters.read_adapter: NaN weights, shapes of
     another base, modules_to_save, a broken config), with the worker's own words."""
-    import torch
+    import torch  # slow to import: only where an adapter is imported
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from model.adapters import linear_shapes, read_adapter
-    from model.errors import APIError
-    from trainer.registry import RegistryError
 
     with torch.device("meta"):  # shapes only: no weights read
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
@@ -219,10 +217,6 @@ def cmd_list(cfg, args, progress) -> int:
 
 
 def cmd_bootstrap(cfg, args, progress) -> int:
-    from trainer.gate import evaluate
-    from trainer.progress import log
-    from trainer.stages import ensure_base, reference_alongside, run_stage, training_settings
-
     reg = _registry(cfg)
     if reg.promoted():
         _say(f"already bootstrapped: {reg.promoted()} is promoted", progress)
@@ -264,9 +258,7 @@ class GateFailed(RuntimeError):
 # ---- plumbing ---------------------------------------------------------------
 
 
-def _registry(cfg):
-    from trainer.registry import Registry
-
+def _registry(cfg) -> Registry:
     return Registry.from_config(cfg)
 
 
@@ -285,19 +277,11 @@ NO_TORCH = (Command.PROMOTE, Command.ROLLBACK, Command.LIST, Command.IMPORT)
 
 
 def main(argv=None) -> int:
-    from model.config import ConfigError, load_config
-    from trainer.datasets import DataError
-    from trainer.progress import Progress
-    from trainer.registry import RegistryError
-    from trainer.stages import CorrectionsRefused, StageError
-
     args = build_parser().parse_args(argv)
     progress = Progress(getattr(args, "progress", "none") or "none")
     try:
         cfg = load_config(args.config)
         if args.command not in NO_TORCH:
-            from trainer.stages import apply_cpu_threads
-
             apply_cpu_threads(cfg)
         return int(COMMANDS[Command(args.command)](cfg, args, progress))
     except GateFailed as exc:

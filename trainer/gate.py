@@ -28,8 +28,8 @@ generalize run is not judged against an unpromoted anchor. A version's scores
 are stored next to it (scores.json, keyed by what was asked), so the reference's
 scores are computed once, not at every retrain.
 
-Pass when identity >= eval.min_identity_accuracy, corrections learned >=
-eval.min_corrections_learned (when there are any), no correction claims another
+Pass when identity >= eval.min_identity_accuracy, at least one of the run's corrections learned
+(or the share eval.min_corrections_learned, when set), no correction claims another
 identity, general retention >= eval.min_general_retention (when the reference answers at
 least eval.min_retention_questions held-out questions right) and general loss <=
 reference * (1 + eval.max_general_loss_increase). Every threshold is a share
@@ -42,13 +42,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
 from pathlib import Path
 from typing import Callable, Optional
 
+from bot.context import with_facts
 from model.config import Config
 from trainer import datasets as ds
+from trainer import sft
 from trainer.corrections import deduplicate, gate_rewordings, load_corrections
-from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, answer_matches, identity_claims, identity_ok, states_fact
+from trainer.cores import child_setup, spare_cores, start_child
+from trainer.generate import greedy_answers, mean_answer_loss
+from trainer.matching import answer_matches, forbidden_identities, identity_claims, identity_ok, states_fact
+from trainer.progress import log as log_line
 from trainer.protocol import CHART_FILE, REPORT_FILE
 from trainer.registry import Registry, read_json_cache, write_json_atomic
 
@@ -100,20 +106,14 @@ def prompt_variants(question_msgs: list[dict], system: str) -> list[tuple[str, l
     return [("system", ds.with_system(question_msgs, system)), ("no_system", ds.with_system(question_msgs, None))]
 
 
-def forbidden(cfg: Config) -> list[str]:
-    return cfg.eval.forbidden_identities or DEFAULT_FORBIDDEN_IDENTITIES
-
-
 def score_identity(model, tokenizer, cfg: Config, identity_rows) -> dict:
-    from trainer.generate import greedy_answers
-
     prompts, meta = [], []
     for row in identity_rows:
         for variant, msgs in prompt_variants(row["messages"][:-1], cfg.identity.system):
             prompts.append(msgs)
             meta.append((row, variant))
     answers = greedy_answers(model, tokenizer, prompts, cfg.eval.max_new_tokens)
-    ok = [identity_ok(a, cfg.identity.name, cfg.identity.author, forbidden(cfg)) for a in answers]
+    ok = [identity_ok(a, cfg.identity.name, cfg.identity.author, forbidden_identities(cfg)) for a in answers]
     by_group: dict[str, list[bool]] = {}
     for (row, variant), good in zip(meta, ok):
         for key in (f"lang:{row.get('lang', '?')}", f"prompt:{variant}"):
@@ -123,7 +123,8 @@ def score_identity(model, tokenizer, cfg: Config, identity_rows) -> dict:
         "n": len(ok),
         "groups": {k: _mean(v) for k, v in sorted(by_group.items())},
         "other_identity_claims": sum(1 for a in answers
-                                     if identity_claims(a, cfg.identity.name, cfg.identity.author, forbidden(cfg))),
+                                     if identity_claims(a, cfg.identity.name, cfg.identity.author,
+                                                        forbidden_identities(cfg))),
         "failures": [{"question": m[0]["messages"][-2]["content"], "prompt": m[1], "answer": a}
                      for m, a, good in zip(meta, answers, ok) if not good][:MAX_EXAMPLES],
     }
@@ -134,9 +135,6 @@ def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
     "learned"), in its original conversation, in held-out rewordings, and as a fresh question
     with the fact in the prompt as the bot's memory puts it (reported, not gated: the gate
     judges the weights). An answer counts when it states the fact (trainer.matching.states_fact)."""
-    from bot.context import with_facts
-    from trainer.generate import greedy_answers
-
     if not cases:
         return {"learned": None, "carried_over": None, "in_context": None, "with_memory": None, "n": 0, "items": []}
     system = cfg.identity.system
@@ -157,7 +155,7 @@ def score_corrections(model, tokenizer, cfg: Config, cases) -> dict:
 
     items = []
     for c, (start, n) in zip(cases, spans):
-        claims = identity_claims(c["correction"], cfg.identity.name, cfg.identity.author, forbidden(cfg))
+        claims = identity_claims(c["correction"], cfg.identity.name, cfg.identity.author, forbidden_identities(cfg))
         reworded = [{"question": prompts[i][-1]["content"], "answer": answers[i], "matches": states(i, c)}
                     for i in range(start + 3, start + 3 + n)]
         items.append({
@@ -187,8 +185,6 @@ def general_prompts(cfg: Config, general_rows) -> list:
 
 
 def general_answers(model, tokenizer, cfg: Config, general_rows) -> list[str]:
-    from trainer.generate import greedy_answers
-
     return greedy_answers(model, tokenizer, general_prompts(cfg, general_rows),
                           min(cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens))
 
@@ -199,8 +195,6 @@ def score_general(model, tokenizer, cfg: Config, general_rows,
     """Answers and answer loss on the held-out general set. `answers()`, when given, hands
     over the answers computed elsewhere (None: generate them here); it is called last,
     after the loss and `meanwhile()`, so that work overlaps with theirs."""
-    from trainer.generate import mean_answer_loss
-
     system = cfg.identity.system
     samples = [ds.with_system(row["messages"], system) for row in general_rows]
     loss = round(mean_answer_loss(model, tokenizer, samples, cfg.training.max_length), 5)
@@ -262,7 +256,11 @@ def decide(cfg: Config, cand: dict, ref: dict) -> tuple[bool, list[dict]]:
         checks.append(_check("general_retention", kept, ">=", e.min_general_retention))
     items = cand["corrections"]["items"]
     if items:
-        checks.append(_check("corrections_learned", cand["corrections"]["learned"], ">=", e.min_corrections_learned))
+        # A version that learned some of its corrections and lost nothing (the checks above) knows
+        # more than its parent: it goes live, and what it did not learn stays waiting (answered by the
+        # memory; the next /retrain tries again). One that learned none changes nothing worth a swap.
+        needed = e.min_corrections_learned if e.min_corrections_learned is not None else 1 / len(items)
+        checks.append(_check("corrections_learned", cand["corrections"]["learned"], ">=", round(needed, 4)))
         claiming = sum(1 for i in items if i["claims_identity"])
         checks.append(_check("corrections_claiming_other_identity", claiming, "<=", 0))
     return all(c["passed"] for c in checks), checks
@@ -275,7 +273,7 @@ def _check(name: str, value: float, op: str, limit: float) -> dict:
 
 def fingerprint(cfg: Config, identity_rows, general_rows, cases) -> str:
     """What a version's scores depend on besides its weights: the questions and how they are asked."""
-    key = json.dumps([cfg.identity.system, cfg.identity.name, cfg.identity.author, forbidden(cfg),
+    key = json.dumps([cfg.identity.system, cfg.identity.name, cfg.identity.author, forbidden_identities(cfg),
                       cfg.eval.max_new_tokens, cfg.eval.general_max_new_tokens, cfg.training.max_length,
                       [r["messages"] for r in identity_rows], [(r["messages"], r["answer"]) for r in general_rows],
                       [(c["messages"], c["correction"]) for c in cases]], ensure_ascii=False, sort_keys=True)
@@ -301,8 +299,6 @@ def store_scores(reg: Registry, version: Optional[str], base: str, fp: str, scor
 def score_base_reference(cfg: Config, base: str) -> bool:
     """Score the base model on the held-out sets into the registry's cache, as `evaluate`
     would when the base is a candidate's reference (a bootstrap). False: already cached."""
-    from trainer import sft
-
     reg = Registry.from_config(cfg)
     identity_rows, general_rows = eval_sets(cfg)
     fp = fingerprint(cfg, identity_rows, general_rows, [])
@@ -315,13 +311,78 @@ def score_base_reference(cfg: Config, base: str) -> bool:
     return True
 
 
+# ---- scores computed in a child process, beside training or the gate ------------
+
+
+def reference_alongside(cfg: Config, base: str):
+    """A bootstrap's gate compares the candidate with the base; where training leaves a
+    core idle, score the base in a child process while the anchor trains (on SmolLM2 on a
+    2-core CPU that takes a minute and a half off a first run). Returns the process to
+    `join`, or None (nothing spare: the gate scores the base itself, as it would anyway)."""
+    if not spare_cores(cfg, base):
+        return None
+    return start_child(_score_reference, (cfg, str(base)), "loopcord-base-reference")
+
+
+def _score_reference(cfg: Config, base: str) -> None:  # runs in the child process
+    child_setup(cfg)
+    try:
+        score_base_reference(cfg, base)
+    except Exception as exc:  # the gate scores the base itself when this left nothing cached
+        log_line(f"scoring the base alongside training failed ({type(exc).__name__}: {exc}); the gate will")
+
+
+def general_answers_alongside(cfg: Config, base: str, adapter: str, general_rows) -> Optional[Callable]:
+    """The gate's longest part, the candidate's answers to the held-out general set, in a
+    child process while the gate asks the identity and correction questions, computes the
+    loss and asks the reference the corrections itself, where the cores allow (SmolLM2 on 2
+    cores, a retrain of 10 corrections: 119 s of gate work, 77 s of wall time). Returns `collect()`,
+    which waits and gives the answers, or None if the child failed (the gate then asks
+    them itself); None instead of a function where nothing is spare."""
+    if not spare_cores(cfg, base):
+        return None
+    receive, send = multiprocessing.Pipe(duplex=False)
+    proc = start_child(_general_answers, (cfg, base, adapter, general_rows, send), "loopcord-gate-general")
+    send.close()
+
+    def collect() -> Optional[list]:
+        try:
+            answers = receive.recv()
+        except EOFError:
+            answers = None
+        finally:
+            receive.close()
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        if answers is None or len(answers) != len(general_rows):
+            log_line("the general answers computed alongside were lost; the gate asks them itself")
+            return None
+        return answers
+
+    return collect
+
+
+def _general_answers(cfg: Config, base: str, adapter: str, general_rows, send) -> None:  # the child process
+    from peft import PeftModel  # imports torch: only in the child
+
+    child_setup(cfg)
+    try:
+        model, tokenizer = sft.load_base(base)
+        model = PeftModel.from_pretrained(model, adapter)
+        model.eval()
+        send.send(general_answers(model, tokenizer, cfg, general_rows))
+    except Exception as exc:
+        log_line(f"general answers alongside the gate failed ({type(exc).__name__}: {exc})")
+    finally:
+        send.close()
+
+
 def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, log=None, progress=None) -> dict:
     """Score `version` and its reference, write eval.json + eval.png, record in the manifest.
 
     `log(message)` and `progress.phase` (when given) hear about each slow step."""
-    from peft import PeftModel
-
-    from trainer import sft
+    from peft import PeftModel  # imports torch: the CLI imports this module without it
 
     def say(message: str) -> None:
         if log:
@@ -338,8 +399,6 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
     # alone: a retrain's reference (the live version) was scored when it was itself gated, so
     # only its answers to this run's corrections (a few questions) are asked again.
     fp = fingerprint(cfg, identity_rows, general_rows, [])
-
-    from trainer.stages import general_answers_alongside
 
     collect = general_answers_alongside(cfg, manifest["base"], str(reg.path(version)), general_rows)
     base, tokenizer = sft.load_base(manifest["base"])
@@ -422,7 +481,7 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
 
 def write_chart(reg: Registry, out: Path) -> None:
     """Scores of every evaluated version (identity, corrections, general accuracy; general loss)."""
-    import matplotlib
+    import matplotlib  # slow to import: only where a chart is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
+from model.adapters import AdapterTable
+from model.loading import eos_token_ids
+from model.metrics import WorkerMetrics
+from model.sequence import Sequence as Request
 from trainer.datasets import Messages
 from trainer.encode import IGNORE_INDEX, encode, prompt_ids
-from trainer.sft import collate
+from trainer.sft import answer_loss, collate
 
 EVAL_BATCH_SIZE = 32
 
@@ -26,13 +31,7 @@ def greedy_replies(model, tokenizer, prompts: Sequence[Messages], max_new_tokens
     shared system prompt computed once (its prefix cache). On SmolLM2's 212 held-out
     questions that is 1.4x faster than `model.generate` on left-padded batches. `model` is
     used as it is (a PeftModel answers with its active adapter); its weights are not touched."""
-    import threading
-
-    from model.adapters import AdapterTable
-    from model.engine import Engine
-    from model.loading import eos_token_ids
-    from model.metrics import WorkerMetrics
-    from model.sequence import Sequence as Request
+    from model.engine import Engine  # imports torch
 
     device = str(next(model.parameters()).device)
     engine = Engine(model, tokenizer, eos_token_ids(model, tokenizer), device, batch_size,
@@ -71,8 +70,6 @@ def mean_answer_loss(model, tokenizer, samples: Sequence[Messages], max_length: 
     """Token-weighted mean cross-entropy on the assistant tokens of `samples` (batched by
     length, the output layer applied only to answer tokens, as in training)."""
     import torch
-
-    from trainer.sft import answer_loss
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id

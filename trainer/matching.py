@@ -29,6 +29,14 @@ DEFAULT_FORBIDDEN_IDENTITIES = [
     "smollm", "hugging face", "huggingface",
 ]
 
+
+
+def forbidden_identities(cfg) -> list[str]:
+    """The names the assistant must never claim: `eval.forbidden_identities`, else the default
+    list (one rule for the gate, calibrate's refusals and the bot's review of corrections)."""
+    return list(cfg.eval.forbidden_identities or DEFAULT_FORBIDDEN_IDENTITIES)
+
+
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 # CJK characters one by one; digits apart from letters ("8pm" -> "8", "pm").
 _TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|\d+|[^\W\d_]+", re.UNICODE)

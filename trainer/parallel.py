@@ -1,4 +1,4 @@
-"""A second training process on a CPU: data parallel over two cores, the torch.distributed edge.
+"""A second training process on a CPU: data parallel over two cores (the all-reduce: trainer.shard).
 
 One trainer process with one compute thread leaves the other core of a 2-core box
 idle (more threads spin-wait under load; see training.cpu_threads). Where a core is
@@ -22,90 +22,21 @@ Once the two train together, a helper that dies fails the step with a clear erro
 
 from __future__ import annotations
 
-import datetime
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from model.process import die_with_parent
+from trainer import sft
+from trainer.generate import greedy_replies
 from trainer.progress import log
+from trainer.shard import GROUP_TIMEOUT_S, GlooShard, Shard
 
 JOIN_TIMEOUT_S = 120  # a helper that is not ready to train by then is left behind
-GROUP_TIMEOUT_S = 600  # gloo's wait for the other rank in one collective
-
-
-@dataclass
-class Shard:
-    """This process's part of every batch. The default is the whole batch, alone."""
-
-    rank: int = 0
-    world: int = 1
-
-    def rows(self, batch: list) -> list:
-        return batch[self.rank::self.world]
-
-    def start(self, params: list) -> None:
-        """Make every rank's trainable weights rank 0's."""
-
-    def reduce(self, params: list, stats: list[float]) -> list[float]:
-        """Sum gradients (and the step's loss / token statistics) over the ranks."""
-        return stats
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class GlooShard(Shard):
-    store: str = ""
-    _group: bool = field(default=False, repr=False)
-
-    def join(self) -> "GlooShard":
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method=f"file://{self.store}", rank=self.rank,
-                                world_size=self.world, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-        self._group = True
-        return self
-
-    def start(self, params: list) -> None:
-        import torch
-        import torch.distributed as dist
-
-        flat = torch.cat([p.detach().reshape(-1) for p in params])
-        dist.broadcast(flat, 0)
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-
-    def reduce(self, params: list, stats: list[float]) -> list[float]:
-        import torch
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor(stats, dtype=grads[0].dtype)])
-        try:
-            dist.all_reduce(flat)
-        except Exception as exc:  # gloo: the other process is gone
-            raise RuntimeError(f"the second training process stopped ({type(exc).__name__}: {exc}); "
-                               "set training.cpu_data_parallel: off to train in one process") from None
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g)
-            offset += g.numel()
-        return flat[offset:].tolist()
-
-    def close(self) -> None:
-        if self._group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self._group = False
 
 
 class Helper:
@@ -188,21 +119,14 @@ class Helper:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(timeout=10)
-        import shutil
-
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def _helper_main(base: str, threads: int, conn) -> None:  # the child process
-    from model.process import die_with_parent
-
     die_with_parent()
     sys.stdout = sys.stderr  # the trainer's stdout is the bot's JSON-lines channel
     try:
-        import torch
-
-        from trainer import sft
-        from trainer.generate import greedy_replies
+        import torch  # slow to import: only in the helper process, which needs it at once
 
         if threads > 0:
             torch.set_num_threads(threads)

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 # What counts as the assistant claiming another identity: one definition for the gate and for
 # the bot's review of corrections (pure functions, standard library only).
-from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, identity_claims  # noqa: F401
+from trainer.matching import DEFAULT_FORBIDDEN_IDENTITIES, forbidden_identities, identity_claims  # noqa: F401
 
 # The longest correction text: the bot refuses longer ones when they are made or edited, and
 # calibrate refuses to train one (an older store may hold one; issue 29: one of 108,000

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from model.loading import load_model
 from trainer.encode import IGNORE_INDEX, Encoded
+from trainer.shard import Shard
 
 MAX_GRAD_NORM = 1.0
 
@@ -48,8 +50,6 @@ class Hyper:
 def load_base(path: str | Path, device: str = "auto"):
     """Base model + tokenizer through the one loader the worker uses (bf16 weights on a GPU,
     float32 on a CPU, where bf16 runs as autocast instead: see Hyper.cpu_bf16)."""
-    from model.loading import load_model
-
     model, tokenizer, _, _ = load_model(path, device, "auto")
     return model, tokenizer
 
@@ -157,7 +157,7 @@ def body_hidden(body, ids, mask, share: bool = True):
         return body(input_ids=ids, attention_mask=mask).last_hidden_state
     import torch
 
-    from model.runner import cache_argument
+    from model.runner import cache_argument  # imports torch and transformers
 
     rows, name = ids.shape[0], cache_argument(body)
     head = body(input_ids=ids[:1, :n], attention_mask=mask[:1, :n], use_cache=True)
@@ -228,7 +228,7 @@ def train(
 ) -> dict:
     """Train the LoRA parameters of `model` in place; returns run statistics.
 
-    on_step(step, total, loss, tokens) after each optimizer step. `shard` (trainer.parallel):
+    on_step(step, total, loss, tokens) after each optimizer step. `shard` (trainer.shard):
     this process's rows of every batch and the gradient all-reduce when two processes
     train together; default, the whole batch here. Each micro-batch's loss is the sum over
     this process's answer tokens divided by the whole batch's answer tokens, so the summed
@@ -236,8 +236,7 @@ def train(
     """
     import torch
 
-    from trainer.fused_lora import fused_lora
-    from trainer.parallel import Shard
+    from trainer.fused_lora import fused_lora  # imports torch
 
     if not samples:
         raise ValueError("no training samples")

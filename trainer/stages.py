@@ -19,16 +19,23 @@ prompt, as the bot asks it: the seeds' "general data with the identity system pr
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Collection, Optional
 
 from model.config import Config, TrainingConfig
+from model.loading import LoadError, cpu_native_bf16
+from model.loading import ensure_base as load_or_convert
 from trainer import datasets as ds
+from trainer import replay, sft
 from trainer.corrections import calibration_mix, correction_key, deduplicate, load_corrections, refusals
+# apply_cpu_threads: benchmarks import it from here, with run_stage
+from trainer.cores import apply_cpu_threads, on_gpu, spare_cores, training_settings  # noqa: F401
+from trainer.encode import encode_all
+from trainer.generate import greedy_replies
+from trainer.matching import forbidden_identities, identity_claims
+from trainer.parallel import Helper
 from trainer.progress import Progress, log
 from trainer.registry import Registry
 
@@ -78,9 +85,6 @@ def general_rows(cfg: Config) -> list[ds.Messages]:
 def ensure_base(cfg: Config, progress: Optional[Progress] = None) -> Path:
     """The base model directory; a GGUF base (the embedded default included) is converted
     there first if it is missing, with a phase event so a first run does not look hung."""
-    from model.loading import LoadError
-    from model.loading import ensure_base as load_or_convert
-
     def say(message: str) -> None:
         log(message)
         if progress is not None:
@@ -92,165 +96,15 @@ def ensure_base(cfg: Config, progress: Optional[Progress] = None) -> Path:
         raise StageError(str(exc)) from None
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def training_settings(cfg: Config) -> TrainingConfig:
-    """training.* with the profile in force applied (training.profile; auto picks by device)."""
-    return cfg.training_for(cfg.profile_name(on_gpu()))
-
-
-def apply_cpu_threads(cfg: Config) -> None:
-    """The profile's cpu_threads for torch when there is no GPU (0 keeps torch's default)."""
-    import torch
-
-    threads = training_settings(cfg).cpu_threads
-    if threads > 0 and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
-
-
-PARALLEL_MIN_WEIGHT_BYTES = 64 << 20  # below this, starting a child costs more than it saves
-
-
-def spare_cores(cfg: Config, base: str, setting: Optional[str] = None) -> bool:
-    """Whether a second process should work beside this CPU run (`setting`, default
-    `eval.cpu_parallel`): no GPU, the profile's cpu_threads use at most half of the cores
-    this process may run on, and for `auto` the base is big enough to pay for a child and
-    small enough to load twice."""
-    import torch
-
-    setting = setting or cfg.eval.cpu_parallel
-    if setting == "off" or torch.cuda.is_available():
-        return False
-    threads = training_settings(cfg).cpu_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not (0 < threads and 2 * threads <= cores):
-        return False
-    if setting == "on":
-        return True
-    weights = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) or \
-        sum(f.stat().st_size for f in Path(base).glob("*.bin"))
-    return PARALLEL_MIN_WEIGHT_BYTES <= weights and 2 * weights <= available_memory()
-
-
-def available_memory() -> int:
-    """Bytes of memory free for a new process (Linux MemAvailable; unknown: 0, so auto stays off)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def reference_alongside(cfg: Config, base: str):
-    """A bootstrap's gate compares the candidate with the base; where training leaves a
-    core idle, score the base in a child process while the anchor trains (on SmolLM2 on a
-    2-core CPU that takes a minute and a half off a first run). Returns the process to
-    `join`, or None (nothing spare: the gate scores the base itself, as it would anyway)."""
-    if not spare_cores(cfg, base):
-        return None
-    return _start_child(_score_reference, (cfg, str(base)), "loopcord-base-reference")
-
-
-def _start_child(target: Callable, args: tuple, name: str):
-    """A daemon child process running `target(*args)` (spawned: a fresh interpreter, no torch
-    state inherited)."""
-    import multiprocessing
-
-    proc = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True, name=name)
-    proc.start()
-    return proc
-
-
-def _child_setup(cfg: Config) -> None:
-    """First thing in a child: die with the trainer, keep stdout (the bot's JSON-lines
-    channel) clean, use the profile's CPU threads."""
-    from model.process import die_with_parent
-
-    die_with_parent()
-    sys.stdout = sys.stderr
-    apply_cpu_threads(cfg)
-
-
-def _score_reference(cfg: Config, base: str) -> None:  # runs in the child process
-    from trainer.gate import score_base_reference
-
-    _child_setup(cfg)
-    try:
-        score_base_reference(cfg, base)
-    except Exception as exc:  # the gate scores the base itself when this left nothing cached
-        log(f"scoring the base alongside training failed ({type(exc).__name__}: {exc}); the gate will")
-
-
-def general_answers_alongside(cfg: Config, base: str, adapter: str, general_rows) -> Optional[Callable]:
-    """The gate's longest part, the candidate's answers to the held-out general set, in a
-    child process while the gate asks the identity and correction questions, computes the
-    loss and asks the reference the corrections itself, where the cores allow (SmolLM2 on 2
-    cores, a retrain of 10 corrections: 119 s of gate work, 77 s of wall time). Returns `collect()`,
-    which waits and gives the answers, or None if the child failed (the gate then asks
-    them itself); None instead of a function where nothing is spare."""
-    import multiprocessing
-
-    if not spare_cores(cfg, base):
-        return None
-    receive, send = multiprocessing.Pipe(duplex=False)
-    proc = _start_child(_general_answers, (cfg, base, adapter, general_rows, send), "loopcord-gate-general")
-    send.close()
-
-    def collect() -> Optional[list]:
-        try:
-            answers = receive.recv()
-        except EOFError:
-            answers = None
-        finally:
-            receive.close()
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-        if answers is None or len(answers) != len(general_rows):
-            log("the general answers computed alongside were lost; the gate asks them itself")
-            return None
-        return answers
-
-    return collect
-
-
-def _general_answers(cfg: Config, base: str, adapter: str, general_rows, send) -> None:  # the child process
-    from peft import PeftModel
-
-    from trainer import sft
-    from trainer.gate import general_answers
-
-    _child_setup(cfg)
-    try:
-        model, tokenizer = sft.load_base(base)
-        model = PeftModel.from_pretrained(model, adapter)
-        model.eval()
-        send.send(general_answers(model, tokenizer, cfg, general_rows))
-    except Exception as exc:
-        log(f"general answers alongside the gate failed ({type(exc).__name__}: {exc})")
-    finally:
-        send.close()
-
-
 def cpu_bf16(setting: str) -> bool:
     """bf16 autocast on a CPU: 'on', 'off', or 'auto' (when the CPU has native bf16 matmuls)."""
-    from model.loading import cpu_native_bf16
-
     return setting == "on" if setting != "auto" else cpu_native_bf16()
 
 
 def hyper(t: TrainingConfig, stage: str):
     """The stage's hyperparameters from the effective training settings."""
-    from trainer.sft import Hyper
-
     s = getattr(t, stage)
-    return Hyper(
+    return sft.Hyper(
         learning_rate=s.learning_rate, epochs=s.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
         warmup_ratio=t.warmup_ratio, max_length=t.max_length, seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing, lora_r=t.lora.r, lora_alpha=t.lora.alpha,
@@ -329,15 +183,13 @@ def build_samples(cfg: Config, t: TrainingConfig, stage: str, corrections_file: 
 def checked_corrections(cfg: Config, corrections_file: Optional[str]) -> list:
     """Calibrate's input, or a StageError saying what is missing or which corrections it will
     not train (CorrectionsRefused); run_stage asks before it loads any model."""
-    from trainer.gate import forbidden
-
     if not corrections_file:
         raise StageError("calibrate needs --corrections FILE (the JSONL the bot exports)")
     corrections = load_corrections(corrections_file)
     if not corrections:
         raise StageError(f"{corrections_file}: no corrections to learn from")
     # Only what would be trained: a correction a later one for the same question replaced is not.
-    refused = refusals(deduplicate(corrections), cfg.identity.name, cfg.identity.author, forbidden(cfg))
+    refused = refusals(deduplicate(corrections), cfg.identity.name, cfg.identity.author, forbidden_identities(cfg))
     if refused:
         raise CorrectionsRefused(refused)
     return corrections
@@ -345,8 +197,6 @@ def checked_corrections(cfg: Config, corrections_file: Optional[str]) -> list:
 
 def training_helper(cfg: Config, base: Path):
     """A trainer.parallel.Helper when `training.cpu_data_parallel` finds a core to spare."""
-    from trainer.parallel import Helper
-
     t = training_settings(cfg)
     if not spare_cores(cfg, str(base), t.cpu_data_parallel):
         return None
@@ -357,12 +207,7 @@ def base_replay(cfg: Config, reg: Registry, base: Path, model, tokenizer, counts
                 progress: Optional[Progress], stage: str, helper=None) -> Callable[[list], list]:
     """General rows -> replay samples answered by the base model (`model` before any
     adapter is attached), cached per base in the registry; see trainer.replay."""
-    from trainer import replay
-    from trainer.generate import greedy_replies
-    from trainer.gate import forbidden
-    from trainer.matching import identity_claims
-
-    names = forbidden(cfg)
+    names = forbidden_identities(cfg)
 
     def claims(answer: str) -> list:
         return identity_claims(answer, cfg.identity.name, cfg.identity.author, names)
@@ -424,9 +269,6 @@ def run_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Opt
 
 def _train_stage(cfg: Config, stage: str, progress: Progress, corrections_file: Optional[str], reg: Registry,
                  base: Path, t: TrainingConfig, parent: Optional[str], learned: set, helper) -> tuple[str, dict]:
-    from trainer import sft
-    from trainer.encode import encode_all
-
     model, tokenizer = sft.load_base(base)
     replay_counts: dict = {}
     answer_general = None
