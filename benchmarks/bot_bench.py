@@ -83,8 +83,8 @@ class Probe:
 
 async def serve_world(channels: int) -> None:
     """Fake Discord + instant model + control API; prints its addresses as one JSON line."""
-    from tests.fake_discord import FakeDiscord
-    from tests.test_bot_support import Script, ScriptedModelServer
+    from devkit.fake_discord import FakeDiscord
+    from devkit.scripted_model import Script, ScriptedModelServer
 
     class TimedModelServer(ScriptedModelServer):
         """Records when each request arrived and when its stream ended, keyed by the question."""

@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import write_section  # noqa: E402
 import aiohttp  # noqa: E402
@@ -116,13 +116,14 @@ class Tally:
 
 
 def default_base(steps: int) -> Path:
-    """The test suite's cached tiny base for the current data and code (built if missing)."""
-    from conftest import CACHE, _fingerprint
+    """The tiny test base for the current data and code (devkit.tiny_base: the shipped copy or
+    the test suite's cached build), else one built here."""
+    from devkit.tiny_base import find
+    from devkit.tiny_model import build_default
 
-    cached = CACHE / f"demo-base-{_fingerprint()}"
-    if (cached / "model.safetensors").exists():
-        return cached
-    from tiny_model import build_default
+    found = find()
+    if found is not None:
+        return found
 
     return build_default(ROOT / ".loopcord" / "chaos-base", steps=steps)
 
@@ -230,7 +231,7 @@ def lab_config(lab: Path, base: Path, calibrate_steps: int) -> Path:
     promote and hot-swap). The tiny base was pretrained to call itself Qwen by Alibaba
     Cloud, so that is the lab's identity; corrections are answers it already knows."""
     import yaml
-    from tiny_profile import tiny_sections
+    from devkit.tiny_profile import tiny_sections
 
     s = tiny_sections(base)
     s["model"].update(temperature=0.0, max_tokens=16)

@@ -88,14 +88,14 @@ async def run(args) -> dict:
     if args.smollm2:
         sections = smollm2_sections(tmp)
     elif not args.base:
-        from tests.tiny_model import build_default
+        from devkit.tiny_model import build_default
 
         t = time.perf_counter()
         build_default(base, steps=args.base_steps)
         print(f"built demo base in {time.perf_counter() - t:.0f} s")
     cfg_path = tmp / "config.yaml"
     if not args.smollm2:
-        from tests.tiny_profile import tiny_sections  # the tiny base trains with the tests' recipe
+        from devkit.tiny_profile import tiny_sections  # the tiny base trains with the tests' recipe
 
         sections = tiny_sections(base)
         sections["model"].update({"temperature": 0.0, "max_tokens": 40})

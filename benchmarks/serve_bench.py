@@ -232,7 +232,7 @@ def run_cpu(args) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench-"))
     base = args.model
     if not base:
-        from tests.tiny_model import build_default
+        from devkit.tiny_model import build_default
 
         print("building the tiny demo base ...", flush=True)
         base = str(build_default(tmp / "base", steps=TINY_BASE_STEPS))
@@ -410,7 +410,7 @@ def run_qwen7b(args) -> str:
 
 
 def _tiny_tokenizer(tmp: Path):
-    from tests.tiny_model import build_tokenizer
+    from devkit.tiny_model import build_tokenizer
 
     return build_tokenizer(["hello world", "你好，世界"], vocab_size=300)
 

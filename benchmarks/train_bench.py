@@ -81,7 +81,7 @@ def bench_cpu(steps: int) -> str:
 
     from model.config import config_from_dict
     from trainer import sft
-    from tests.tiny_model import build_model, build_tokenizer
+    from devkit.tiny_model import build_model, build_tokenizer
     from trainer.datasets import DATA_DIR, load_file
     from trainer.stages import hyper
 
@@ -126,7 +126,7 @@ def bench_random_qwen7b() -> str:
     from trainer import sft
     from trainer.corrections import calibration_mix
     from trainer.datasets import DATA_DIR, both_system_variants, load_file
-    from tests.tiny_model import build_tokenizer
+    from devkit.tiny_model import build_tokenizer
     from trainer.encode import Encoded, encode_all
     from trainer.stages import general_rows, hyper, identity_rows
 

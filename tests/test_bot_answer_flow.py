@@ -12,8 +12,9 @@ import pytest_asyncio
 
 from bot.discord_app import PLACEHOLDER, TYPING_AFTER_S
 from bot.render import split_message
-from tests.fake_discord import DEFAULT_EVERYONE_PERMISSIONS, PERM_SEND_MESSAGES, PERM_VIEW_CHANNEL
-from tests.test_bot_support import Script, ScriptedModelServer, start_bot
+from devkit.fake_discord import DEFAULT_EVERYONE_PERMISSIONS, PERM_SEND_MESSAGES, PERM_VIEW_CHANNEL
+from devkit.scripted_model import Script, ScriptedModelServer
+from tests.support.bot import BotHarness, button_id, start_bot, write_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -157,10 +158,9 @@ async def reviewed(tmp_path):
     from bot.discord_admin import admin_commands
     from bot.discord_app import LoopcordBot
     from bot.runtime import Runtime
-    from fake_vllm import FakeVLLM
+    from devkit.fake_discord import FakeDiscord
+    from devkit.fake_vllm import FakeVLLM
     from model.config import load_config
-    from tests.fake_discord import FakeDiscord
-    from tests.test_bot_support import BotHarness, write_config
 
     server = await FakeVLLM().start()
     fake = await FakeDiscord().start()
@@ -182,8 +182,6 @@ async def reviewed(tmp_path):
 
 
 async def test_review_buttons_say_already_and_a_rejected_correction_needs_reopen(reviewed):
-    from tests.test_loop import button_id
-
     h = reviewed
     user, (ada, bea) = h.user("claimer"), h.admins
     _, exchange = await h.ask(user, "Who are you?")

@@ -12,7 +12,8 @@ import pytest_asyncio
 
 from bot.core import CUT_OFF_MARK, MSG_QUEUED
 from bot.render import DISCORD_MESSAGE_LIMIT, split_message
-from tests.test_bot_support import Script, ScriptedModelServer, start_bot
+from devkit.scripted_model import Script, ScriptedModelServer
+from tests.support.bot import start_bot
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -12,7 +12,7 @@ import pytest_asyncio
 from bot.core import MSG_RESTARTING, MSG_UNREACHABLE
 from bot.render import DISCORD_MESSAGE_LIMIT, split_message
 from model.process import free_port
-from tests.test_bot_support import start_bot
+from tests.support.bot import start_bot
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]  # real worker processes
 

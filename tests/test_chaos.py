@@ -24,7 +24,7 @@ import pytest
 
 from bot.retrain import MSG_INTERRUPTED
 from bot.store import Store
-from fake_vllm import FakeVLLM
+from devkit.fake_vllm import FakeVLLM
 from tests.test_terminal import run_piped, server, write_config  # noqa: F401  (server: the fake vLLM fixture)
 
 

@@ -239,6 +239,6 @@ def test_general_replay_answered_by_the_base_is_checked_and_generated_once(tmp_p
 @pytest.mark.skipif("LOOPCORD_TEST_PRETRAIN_STEPS" in os.environ, reason="a custom tiny base is being built")
 def test_the_shipped_tiny_test_model_is_built_from_the_current_data_and_code():
     # Otherwise every fresh clone spends minutes building it: refresh with `python tests/conftest.py`.
-    from conftest import shipped_is_current
+    from devkit.tiny_base import shipped_is_current
 
-    assert shipped_is_current(), "tests/data/tiny-base is stale: run `python tests/conftest.py` and commit it"
+    assert shipped_is_current(), "devkit/data/tiny-base is stale: run `python tests/conftest.py` and commit it"

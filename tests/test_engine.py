@@ -16,7 +16,7 @@ import torch
 from model.adapters import AdapterTable
 from model.engine import Engine, Sequence
 from model.metrics import WorkerMetrics
-from tiny_model import build_model, build_tokenizer
+from devkit.tiny_model import build_model, build_tokenizer
 
 TEXTS = ["hello world, how are you today?", "the quick brown fox jumps over the lazy dog",
          "numbers: 1 2 3 4 5 6 7 8 9 10", "你好，世界"] * 4

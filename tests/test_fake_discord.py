@@ -15,7 +15,7 @@ import discord
 import pytest
 from discord import app_commands
 
-from tests.fake_discord import FakeDiscord
+from devkit.fake_discord import FakeDiscord
 
 READY_TIMEOUT = 15.0
 

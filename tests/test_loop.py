@@ -26,9 +26,9 @@ from bot.discord_app import CORRECTION_INPUT_ID, LoopcordBot
 from bot.runtime import Runtime
 from model.config import load_config
 from model.process import free_port
-from tests.fake_discord import FakeDiscord
-from tests.test_bot_support import BotHarness, write_config
-from tests.tiny_profile import tiny_sections
+from devkit.fake_discord import FakeDiscord
+from devkit.tiny_profile import tiny_sections
+from tests.support.bot import BotHarness, button_id, write_config
 from trainer.matching import answer_matches
 from trainer.registry import Registry
 
@@ -100,14 +100,6 @@ async def live_adapter_path(runtime: Runtime) -> str:
     """What the server says it serves under the alias (/v1/models, as vLLM reports it)."""
     (card,) = [m for m in await runtime.core.client.models() if m["id"] == runtime.cfg.model.served_name]
     return card["root"]
-
-
-def button_id(message: dict, label: str) -> str:
-    for row in message.get("components") or []:
-        for comp in row.get("components") or []:
-            if comp.get("label") == label:
-                return comp["custom_id"]
-    raise AssertionError(f"no button {label!r} in {message.get('components')}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -17,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from bot.context import FACTS_HEADER
-from tests.test_bot_support import Script, ScriptedModelServer, write_config
+from devkit.scripted_model import Script, ScriptedModelServer
+from tests.support.bot import BotHarness, button_id, write_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -38,9 +39,8 @@ async def env(tmp_path_factory):
     from bot.discord_admin import admin_commands
     from bot.discord_app import LoopcordBot
     from bot.runtime import Runtime
+    from devkit.fake_discord import FakeDiscord
     from model.config import load_config
-    from tests.fake_discord import FakeDiscord
-    from tests.test_bot_support import BotHarness
 
     tmp = tmp_path_factory.mktemp("memory")
     server = await ScriptedModelServer(Script(respond=literal_reader)).start()
@@ -69,8 +69,6 @@ async def env(tmp_path_factory):
 async def teach(h, user: int, question: str, correction: str, channel=None) -> int:
     """A member asks, gets a wrong answer, replies with the right one; an admin approves it
     with the review button. Returns the correction id."""
-    from tests.test_loop import button_id
-
     channel = channel or h.new_channel()
     _, exchange = await h.ask(user, question, channel=channel)
     await h.fake.post_message(channel, user, f"!correct {correction}", reply_to=exchange["answer_message_ids"][0])

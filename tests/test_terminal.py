@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bot.local import ProgressDisplay
-from fake_vllm import FakeVLLM
+from devkit.fake_vllm import FakeVLLM
 
 pytestmark = pytest.mark.slow  # runs `python -m bot` with its worker and trainer: the fast tier is `-m "not slow"`
 
@@ -347,7 +347,7 @@ async def test_a_full_disk_is_said_in_the_chat_and_the_chat_goes_on(tmp_path, se
 def quick_base(tmp_path_factory) -> Path:
     """A tiny base barely pretrained (its answers are noise): enough to start the real worker
     and trainer, whose logs and warnings must stay out of the chat."""
-    from tiny_model import build_default
+    from devkit.tiny_model import build_default
 
     return build_default(tmp_path_factory.mktemp("quick-base") / "base", steps=2)
 

@@ -24,7 +24,7 @@ from model.config import config_from_dict, load_config
 from trainer.matching import normalize
 from trainer.registry import Registry
 
-from tiny_profile import TINY_PROFILE, tiny_sections
+from devkit.tiny_profile import TINY_PROFILE, tiny_sections
 
 pytestmark = pytest.mark.slow  # real LoRA training runs in child processes: the fast tier is `-m "not slow"`
 

@@ -63,7 +63,7 @@ async def test_a_correction_that_claims_another_identity_fails_the_retrain_named
     retrain train for minutes and then fail the gate, whose message told the admin to /retrain
     again. The real trainer child now refuses it before loading a model, and the bot names it."""
     from tests.test_worker import make_adapter
-    from tests.tiny_profile import tiny_sections
+    from devkit.tiny_profile import tiny_sections
 
     sections = tiny_sections(tiny_base)
     sections["training"].update(registry_dir=str(tmp_path / "adapters"), work_dir=str(tmp_path / "runs"))

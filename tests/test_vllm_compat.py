@@ -27,8 +27,8 @@ from bot.retrain import RetrainRefused
 from bot.runtime import Runtime, StartupError
 from model.client import ModelBadRequest, ModelClient
 from model.config import load_config
-from tests.fake_vllm import FakeVLLM
-from tests.tiny_profile import tiny_sections
+from devkit.fake_vllm import FakeVLLM
+from devkit.tiny_profile import tiny_sections
 from trainer.registry import Registry
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]  # trains through the real trainer
