@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from bot.store import MAX_CORRECTION_CHARS
+from bot.store import MAX_CORRECTION_CHARS, CorrectionStatus
 from model.client import ModelError
 from model.config import Config
-from trainer.protocol import forbidden_identities, identity_claims
+from trainer.protocol import Verdict, forbidden_identities, identity_claims
 
 ADMINISTRATOR_PERMISSION = 1 << 3  # Discord's ADMINISTRATOR bit
 CORRECTIONS_PAGE_SIZE = 5
@@ -88,14 +88,14 @@ def correction_view(row: dict, cfg: Optional[Config] = None) -> CorrectionView:
 async def pending_page(store, page: int, cfg: Optional[Config] = None) -> tuple[list[CorrectionView], int]:
     """One page of pending corrections and the number of pages."""
     counts = await store.count_corrections_by_status()
-    total = counts.get("pending", 0)
+    total = counts.get(CorrectionStatus.PENDING, 0)
     pages = max(1, -(-total // CORRECTIONS_PAGE_SIZE))
     page = min(max(0, page), pages - 1)
-    rows = await store.list_corrections(status="pending", limit=CORRECTIONS_PAGE_SIZE, offset=page * CORRECTIONS_PAGE_SIZE)
+    rows = await store.list_corrections(status=CorrectionStatus.PENDING, limit=CORRECTIONS_PAGE_SIZE, offset=page * CORRECTIONS_PAGE_SIZE)
     return [correction_view(r, cfg) for r in rows], pages
 
 
-DECISIONS = ("approved", "rejected")
+DECISIONS = (CorrectionStatus.APPROVED, CorrectionStatus.REJECTED)
 
 
 async def review(store, correction_id: int, decision: str, reviewer_id: int, text: Optional[str] = None,
@@ -120,12 +120,12 @@ async def review(store, correction_id: int, decision: str, reviewer_id: int, tex
     if row is None:
         raise AdminError(f"There is no correction #{correction_id}.")
     status, editing = row["status"], text is not None and text.strip() != row["text"]
-    if row.get("forgotten_at") and decision == "approved":
+    if row.get("forgotten_at") and decision == CorrectionStatus.APPROVED:
         raise AdminError(f"Correction #{correction_id} cannot be approved: the person who asked the "
                          "question deleted it (/forget-me), so there is nothing to train it on.")
-    if status == decision and not (decision == "approved" and editing):
+    if status == decision and not (decision == CorrectionStatus.APPROVED and editing):
         raise AdminError(f"Correction #{correction_id} is already {status}; nothing changed.")
-    if status == "rejected" and decision == "approved":
+    if status == CorrectionStatus.REJECTED and decision == CorrectionStatus.APPROVED:
         raise AdminError(f"Correction #{correction_id} was rejected earlier. To approve it after all, "
                          f"reopen it first (/reopen {correction_id}), then approve it.")
     # Only from the status read above: a concurrent review (another admin) wins, this one says so.
@@ -133,7 +133,7 @@ async def review(store, correction_id: int, decision: str, reviewer_id: int, tex
         latest = await store.get_correction(correction_id)
         raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; it is now "
                          f"{latest['status'] if latest else 'deleted'}.")
-    if decision == "approved" and memory is not None:
+    if decision == CorrectionStatus.APPROVED and memory is not None:
         await memory.sync()  # the fact answers from now on (an error here leaves the approval made)
     return correction_view(await store.get_correction(correction_id), cfg)
 
@@ -143,11 +143,11 @@ async def reopen(store, correction_id: int, cfg: Optional[Config] = None) -> Cor
     row = await store.get_correction(correction_id)
     if row is None:
         raise AdminError(f"There is no correction #{correction_id}.")
-    if row["status"] == "pending":
+    if row["status"] == CorrectionStatus.PENDING:
         raise AdminError(f"Correction #{correction_id} is already pending review.")
     if row.get("forgotten_at"):
         raise AdminError(f"Correction #{correction_id} cannot be reopened: its question was deleted (/forget-me).")
-    if not await store.set_correction_status(correction_id, "pending", None, only_from=(row["status"],)):
+    if not await store.set_correction_status(correction_id, CorrectionStatus.PENDING, None, only_from=(row["status"],)):
         raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; look again.")
     return correction_view(await store.get_correction(correction_id), cfg)
 
@@ -161,10 +161,10 @@ async def retract(store, memory, correction_id: int, admin_id: int) -> Correctio
     row = await store.get_correction(correction_id)
     if row is None:
         raise AdminError(f"There is no fact or correction #{correction_id}. /memory lists the facts.")
-    if row["status"] != "approved":
+    if row["status"] != CorrectionStatus.APPROVED:
         raise AdminError(f"Correction #{correction_id} is {row['status']}, not an approved fact; nothing to retract.")
-    if not await store.set_correction_status(correction_id, "rejected", admin_id, reason=RETRACTED_REASON,
-                                             only_from=("approved",)):
+    if not await store.set_correction_status(correction_id, CorrectionStatus.REJECTED, admin_id,
+                                             reason=RETRACTED_REASON, only_from=(CorrectionStatus.APPROVED,)):
         raise AdminError(f"Correction #{correction_id} was just reviewed by someone else; look again.")
     return correction_view(await store.get_correction(correction_id))
 
@@ -255,7 +255,7 @@ def _version_lines(registry, version: str) -> list[str]:
     n = len(manifest.get("corrections") or [])
     trained = f"{manifest.get('stage') or '?'} stage" + (f", {n} correction{'s' if n != 1 else ''}" if n else "")
     gate = manifest.get("gate") or {}
-    verdict = {True: "passed", False: "failed"}.get(gate.get("passed"), "not run")
+    verdict = {True: Verdict.PASSED, False: Verdict.FAILED}.get(gate.get("passed"), "not run")
     metrics = manifest.get("metrics") or {}
     scores = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in metrics.items()
                        if k in ("identity_accuracy", "corrections_learned", "corrections_carried_over",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
@@ -36,7 +35,7 @@ from bot.inflight import InflightLimiter
 from bot.memory import Fact, Memory, scope_of
 from bot.policy import RateLimiter
 from bot.privacy import ForgetReport, forget_everywhere
-from bot.store import MAX_CORRECTION_CHARS, Store, TooManyPending
+from bot.store import MAX_CORRECTION_CHARS, AnswerStatus, CorrectionStatus, FlagKind, Store, TooManyPending
 from bot.supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
@@ -88,12 +87,6 @@ class LiveAdapter:
 NO_ADAPTER = LiveAdapter()
 
 
-class AnswerStatus(StrEnum):
-    COMPLETE = "complete"
-    CUT_OFF = "cut_off"
-    ERROR = "error"
-
-
 @dataclass
 class AnswerResult:
     """What happened while answering; `display` is what the user should see at the end."""
@@ -112,9 +105,9 @@ class AnswerResult:
 
     @property
     def display(self) -> str:
-        if self.status == "cut_off":
+        if self.status == AnswerStatus.CUT_OFF:
             return self.text + CUT_OFF_MARK
-        if self.status == "error":
+        if self.status == AnswerStatus.ERROR:
             return self.notice or MSG_FAILED
         return self.text
 
@@ -322,9 +315,9 @@ class Core:
     def reaction_kind(self, emoji: str) -> Optional[str]:
         d = self.cfg.discord
         if emoji in d.flag_reactions:
-            return "bad"
+            return FlagKind.BAD
         if emoji in d.good_reactions:
-            return "good"
+            return FlagKind.GOOD
         return None
 
     async def react(self, message_id: int, user_id: int, emoji: str) -> Optional[str]:
@@ -367,7 +360,7 @@ class Core:
         claims = claimed_identities(self.cfg, text)
         try:
             if trusted and not claims:
-                cid = await self.store.add_correction(exchange["id"], user_id, text, status="approved",
+                cid = await self.store.add_correction(exchange["id"], user_id, text, status=CorrectionStatus.APPROVED,
                                                       reviewer_id=user_id, reason="auto: trusted role")
             else:
                 cid = await self.store.add_correction(exchange["id"], user_id, text,
@@ -375,7 +368,7 @@ class Core:
         except TooManyPending as exc:
             raise FeedbackError(str(exc)) from None
         row = await self.store.get_correction(cid)
-        if row["status"] == "approved":
+        if row["status"] == CorrectionStatus.APPROVED:
             await self.memory.sync()
         return {**row, "claims": claims}
 

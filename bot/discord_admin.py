@@ -17,17 +17,20 @@ from typing import Optional
 import discord
 from discord import app_commands
 
+from trainer.protocol import EventKind
+
 from bot import admin
 from bot.memory import fact_of, scope_of
 from bot.retrain import RetrainRefused, RetrainResult, format_progress, summarize_report
 from bot.runtime import Runtime
+from bot.store import CorrectionStatus, RunStatus, RunTrigger
 
 log = logging.getLogger(__name__)
 
 MSG_NOT_ADMIN = "Sorry, only admins can do that."
 REVIEW_TIMEOUT_S = 900.0  # review buttons stop working after this; run /corrections again
 EMBED_FIELD_CHARS = 400  # per field; 4 embeds x 3 fields stay under Discord's 6000-char total
-RESULT_COLORS = {"succeeded": 0x2ECC71, "rejected": 0xE67E22}
+RESULT_COLORS = {RunStatus.SUCCEEDED: 0x2ECC71, RunStatus.REJECTED: 0xE67E22}
 
 
 def is_admin_user(runtime: Runtime, user: discord.abc.User) -> bool:
@@ -70,7 +73,7 @@ class EditCorrectionModal(discord.ui.Modal, title="Edit and approve"):
         self.text.default = correction.proposed[:4000]
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await self.review.decide(interaction, self.correction.id, "approved", text=str(self.text.value))
+        await self.review.decide(interaction, self.correction.id, CorrectionStatus.APPROVED, text=str(self.text.value))
 
 
 class ReviewView(discord.ui.View):
@@ -86,8 +89,8 @@ class ReviewView(discord.ui.View):
         self.page = min(self.page, self.pages - 1)
         self.clear_items()
         for row, v in enumerate(self.views):
-            self._button(f"Approve #{v.id}", discord.ButtonStyle.success, row, self._on_decide(v, "approved"))
-            self._button(f"Reject #{v.id}", discord.ButtonStyle.danger, row, self._on_decide(v, "rejected"))
+            self._button(f"Approve #{v.id}", discord.ButtonStyle.success, row, self._on_decide(v, CorrectionStatus.APPROVED))
+            self._button(f"Reject #{v.id}", discord.ButtonStyle.danger, row, self._on_decide(v, CorrectionStatus.REJECTED))
             self._button(f"Edit #{v.id}", discord.ButtonStyle.secondary, row, self._on_edit(v))
         if self.pages > 1:
             last = min(len(self.views), admin.CORRECTIONS_PAGE_SIZE)
@@ -132,7 +135,7 @@ class ReviewView(discord.ui.View):
         except admin.AdminError as exc:
             await interaction.response.send_message(str(exc), ephemeral=True)
             return
-        warning = f" {view.warning}" if view.warning and decision == "approved" else ""
+        warning = f" {view.warning}" if view.warning and decision == CorrectionStatus.APPROVED else ""
         await self.refresh(interaction, note=f"#{correction_id} {decision}.{warning}")
 
     async def refresh(self, interaction: discord.Interaction, note: str = "") -> None:
@@ -189,15 +192,15 @@ async def run_retrain(runtime: Runtime, interaction: discord.Interaction) -> Non
     progress = ProgressMessage(interaction, runtime.cfg.discord.edit_interval_s)
 
     async def relay(event: dict) -> None:
-        if event.get("event") in ("progress", "phase", "done", "error"):
-            await progress.update(format_progress(event), force=event.get("event") != "progress")
+        if event.get("event") in tuple(EventKind):
+            await progress.update(format_progress(event), force=event.get("event") != EventKind.PROGRESS)
 
     try:
-        result = await runtime.retrain("manual", interaction.user.id, relay)
+        result = await runtime.retrain(RunTrigger.MANUAL, interaction.user.id, relay)
     except RetrainRefused as exc:
         await progress.update(f"Retrain not started: {exc}", force=True)
         return
-    await progress.update(f"{'✅' if result.status == 'succeeded' else '❌'} {result.message}", force=True)
+    await progress.update(f"{'✅' if result.status == RunStatus.SUCCEEDED else '❌'} {result.message}", force=True)
     await post_result(interaction.channel, result)
 
 

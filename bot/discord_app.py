@@ -26,7 +26,7 @@ from bot.core import MSG_QUEUED, Core, FeedbackError, Request
 from bot.discord_admin import mention
 from bot.policy import MessageFacts, is_allowed, is_trusted, should_respond
 from bot.render import split_message, streaming_view
-from bot.store import StoreError
+from bot.store import CorrectionStatus, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -513,7 +513,7 @@ class LoopcordBot(discord.Client):
         except StoreError as exc:  # a full disk: nothing was saved, and the user should know
             log.error("could not store a correction: %s", exc)
             return False, MSG_NOT_SAVED, False
-        template = MSG_CORRECTION_APPROVED if correction["status"] == "approved" else MSG_CORRECTION_PENDING
+        template = MSG_CORRECTION_APPROVED if correction["status"] == CorrectionStatus.APPROVED else MSG_CORRECTION_PENDING
         return True, correction_reply(template.format(id=correction["id"]), correction["claims"]), bool(correction["claims"])
 
 

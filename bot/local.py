@@ -35,6 +35,7 @@ from typing import Awaitable, Callable, Optional, TextIO
 from tqdm import tqdm
 
 from model.config import Config
+from trainer.protocol import EventKind
 
 from bot import admin
 from bot.context import Turn, fit_question
@@ -42,7 +43,7 @@ from bot.core import FeedbackError, Request
 from bot.memory import TERMINAL_SCOPE, fact_of
 from bot.retrain import RetrainRefused, format_progress, summarize_report
 from bot.runtime import BootstrapError, Runtime, data_dir
-from bot.store import StoreError
+from bot.store import AnswerStatus, CorrectionStatus, RunTrigger, StoreError
 from bot.supervisor import WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,9 @@ class ProgressDisplay:
 
     async def __call__(self, event: dict) -> None:
         kind = event.get("event")
-        if kind == "progress":
+        if kind == EventKind.PROGRESS:
             self._progress(event)
-        elif kind in ("phase", "done", "error"):
+        elif kind in (EventKind.PHASE, EventKind.DONE, EventKind.ERROR):
             self.close()
             self._line(format_progress(event))
 
@@ -228,7 +229,7 @@ class Terminal:
         async for delta in stream:
             self.say(delta, end="")
         result = stream.result
-        if result.status != "complete":
+        if result.status != AnswerStatus.COMPLETE:
             self.say(result.display[len(result.text):], end="")
         self.say()
         footer = admin.memory_footer(result.sources, result.quoted, author_label)
@@ -236,7 +237,7 @@ class Terminal:
             self.say(footer)
         answer_id = local_message_id()
         await self.core.record(request, result, [answer_id])
-        if result.status != "error":
+        if result.status != AnswerStatus.ERROR:
             self.turns = request.turns + [Turn("assistant", result.text, message_id=answer_id)]
             self.last_answer_id = answer_id
 
@@ -289,7 +290,7 @@ class Terminal:
 
     async def cmd_approve(self, args, rest) -> None:
         cid, text = _id_and_text(args, rest)
-        view = await admin.review(self.core.store, cid, "approved", LOCAL_USER_ID, text=text, cfg=self.runtime.cfg,
+        view = await admin.review(self.core.store, cid, CorrectionStatus.APPROVED, LOCAL_USER_ID, text=text, cfg=self.runtime.cfg,
                                   memory=self.core.memory)
         self.say(f"Correction #{view.id} approved: "
                  + ("it answers from now on (/memory lists the facts); /retrain makes it part of the model."
@@ -299,7 +300,7 @@ class Terminal:
 
     async def cmd_reject(self, args, rest) -> None:
         cid, _ = _id_and_text(args, rest)
-        view = await admin.review(self.core.store, cid, "rejected", LOCAL_USER_ID)
+        view = await admin.review(self.core.store, cid, CorrectionStatus.REJECTED, LOCAL_USER_ID)
         self.say(f"Correction #{view.id} rejected.")
 
     async def cmd_reopen(self, args, rest) -> None:
@@ -329,7 +330,7 @@ class Terminal:
         self.say(f"{await self.runtime.retrainer.announcement()} (Ctrl-C cancels)")
         display = ProgressDisplay(self.out, self.live_progress)
         try:
-            result = await self.runtime.retrain("manual", LOCAL_USER_ID, display)
+            result = await self.runtime.retrain(RunTrigger.MANUAL, LOCAL_USER_ID, display)
         finally:
             display.close()
         if result.report:

@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
 
@@ -33,6 +32,8 @@ from model.client import ModelClient, ModelError
 from model.config import Config
 from model.process import CHILD_PREEXEC, child_env
 from trainer.protocol import Command, EventKind, Outcome, RefusedCorrection, Verdict
+
+from bot.store import RunStatus
 from trainer.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ MSG_INTERRUPTED = ("The bot stopped while this retrain was running; its correcti
 
 class RetrainRefused(Exception):
     """A retrain (or rollback) cannot be done now; str() says why in words for the user."""
-
-
-class RunStatus(StrEnum):
-    SUCCEEDED = "succeeded"  # gate passed, promoted, live
-    REJECTED = "rejected"  # the gate said no; the live adapter is unchanged
-    FAILED = "failed"  # the trainer refused a correction, or passed but could not be promoted or loaded; unchanged
-    CRASHED = "crashed"  # the trainer died; unchanged
-    CANCELLED = "cancelled"  # someone cancelled it (Ctrl-C, shutdown); unchanged
 
 
 @dataclass

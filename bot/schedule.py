@@ -10,7 +10,8 @@ import asyncio
 import logging
 from typing import Awaitable, Callable, Optional
 
-from bot.retrain import RetrainRefused, RetrainResult, Retrainer, RunStatus
+from bot.retrain import RetrainRefused, RetrainResult, Retrainer
+from bot.store import RunStatus, RunTrigger
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ async def scheduled_retrain_once(retrainer: Retrainer, min_corrections: int) -> 
         log.info("schedule: %d approved corrections waiting (need %d); not retraining", waiting, min_corrections)
         return None
     try:
-        return await retrainer.retrain(trigger="schedule", started_by=None)
+        return await retrainer.retrain(trigger=RunTrigger.SCHEDULE, started_by=None)
     except RetrainRefused as exc:
         log.info("schedule: retrain refused: %s", exc)
         return None

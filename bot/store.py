@@ -22,8 +22,10 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import sqlite3
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, TypeVar
 
@@ -43,18 +45,83 @@ DB_DIR_MODE = 0o700
 FORGOTTEN_USER_ID = -1
 FORGOTTEN_REASON = "its question was deleted by the person who asked it (/forget-me)"
 
-EXCHANGE_STATUSES = ("complete", "cut_off", "error")
-FLAG_KINDS = ("bad", "good")
-CORRECTION_STATUSES = ("pending", "approved", "rejected")
-RUN_TRIGGERS = ("manual", "schedule")
-RUN_STATUSES = ("running", "succeeded", "failed", "rejected", "crashed", "cancelled")
 # A correction's text is trained on, shown in reviews and quoted in prompts: longer than
 # MAX_CORRECTION_CHARS is refused when it is made (and by the trainer: one limit, trainer.protocol).
 
+
+# ---- what the store's status columns may hold -------------------------------------------
+# Each set is spelled here once: the code uses the members, the schema's CHECK constraints are
+# built from them (_check), and `open` refuses a file whose constraints say otherwise. The values
+# are what is on disk: renaming one, or adding one, needs a migration that rebuilds its table
+# (as v3 did for cancelled runs); the open-time check fails until there is one.
+
+
+class AnswerStatus(StrEnum):
+    """exchanges.status: how an answer ended."""
+
+    COMPLETE = "complete"
+    CUT_OFF = "cut_off"
+    ERROR = "error"
+
+
+class FlagKind(StrEnum):
+    """flags.kind: a 👎 or a 👍 on an answer."""
+
+    BAD = "bad"
+    GOOD = "good"
+
+
+class CorrectionStatus(StrEnum):
+    """corrections.status: waiting for review, approved (trained on, in the memory) or rejected."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class RunTrigger(StrEnum):
+    """training_runs.trigger: who started a retrain."""
+
+    MANUAL = "manual"
+    SCHEDULE = "schedule"
+
+
+class RunStatus(StrEnum):
+    """training_runs.status: how a retrain ended (bot.retrain)."""
+
+    RUNNING = "running"  # under way (or the bot died during it: closed as crashed at the next start)
+    SUCCEEDED = "succeeded"  # gate passed, promoted, live
+    FAILED = "failed"  # the trainer refused a correction, or passed but could not be promoted or loaded; unchanged
+    REJECTED = "rejected"  # the gate said no; the live adapter is unchanged
+    CRASHED = "crashed"  # the trainer died; unchanged
+    CANCELLED = "cancelled"  # someone cancelled it (Ctrl-C, shutdown); unchanged
+
+
+def _sql(value: str) -> str:
+    """A string as an SQL literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _check(column: str, allowed: Iterable[str]) -> str:
+    """`CHECK (column IN ('a', 'b'))` for the allowed values, in their order."""
+    return f"CHECK ({column} IN ({', '.join(_sql(v) for v in allowed)}))"
+
+
+_APPROVED = _sql(CorrectionStatus.APPROVED)  # in queries that take no parameters for it
+
+# (table, column, the set its CHECK constraint allows now); `open` compares them with the file.
+STATUS_COLUMNS: tuple[tuple[str, str, type[StrEnum]], ...] = (
+    ("exchanges", "status", AnswerStatus),
+    ("flags", "kind", FlagKind),
+    ("corrections", "status", CorrectionStatus),
+    ("training_runs", "trigger", RunTrigger),
+    ("training_runs", "status", RunStatus),
+)
+
 # Each script moves the schema from version i to i+1. Append, never edit.
 MIGRATIONS: list[str] = [
-    # v1: the initial schema.
-    """
+    # v1: the initial schema (its runs could not yet be cancelled).
+    f"""
     CREATE TABLE exchanges (
         id INTEGER PRIMARY KEY,
         guild_id INTEGER,
@@ -66,7 +133,7 @@ MIGRATIONS: list[str] = [
         answer TEXT NOT NULL,
         model TEXT,
         adapter_version TEXT,
-        status TEXT NOT NULL CHECK (status IN ('complete', 'cut_off', 'error')),
+        status TEXT NOT NULL {_check('status', AnswerStatus)},
         ttft_ms REAL,
         total_ms REAL,
         created_at TEXT NOT NULL
@@ -84,7 +151,7 @@ MIGRATIONS: list[str] = [
         id INTEGER PRIMARY KEY,
         exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
         user_id INTEGER NOT NULL,
-        kind TEXT NOT NULL CHECK (kind IN ('bad', 'good')),
+        kind TEXT NOT NULL {_check('kind', FlagKind)},
         emoji TEXT NOT NULL,
         created_at TEXT NOT NULL,
         UNIQUE (exchange_id, user_id, emoji)
@@ -92,10 +159,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX flags_user ON flags(user_id);
     CREATE TABLE training_runs (
         id INTEGER PRIMARY KEY,
-        trigger TEXT NOT NULL CHECK (trigger IN ('manual', 'schedule')),
+        trigger TEXT NOT NULL {_check('trigger', RunTrigger)},
         started_by INTEGER,
         status TEXT NOT NULL
-            CHECK (status IN ('running', 'succeeded', 'failed', 'rejected', 'crashed')),
+            {_check('status', [s for s in RunStatus if s != RunStatus.CANCELLED])},
         version TEXT,
         parent_version TEXT,
         report TEXT,
@@ -109,8 +176,8 @@ MIGRATIONS: list[str] = [
         exchange_id INTEGER NOT NULL REFERENCES exchanges(id) ON DELETE CASCADE,
         user_id INTEGER NOT NULL,
         text TEXT NOT NULL,
-        status TEXT NOT NULL DEFAULT 'pending'
-            CHECK (status IN ('pending', 'approved', 'rejected')),
+        status TEXT NOT NULL DEFAULT {_sql(CorrectionStatus.PENDING)}
+            {_check('status', CorrectionStatus)},
         reviewer_id INTEGER,
         review_reason TEXT,
         reviewed_at TEXT,
@@ -128,7 +195,7 @@ MIGRATIONS: list[str] = [
     # v3: the community memory (an approved correction, live at once, one entry per correction,
     # gone with it), and runs that were cancelled (the table rebuilt for the new CHECK; the
     # migration runs with foreign keys off, as SQLite's procedure for this requires).
-    """
+    f"""
     CREATE TABLE memory (
         correction_id INTEGER PRIMARY KEY REFERENCES corrections(id) ON DELETE CASCADE,
         scope TEXT NOT NULL,
@@ -143,10 +210,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX memory_scope ON memory(scope);
     CREATE TABLE training_runs_v3 (
         id INTEGER PRIMARY KEY,
-        trigger TEXT NOT NULL CHECK (trigger IN ('manual', 'schedule')),
+        trigger TEXT NOT NULL {_check('trigger', RunTrigger)},
         started_by INTEGER,
         status TEXT NOT NULL
-            CHECK (status IN ('running', 'succeeded', 'failed', 'rejected', 'crashed', 'cancelled')),
+            {_check('status', RunStatus)},
         version TEXT,
         parent_version TEXT,
         report TEXT,
@@ -183,6 +250,12 @@ class TooManyPending(ValueError):
 def now_iso() -> str:
     """UTC timestamp in ISO 8601 with milliseconds (sorts as text)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _checked_values(create_sql: str, column: str) -> set[str]:
+    """The values `CHECK (column IN (...))` allows in a CREATE TABLE statement (empty: no such CHECK)."""
+    m = re.search(rf"CHECK\s*\(\s*{re.escape(column)}\s+IN\s*\(((?:'(?:[^']|'')*'|[\s,])*)\)\s*\)", create_sql)
+    return {v.replace("''", "'") for v in re.findall(r"'((?:[^']|'')*)'", m.group(1))} if m else set()
 
 
 def _split_statements(script: str) -> list[str]:
@@ -263,6 +336,7 @@ class Store:
             await db.execute("PRAGMA foreign_keys = ON")
             await db.execute("PRAGMA secure_delete = ON")  # deleted text is zeroed, not left in free pages
             await store._migrate()
+            await store._check_status_columns()
         except sqlite3.DatabaseError as exc:
             await db.close()
             raise StoreError(f"cannot open the store at {path}: {exc}") from None
@@ -312,6 +386,17 @@ class Store:
                 raise self._full_error() from None
             raise
         log.info("store %s migrated to schema version %d", self.path, target)
+
+    async def _check_status_columns(self) -> None:
+        """Every status column's CHECK allows exactly its set (STATUS_COLUMNS): a value added to a
+        set without the migration that rebuilds its table fails here, not at the first INSERT."""
+        for table, column, allowed in STATUS_COLUMNS:
+            row = await self._fetchone("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+            found = _checked_values(row[0] if row else "", column)
+            if found != set(allowed):
+                raise StoreError(
+                    f"the store at {self.path}: {table}.{column} allows {sorted(found)}, but this loopcord "
+                    f"uses {sorted(allowed)}; a schema migration is missing (bot.store.MIGRATIONS)")
 
     # -------------------------------------------------------------- plumbing
 
@@ -386,8 +471,8 @@ class Store:
         total_ms: Optional[float] = None,
     ) -> int:
         """Record one posted answer with its exact prompt; returns the exchange id."""
-        if status not in EXCHANGE_STATUSES:
-            raise ValueError(f"exchange status must be one of {EXCHANGE_STATUSES}, got {status!r}")
+        if status not in tuple(AnswerStatus):
+            raise ValueError(f"exchange status must be one of {tuple(map(str, AnswerStatus))}, got {status!r}")
         ids = [int(m) for m in answer_message_ids]
 
         async def body(db: aiosqlite.Connection) -> int:
@@ -441,8 +526,8 @@ class Store:
 
     async def add_flag(self, exchange_id: int, user_id: int, kind: str, emoji: str) -> bool:
         """Record a reaction; one per (exchange, user, emoji). True if it was new."""
-        if kind not in FLAG_KINDS:
-            raise ValueError(f"flag kind must be one of {FLAG_KINDS}, got {kind!r}")
+        if kind not in tuple(FlagKind):
+            raise ValueError(f"flag kind must be one of {tuple(map(str, FlagKind))}, got {kind!r}")
         (cur,) = await self._write(
             [("INSERT OR IGNORE INTO flags (exchange_id, user_id, kind, emoji, created_at)"
               " VALUES (?,?,?,?,?)", (exchange_id, user_id, kind, emoji, now_iso()))]
@@ -464,7 +549,7 @@ class Store:
 
     async def count_flags_by_kind(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT kind, COUNT(*) AS n FROM flags GROUP BY kind")
-        counts = {k: 0 for k in FLAG_KINDS}
+        counts = {str(k): 0 for k in FlagKind}
         counts.update({r["kind"]: r["n"] for r in rows})
         return counts
 
@@ -476,7 +561,7 @@ class Store:
         user_id: int,
         text: str,
         *,
-        status: str = "pending",
+        status: str = CorrectionStatus.PENDING,
         reviewer_id: Optional[int] = None,
         reason: Optional[str] = None,
         max_pending: int = 0,
@@ -486,14 +571,14 @@ class Store:
         With `max_pending` > 0, a pending correction from a user who already has that many
         waiting raises TooManyPending (counted in the same transaction, so a burst cannot
         slip past the limit)."""
-        if status not in CORRECTION_STATUSES:
-            raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
-        reviewed_at = now_iso() if status != "pending" else None
+        if status not in tuple(CorrectionStatus):
+            raise ValueError(f"correction status must be one of {tuple(map(str, CorrectionStatus))}, got {status!r}")
+        reviewed_at = now_iso() if status != CorrectionStatus.PENDING else None
 
         async def body(db: aiosqlite.Connection) -> int:
-            if status == "pending" and max_pending > 0:
-                async with db.execute("SELECT COUNT(*) FROM corrections WHERE user_id = ? AND status = 'pending'",
-                                      (user_id,)) as cur:
+            if status == CorrectionStatus.PENDING and max_pending > 0:
+                async with db.execute("SELECT COUNT(*) FROM corrections WHERE user_id = ? AND status = ?",
+                                      (user_id, CorrectionStatus.PENDING)) as cur:
                     if (await cur.fetchone())[0] >= max_pending:
                         raise TooManyPending(max_pending)
             cur = await db.execute(
@@ -506,7 +591,7 @@ class Store:
 
     async def count_pending_of(self, user_id: int) -> int:
         row = await self._fetchone(
-            "SELECT COUNT(*) FROM corrections WHERE user_id = ? AND status = 'pending'", (user_id,))
+            "SELECT COUNT(*) FROM corrections WHERE user_id = ? AND status = ?", (user_id, CorrectionStatus.PENDING))
         return row[0]
 
     async def get_correction(self, correction_id: int) -> Optional[dict]:
@@ -528,9 +613,9 @@ class Store:
         (with `only_from`) if its status is no longer one of those: a concurrent review won.
         Its memory entry goes in the same transaction when it leaves "approved" or its text
         changes (bot.memory adds the entry for what is approved now)."""
-        if status not in CORRECTION_STATUSES:
-            raise ValueError(f"correction status must be one of {CORRECTION_STATUSES}, got {status!r}")
-        reviewed_at = now_iso() if status != "pending" else None
+        if status not in tuple(CorrectionStatus):
+            raise ValueError(f"correction status must be one of {tuple(map(str, CorrectionStatus))}, got {status!r}")
+        reviewed_at = now_iso() if status != CorrectionStatus.PENDING else None
         sql = ("UPDATE corrections SET status = ?, reviewer_id = ?, reviewed_at = ?, review_reason = ?"
                + (", text = ?" if text is not None else "") + " WHERE id = ?"
                + (f" AND status IN ({','.join('?' * len(only_from))})" if only_from else ""))
@@ -544,7 +629,7 @@ class Store:
             cur = await db.execute(sql, args)
             if cur.rowcount == 0:
                 return False
-            if status != "approved" or text is not None:
+            if status != CorrectionStatus.APPROVED or text is not None:
                 await db.execute("DELETE FROM memory WHERE correction_id = ?", (correction_id,))
             return True
 
@@ -565,7 +650,7 @@ class Store:
 
     async def count_corrections_by_status(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, COUNT(*) AS n FROM corrections GROUP BY status")
-        counts = {s: 0 for s in CORRECTION_STATUSES}
+        counts = {str(s): 0 for s in CorrectionStatus}
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
 
@@ -575,7 +660,7 @@ class Store:
         since, args = ("", ()) if approved_after is None else (" AND c.reviewed_at > ?", (approved_after,))
         row = await self._fetchone(
             "SELECT COUNT(*) FROM corrections c JOIN exchanges e ON e.id = c.exchange_id"
-            " WHERE c.status = 'approved' AND c.trained_run_id IS NULL AND e.forgotten_at IS NULL" + since, args
+            f" WHERE c.status = {_APPROVED} AND c.trained_run_id IS NULL AND e.forgotten_at IS NULL" + since, args
         )
         return row[0]
 
@@ -590,7 +675,7 @@ class Store:
             "SELECT c.id, c.exchange_id, c.text, c.user_id, c.reviewer_id, c.created_at,"
             " c.reviewed_at, e.prompt_messages, e.answer FROM corrections c"
             " JOIN exchanges e ON e.id = c.exchange_id"
-            " WHERE c.status = 'approved'" + where + " ORDER BY c.id"
+            f" WHERE c.status = {_APPROVED}" + where + " ORDER BY c.id"
         )
         return [
             {
@@ -625,7 +710,7 @@ class Store:
         """Approved corrections (question not forgotten) with no memory entry from this model."""
         rows = await self._fetchall(
             _CORRECTION_SELECT + " LEFT JOIN memory m ON m.correction_id = c.id"
-            " WHERE c.status = 'approved' AND e.forgotten_at IS NULL"
+            f" WHERE c.status = {_APPROVED} AND e.forgotten_at IS NULL"
             " AND (m.correction_id IS NULL OR m.embedding_model != ?) ORDER BY c.id", (embedding_model,))
         return [_correction_row(r) for r in rows]
 
@@ -633,8 +718,8 @@ class Store:
         """Make correction `correction_id` a memory entry, only if it is still approved with
         this `text` (a review that happened while its embedding was computed wins)."""
         async def body(db: aiosqlite.Connection) -> bool:
-            async with db.execute("SELECT reviewer_id FROM corrections WHERE id = ? AND status = 'approved'"
-                                  " AND text = ?", (correction_id, text)) as cur:
+            async with db.execute("SELECT reviewer_id FROM corrections WHERE id = ? AND status = ? AND text = ?",
+                                  (correction_id, CorrectionStatus.APPROVED, text)) as cur:
                 found = await cur.fetchone()
             if found is None:
                 return False
@@ -659,12 +744,12 @@ class Store:
         parent_version: Optional[str] = None,
         n_corrections: int = 0,
     ) -> int:
-        if trigger not in RUN_TRIGGERS:
-            raise ValueError(f"run trigger must be one of {RUN_TRIGGERS}, got {trigger!r}")
+        if trigger not in tuple(RunTrigger):
+            raise ValueError(f"run trigger must be one of {tuple(map(str, RunTrigger))}, got {trigger!r}")
         (cur,) = await self._write(
             [("INSERT INTO training_runs (trigger, started_by, status, parent_version,"
-              " started_at, n_corrections) VALUES (?,?, 'running', ?,?,?)",
-              (trigger, started_by, parent_version, now_iso(), n_corrections))]
+              " started_at, n_corrections) VALUES (?,?,?,?,?,?)",
+              (trigger, started_by, RunStatus.RUNNING, parent_version, now_iso(), n_corrections))]
         )
         return cur.lastrowid
 
@@ -677,8 +762,8 @@ class Store:
         report: Optional[dict] = None,
         message: Optional[str] = None,
     ) -> None:
-        if status not in RUN_STATUSES:
-            raise ValueError(f"run status must be one of {RUN_STATUSES}, got {status!r}")
+        if status not in tuple(RunStatus):
+            raise ValueError(f"run status must be one of {tuple(map(str, RunStatus))}, got {status!r}")
         await self._write(
             [("UPDATE training_runs SET status = ?, version = COALESCE(?, version), report = ?,"
               " message = ?, finished_at = ? WHERE id = ?",
@@ -696,8 +781,7 @@ class Store:
 
     async def running_run(self) -> Optional[dict]:
         row = await self._fetchone(
-            "SELECT * FROM training_runs WHERE status = 'running' ORDER BY id DESC LIMIT 1"
-        )
+            "SELECT * FROM training_runs WHERE status = ? ORDER BY id DESC LIMIT 1", (RunStatus.RUNNING,))
         return _run_row(row) if row else None
 
     # ---------------------------------------------------------------- privacy
@@ -758,8 +842,9 @@ class Store:
                     " request_message_id = NULL, forgotten_at = ? WHERE id = ?",
                     (FORGOTTEN_USER_ID, now_iso(), eid))
                 await db.execute(
-                    "UPDATE corrections SET status = 'rejected', review_reason = ?, reviewed_at = ?"
-                    " WHERE exchange_id = ? AND status = 'pending'", (FORGOTTEN_REASON, now_iso(), eid))
+                    "UPDATE corrections SET status = ?, review_reason = ?, reviewed_at = ?"
+                    " WHERE exchange_id = ? AND status = ?",
+                    (CorrectionStatus.REJECTED, FORGOTTEN_REASON, now_iso(), eid, CorrectionStatus.PENDING))
             counts["exchanges_blanked"] = len(husks)
             counts["quotes_erased"] = 0
             if erasure.texts:  # their words quoted as history in others' prompts

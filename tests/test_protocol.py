@@ -143,3 +143,55 @@ def test_the_cycle_check_finds_a_cycle_hidden_in_a_function(tmp_path):
     assert graph["pkg.c"] == set()  # TYPE_CHECKING imports never run
     assert graph["pkg.d"] == {"pkg.c", "pkg.a"}  # relative imports resolve
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+
+
+# ------------------------------------------------------------------ statuses, owned once
+
+
+async def test_each_status_column_allows_exactly_its_set_and_nothing_else(tmp_path):
+    import sqlite3
+
+    import pytest
+
+    from bot.store import STATUS_COLUMNS, AnswerStatus, RunStatus, RunTrigger, Store, _checked_values
+
+    store = await Store.open(tmp_path / "loopcord.db")
+    try:
+        exchange = await store.log_exchange(user_id=1, prompt_messages=[{"role": "user", "content": "Hi?"}],
+                                            answer="Hello.", status=AnswerStatus.CUT_OFF)
+        for status in RunStatus:  # every member goes in, as it is on disk
+            run = await store.start_run(RunTrigger.SCHEDULE)
+            await store.finish_run(run, status)
+            assert (await store.get_run(run))["status"] == status.value
+        assert (await store.get_exchange(exchange))["status"] == "cut_off"
+    finally:
+        await store.close()
+    con = sqlite3.connect(tmp_path / "loopcord.db")
+    try:
+        for table, column, allowed in STATUS_COLUMNS:
+            sql = con.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+            assert _checked_values(sql, column) == {m.value for m in allowed}, (table, column)
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            con.execute("UPDATE training_runs SET status = 'paused'")
+    finally:
+        con.close()
+
+
+async def test_a_store_whose_constraints_lag_behind_a_status_set_is_refused_at_open(tmp_path):
+    """Adding a status without the migration that rebuilds its table fails at open, naming the
+    column, not at the first INSERT of the new value (mid-retrain)."""
+    import sqlite3
+
+    import pytest
+
+    from bot.store import MIGRATIONS, Store, StoreError
+
+    path = tmp_path / "loopcord.db"
+    con = sqlite3.connect(path)
+    for i, script in enumerate(MIGRATIONS):  # as if v3 had not known cancelled runs
+        con.executescript(script.replace(", 'cancelled'", "") if i == 2 else script)
+    con.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match=r"training_runs\.status allows .* a schema migration is missing"):
+        await Store.open(path)

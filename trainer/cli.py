@@ -33,7 +33,7 @@ from trainer.cores import apply_cpu_threads, training_settings
 from trainer.datasets import DataError
 from trainer.gate import evaluate, reference_alongside, report_json
 from trainer.progress import Progress, log
-from trainer.protocol import CHART_FILE, REFUSED_CORRECTIONS, REPORT_FILE, Command, ExitCode, Verdict
+from trainer.protocol import CHART_FILE, REFUSED_CORRECTIONS, REPORT_FILE, Command, ExitCode, Verdict, VersionStatus
 from trainer.registry import Registry, RegistryError
 from trainer.stages import CorrectionsRefused, StageError, ensure_base, run_stage
 
@@ -206,10 +206,10 @@ def cmd_list(cfg, args, progress) -> int:
     if not rows:
         print("no versions yet")
     for r in rows:
-        if r["status"] == "broken":
+        if r["status"] == VersionStatus.BROKEN:
             print(f"{r['version']}  BROKEN: {r['error']}")
             continue
-        gate = {True: "passed", False: "failed", None: "-"}[r["gate_passed"]]
+        gate = {True: Verdict.PASSED, False: Verdict.FAILED, None: "-"}[r["gate_passed"]]
         live = " <- promoted" if r["promoted"] else ""
         print(f"{r['version']}  {r['stage']:<10} parent={r['parent'] or 'base':<6} gate={gate:<6} "
               f"status={r['status']}  {r['created_at']}{live}")

@@ -55,7 +55,7 @@ from trainer.cores import child_setup, spare_cores, start_child
 from trainer.generate import greedy_answers, mean_answer_loss
 from trainer.matching import answer_matches, forbidden_identities, identity_claims, identity_ok, states_fact
 from trainer.progress import log as log_line
-from trainer.protocol import CHART_FILE, REPORT_FILE
+from trainer.protocol import CHART_FILE, EVER_LIVE, REPORT_FILE, VersionStatus
 from trainer.registry import Registry, read_json_cache, write_json_atomic
 
 SCORES_FILE = "scores.json"  # a version's (or the base's) scores, keyed by the eval fingerprint
@@ -70,7 +70,7 @@ def reference_version(reg: Registry, version: str) -> Optional[str]:
     while parent and parent not in seen:
         seen.add(parent)
         m = reg.get(parent)
-        if m.get("promoted_at") or m.get("status") in ("promoted", "superseded", "rolled_back"):
+        if m.get("promoted_at") or m.get("status") in EVER_LIVE:
             return parent
         parent = m.get("parent")
     return None
@@ -468,10 +468,10 @@ def evaluate(cfg: Config, version: str, corrections_file: Optional[str] = None, 
         "reference_general_accuracy": ref["general"]["accuracy"],
     }
     status = manifest.get("status")
-    if status == "candidate" and not passed:
-        status = "rejected"
-    elif status == "rejected" and passed:
-        status = "candidate"
+    if status == VersionStatus.CANDIDATE and not passed:
+        status = VersionStatus.REJECTED
+    elif status == VersionStatus.REJECTED and passed:
+        status = VersionStatus.CANDIDATE
     reg.update(version, metrics=summary, gate={"passed": passed, "report": REPORT_FILE,
                                                "failed": [c["name"] for c in checks if not c["passed"]]},
                status=status)

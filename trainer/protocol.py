@@ -79,6 +79,21 @@ class Verdict(StrEnum):
     FAILED = "failed"
 
 
+class VersionStatus(StrEnum):
+    """A registry version's manifest "status" (trainer.registry; `list` rows, /status)."""
+
+    CANDIDATE = "candidate"  # new: not gated, or gated and passed but not promoted
+    REJECTED = "rejected"  # its gate failed
+    PROMOTED = "promoted"  # live now
+    SUPERSEDED = "superseded"  # was live; a newer one was promoted
+    ROLLED_BACK = "rolled_back"  # was live; an admin rolled away from it
+    BROKEN = "broken"  # only in `list` rows: the manifest cannot be read
+
+
+# Versions that were live at some time (the gate's reference is the nearest of these).
+EVER_LIVE = (VersionStatus.PROMOTED, VersionStatus.SUPERSEDED, VersionStatus.ROLLED_BACK)
+
+
 def now_iso() -> str:
     """The one timestamp format of the project: UTC, seconds, ISO 8601."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -24,9 +24,9 @@ Rollback history is a stack: a promotion pushes, a plain rollback pops, and an
 explicit `rollback --to V` pushes V on top of the version it replaced (so a plain
 rollback afterwards returns there).
 
-status in a manifest: "candidate" (new), "rejected" (gate failed), "promoted" (live now),
-"superseded" (was live, a newer one was promoted), "rolled_back" (an admin rolled away from it);
-`promoted_at` stays on every version that was ever live.
+status in a manifest: trainer.protocol.VersionStatus (candidate, rejected, promoted, superseded,
+rolled_back); `promoted_at` stays on every version that was ever live. A history event's "action"
+is the command that wrote it (Command.PROMOTE or Command.ROLLBACK).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
-from trainer.protocol import now_iso
+from trainer.protocol import Command, VersionStatus, now_iso
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 MANIFEST = "manifest.json"
@@ -219,7 +219,7 @@ class Registry:
             v = e.get("version")
             if not v:
                 continue
-            if e.get("action") == "rollback" and not e.get("explicit") and e.get("from") in stack:
+            if e.get("action") == Command.ROLLBACK and not e.get("explicit") and e.get("from") in stack:
                 stack.remove(e["from"])
             if v in stack:
                 stack.remove(v)
@@ -251,9 +251,10 @@ class Registry:
                 if self._repair_history(current):
                     repaired.append(f"history.jsonl: recorded that {current} is promoted")
                 manifest = self.get(current)
-                if manifest.get("status") != "promoted":
+                if manifest.get("status") != VersionStatus.PROMOTED:
                     write_json_atomic(self.path(current) / MANIFEST, {
-                        **manifest, "status": "promoted", "promoted_at": manifest.get("promoted_at") or now_iso()})
+                        **manifest, "status": VersionStatus.PROMOTED,
+                        "promoted_at": manifest.get("promoted_at") or now_iso()})
                     repaired.append(f"{current}/{MANIFEST}: status set to promoted")
                 repaired += [f"{v}/{MANIFEST}: status set to superseded" for v in self._supersede_all_but(current)]
         return repaired
@@ -352,7 +353,7 @@ class Registry:
         with self.locked():
             numbers = [int(v[1:]) for v in self.versions()]
             version = format_version(max(numbers, default=0) + 1)
-            manifest = {**manifest, "version": version, "status": "candidate", "created_at": now_iso()}
+            manifest = {**manifest, "version": version, "status": VersionStatus.CANDIDATE, "created_at": now_iso()}
             write_json_atomic(staging / MANIFEST, manifest)
             os.rename(staging, self.path(version))
         return version
@@ -376,7 +377,7 @@ class Registry:
         last = history[-1].get("version") if history else None
         if last == current:
             return False
-        self._append_history({"action": "promote", "version": current, "from": last, "at": now_iso(),
+        self._append_history({"action": Command.PROMOTE, "version": current, "from": last, "at": now_iso(),
                               "forced": False, "repaired": True})
         return True
 
@@ -387,7 +388,7 @@ class Registry:
             self._repair_history(previous)
         write_text_atomic(self.root / PROMOTED_FILE, version + "\n")
         event = {"action": action, "version": version, "from": previous, "at": now_iso(), "forced": forced}
-        if action == "rollback":
+        if action == Command.ROLLBACK:
             event["explicit"] = explicit
         self._append_history(event)
 
@@ -402,8 +403,8 @@ class Registry:
                 m = self.get(v)
             except RegistryError:
                 continue  # a broken version is reported by list/check, not rewritten here
-            if m.get("status") == "promoted":
-                write_json_atomic(self.path(v) / MANIFEST, {**m, "status": "superseded"})
+            if m.get("status") == VersionStatus.PROMOTED:
+                write_json_atomic(self.path(v) / MANIFEST, {**m, "status": VersionStatus.SUPERSEDED})
                 changed.append(v)
         return changed
 
@@ -419,8 +420,8 @@ class Registry:
             )
         with self.locked():
             previous = self.pointer()  # may name a missing version: promoting repairs that
-            self._set_pointer(version, "promote", previous, force)
-            fields = {**self.get(version), "status": "promoted", "promoted_at": now_iso()}
+            self._set_pointer(version, Command.PROMOTE, previous, force)
+            fields = {**self.get(version), "status": VersionStatus.PROMOTED, "promoted_at": now_iso()}
             write_json_atomic(self.path(version) / MANIFEST, fields)
             self._supersede_all_but(version)
         return version
@@ -441,10 +442,11 @@ class Registry:
             self.get(to)  # exists?
             if to == current:
                 raise RegistryError(f"{to} is already the promoted version")
-            self._set_pointer(to, "rollback", current, False, explicit=explicit)
+            self._set_pointer(to, Command.ROLLBACK, current, False, explicit=explicit)
             if current and current in self.versions():
-                write_json_atomic(self.path(current) / MANIFEST, {**self.get(current), "status": "rolled_back"})
-            write_json_atomic(self.path(to) / MANIFEST, {**self.get(to), "status": "promoted"})
+                write_json_atomic(self.path(current) / MANIFEST,
+                                  {**self.get(current), "status": VersionStatus.ROLLED_BACK})
+            write_json_atomic(self.path(to) / MANIFEST, {**self.get(to), "status": VersionStatus.PROMOTED})
         return to
 
     def describe(self) -> list[dict]:
@@ -455,7 +457,7 @@ class Registry:
             try:
                 m = self.get(v)
             except RegistryError as exc:  # one broken version must not hide the others
-                rows.append({"version": v, "stage": None, "parent": None, "status": "broken",
+                rows.append({"version": v, "stage": None, "parent": None, "status": VersionStatus.BROKEN,
                              "gate_passed": None, "promoted": v == live, "created_at": None,
                              "samples": None, "error": str(exc)})
                 continue
