@@ -78,5 +78,25 @@ def tiny_llama_base(tiny_base) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A small ChatML tokenizer for the random tiny models of tests/support/engine.py (a module
+    may define its own `tokenizer` instead, as test_worker_hardening does)."""
+    from tests.support.engine import engine_tokenizer
+
+    return engine_tokenizer()
+
+
+@pytest.fixture
+async def fake_vllm():
+    """A vLLM-shaped server on 127.0.0.1 (devkit/fake_vllm.py), for the terminal's tests."""
+    from devkit.fake_vllm import FakeVLLM
+
+    fake = FakeVLLM(max_model_len=2048)
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
 if __name__ == "__main__":  # refresh the shipped tiny base
     print(f"{tiny.refresh()} rebuilt ({tiny.fingerprint()})")

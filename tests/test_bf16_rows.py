@@ -17,8 +17,8 @@ from torch import nn
 
 from model import bf16_rows
 from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
-from test_engine import prompts
-from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
+from tests.support.engine import prompts
+from tests.support.kernels import turn_off_kernels
 
 runs_here = pytest.mark.skipif(bf16_rows.kernel() is None,
                                reason="the kernel does not run on this CPU (needs AVX-512 BF16, no AMX) or no compiler")
@@ -175,13 +175,6 @@ def test_without_a_compiler_the_layers_answer_through_onednn(monkeypatch, tmp_pa
     plain, packed = _pair(threads=1)
     assert all(m.layout is Layout.ONEDNN for m in packed.modules() if isinstance(m, PackedLinear))
     _answers_as_nn_linear(plain, packed, 1)
-
-
-def turn_off_kernels(monkeypatch) -> None:
-    """As on a CPU where bf16_rows' kernels do not run: `LOOPCORD_BF16_ROWS=0`, looked at afresh."""
-    monkeypatch.setattr(bf16_rows, "_tried", False)
-    monkeypatch.setattr(bf16_rows, "_kernel", None)
-    monkeypatch.setenv("LOOPCORD_BF16_ROWS", "0")
 
 
 def test_the_kernel_can_be_turned_off_and_layers_keep_the_onednn_and_torch_mm_layouts(monkeypatch):
@@ -358,7 +351,7 @@ def _model(arch: str, tok, dtype=torch.bfloat16):
 @pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_model_decodes_through_the_kernels_as_transformers_does(arch, dtype, threads, tokenizer):  # noqa: F811
+def test_a_model_decodes_through_the_kernels_as_transformers_does(arch, dtype, threads, tokenizer):
     """A model whose head size the attention kernel takes (32), on one thread or two: the lean
     prefill and a ragged decode step (GEMMs in bf16_rows; in bf16 attention too) give the
     transformers forward's logits to rounding and its greedy tokens."""

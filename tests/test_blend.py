@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from trainer.registry import Registry
 
-from test_trainer import corrections_file, run_trainer, tiny_config
+from tests.support.trainer import corrections_file, run_trainer, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -25,7 +25,7 @@ import pytest
 from bot.retrain import MSG_INTERRUPTED
 from bot.store import Store
 from devkit.fake_vllm import FakeVLLM
-from tests.test_terminal import run_piped, server, write_config  # noqa: F401  (server: the fake vLLM fixture)
+from tests.support.terminal import run_piped, write_config
 
 
 def runs(db: Path) -> list[tuple]:
@@ -37,8 +37,8 @@ def runs(db: Path) -> list[tuple]:
 
 
 @pytest.mark.slow  # runs `python -m bot` (against a vLLM-shaped server): seconds, not the fast tier
-async def test_a_run_left_running_by_a_killed_bot_never_refuses_the_next_retrain(tmp_path, server):  # noqa: F811
-    config = write_config(tmp_path, server.url)
+async def test_a_run_left_running_by_a_killed_bot_never_refuses_the_next_retrain(tmp_path, fake_vllm):
+    config = write_config(tmp_path, fake_vllm.url)
     db = tmp_path / "data" / "loopcord.db"
     store = await Store.open(db)  # as the killed bot left it: its run row still "running"
     run_id = await store.start_run(trigger="manual", started_by=0, parent_version="v0001", n_corrections=1)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from model.client import (ModelBadRequest, ModelClient, ModelError, ModelOverloaded, ModelUnavailable,
                           error_for_status)
 from model.config import config_from_dict
-from tests.conftest import ROOT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_importing_the_client_does_not_import_torch():

@@ -7,126 +7,18 @@ Llama (SmolLM2's architecture) and a small random Qwen2 (the demo base's).
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
-import torch
 
 from model.adapters import AdapterTable
-from model.engine import Engine, Sequence
-from model.metrics import WorkerMetrics
-from devkit.tiny_model import build_model, build_tokenizer
-
-TEXTS = ["hello world, how are you today?", "the quick brown fox jumps over the lazy dog",
-         "numbers: 1 2 3 4 5 6 7 8 9 10", "你好，世界"] * 4
-TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer(TEXTS, vocab_size=400)
-
-
-def _llama(tokenizer, seed=0):
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    return model
-
-
-def _qwen2(tokenizer, seed=0):
-    return build_model(tokenizer, seed=seed, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
-
-
-def _sharpen(model):
-    """Random init gives near-flat logits, where float noise could flip a greedy tie; scale them up."""
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(30)
-    return model.eval()
-
-
-ARCHS = {"llama": _llama, "qwen2": _qwen2}
-
-
-def make_engine(model, tokenizer, adapters=None, max_batch_size=8):
-    eos = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    engine = Engine(model, tokenizer, eos, "cpu", max_batch_size, 64, adapters or AdapterTable(), WorkerMetrics())
-    engine.start()
-    return engine
-
-
-class Collector:
-    """A request's emit callback: records events, signals when it ends."""
-
-    def __init__(self):
-        self.events: list[tuple] = []
-        self.ended = threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if event[0] in ("done", "error"):
-            self.ended.set()
-
-    @property
-    def outcome(self):
-        return self.events[-1][0] if self.ended.is_set() else None
-
-
-def run(engine, seqs):
-    for seq in seqs:
-        engine.submit(seq)
-    for seq in seqs:
-        assert seq.emit.ended.wait(TIMEOUT_S), "request never finished"
-    return seqs
-
-
-def settled(engine) -> bool:
-    """Wait until the engine has retired every sequence (it retires at the end of a step)."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while engine.running() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return engine.running() == 0
-
-
-def seq(ids, max_tokens=12, **kw):
-    return Sequence(prompt_ids=list(ids), max_tokens=max_tokens, emit=Collector(), ignore_eos=True,
-                    temperature=kw.pop("temperature", 0.0), **kw)
-
-
-def prompts(tokenizer):
-    texts = ["hello", "the quick brown fox jumps over the lazy dog and more words follow here",
-             "numbers: 1 2 3", "你好，世界 hello world how are you today"]
-    return [tokenizer(t)["input_ids"] for t in texts]
-
-
-def reference(model, ids, n):
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
-def greedy_through_eos(model, ids, n):
-    """n greedy tokens, each the argmax of a full forward, EOS allowed (as `ignore_eos` serves:
-    `generate`'s min_new_tokens would forbid EOS instead)."""
-    out = list(ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-    return out[len(ids):]
+from tests.support.engine import (ARCHS, TIMEOUT_S, greedy_through_eos, make_engine, prompts, random_llama,
+                                  random_qwen2, reference, run, seq, settled, sharpen)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_greedy_ragged_batch_matches_generate(tokenizer, arch):
-    model = _sharpen(ARCHS[arch](tokenizer))
+    model = sharpen(ARCHS[arch](tokenizer))
     ids = prompts(tokenizer)
     expected = [reference(model, p, 12) for p in ids]
     engine = make_engine(model, tokenizer)
@@ -149,7 +41,7 @@ def test_greedy_ragged_batch_matches_generate(tokenizer, arch):
 def test_long_prompt_is_prefilled_in_chunks_while_others_decode(tokenizer, monkeypatch):
     import model.engine as engine_module
 
-    model = _sharpen(_llama(tokenizer))
+    model = sharpen(random_llama(tokenizer))
     short = prompts(tokenizer)[0]
     long = (prompts(tokenizer)[1] * 12)[:300]
     expected = [reference(model, short, 30), reference(model, long, 6)]
@@ -172,7 +64,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(tokenizer, monke
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer):
-    model = _qwen2(tokenizer).eval()  # flat logits: sampling really varies
+    model = random_qwen2(tokenizer).eval()  # flat logits: sampling really varies
     p = prompts(tokenizer)[2]
     engine = make_engine(model, tokenizer)
     try:
@@ -192,7 +84,7 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tokenizer):
 def test_bad_request_fails_alone_and_frees_everything(tokenizer, tmp_path, bad):
     from benchmarks.serve_bench import make_adapter
 
-    model = _sharpen(_llama(tokenizer))
+    model = sharpen(random_llama(tokenizer))
     ids = prompts(tokenizer)
     expected = [reference(model, p, 12) for p in ids[:2]]
     adapters = AdapterTable()
@@ -218,7 +110,7 @@ def test_non_finite_scores_fail_only_that_row(tokenizer, tmp_path):
     """A row whose scores overflow (here: its adapter's weights turned NaN in memory) fails alone."""
     from benchmarks.serve_bench import make_adapter
 
-    model = _sharpen(_llama(tokenizer))
+    model = sharpen(random_llama(tokenizer))
     ids = prompts(tokenizer)
     expected = [reference(model, p, 12) for p in ids[:2]]
     path = make_adapter(None, tmp_path / "a", 1, model=model)
@@ -248,7 +140,7 @@ def test_non_finite_scores_fail_only_that_row(tokenizer, tmp_path):
 
 
 def test_admissions_write_in_place_without_copying_the_cache(tokenizer):
-    model = _sharpen(_qwen2(tokenizer))
+    model = sharpen(random_qwen2(tokenizer))
     ids = prompts(tokenizer)
     engine = make_engine(model, tokenizer)
     seen = []
@@ -271,7 +163,7 @@ def test_admissions_write_in_place_without_copying_the_cache(tokenizer):
 def test_cache_budget_holds_requests_back_and_every_answer_is_still_exact(tokenizer):
     """More requests than the KV budget holds: the rest wait their turn, the cache stays under the
     budget, and each answer is the one the request gets alone."""
-    model = _sharpen(_llama(tokenizer))
+    model = sharpen(random_llama(tokenizer))
     ids = prompts(tokenizer) * 2
     expected = [reference(model, p, 12) for p in ids]
     engine = make_engine(model, tokenizer, max_batch_size=8)
@@ -294,7 +186,7 @@ def test_cache_budget_holds_requests_back_and_every_answer_is_still_exact(tokeni
 
 
 def test_cancelled_request_frees_its_slot(tokenizer):
-    model = _sharpen(_llama(tokenizer))
+    model = sharpen(random_llama(tokenizer))
     engine = make_engine(model, tokenizer, max_batch_size=1)
     try:
         hog = seq(prompts(tokenizer)[0], 10_000)
@@ -313,12 +205,12 @@ def test_adapters_mixed_in_one_batch(tokenizer, tmp_path):
 
     from benchmarks.serve_bench import make_adapter
 
-    base = _sharpen(_qwen2(tokenizer))
+    base = sharpen(random_qwen2(tokenizer))
     paths = [make_adapter(None, tmp_path / name, seed, model=base) for name, seed in (("a", 1), ("b", 2))]
     p = prompts(tokenizer)[1]
     expected = [reference(base, p, 10)]
     for path in paths:
-        with_adapter = PeftModel.from_pretrained(_sharpen(_qwen2(tokenizer)), path).eval()
+        with_adapter = PeftModel.from_pretrained(sharpen(random_qwen2(tokenizer)), path).eval()
         expected.append(reference(with_adapter, p, 10))
     assert len({tuple(e) for e in expected}) == 3  # the adapters really change the answer
     adapters = AdapterTable()
@@ -344,12 +236,12 @@ def test_hot_swap_mid_decode_keeps_running_requests_on_their_version(tokenizer, 
 
     from benchmarks.serve_bench import make_adapter
 
-    base = _sharpen(_qwen2(tokenizer))
+    base = sharpen(random_qwen2(tokenizer))
     paths = {name: make_adapter(None, tmp_path / name, seed, model=base) for name, seed in (("a", 1), ("b", 2))}
     ids, n = prompts(tokenizer), 40
     expected = {}
     for name, path in paths.items():
-        with_adapter = PeftModel.from_pretrained(_sharpen(_qwen2(tokenizer)), path).eval()
+        with_adapter = PeftModel.from_pretrained(sharpen(random_qwen2(tokenizer)), path).eval()
         expected[name] = [greedy_through_eos(with_adapter, p, n) for p in ids]
     assert all(a != b for a, b in zip(expected["a"], expected["b"]))  # the swap really changes every answer
     adapters = AdapterTable()
@@ -399,7 +291,7 @@ def test_requests_announced_together_start_together(tokenizer, monkeypatch):
     import model.engine as engine_module
 
     monkeypatch.setattr(engine_module, "ARRIVAL_WAIT_S", 60.0)  # long enough that only arrivals end it
-    model = _sharpen(_llama(tokenizer))
+    model = sharpen(random_llama(tokenizer))
     ids = prompts(tokenizer)
     expected = [reference(model, p, 6) for p in ids[:3]]
     engine = make_engine(model, tokenizer)
@@ -433,7 +325,7 @@ def test_unloading_the_last_adapter_leaves_the_base_answering_as_before(tokenize
     deleted adapter's config), the base's included, and loading it again did not help."""
     from benchmarks.serve_bench import make_adapter
 
-    base = _sharpen(_qwen2(tokenizer))
+    base = sharpen(random_qwen2(tokenizer))
     path = make_adapter(None, tmp_path / "a", 1, model=base)
     p = prompts(tokenizer)[1]
     expected = reference(base, p, 10)
@@ -463,7 +355,7 @@ def test_health_turns_unhealthy_when_answers_keep_failing_and_recovers(tokenizer
     failed in a row make the engine unhealthy; the next answer that works makes it healthy."""
     from model.engine import UNHEALTHY_AFTER_FAILURES
 
-    engine = make_engine(_sharpen(_qwen2(tokenizer)), tokenizer)
+    engine = make_engine(sharpen(random_qwen2(tokenizer)), tokenizer)
     p = prompts(tokenizer)[0]
     try:
         real = engine.runner.chunk

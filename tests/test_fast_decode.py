@@ -16,8 +16,8 @@ import torch
 from model.adapters import AdapterTable, attach, read_adapter
 from model.packed_linear import pack_linears
 from model.runner import Runner
-from test_engine import ARCHS, _sharpen, make_engine, prompts, reference, run, seq
-from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
+from tests.support.engine import ARCHS, make_engine, prompts, reference, run, seq, sharpen
+from tests.support.kernels import turn_off_kernels
 
 
 def _adapter(model, path, seed, **kw):
@@ -52,7 +52,7 @@ def _served(tok, arch, path, ids, n=10, check=None) -> list[list[int]]:
     """Greedy answers of the engine to each prompt, all on the adapter at `path`; `check(engine,
     internal)` runs once the adapter is loaded under its internal name."""
     adapters = AdapterTable()
-    engine = make_engine(_sharpen(ARCHS[arch](tok)), tok, adapters)
+    engine = make_engine(sharpen(ARCHS[arch](tok)), tok, adapters)
     try:
         internal = adapters.new_internal_name()
         engine.call(lambda: engine.load_adapter(internal, path)).result()
@@ -68,8 +68,6 @@ def _served(tok, arch, path, ids, n=10, check=None) -> list[list[int]]:
 def kernels(request, monkeypatch):
     """model.bf16_rows' kernels where this CPU runs them, and (no-kernels) as on a CPU where they
     do not: the layers' other layouts and LoRA updates by torch's matmuls."""
-    from test_bf16_rows import turn_off_kernels
-
     if request.param == "no-kernels":
         turn_off_kernels(monkeypatch)
     return request.param
@@ -79,11 +77,11 @@ def kernels(request, monkeypatch):
 @pytest.mark.parametrize("weights", ["as-loaded", "packed"])
 @pytest.mark.parametrize("adapter", [None, "all-linear", "q-v"], ids=["base", "lora", "lora-on-q-and-v"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter, weights, rows,  # noqa: F811
+def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter, weights, rows,
                                                         kernels):
     """Also with an adapter on some projections only (peft's default for Llama: q and v), where a
     sibling group's update covers some of its columns."""
-    model = _sharpen(ARCHS[arch](tokenizer))
+    model = sharpen(ARCHS[arch](tokenizer))
     if weights == "packed":  # as the engine lays them out on CPU: q/k/v side by side, one GEMM here
         pack_linears(model)
         assert all(layer.self_attn.q_proj.fused is layer.self_attn.v_proj.fused is not None
@@ -91,7 +89,7 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
     names = [None] * 3
     if adapter:
         targets = "all-linear" if adapter == "all-linear" else ["q_proj", "v_proj"]
-        path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3, target_modules=targets)
+        path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3, target_modules=targets)
         model = attach(model, "a", read_adapter(path, None)).eval()
         names = ["a"] * 3
     out = {}
@@ -108,14 +106,14 @@ def test_a_decode_step_matches_the_transformers_forward(tokenizer, tmp_path, arc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
-def test_an_adapter_loaded_again_under_the_same_name_answers_with_its_new_weights(tokenizer, tmp_path, dtype,  # noqa: F811
+def test_an_adapter_loaded_again_under_the_same_name_answers_with_its_new_weights(tokenizer, tmp_path, dtype,
                                                                                    kernels):
     """The lean loop keeps each adapter's updates laid out for its kernels: deleting an adapter and
     loading other weights under the same name (with no step between) must not answer with the
     old ones (the engine names each version afresh; this is the stricter case)."""
     arch = "llama"
-    paths = [_adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / f"a{seed}", seed=seed) for seed in (3, 4)]
-    model = _sharpen(ARCHS[arch](tokenizer)).to(dtype)
+    paths = [_adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / f"a{seed}", seed=seed) for seed in (3, 4)]
+    model = sharpen(ARCHS[arch](tokenizer)).to(dtype)
     pack_linears(model)
     runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512)
     logits = []
@@ -152,7 +150,7 @@ def threads(request):
 @pytest.mark.parametrize("sdpa", [False, True], ids=["matmul-attention", "sdpa-attention"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_does(tokenizer, tmp_path, arch,  # noqa: F811
+def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_does(tokenizer, tmp_path, arch,
                                                                                    adapter, sdpa, threads):
     """worker.dtype bfloat16 on CPU: every projection and the head in bf16_rows' layout where its
     kernels run (AVX-512 BF16 without AMX; on one thread or two), else in oneDNN's
@@ -164,7 +162,7 @@ def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_d
     from model import bf16_rows
     from model.packed_linear import Layout, PackedLinear, onednn_bf16
 
-    models = {packed: _sharpen(ARCHS[arch](tokenizer)).to(torch.bfloat16) for packed in (True, False)}
+    models = {packed: sharpen(ARCHS[arch](tokenizer)).to(torch.bfloat16) for packed in (True, False)}
     assert pack_linears(models[True]) > 0
     layers = [m for m in models[True].modules() if isinstance(m, PackedLinear)]
     layout = Layout.ROWS if bf16_rows.runs_here() else Layout.ONEDNN if onednn_bf16() else Layout.TRANSPOSED
@@ -178,7 +176,7 @@ def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_d
             assert mlp.gate_proj.fused is mlp.up_proj.fused is not None
     names = [None] * 3
     if adapter:
-        path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3)
+        path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=3)
         models = {k: attach(m, "a", read_adapter(path, None)).eval() for k, m in models.items()}
         names = ["a"] * 3
     out = {}
@@ -200,17 +198,17 @@ def test_bfloat16_weights_are_laid_out_for_this_cpu_and_decode_as_transformers_d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("adapter", [False, True], ids=["base", "lora"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_a_prompt_fed_in_chunks_of_one_row_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter,  # noqa: F811
+def test_a_prompt_fed_in_chunks_of_one_row_matches_the_transformers_forward(tokenizer, tmp_path, arch, adapter,
                                                                            dtype):
     """One prompt fed into slot 1 in three chunks (several tokens from position 0, several after
     earlier keys and values, as a prefix-cache hit or a long prompt goes on, then one token) runs
     the lean loop and gives the transformers forward's logits after each chunk, the same keys and
     values in the cache, and the same logits on the decode step after it."""
-    model = _sharpen(ARCHS[arch](tokenizer)).to(dtype)
+    model = sharpen(ARCHS[arch](tokenizer)).to(dtype)
     pack_linears(model)  # as the engine lays the weights out on CPU
     name = None
     if adapter:
-        path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=4)
+        path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=4)
         model = attach(model, "a", read_adapter(path, None)).eval()
         name = "a"
     ids = prompts(tokenizer)[1]
@@ -243,14 +241,14 @@ def test_a_prompt_fed_in_chunks_of_one_row_matches_the_transformers_forward(toke
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_greedy_answers_on_an_adapter_match_generate(tokenizer, tmp_path, arch):  # noqa: F811
+def test_greedy_answers_on_an_adapter_match_generate(tokenizer, tmp_path, arch):
     from peft import PeftModel
 
-    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=5)
-    with_adapter = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
+    path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=5)
+    with_adapter = PeftModel.from_pretrained(sharpen(ARCHS[arch](tokenizer)), path).eval()
     ids = prompts(tokenizer)
     expected = [reference(with_adapter, p, 10) for p in ids]
-    assert expected != [reference(_sharpen(ARCHS[arch](tokenizer)), p, 10) for p in ids]  # the adapter matters
+    assert expected != [reference(sharpen(ARCHS[arch](tokenizer)), p, 10) for p in ids]  # the adapter matters
 
     def fast_path_on(engine, internal):
         assert engine.runner._fast_for([internal] * len(ids)) is not None
@@ -258,13 +256,13 @@ def test_greedy_answers_on_an_adapter_match_generate(tokenizer, tmp_path, arch):
     assert _served(tokenizer, arch, path, ids, check=fast_path_on) == expected
 
 
-def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path):  # noqa: F811
+def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path):
     from peft import PeftModel
 
     arch = "llama"
-    dora = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "dora", seed=7, use_dora=True)
-    lora = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "lora", seed=8)
-    model = attach(_sharpen(ARCHS[arch](tokenizer)), "dora", read_adapter(dora, None))
+    dora = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "dora", seed=7, use_dora=True)
+    lora = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "lora", seed=8)
+    model = attach(sharpen(ARCHS[arch](tokenizer)), "dora", read_adapter(dora, None))
     model = attach(model, "plain", read_adapter(lora, None)).eval()
     runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512)
     runner.peft = True
@@ -272,21 +270,21 @@ def test_what_it_does_not_cover_goes_through_transformers(tokenizer, tmp_path): 
     assert runner._fast_for(["plain", "dora"]) is None  # a mixed batch
     assert runner._fast_for(["plain"] * 2) is not None and runner._fast_for([None] * 2) is not None
     # and the engine answers the DoRA adapter exactly as generate does
-    with_dora = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), dora).eval()
+    with_dora = PeftModel.from_pretrained(sharpen(ARCHS[arch](tokenizer)), dora).eval()
     p = prompts(tokenizer)[1]
     assert _served(tokenizer, arch, dora, [p]) == [reference(with_dora, p, 10)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_a_dora_adapter_on_packed_weights_scores_as_on_the_loaded_ones(tokenizer, tmp_path, arch, dtype):  # noqa: F811
+def test_a_dora_adapter_on_packed_weights_scores_as_on_the_loaded_ones(tokenizer, tmp_path, arch, dtype):
     """DoRA reads its base layer's weight on every forward: on CPU layers packed for their GEMM
     (a stub in `weight`) the adapter's logits were off by ~4% of their scale while greedy answers
     of a tiny model could still agree; each layer DoRA wraps now gets its weight back."""
-    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "dora", seed=7, use_dora=True)
+    path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "dora", seed=7, use_dora=True)
     logits = {}
     for packed in (False, True):
-        model = _sharpen(ARCHS[arch](tokenizer)).to(dtype)
+        model = sharpen(ARCHS[arch](tokenizer)).to(dtype)
         if packed:
             pack_linears(model)
         model = attach(model, "dora", read_adapter(path, None)).eval()
@@ -297,22 +295,22 @@ def test_a_dora_adapter_on_packed_weights_scores_as_on_the_loaded_ones(tokenizer
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=tolerance * scale)
 
 
-def test_an_adapter_on_the_embeddings_goes_through_transformers(tokenizer, tmp_path):  # noqa: F811
+def test_an_adapter_on_the_embeddings_goes_through_transformers(tokenizer, tmp_path):
     from peft import PeftModel
 
     arch = "qwen2"
-    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "emb", seed=9,
+    path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "emb", seed=9,
                     target_modules=["q_proj", "v_proj", "embed_tokens"])
-    model = attach(_sharpen(ARCHS[arch](tokenizer)), "emb", read_adapter(path, None)).eval()
+    model = attach(sharpen(ARCHS[arch](tokenizer)), "emb", read_adapter(path, None)).eval()
     runner = Runner(model, "cpu", tokenizer.pad_token_id, 8, 512)
     runner.peft = True
     assert runner._fast_for(["emb"] * 2) is None and runner._fast_for([None] * 2) is None
-    with_emb = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
+    with_emb = PeftModel.from_pretrained(sharpen(ARCHS[arch](tokenizer)), path).eval()
     p = prompts(tokenizer)[1]
     assert _served(tokenizer, arch, path, [p]) == [reference(with_emb, p, 10)]
 
 
-def test_a_peft_model_used_as_it_is_answers_with_its_active_adapter(tokenizer, tmp_path):  # noqa: F811
+def test_a_peft_model_used_as_it_is_answers_with_its_active_adapter(tokenizer, tmp_path):
     """The gate's greedy answers (trainer.generate) drive a PeftModel as it is: the candidate's
     adapter must answer, not the bare base."""
     from peft import PeftModel
@@ -321,11 +319,11 @@ def test_a_peft_model_used_as_it_is_answers_with_its_active_adapter(tokenizer, t
     from trainer.generate import greedy_replies
 
     arch = "llama"
-    path = _adapter(_sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=11)
-    model = PeftModel.from_pretrained(_sharpen(ARCHS[arch](tokenizer)), path).eval()
+    path = _adapter(sharpen(ARCHS[arch](tokenizer)), tmp_path / "a", seed=11)
+    model = PeftModel.from_pretrained(sharpen(ARCHS[arch](tokenizer)), path).eval()
     messages = [{"role": "user", "content": "the quick brown fox"}]
     ids = prompt_ids(tokenizer, messages)
-    with_adapter, bare = reference(model, ids, 10), reference(_sharpen(ARCHS[arch](tokenizer)), ids, 10)
+    with_adapter, bare = reference(model, ids, 10), reference(sharpen(ARCHS[arch](tokenizer)), ids, 10)
     assert with_adapter != bare
     ((text, _),) = greedy_replies(model, tokenizer, [messages], 10)
     # the streamed text holds back a last incomplete UTF-8 character; decode() shows it as U+FFFD

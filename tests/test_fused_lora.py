@@ -10,18 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_engine import ARCHS, prompts
-from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
 from trainer import sft
 from trainer.encode import IGNORE_INDEX, Encoded
 from trainer.fused_lora import fused_lora
 
-
-def _hyper(**kw):
-    base = dict(learning_rate=1e-3, epochs=1, batch_size=2, grad_accum=1, warmup_ratio=0.0, max_length=256, seed=3,
-                gradient_checkpointing=False, lora_r=4, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    base.update(kw)
-    return sft.Hyper(**base)
+from tests.support.engine import ARCHS, prompts
+from tests.support.lora import hyper, lora_model
 
 
 def _samples(tok):
@@ -30,15 +24,6 @@ def _samples(tok):
         half = len(ids) // 2
         out.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] * half + ids[half:]))
     return out
-
-
-def _peft(tok, arch, **kw):
-    model = sft.with_lora(ARCHS[arch](tok), _hyper(**kw))
-    with torch.no_grad():  # B starts at zero: give it values so every gradient path carries signal
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model.train()
 
 
 def _loss_and_grads(model, tok, fused: bool):
@@ -56,8 +41,8 @@ def _loss_and_grads(model, tok, fused: bool):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_loss_and_lora_gradients_equal_peft(tokenizer, arch):  # noqa: F811
-    model = _peft(tokenizer, arch)
+def test_loss_and_lora_gradients_equal_peft(tokenizer, arch):
+    model = lora_model(tokenizer, arch)
     plain_loss, plain = _loss_and_grads(model, tokenizer, fused=False)
     fused_loss, fused = _loss_and_grads(model, tokenizer, fused=True)
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
@@ -72,24 +57,24 @@ def test_loss_and_lora_gradients_equal_peft(tokenizer, arch):  # noqa: F811
     assert "forward" not in layer.__dict__ and "LoraLinear" not in type(layer(x).grad_fn).__name__
 
 
-def test_a_training_run_ends_with_the_same_adapter(tokenizer):  # noqa: F811
+def test_a_training_run_ends_with_the_same_adapter(tokenizer):
     adapters = {}
     for fused in (False, True):
-        model = _peft(tokenizer, "qwen2")
-        stats = sft.train(model, tokenizer, _samples(tokenizer), _hyper(epochs=3, fused_lora=fused))
+        model = lora_model(tokenizer, "qwen2")
+        stats = sft.train(model, tokenizer, _samples(tokenizer), hyper(epochs=3, fused_lora=fused))
         adapters[fused] = (stats["final_loss"], sft.lora_state(model))
     assert adapters[True][0] == pytest.approx(adapters[False][0], rel=1e-4)
     for k, v in adapters[False][1].items():
         torch.testing.assert_close(adapters[True][1][k], v, rtol=1e-3, atol=1e-5, msg=k)
 
 
-def test_what_it_does_not_cover_runs_peft(tokenizer):  # noqa: F811
-    model = _peft(tokenizer, "llama", lora_dropout=0.5)  # random masks: peft's own forward
+def test_what_it_does_not_cover_runs_peft(tokenizer):
+    model = lora_model(tokenizer, "llama", lora_dropout=0.5)  # random masks: peft's own forward
     layer = model.get_base_model().model.layers[0].mlp.up_proj
     x = torch.randn(2, 3, layer.in_features)
     with fused_lora(model):
         assert "LoraLinear" not in type(layer(x).grad_fn).__name__
-    model = _peft(tokenizer, "llama")
+    model = lora_model(tokenizer, "llama")
     layer = model.get_base_model().model.layers[0].mlp.up_proj
     with fused_lora(model), model.disable_adapter():  # the base's own answers: the bare base layer
         torch.testing.assert_close(layer(x), layer.base_layer(x))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from test_bf16_rows import turn_off_kernels
 
 from model.packed_linear import Layout, PackedLinear, onednn_bf16, pack_linears
+from tests.support.kernels import turn_off_kernels
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from trainer.parallel import Helper
 from trainer.registry import Registry
 
-from test_trainer import run_trainer, tiny_config
+from tests.support.trainer import run_trainer, tiny_config
 
 pytestmark = pytest.mark.slow
 

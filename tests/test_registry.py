@@ -220,7 +220,7 @@ def test_import_registers_an_outside_peft_adapter_and_refuses_what_the_worker_wo
 
     from safetensors.torch import load_file, save_file
 
-    from tests.test_worker import make_adapter
+    from tests.support.adapters import make_adapter
 
     config = tmp_path / "config.yaml"
     config.write_text(f"model:\n  base: {tiny_base}\ntraining:\n  registry_dir: {tmp_path / 'reg'}\n")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_engine import ARCHS
-from test_engine import tokenizer  # noqa: F401  (the module's tokenizer fixture)
-from test_fused_lora import _hyper, _peft  # LoRA r 4 on all linear layers, B given values
 from trainer import sft
 from trainer.encode import IGNORE_INDEX, Encoded
+
+from tests.support.engine import ARCHS
+from tests.support.lora import hyper, lora_model  # LoRA r 4 on all linear layers, B given values
 
 SYSTEM = "system: you are a helpful assistant made by the community, truthful and concise"
 QUESTIONS = [("who are you", "i am the assistant"), ("numbers: 1 2 3", "4 5 6 7"),
@@ -53,11 +53,11 @@ def _run(model, tok, samples, share: bool):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("distill", [False, True])
-def test_shared_system_prompt_gives_the_same_loss_and_gradients(tokenizer, arch, distill):  # noqa: F811
+def test_shared_system_prompt_gives_the_same_loss_and_gradients(tokenizer, arch, distill):
     samples = _samples(tokenizer, (False, True, False, True) if distill else (False,) * 4)
     prefix = len(tokenizer(SYSTEM)["input_ids"])
     assert len({len(e.input_ids) for e in samples}) > 1  # rows of different lengths: padding in the batch
-    model = _peft(tokenizer, arch)
+    model = lora_model(tokenizer, arch)
     plain_loss, plain, plain_seen = _run(model, tokenizer, samples, False)
     shared_loss, shared, shared_seen = _run(model, tokenizer, samples, True)
     width = max(len(e.input_ids) for e in samples)
@@ -71,32 +71,32 @@ def test_shared_system_prompt_gives_the_same_loss_and_gradients(tokenizer, arch,
         torch.testing.assert_close(shared[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_a_training_run_with_shared_prefixes_ends_with_the_same_adapter(tokenizer):  # noqa: F811
+def test_a_training_run_with_shared_prefixes_ends_with_the_same_adapter(tokenizer):
     adapters = {}
     for share in (False, True):
-        model = _peft(tokenizer, "qwen2")
-        stats = sft.train(model, tokenizer, _samples(tokenizer), _hyper(epochs=3, batch_size=4, shared_prefix=share))
+        model = lora_model(tokenizer, "qwen2")
+        stats = sft.train(model, tokenizer, _samples(tokenizer), hyper(epochs=3, batch_size=4, shared_prefix=share))
         adapters[share] = (stats["final_loss"], sft.lora_state(model))
     assert adapters[True][0] == pytest.approx(adapters[False][0], rel=1e-4)
     for k, v in adapters[False][1].items():
         torch.testing.assert_close(adapters[True][1][k], v, rtol=1e-3, atol=1e-5, msg=k)
 
 
-def test_sharing_that_would_change_the_arithmetic_runs_the_plain_forward(tokenizer):  # noqa: F811
+def test_sharing_that_would_change_the_arithmetic_runs_the_plain_forward(tokenizer):
     samples = _samples(tokenizer)
     width = max(len(e.input_ids) for e in samples)
     # LoRA dropout: one shared pass would give every row the same dropout mask
-    _, _, seen = _run(_peft(tokenizer, "llama", lora_dropout=0.3), tokenizer, samples, True)
+    _, _, seen = _run(lora_model(tokenizer, "llama", lora_dropout=0.3), tokenizer, samples, True)
     assert seen == [(4, width)]
     # gradient checkpointing turns the key/value cache off
-    model = _peft(tokenizer, "llama")
+    model = lora_model(tokenizer, "llama")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     _, _, seen = _run(model, tokenizer, samples, True)
     assert seen == [(4, width)]
 
 
-def test_shared_prefix_length(tokenizer):  # noqa: F811
+def test_shared_prefix_length(tokenizer):
     def length(rows):
         width = max(map(len, rows))
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])

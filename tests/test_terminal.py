@@ -22,39 +22,14 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bot.local import ProgressDisplay
-from devkit.fake_vllm import FakeVLLM
+from tests.support.terminal import bot_env, run_piped, write_config
 
 pytestmark = pytest.mark.slow  # runs `python -m bot` with its worker and trainer: the fast tier is `-m "not slow"`
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_NOISE = re.compile(r"\b(INFO|WARNING|DEBUG)\b|FutureWarning|UserWarning|Loading weights|Traceback")
-
-
-def write_config(tmp: Path, url, **sections) -> Path:
-    data = {"model": {"url": url, "max_tokens": 64},
-            "store": {"path": str(tmp / "data" / "loopcord.db")},
-            "training": {"registry_dir": str(tmp / "data" / "adapters"), "work_dir": str(tmp / "data" / "runs")}}
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
-    return path
-
-
-def bot_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
-    return {**env, "HF_HUB_OFFLINE": "1", "TERM": "xterm", "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture
-async def server():
-    fake = FakeVLLM(max_model_len=2048)
-    await fake.start()
-    yield fake
-    await fake.close()
 
 
 def _controlling_terminal() -> None:  # pragma: no cover - runs in the child before exec
@@ -129,33 +104,25 @@ class PtyBot:
             self.proc.wait()
 
 
-async def started(tmp_path, server, *args) -> PtyBot:
-    bot = PtyBot(write_config(tmp_path, server.url), *args)
+async def started(tmp_path, fake_vllm, *args) -> PtyBot:
+    bot = PtyBot(write_config(tmp_path, fake_vllm.url), *args)
     await bot.expect(r"you> ", timeout=60)
     return bot
-
-
-async def run_piped(config: Path, script: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "--config", str(config), cwd=ROOT, env=bot_env(),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(script.encode()), timeout)
-    return subprocess.CompletedProcess(proc.pid, proc.returncode, out.decode(), err.decode())
 
 
 # ------------------------------------------------------------------ keys
 
 
-async def test_ctrl_c_at_the_idle_prompt_exits_at_once(tmp_path, server):
-    bot = await started(tmp_path, server)
+async def test_ctrl_c_at_the_idle_prompt_exits_at_once(tmp_path, fake_vllm):
+    bot = await started(tmp_path, fake_vllm)
     bot.send("\x03")
     code, seconds = await bot.wait_exit(timeout=15)
     assert code == 130 and seconds < 5, bot.text
     assert not LOG_NOISE.search(bot.text), bot.text
 
 
-async def test_ctrl_d_leaves_the_prompt_line_clean_and_exits_zero(tmp_path, server):
-    bot = await started(tmp_path, server)
+async def test_ctrl_d_leaves_the_prompt_line_clean_and_exits_zero(tmp_path, fake_vllm):
+    bot = await started(tmp_path, fake_vllm)
     at = len(bot.text)
     bot.send("\x04")
     code, _ = await bot.wait_exit(timeout=15)
@@ -166,10 +133,10 @@ async def test_ctrl_d_leaves_the_prompt_line_clean_and_exits_zero(tmp_path, serv
     assert "INFO" in log  # the log still happened: in the data directory's bot.log
 
 
-async def test_ctrl_c_cancels_a_streaming_answer_and_a_second_one_quits(tmp_path, server):
-    server.answers["base"] = " ".join(f"word{i}" for i in range(400))
-    server.token_delay_s = 0.05  # 20 s for the whole answer
-    bot = await started(tmp_path, server)
+async def test_ctrl_c_cancels_a_streaming_answer_and_a_second_one_quits(tmp_path, fake_vllm):
+    fake_vllm.answers["base"] = " ".join(f"word{i}" for i in range(400))
+    fake_vllm.token_delay_s = 0.05  # 20 s for the whole answer
+    bot = await started(tmp_path, fake_vllm)
     bot.send("Tell me a long story.\r")
     at = await bot.expect(r"Loopcord> word0 word1")
     bot.send("\x03")
@@ -181,8 +148,8 @@ async def test_ctrl_c_cancels_a_streaming_answer_and_a_second_one_quits(tmp_path
     assert code == 130 and seconds < 5
 
 
-async def test_line_editing_and_history_survive_a_restart(tmp_path, server):
-    bot = await started(tmp_path, server)
+async def test_line_editing_and_history_survive_a_restart(tmp_path, fake_vllm):
+    bot = await started(tmp_path, fake_vllm)
     bot.send("/new\r")
     at = await bot.expect("New conversation.")
     bot.send("\x1b[A\r")  # up arrow: the last line again
@@ -191,7 +158,7 @@ async def test_line_editing_and_history_survive_a_restart(tmp_path, server):
     assert (await bot.wait_exit(timeout=15))[0] == 0
     history = tmp_path / "data" / "history"
     assert "/new" in history.read_text() and (history.stat().st_mode & 0o077) == 0
-    bot = await started(tmp_path, server)  # a new session remembers what was typed
+    bot = await started(tmp_path, fake_vllm)  # a new session remembers what was typed
     at = len(bot.text)
     bot.send("\x1b[A\r")
     await bot.expect("New conversation.", after=at)
@@ -199,8 +166,8 @@ async def test_line_editing_and_history_survive_a_restart(tmp_path, server):
     await bot.wait_exit(timeout=15)
 
 
-async def test_verbose_shows_the_log_on_the_terminal(tmp_path, server):
-    bot = await started(tmp_path, server, "--verbose")
+async def test_verbose_shows_the_log_on_the_terminal(tmp_path, fake_vllm):
+    bot = await started(tmp_path, fake_vllm, "--verbose")
     assert "INFO" in bot.text
     bot.send("\x04")
     await bot.wait_exit(timeout=15)
@@ -209,8 +176,8 @@ async def test_verbose_shows_the_log_on_the_terminal(tmp_path, server):
 # ------------------------------------------------------------------ commands, through a pipe
 
 
-async def test_review_commands_say_what_happened_once_and_never_show_discord_mentions(tmp_path, server):
-    config = write_config(tmp_path, server.url)
+async def test_review_commands_say_what_happened_once_and_never_show_discord_mentions(tmp_path, fake_vllm):
+    config = write_config(tmp_path, fake_vllm.url)
     result = await run_piped(config, "\n".join([
         "Who are you?", "/correct I am Loopcord.", "/corrections", "/reject 1", "/reject 1", "/approve 1",
         "/reopen 1", "/approve 1", "/retrain", "/quit"]) + "\n")
@@ -226,35 +193,35 @@ async def test_review_commands_say_what_happened_once_and_never_show_discord_men
     assert not LOG_NOISE.search(out) and not result.stderr.strip(), (out, result.stderr)
 
 
-async def test_identity_claiming_correction_is_flagged_at_submission_and_approval(tmp_path, server):
-    config = write_config(tmp_path, server.url)
+async def test_identity_claiming_correction_is_flagged_at_submission_and_approval(tmp_path, fake_vllm):
+    config = write_config(tmp_path, fake_vllm.url)
     result = await run_piped(config, "Who are you?\n/correct I am ChatGPT, made by OpenAI.\n/corrections\n/approve 1\n")
     out = result.stdout
     assert out.count("claims another identity (") == 3, out  # on /correct, in the list, on /approve
     assert "Correction #1 approved" in out
 
 
-async def test_a_5000_character_message_is_trimmed_with_a_notice_and_answered(tmp_path, server):
-    config = write_config(tmp_path, server.url, model={"max_tokens": 512})  # the default answer room
+async def test_a_5000_character_message_is_trimmed_with_a_notice_and_answered(tmp_path, fake_vllm):
+    config = write_config(tmp_path, fake_vllm.url, model={"max_tokens": 512})  # the default answer room
     long_message = "Please summarise this: " + "lorem ipsum dolor sit amet " * 185  # ~5000 characters
     result = await run_piped(config, long_message + "\n")
     out = result.stdout
     assert "too long for me to read whole" in out and "max_tokens" not in out
     assert "Loopcord> base answer" in out
-    (sent,) = [c["body"] for c in server.calls("/v1/chat/completions")]
+    (sent,) = [c["body"] for c in fake_vllm.calls("/v1/chat/completions")]
     question = sent["messages"][-1]["content"]
     assert len(question) < len(long_message) and long_message.startswith(question.rstrip("…"))
 
 
-async def test_pending_corrections_per_user_are_capped(tmp_path, server):
-    config = write_config(tmp_path, server.url, discord={"max_pending_corrections": 2})
+async def test_pending_corrections_per_user_are_capped(tmp_path, fake_vllm):
+    config = write_config(tmp_path, fake_vllm.url, discord={"max_pending_corrections": 2})
     result = await run_piped(config, "Hi\n/correct one\n/correct two\n/correct three\n")
     assert "Correction #2 saved" in result.stdout and "Correction #3" not in result.stdout
     assert "You already have 2 corrections waiting for review" in result.stdout
 
 
-async def test_forget_me_in_the_terminal_says_what_went(tmp_path, server):
-    config = write_config(tmp_path, server.url)
+async def test_forget_me_in_the_terminal_says_what_went(tmp_path, fake_vllm):
+    config = write_config(tmp_path, fake_vllm.url)
     result = await run_piped(config, "Hi\n/flag\n/correct Hello!\n/forget-me\n/corrections\n")
     assert "I deleted 3 stored rows about you (1 answer to you, 1 reaction, 1 correction)" in result.stdout
     assert "until the next retrain" in result.stdout and "No pending corrections." in result.stdout
@@ -314,12 +281,12 @@ async def test_on_a_pipe_a_long_stage_says_where_it_is_every_so_often():
                                            "🛠️ anchor: step 2/3 · loss 1.000", "🛠️ anchor: step 3/3 · loss 0.667"]
 
 
-async def test_a_full_disk_is_said_in_the_chat_and_the_chat_goes_on(tmp_path, server):
+async def test_a_full_disk_is_said_in_the_chat_and_the_chat_goes_on(tmp_path, fake_vllm):
     from bot.local import Terminal
     from bot.runtime import Runtime
     from model.config import load_config
 
-    runtime = await Runtime.start(load_config(write_config(tmp_path, server.url)))
+    runtime = await Runtime.start(load_config(write_config(tmp_path, fake_vllm.url)))
     try:
         out = io.StringIO()
         terminal = Terminal(runtime, out)

@@ -62,7 +62,7 @@ async def test_a_correction_that_claims_another_identity_fails_the_retrain_named
     """Issue 29: an approved correction saying "I am ChatGPT" (the review only warns) made every
     retrain train for minutes and then fail the gate, whose message told the admin to /retrain
     again. The real trainer child now refuses it before loading a model, and the bot names it."""
-    from tests.test_worker import make_adapter
+    from tests.support.adapters import make_adapter
     from devkit.tiny_profile import tiny_sections
 
     sections = tiny_sections(tiny_base)

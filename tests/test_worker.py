@@ -15,6 +15,7 @@ import pytest
 
 from model.client import ModelBadRequest, ModelClient, ModelOverloaded, ModelUnavailable
 from model.process import WorkerProcess, free_port
+from tests.support.adapters import make_adapter
 
 pytestmark = pytest.mark.slow  # starts real worker processes: the fast tier is `-m "not slow"`
 
@@ -26,21 +27,6 @@ ONE_THREAD = ["--cpu-threads", "1"]  # the test machine is small and shared
 LONG = 1500  # tokens: long enough that a request is surely still running when we act on it
 KEY = "test-worker-key"  # control routes (load/unload, sleep/wake) need the key
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def make_adapter(base, out, seed: int):
-    """A PEFT LoRA adapter with random (non-zero) weights, saved as trainers save them."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                        init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from model.errors import APIError
 from model.process import REPO_ROOT, WorkerProcess
 from model.prompt import split_rendering, tokenize_chat
 from model.protocol import MIN_TEMPERATURE, parse_chat_request
-from test_worker import make_adapter
+from tests.support.adapters import make_adapter
 
 pytestmark = pytest.mark.slow  # starts real worker processes and fuzzes them: the fast tier is `-m "not slow"`
 
