@@ -1,5 +1,8 @@
 """`python -m bot [--config FILE]`: run the Discord bot, or the terminal mode without a token.
 
+`python -m bot config [--config FILE] [--reference]` prints the configuration a run uses (every
+key, the training profile applied) as YAML, or the key reference (docs/CONFIGURATION.md).
+
 With the Discord token env var (`discord.token_env`) set, the bot connects to
 Discord and logs to stderr (a service's log); without it, `bot.local` runs the
 same core as a terminal chat and logs to `bot.log` in the data directory
@@ -15,7 +18,7 @@ import logging
 import signal
 import sys
 
-from model.config import ConfigError, load_config, secret
+from model.config import ConfigError, effective_yaml, load_config, reference_markdown, secret
 
 from bot.store import StoreError
 from bot.supervisor import WorkerStartError
@@ -30,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="terminal mode: show the logs (ours, the worker's, the trainer's) on the terminal "
                         "instead of only in the data directory's bot.log")
+    sub = p.add_subparsers(dest="command", metavar="config")
+    c = sub.add_parser("config", help="print the effective configuration (training profile applied) as YAML")
+    c.add_argument("--config", default=argparse.SUPPRESS,
+                   help="config file (default: $LOOPCORD_CONFIG or ./config.yaml)")
+    c.add_argument("--reference", action="store_true", help="print the key reference (docs/CONFIGURATION.md) instead")
     return p.parse_args(argv)
 
 
@@ -50,6 +58,13 @@ async def _run_until_signalled(coro) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.command == "config":
+        try:
+            print(reference_markdown() if args.reference else effective_yaml(load_config(args.config)), end="")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     # Records go to stderr; in terminal mode (without --verbose) bot.local points stderr at
     # the log file, so this one handler serves both modes.
     logging.basicConfig(level=args.log_level.upper(),
