@@ -347,8 +347,10 @@ def default_profiles() -> dict[str, dict]:
 class EvalConfig(Section):
     min_identity_accuracy: Float = Field(0.8, gt=0, le=1, description=(
         "share of held-out identity questions answered as us"))
-    min_corrections_learned: Float = Field(0.8, gt=0, le=1, description=(
-        "share of the run's corrections the candidate answers right, asked as the user asked them"))
+    min_corrections_learned: Optional[Float] = Field(None, gt=0, le=1, description=(
+        "share of the run's corrections the candidate must answer right, asked as a fresh question. "
+        "Empty: at least one (a version that learned some and lost nothing else goes live; what it "
+        "did not learn stays waiting and answers from the memory)"))
     max_general_loss_increase: Float = Field(0.15, ge=0, description="relative to the parent")
     min_general_retention: Float = Field(0.8, gt=0, le=1, description=(
         "share of the held-out questions the parent (or base) answers right that the candidate still "

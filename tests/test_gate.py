@@ -45,8 +45,19 @@ def test_forgetting_general_answers_fails_on_retention_not_on_a_negative_limit()
     assert retention([True], [False]) is None  # nothing to retain: no check, not a free pass of a fake one
 
 
-def test_one_unlearned_correction_of_two_fails_at_the_default_threshold():
-    assert failed(scores(learned=(True, False), claims=((), ())), scores()) == {"corrections_learned"}
+def test_a_run_that_learned_some_corrections_and_lost_nothing_passes_one_that_learned_none_fails():
+    # By default a person's judgement: the candidate knows more than its parent and nothing less.
+    assert failed(scores(learned=(True, False, False), claims=((), (), ())), scores()) == set()
+    assert failed(scores(learned=(False, False), claims=((), ())), scores()) == {"corrections_learned"}
+    # ... and it still has to lose nothing else.
+    assert failed(scores(learned=(True, False), claims=((), ()), identity=0.5), scores()) == {"identity_accuracy"}
+
+
+def test_an_admin_can_ask_for_a_share_of_the_corrections_learned():
+    assert failed(scores(learned=(True, False), claims=((), ())), scores(),
+                  min_corrections_learned=0.8) == {"corrections_learned"}
+    assert failed(scores(learned=(True, True, True, True, False), claims=((),) * 5), scores(),
+                  min_corrections_learned=0.8) == set()
 
 
 def test_a_correction_that_claims_another_identity_fails_the_gate_even_when_learned():
