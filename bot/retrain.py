@@ -1,10 +1,11 @@
 """Retrain, gate, promote and hot-swap: the loop that makes corrections stick.
 
 The bot never trains in its own process. A retrain exports the approved
-corrections as JSONL, runs `python -m trainer calibrate --progress json` as a
-child process (relaying its JSON-lines progress), then `python -m trainer eval`
-(the gate), then `python -m trainer promote`; it reads only their final events
-(trainer.protocol) and the registry's read API, never trainer internals. Only a
+corrections as JSONL (trainer.protocol.CorrectionRecord), runs `python -m trainer
+calibrate --progress json` as a child process (relaying its JSON-lines progress), then
+`python -m trainer eval` (the gate), then `python -m trainer promote`; it reads their
+events through trainer.protocol's types (TrainDone, EvalDone, ...) and the registry
+through its read API, never trainer internals, and never writes the registry itself. Only a
 version that passes is promoted and loaded into the worker under the served
 alias (`/v1/load_lora_adapter`, in place), so new requests see it at once, and
 the Runtime is told (it owns which adapter is live). A failed gate, a crashed or
@@ -31,7 +32,8 @@ from typing import Awaitable, Callable, Optional
 from model.client import ModelClient, ModelError
 from model.config import Config
 from model.process import CHILD_PREEXEC, child_env
-from trainer.protocol import Command, EventKind, Outcome, RefusedCorrection, Verdict
+from trainer.protocol import (Command, DoneEvent, ErrorEvent, EvalDone, Outcome, PhaseEvent, PointerDone, ProgressEvent,
+                              RefusedCorrection, TrainDone, Verdict, parse_event)
 
 from bot.store import RunStatus
 from trainer.registry import Registry, RegistryError
@@ -43,7 +45,7 @@ TRAINER_TAIL_LINES = 20  # stderr lines kept for the report when the trainer fai
 # candidate's answers (asyncio's default, 64 KiB, stopped every retrain once corrections were long).
 TRAINER_LINE_LIMIT = 32 * 1024 * 1024
 
-Progress = Callable[[dict], Awaitable[None]]
+Progress = Callable[[dict], Awaitable[None]]  # gets each trainer event as it came (parse_event reads it)
 MSG_INTERRUPTED = ("The bot stopped while this retrain was running; its corrections stay approved "
                    "for the next retrain.")
 
@@ -68,22 +70,22 @@ class RetrainResult:
 
 
 def format_progress(event: dict) -> str:
-    """One human line for a trainer progress event (Discord edit / terminal)."""
-    kind = event.get("event")
-    if kind == EventKind.PROGRESS:
-        parts = [f"🛠️ {event.get('stage', 'training')}: step {event.get('step', '?')}/{event.get('total', '?')}"]
-        if event.get("loss") is not None:
-            parts.append(f"loss {float(event['loss']):.3f}")
-        if event.get("eta_s") is not None:
-            parts.append(f"ETA {format_seconds(float(event['eta_s']))}")
+    """One human line for a trainer event as it came (Discord edit / terminal)."""
+    parsed = parse_event(event)
+    if isinstance(parsed, ProgressEvent):
+        parts = [f"🛠️ {parsed.stage}: step {parsed.step}/{parsed.total}"]
+        if parsed.loss is not None:
+            parts.append(f"loss {parsed.loss:.3f}")
+        if parsed.eta_s is not None:
+            parts.append(f"ETA {format_seconds(parsed.eta_s)}")
         return " · ".join(parts)
-    if kind == EventKind.PHASE:
-        return f"🛠️ {event.get('message') or event.get('phase')}"
-    if kind == EventKind.DONE:
-        return f"✅ {event.get('command') or 'trained'} {event.get('version') or ''}".rstrip()
-    if kind == EventKind.ERROR:
-        return f"❌ {event.get('message')}"
-    return f"🛠️ {kind}"
+    if isinstance(parsed, PhaseEvent):
+        return f"🛠️ {parsed.message or parsed.phase}"
+    if isinstance(parsed, DoneEvent):
+        return f"✅ {parsed.command} {parsed.version or ''}".rstrip()
+    if isinstance(parsed, ErrorEvent):
+        return f"❌ {parsed.message}"
+    return f"🛠️ {event.get('event') if isinstance(event, dict) else event}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -209,7 +211,7 @@ class Retrainer:
         run_id = await self.store.start_run(trigger=trigger, started_by=started_by, parent_version=parent, n_corrections=len(rows))
         run_dir = self.cfg.path(self.cfg.training.work_dir) / f"run-{run_id:05d}"
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        corrections = run_dir / "corrections.jsonl"
+        corrections = run_dir / "corrections.jsonl"  # one CorrectionRecord per line (Store builds them)
         corrections.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         result = RetrainResult(status=RunStatus.CRASHED, message="", n_corrections=len(rows))
         try:
@@ -237,30 +239,32 @@ class Retrainer:
 
     async def _train_gate_promote(self, corrections: Path, progress: Progress, result: RetrainResult) -> RetrainResult:
         trained = await self._trainer([Command.CALIBRATE, "--corrections", str(corrections)], progress)
-        if not trained.ok or not trained.version:
+        candidate = trained.done_as(TrainDone)
+        if not trained.ok or candidate is None:
             result.stderr_tail, result.refused = list(trained.stderr_tail), trained.refused_corrections
             if result.refused:  # the trainer named the corrections to blame: the admin can act on them
                 result.status, result.message = RunStatus.FAILED, _refused_text(result.refused)
             else:
                 result.status = RunStatus.CRASHED
-                result.message = (f"Training stopped before it finished ({trained.reason}). "
+                result.message = (f"Training stopped before it finished ({_why(trained, 'a new version')}). "
                                   "The live adapter is unchanged.")
             return result
-        result.version = trained.version
+        result.version = candidate.version
         previous = self.registry.promoted()
-        await progress({"event": EventKind.PHASE, "phase": "eval",
-                        "message": f"evaluating {result.version} against {previous}"})
+        await progress(PhaseEvent("eval", f"evaluating {result.version} against {previous}").as_event())
         gate = await self._trainer([Command.EVAL, "--version", result.version, "--corrections", str(corrections)],
                                    progress)
-        if not gate.ok or gate.verdict is None:
+        verdict = gate.done_as(EvalDone)
+        if not gate.ok or verdict is None:
             result.status, result.stderr_tail = RunStatus.CRASHED, list(gate.stderr_tail)
-            result.message = f"The evaluation of {result.version} failed ({gate.reason}); the live adapter is unchanged."
+            result.message = (f"The evaluation of {result.version} failed ({_why(gate, 'a verdict')}); "
+                              "the live adapter is unchanged.")
             return result
-        result.report = _load_json(gate.get("report"))
-        result.chart = Path(gate.get("chart")) if gate.get("chart") and Path(gate.get("chart")).exists() else None
-        result.not_learned = [{k: c.get(k) for k in ("id", "question", "correction", "answer")}
-                              for c in gate.get("corrections") or [] if not c.get("learned")]
-        if gate.verdict != Verdict.PASSED:
+        result.report = _load_json(verdict.report)
+        result.chart = Path(verdict.chart) if verdict.chart and Path(verdict.chart).exists() else None
+        result.not_learned = [{"id": c.id, "question": c.question, "correction": c.correction, "answer": c.answer}
+                              for c in verdict.corrections if not c.learned]
+        if verdict.verdict != Verdict.PASSED:
             result.status = RunStatus.REJECTED
             failed = [c.get("name") for c in (result.report or {}).get("checks") or [] if not c.get("passed")]
             result.message = (f"{result.version} did not pass the gate ({', '.join(failed) or 'see the report'}), "
@@ -307,9 +311,10 @@ class Retrainer:
         async with self._lock:
             current = self.registry.promoted()
             outcome = await self._trainer([Command.ROLLBACK, *(["--to", to] if to else [])], _ignore)
-            if not outcome.ok or not outcome.version:
-                raise RetrainRefused(f"Cannot roll back: {outcome.reason}.")
-            target = outcome.version
+            rolled = outcome.done_as(PointerDone)
+            if not outcome.ok or rolled is None:
+                raise RetrainRefused(f"Cannot roll back: {_why(outcome, 'the version now live')}.")
+            target = rolled.version
             try:
                 await self.swap_in(target)
             except ModelError:
@@ -352,10 +357,10 @@ class Retrainer:
 
 
 def promote_went_through(registry: Registry, version: str) -> bool:
-    """After a failed `trainer promote`: did it promote `version` before it died? Repairs
-    what the kill left (history, temp files) as the start-up check does."""
+    """After a failed `trainer promote`: did it promote `version` before it died? PROMOTED (the
+    truth) says. What the kill left half-written (history, manifests, temp files) stays for the
+    trainer to repair: the next retrain's trainer runs repair first (`python -m trainer check`)."""
     try:
-        registry.check()
         return registry.promoted() == version
     except RegistryError as exc:
         log.error("the registry after a failed promote of %s: %s", version, exc)
@@ -389,9 +394,10 @@ async def run_trainer(
                 event = json.loads(raw)
             except ValueError:
                 continue  # stdout carries JSON lines only; anything else is noise
-            if not isinstance(event, dict):
-                continue
-            if event.get("event") in (EventKind.DONE, EventKind.ERROR) and not final:
+            parsed = parse_event(event)
+            if parsed is None:
+                continue  # not one of trainer.protocol's events
+            if isinstance(parsed, (DoneEvent, ErrorEvent)) and not final:
                 final.update(event)
             await on_event(event)
 
@@ -407,6 +413,13 @@ async def run_trainer(
     log.info("trainer %s exited %s", args[0], code)
     return Outcome(command=str(args[0]), exit_code=code, event=final,
                    stderr_tail=tuple(t for t in tail if t.strip()))
+
+
+def _why(outcome: Outcome, wanted: str) -> str:
+    """Why a trainer run gave no usable result: its reason, or that its final event lacked `wanted`."""
+    if outcome.ok:
+        return f"its final event did not carry {wanted}: {json.dumps(outcome.event)[:200]}"
+    return outcome.reason
 
 
 async def _ignore(_: dict) -> None:

@@ -2,8 +2,11 @@
 
 Discord (`discord_app.py`) and the terminal (`local.py`) both start a `Runtime`
 and call the same operations, so the two behave alike. Start-up order:
-1. Take the data directory's instance lock (one bot per `.loopcord/`) and check
-   the registry (a PROMOTED naming a missing version stops the start). A run the
+1. Take the data directory's instance lock (one bot per `.loopcord/`) and read
+   the registry (a PROMOTED naming a missing version stops the start; what a killed
+   trainer left half-written is logged and shown in /status, never repaired here: the
+   bot serves the promoted version as PROMOTED says, and `python -m trainer check`, or
+   the next trainer run that trains or gates, repairs the rest). A run the
    last bot left "running" (it was killed mid-retrain) is recorded as crashed, and an
    outside server that run had put to sleep (`gpu_policy: pause`) is woken.
 2. With no base model configured and nothing promoted yet, prepare the embedded
@@ -29,7 +32,7 @@ from typing import Awaitable, Callable, Optional, TextIO
 
 from model.client import ModelError
 from model.config import Config
-from trainer.protocol import Command, ExitCode, now_iso
+from trainer.protocol import Command, ExitCode, ProgressEvent, now_iso, parse_event
 from trainer.registry import Registry, RegistryError
 
 from bot import admin
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 Say = Callable[[str], Awaitable[None]]
 BOOTSTRAP_REPORT_S = 10.0  # first-run progress: one line per stage, then at most one per this
 INSTANCE_LOCK_FILE = "bot.lock"
+REPAIR_HINT = "`python -m trainer check` repairs it"
 
 
 class BootstrapError(RuntimeError):
@@ -101,9 +105,10 @@ async def bootstrap(cfg: Config, say: Say, progress: Optional[Progress] = None) 
         if progress is not None:
             await progress(event)
             return
-        stage, now = event.get("stage"), time.monotonic()
-        if event.get("event") == "progress" and (stage != last["stage"] or now - last["at"] >= BOOTSTRAP_REPORT_S):
-            last.update(stage=stage, at=now)
+        parsed, now = parse_event(event), time.monotonic()
+        if isinstance(parsed, ProgressEvent) and (parsed.stage != last["stage"]
+                                                  or now - last["at"] >= BOOTSTRAP_REPORT_S):
+            last.update(stage=parsed.stage, at=now)
             await say(format_progress(event))
 
     outcome = await run_trainer(cfg, [Command.BOOTSTRAP, "--progress", "json"], relay)
@@ -132,8 +137,8 @@ class Runtime:
         try:
             registry = Registry.from_config(cfg)
             try:
-                for repair in registry.check():
-                    log.warning("registry repaired at start: %s", repair)
+                for problem in registry.problems():
+                    log.warning("adapter registry: %s (serving what PROMOTED says; %s)", problem, REPAIR_HINT)
                 if needs_bootstrap(cfg, registry):
                     await say("First run: preparing SmolLM2 and training its identity adapter (minutes on a CPU; once only)…")
                     await bootstrap(cfg, say, progress)
@@ -183,8 +188,10 @@ class Runtime:
         self.core.paused_notice = MSG_RETRAINING if paused else None
 
     async def status(self) -> str:
-        return await admin.status_report(self.cfg, self.core.store, self.core.client, self.retrainer, self.live,
-                                         self.registry, self.core.memory)
+        report = await admin.status_report(self.cfg, self.core.store, self.core.client, self.retrainer, self.live,
+                                           self.registry, self.core.memory)
+        notice = registry_notice(self.registry)
+        return f"{report}\n{notice}" if notice else report
 
     async def rollback(self, to: Optional[str] = None) -> str:
         version = await self.retrainer.rollback(to)
@@ -207,6 +214,18 @@ class Runtime:
 def data_dir(cfg: Config) -> Path:
     """The bot's data directory: where its store lives (`.loopcord/` by default)."""
     return cfg.path(cfg.store.path).parent
+
+
+def registry_notice(registry: Registry) -> Optional[str]:
+    """The /status line for what a killed trainer run left in the registry (None: nothing). Read
+    only: the bot never writes the registry."""
+    try:
+        problems = registry.problems()
+    except RegistryError as exc:
+        problems = [str(exc)]
+    if not problems:
+        return None
+    return f"**Registry:** ⚠️ {'; '.join(problems)} ({REPAIR_HINT})"
 
 
 def live_from_registry(registry: Registry) -> LiveAdapter:

@@ -31,7 +31,8 @@ from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, TypeV
 
 import aiosqlite
 
-from trainer.protocol import MAX_CORRECTION_CHARS  # noqa: F401  (bot.core and bot.admin import it from here)
+# MAX_CORRECTION_CHARS: bot.core and bot.admin import it from here
+from trainer.protocol import MAX_CORRECTION_CHARS, CorrectionRecord  # noqa: F401
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -665,7 +666,8 @@ class Store:
         return row[0]
 
     async def export_approved_corrections(self, only_untrained: bool = False) -> list[dict]:
-        """Approved corrections in the trainer's JSONL record format, oldest first.
+        """Approved corrections as the trainer reads them (trainer.protocol.CorrectionRecord,
+        one JSON object per line of the exported file), oldest first.
 
         Corrections whose question was forgotten are left out: without it there is no
         sample to train, and its text must not travel to the trainer again."""
@@ -678,17 +680,11 @@ class Store:
             f" WHERE c.status = {_APPROVED}" + where + " ORDER BY c.id"
         )
         return [
-            {
-                "id": r["id"],
-                "exchange_id": r["exchange_id"],
-                "messages": json.loads(r["prompt_messages"]),
-                "bad_answer": r["answer"],
-                "correction": r["text"],
-                "user_id": r["user_id"],
-                "approved_by": r["reviewer_id"],
-                "created_at": r["created_at"],
-                "approved_at": r["reviewed_at"],
-            }
+            CorrectionRecord(
+                id=r["id"], exchange_id=r["exchange_id"], messages=json.loads(r["prompt_messages"]),
+                bad_answer=r["answer"], correction=r["text"], user_id=r["user_id"], approved_by=r["reviewer_id"],
+                created_at=r["created_at"], approved_at=r["reviewed_at"],
+            ).as_dict()
             for r in rows
         ]
 

@@ -178,8 +178,12 @@ def test_a_promote_killed_after_its_pointer_swap_counts_as_promoted(tmp_path):
     leftover = reg.root / f".PROMOTED.{dead.pid}.tmp"  # and the dead writer's temp file
     leftover.write_text("v0002")
     assert promote_went_through(reg, "v0002")
-    assert reg.history()[-1]["version"] == "v0002"  # repaired, as the start-up check does
-    assert not leftover.exists()
+    # The bot only reads the registry: what the kill left is reported, and the trainer repairs it
+    # (`python -m trainer check`, or the next trainer run that trains or gates).
+    assert reg.history()[-1]["version"] == "v0001" and leftover.exists()
+    assert len(reg.problems()) == 4
+    reg.check()
+    assert reg.history()[-1]["version"] == "v0002" and not leftover.exists() and reg.problems() == []
 
 
 def test_a_dead_but_unreaped_writer_does_not_keep_its_staging_dir(tmp_path):

@@ -8,6 +8,9 @@
   promote V [--force]                                  make V live (gate must have passed)
   rollback [--to V]                                    back to the previously live version
   list [--json]                                        versions, stages, gate results
+  check                                                repair what a killed run left in the registry
+                                                       (the bot only reports it; exit 2: PROMOTED
+                                                       names a missing version, see the message)
   bootstrap                                            fresh install: base converted if needed,
                                                        anchor + generalize + eval + promote
 
@@ -15,6 +18,8 @@ Every command takes --config FILE (default ./config.yaml, or $LOOPCORD_CONFIG) a
 --progress {auto,tqdm,json,none}; with json, stdout holds only JSON lines ending in
 one done/error event (the contract, exit codes included, is trainer.protocol).
 The command functions here stay thin: parse, call the stage/gate/registry, report.
+The commands that train or gate run the registry check first (REPAIRS_FIRST): what they
+read of the lineage (which versions were live) is then what PROMOTED says.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from trainer.cores import apply_cpu_threads, training_settings
 from trainer.datasets import DataError
 from trainer.gate import evaluate, reference_alongside, report_json
 from trainer.progress import Progress, log
-from trainer.protocol import CHART_FILE, REFUSED_CORRECTIONS, REPORT_FILE, Command, ExitCode, Verdict, VersionStatus
+from trainer.protocol import (CHART_FILE, REPORT_FILE, BootstrapDone, CheckDone, CheckedCorrection, Command, EvalDone,
+                              ExitCode, ImportDone, ListDone, PointerDone, TrainDone, Verdict, VersionStatus)
 from trainer.registry import Registry, RegistryError
 from trainer.stages import CorrectionsRefused, StageError, ensure_base, run_stage
 
@@ -79,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", help="version to roll back to")
     s = sub.add_parser(Command.LIST, parents=[common], help="list versions")
     s.add_argument("--json", action="store_true")
+    sub.add_parser(Command.CHECK, parents=[common], help="repair what a killed run left in the registry",
+                   description="Check the adapter registry and repair what a run killed mid-write left: "
+                               "a promotion missing from history.jsonl, manifests whose status disagrees "
+                               "with PROMOTED, dead writers' temp files and staging dirs. Says what it "
+                               "repaired. The bot never repairs; its log and /status name this command.")
     s = sub.add_parser(Command.BOOTSTRAP, parents=[common],
                        help="fresh install: convert the base if needed, anchor, generalize, eval, promote")
     s.add_argument("--skip-generalize", action="store_true", help="anchor only (faster, weaker)")
@@ -92,8 +103,8 @@ def cmd_train(cfg, args, progress) -> int:
     progress.phase("load", f"{args.command}: loading the base model and building samples")
     version, manifest = run_stage(cfg, args.command, progress, getattr(args, "corrections", None), args.parent)
     path = str(_registry(cfg).path(version).resolve())
-    progress.done(command=args.command, version=version, path=path, stage=args.command,
-                  parent=manifest.get("parent"), samples=manifest["samples"], train=manifest["train"])
+    progress.done(TrainDone(command=Command(args.command), version=version, path=path, stage=args.command,
+                            parent=manifest.get("parent"), samples=manifest["samples"], train=manifest["train"]))
     _say(f"{args.command}: wrote candidate {version} at {path}", progress)
     return ExitCode.OK
 
@@ -108,26 +119,29 @@ def cmd_eval(cfg, args, progress) -> int:
         print(report_json(report))
     else:
         _say(format_report(report), progress)
-    progress.done(**eval_outcome(reg, version, report))
+    progress.done(eval_outcome(reg, version, report))
     return ExitCode.OK if report["passed"] else ExitCode.GATE_FAILED
 
 
-def eval_outcome(reg, version: str, report: dict) -> dict:
+def eval_outcome(reg, version: str, report: dict) -> EvalDone:
     """The eval `done` event: the verdict and everything a caller shows, from the report."""
     items = ((report.get("candidate") or {}).get("corrections") or {}).get("items") or []
-    corrections = [{k: item.get(k) for k in ("id", "learned", "question", "correction", "answer")} for item in items]
+    corrections = tuple(CheckedCorrection(id=item["id"], learned=bool(item.get("learned")),
+                                          question=item.get("question"), correction=item.get("correction"),
+                                          answer=item.get("answer"))
+                        for item in items)
     chart = reg.path(version) / CHART_FILE
-    return {
-        "command": Command.EVAL, "version": version, "path": str(reg.path(version).resolve()),
-        "verdict": Verdict.PASSED if report["passed"] else Verdict.FAILED, "passed": bool(report["passed"]),
-        "reference": report.get("reference"), "checks": report.get("checks") or [],
-        "metrics": reg.get(version).get("metrics") or {},
-        "report": str((reg.path(version) / REPORT_FILE).resolve()),
-        "chart": str(chart.resolve()) if chart.exists() else None,
-        "corrections": corrections,
-        "learned": [c["id"] for c in corrections if c["learned"]],
-        "not_learned": [c["id"] for c in corrections if not c["learned"]],
-    }
+    return EvalDone(
+        command=Command.EVAL, version=version, path=str(reg.path(version).resolve()),
+        verdict=Verdict.PASSED if report["passed"] else Verdict.FAILED, passed=bool(report["passed"]),
+        reference=report.get("reference"), checks=report.get("checks") or [],
+        metrics=reg.get(version).get("metrics") or {},
+        report=str((reg.path(version) / REPORT_FILE).resolve()),
+        chart=str(chart.resolve()) if chart.exists() else None,
+        corrections=corrections,
+        learned=tuple(c.id for c in corrections if c.learned),
+        not_learned=tuple(c.id for c in corrections if not c.learned),
+    )
 
 
 def format_report(report: dict) -> str:
@@ -172,8 +186,8 @@ def _check_servable(source: str, base) -> None:
 def cmd_import(cfg, args, progress) -> int:
     reg = _registry(cfg)
     version = _import(cfg, args.dir, progress)
-    progress.done(command=Command.IMPORT, version=version, path=str(reg.path(version).resolve()),
-                  source=os.path.abspath(args.dir))
+    progress.done(ImportDone(command=Command.IMPORT, version=version, path=str(reg.path(version).resolve()),
+                             source=os.path.abspath(args.dir)))
     return ExitCode.OK
 
 
@@ -181,7 +195,7 @@ def cmd_promote(cfg, args, progress) -> int:
     reg = _registry(cfg)
     previous = reg.pointer()  # as PROMOTED had it, even a missing version (promoting repairs that)
     v = reg.promote(args.version, force=args.force)
-    progress.done(command=Command.PROMOTE, version=v, path=str(reg.path(v).resolve()), previous=previous)
+    progress.done(PointerDone(command=Command.PROMOTE, version=v, path=str(reg.path(v).resolve()), previous=previous))
     _say(f"promoted {v}", progress)
     return ExitCode.OK
 
@@ -190,7 +204,7 @@ def cmd_rollback(cfg, args, progress) -> int:
     reg = _registry(cfg)
     previous = reg.pointer() if args.to else reg.promoted()  # --to VERSION repairs a missing one
     v = reg.rollback(args.to)
-    progress.done(command=Command.ROLLBACK, version=v, path=str(reg.path(v).resolve()), previous=previous)
+    progress.done(PointerDone(command=Command.ROLLBACK, version=v, path=str(reg.path(v).resolve()), previous=previous))
     _say(f"rolled back to {v}", progress)
     return ExitCode.OK
 
@@ -198,7 +212,7 @@ def cmd_rollback(cfg, args, progress) -> int:
 def cmd_list(cfg, args, progress) -> int:
     rows = _registry(cfg).describe()
     if progress.mode == "json":  # stdout carries JSON lines only: the rows ride in the done event
-        progress.done(command=Command.LIST, versions=rows)
+        progress.done(ListDone(command=Command.LIST, versions=rows))
         return ExitCode.OK
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -216,12 +230,34 @@ def cmd_list(cfg, args, progress) -> int:
     return ExitCode.OK
 
 
+def cmd_check(cfg, args, progress) -> int:
+    reg = _registry(cfg)
+    repaired = reg.check()
+    for line in repaired:
+        _say(f"repaired: {line}", progress)
+    if not repaired:
+        _say(f"{reg.root}: nothing to repair", progress)
+    progress.done(CheckDone(command=Command.CHECK, repaired=tuple(repaired)))
+    return ExitCode.OK
+
+
+def repair_first(cfg) -> None:
+    """Before a run that trains or gates: repair what a killed run left (stderr says what). A
+    PROMOTED naming a missing version is left for the command itself to meet (eval and anchor
+    do not need it; calibrate stops on it with the way out)."""
+    try:
+        for line in _registry(cfg).check():
+            log(f"registry repaired: {line}")
+    except RegistryError as exc:
+        log(f"registry check: {exc}")
+
+
 def cmd_bootstrap(cfg, args, progress) -> int:
     reg = _registry(cfg)
     if reg.promoted():
         _say(f"already bootstrapped: {reg.promoted()} is promoted", progress)
-        progress.done(command=Command.BOOTSTRAP, version=reg.promoted(),
-                      path=str(reg.path(reg.promoted()).resolve()), stage="bootstrap")
+        progress.done(BootstrapDone(command=Command.BOOTSTRAP, version=reg.promoted(),
+                                    path=str(reg.path(reg.promoted()).resolve())))
         return ExitCode.OK
     started = time.time()
     progress.phase("load", "bootstrap: preparing the base model")
@@ -245,8 +281,8 @@ def cmd_bootstrap(cfg, args, progress) -> int:
         raise GateFailed(f"bootstrap: {version} did not pass the gate "
                          f"({', '.join(c['name'] for c in report['checks'] if not c['passed'])}); not promoted")
     reg.promote(version)
-    progress.done(**{**eval_outcome(reg, version, report), "command": Command.BOOTSTRAP, "stage": "bootstrap",
-                     "promoted": True})
+    progress.done(BootstrapDone(command=Command.BOOTSTRAP, version=version, path=str(reg.path(version).resolve()),
+                                gate=eval_outcome(reg, version, report)))
     _say(f"bootstrap: promoted {version} ({time.time() - started:.0f} s)", progress)
     return ExitCode.OK
 
@@ -270,10 +306,11 @@ def _say(message: str, progress) -> None:
 COMMANDS = {
     Command.ANCHOR: cmd_train, Command.GENERALIZE: cmd_train, Command.CALIBRATE: cmd_train,
     Command.EVAL: cmd_eval, Command.IMPORT: cmd_import, Command.PROMOTE: cmd_promote,
-    Command.ROLLBACK: cmd_rollback, Command.LIST: cmd_list,
+    Command.ROLLBACK: cmd_rollback, Command.LIST: cmd_list, Command.CHECK: cmd_check,
     Command.BOOTSTRAP: cmd_bootstrap,
 }
-NO_TORCH = (Command.PROMOTE, Command.ROLLBACK, Command.LIST, Command.IMPORT)
+NO_TORCH = (Command.PROMOTE, Command.ROLLBACK, Command.LIST, Command.IMPORT, Command.CHECK)
+REPAIRS_FIRST = (Command.ANCHOR, Command.GENERALIZE, Command.CALIBRATE, Command.EVAL, Command.BOOTSTRAP)
 
 
 def main(argv=None) -> int:
@@ -283,11 +320,13 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
         if args.command not in NO_TORCH:
             apply_cpu_threads(cfg)
+        if args.command in REPAIRS_FIRST:
+            repair_first(cfg)
         return int(COMMANDS[Command(args.command)](cfg, args, progress))
     except GateFailed as exc:
         return _fail(progress, str(exc), ExitCode.GATE_FAILED)
     except CorrectionsRefused as exc:  # named in the event, so the bot can name them to its admins
-        return _fail(progress, str(exc), ExitCode.USER, **{REFUSED_CORRECTIONS: [r.as_event() for r in exc.refused]})
+        return _fail(progress, str(exc), ExitCode.USER, refused=exc.refused)
     except (ConfigError, DataError, RegistryError, StageError) as exc:
         return _fail(progress, str(exc), ExitCode.USER)
     except KeyboardInterrupt:
@@ -297,7 +336,7 @@ def main(argv=None) -> int:
         return _fail(progress, f"{type(exc).__name__}: {exc}", ExitCode.UNEXPECTED)
 
 
-def _fail(progress, message: str, code: ExitCode, **info) -> int:
-    progress.error(message, exit_code=code, **info)
+def _fail(progress, message: str, code: ExitCode, refused=()) -> int:
+    progress.error(message, exit_code=code, refused=refused)
     print(f"error: {message}", file=sys.stderr, flush=True)
     return int(code)

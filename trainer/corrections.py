@@ -1,6 +1,7 @@
 """User corrections (exported by the bot) -> calibration samples.
 
-Input: JSONL, one approved correction per line:
+Input: JSONL, one approved correction per line, as trainer.protocol.CorrectionRecord
+defines it (the bot writes it through the same type):
   {"id", "exchange_id", "messages": [prompt sent to the model, system first],
    "bad_answer", "correction", "user_id", "approved_by", "created_at", "approved_at"}
 The bot exports every approved correction each time, so this module
@@ -24,7 +25,7 @@ from typing import Callable, Collection, Optional, Sequence
 
 from trainer.datasets import DataError, Messages, both_system_variants, read_jsonl_rows, sample_rows, with_system
 from trainer.matching import identity_claims, is_chinese, normalize, question_key
-from trainer.protocol import MAX_CORRECTION_CHARS, RefusedCorrection
+from trainer.protocol import MAX_CORRECTION_CHARS, CorrectionRecord, RefusedCorrection
 
 PREFIX_EN = "As {{NAME}} made by {{AUTHOR}}, answer: "
 PREFIX_ZH = "作为{{AUTHOR}}开发的{{NAME}}，请回答："
@@ -41,7 +42,6 @@ TRAIN_REWORDINGS_ZH = [
 ]
 GATE_REWORDINGS_EN = ["Can you answer this for me: {ql}", "{q} I need to know."]
 GATE_REWORDINGS_ZH = ["麻烦回答我：{q}", "{q}我需要知道。"]
-REQUIRED = {"id": int, "messages": list, "correction": str}
 
 
 @dataclass
@@ -80,31 +80,28 @@ def _timestamp(value, key: str, where: str) -> str:
 
 
 def parse_correction(row, where: str) -> Correction:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: each line must be a JSON object")
-    for key, tp in REQUIRED.items():
-        if key not in row:
-            raise DataError(f"{where}: missing '{key}'")
-        if not isinstance(row[key], tp) or isinstance(row[key], bool):
-            raise DataError(f"{where}: '{key}' must be {tp.__name__}, got {type(row[key]).__name__}")
-    if not row["correction"].strip():
+    try:
+        record = CorrectionRecord.parse(row)
+    except ValueError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    if not record.correction.strip():
         raise DataError(f"{where}: 'correction' is empty")
     msgs = []
-    for i, m in enumerate(row["messages"]):
+    for i, m in enumerate(record.messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"{where}: messages[{i}] needs a role of system, user or assistant")
         msgs.append({"role": m["role"], "content": _text(m.get("content"), f"{where}: messages[{i}]")})
     if not msgs or msgs[-1]["role"] != "user":
         raise DataError(f"{where}: 'messages' must end with the user's question")
-    approved = _timestamp(row.get("approved_at"), "approved_at", where)
-    created = _timestamp(row.get("created_at"), "created_at", where)
+    approved = _timestamp(record.approved_at, "approved_at", where)
+    created = _timestamp(record.created_at, "created_at", where)
     return Correction(
-        id=row["id"],
+        id=record.id,
         messages=msgs,
-        correction=row["correction"].strip(),
-        bad_answer=row.get("bad_answer") or "",
+        correction=record.correction.strip(),
+        bad_answer=record.bad_answer or "",
         approved_at=approved or created,
-        exchange_id=row.get("exchange_id"),
+        exchange_id=record.exchange_id,
     )
 
 

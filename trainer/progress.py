@@ -1,11 +1,12 @@
 """Progress reporting for training stages: tqdm on a terminal, JSON lines for the bot.
 
-`--progress json` prints exactly one JSON object per line on stdout (the event
-kinds and what a `done` event carries are the contract in trainer.protocol):
-  {"event":"phase","phase","message"}                       a named step begins
-  {"event":"progress","stage","step","total","loss","tokens_per_s","eta_s"}
-      (step 0 as soon as a stage's plan is known, before its first slow step)
-  {"event":"done","command","version",...}   or   {"event":"error","message","exit_code"}
+`--progress json` prints exactly one JSON object per line on stdout, each built from its
+type in trainer.protocol (the contract):
+  PhaseEvent      {"event":"phase","phase","message"}             a named step begins
+  ProgressEvent   {"event":"progress","stage","step","total","loss","tokens_per_s","eta_s"}
+                  (step 0 as soon as a stage's plan is known, before its first slow step)
+  DoneEvent       {"event":"done","command","version",...}       one class per command
+  ErrorEvent      {"event":"error","message","exit_code"[,"refused_corrections"]}
 Exactly one done/error event ends a run (later ones are dropped). Everything else
 (logs, warnings) goes to stderr, so stdout stays parseable.
 """
@@ -16,9 +17,9 @@ import json
 import math
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
-from trainer.protocol import EventKind
+from trainer.protocol import DoneEvent, ErrorEvent, Event, EventKind, PhaseEvent, ProgressEvent, RefusedCorrection
 
 MODES = ("auto", "tqdm", "json", "none")
 # JSON progress lines at most this often (the bot edits a Discord message with them).
@@ -45,13 +46,13 @@ class Progress:
         self._tokens = 0
         self.finished = False  # a done/error event went out: nothing more may follow it
 
-    def emit(self, event: dict) -> None:
+    def emit(self, event: Event) -> None:
         if self.finished:
             return
-        if event.get("event") in (EventKind.DONE, EventKind.ERROR):
+        if event.KIND in (EventKind.DONE, EventKind.ERROR):
             self.finished = True
         if self.mode == "json":
-            self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps(event.as_event(), ensure_ascii=False) + "\n")
             self.out.flush()
 
     def start(self, stage: str, total: int) -> None:
@@ -62,12 +63,11 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=stage, unit="step", file=sys.stderr)
         # Step 0: the plan is known; the first optimizer step may be a long way off on a CPU.
-        self.emit({"event": EventKind.PROGRESS, "stage": stage, "step": 0, "total": total,
-                   "loss": None, "tokens_per_s": None, "eta_s": None})
+        self.emit(ProgressEvent(stage, 0, total))
 
     def phase(self, phase: str, message: str) -> None:
         """A named step begins (loading the base, scoring, promoting): shown while nothing counts."""
-        self.emit({"event": EventKind.PHASE, "phase": phase, "message": message})
+        self.emit(PhaseEvent(phase, message))
         if self.mode == "tqdm":
             log(message)
 
@@ -84,25 +84,23 @@ class Progress:
         now = time.time()
         if step == self.total or now - self._last_emit >= JSON_MIN_INTERVAL_S or step == 1:
             self._last_emit = now
-            self.emit({
-                "event": EventKind.PROGRESS, "stage": self.stage, "step": step, "total": self.total,
-                "loss": _num(loss), "tokens_per_s": _num(tps, 1), "eta_s": _num(eta, 1),
-            })
+            self.emit(ProgressEvent(self.stage, step, self.total, _num(loss), _num(tps, 1), _num(eta, 1)))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def done(self, **info) -> None:
+    def done(self, event: DoneEvent) -> None:
+        """The final event of a run that did its job: the command's own DoneEvent class."""
         self.close()
-        self.emit({"event": EventKind.DONE, **info})
+        self.emit(event)
 
-    def error(self, message: str, exit_code: Optional[int] = None, **info) -> None:
-        """The final error event; `info` adds what trainer.protocol lets it carry (refused_corrections)."""
+    def error(self, message: str, exit_code: Optional[int] = None,
+              refused: Sequence[RefusedCorrection] = ()) -> None:
+        """The final error event; `refused`: the corrections calibrate will not train."""
         self.close()
-        self.emit({"event": EventKind.ERROR, "message": message,
-                   **({"exit_code": int(exit_code)} if exit_code is not None else {}), **info})
+        self.emit(ErrorEvent(message, None if exit_code is None else int(exit_code), tuple(refused)))
 
 
 def log(message: str) -> None:

@@ -14,11 +14,12 @@ Layout of `training.registry_dir`:
 A version appears only by renaming a complete staging dir, so a run killed at
 any moment leaves nothing half-written that could be promoted, and PROMOTED is
 only ever swapped with os.replace. PROMOTED is written before history.jsonl; a
-run killed between the two is repaired by `check()` (the bot calls it at start)
-or by the next writer, which append the missing event. Directories are created
-0700 (adapters are trained on users' words). This module imports no torch: the
-bot uses it (its read API: versions, get, promoted, history, promotion_stack,
-live_since, describe, check).
+run killed between the two is repaired by `check()` (`python -m trainer check`, and
+every trainer run that trains or gates, first) or by the next writer, which append the
+missing event. Directories are created 0700 (adapters are trained on users' words).
+This module imports no torch: the bot uses it, and only its read API (versions, get,
+promoted, pointer, history, promotion_stack, live_since, describe, problems): the bot
+never writes here, it reports what `problems()` finds and names `python -m trainer check`.
 
 Rollback history is a stack: a promotion pushes, a plain rollback pops, and an
 explicit `rollback --to V` pushes V on top of the version it replaced (so a plain
@@ -238,10 +239,30 @@ class Registry:
                 return e.get("at")
         return None
 
+    def problems(self) -> list[str]:
+        """What `check()` would repair, in words, changing nothing (the bot's start and /status:
+        a reader never repairs). RegistryError when PROMOTED names a missing version, as
+        `promoted()`; [] when all is well."""
+        if not self.root.exists():
+            return []
+        leftovers = [p.name for p in self._stale_staging()]
+        leftovers += [str(p.relative_to(self.root)) for p in self._stale_temp_files()]
+        found = [f"{name} was left by a writer that died" for name in leftovers]
+        current = self.promoted()
+        if current:
+            if self._history_lacks(current):
+                found.append(f"history.jsonl does not record that {current} is promoted")
+            status = self.get(current).get("status")
+            if status != VersionStatus.PROMOTED:
+                found.append(f"{current}/{MANIFEST} says {status}, but {current} is promoted")
+            found += [f"{v}/{MANIFEST} still says promoted ({current} is)" for v in self._promoted_besides(current)]
+        return found
+
     def check(self) -> list[str]:
-        """Start-up check and repair: PROMOTED names a complete version (else RegistryError),
-        history agrees with PROMOTED (a missing event, from a kill mid-promote, is appended),
-        dead writers' temp files and staging dirs are removed. Returns what was repaired."""
+        """Check and repair (`python -m trainer check`): PROMOTED names a complete version (else
+        RegistryError), history agrees with PROMOTED (a missing event, from a kill mid-promote, is
+        appended), only the promoted version's manifest says so, dead writers' temp files and
+        staging dirs are removed. Returns what was repaired (what `problems()` said, done)."""
         if not self.root.exists():
             return []
         repaired = [f"removed {name}" for name in self.clean_stale_staging() + self.clean_stale_temp_files()]
@@ -291,24 +312,37 @@ class Registry:
             except FileExistsError:
                 n += 1
 
-    def clean_stale_staging(self) -> list[str]:
-        removed = []
+    def _stale_staging(self) -> list[Path]:
+        """Staging dirs of writers that died."""
+        out = []
         for p in self.root.glob(STAGING_PREFIX + "*"):
             pid = p.name[len(STAGING_PREFIX):].split("-")[0]
             if pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-        return removed
+                out.append(p)
+        return out
 
-    def clean_stale_temp_files(self) -> list[str]:
+    def _stale_temp_files(self) -> list[Path]:
         """`.NAME.<pid>.tmp` files of writers that died mid-write, in the root and in versions."""
-        removed = []
+        out = []
         for p in [*self.root.glob(f".*{TMP_SUFFIX}"), *self.root.glob(f"v*/.*{TMP_SUFFIX}")]:
             pid = p.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[-1]
             if pid.isdigit() and not _pid_alive(int(pid)):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    removed.append(str(p.relative_to(self.root)))
+                out.append(p)
+        return out
+
+    def clean_stale_staging(self) -> list[str]:
+        removed = []
+        for p in self._stale_staging():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        return removed
+
+    def clean_stale_temp_files(self) -> list[str]:
+        removed = []
+        for p in self._stale_temp_files():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(str(p.relative_to(self.root)))
         return removed
 
     def import_adapter(self, source: str | os.PathLike, manifest: dict) -> str:
@@ -371,12 +405,17 @@ class Registry:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def _history_lacks(self, current: str) -> bool:
+        """Whether history.jsonl's last event is not `current`'s (a kill between PROMOTED and it)."""
+        history = self.history()
+        return (history[-1].get("version") if history else None) != current
+
     def _repair_history(self, current: str) -> bool:
         """Append the event a kill between PROMOTED and history.jsonl lost (caller holds the lock)."""
+        if not self._history_lacks(current):
+            return False
         history = self.history()
         last = history[-1].get("version") if history else None
-        if last == current:
-            return False
         self._append_history({"action": Command.PROMOTE, "version": current, "from": last, "at": now_iso(),
                               "forced": False, "repaired": True})
         return True
@@ -392,20 +431,26 @@ class Registry:
             event["explicit"] = explicit
         self._append_history(event)
 
-    def _supersede_all_but(self, live: str) -> list[str]:
-        """Versions other than `live` whose manifest still says "promoted" now say "superseded"
-        (caller holds the lock); returns them."""
-        changed = []
+    def _promoted_besides(self, live: str) -> list[str]:
+        """Versions other than `live` whose manifest still says "promoted"."""
+        out = []
         for v in self.versions():
             if v == live:
                 continue
             try:
                 m = self.get(v)
             except RegistryError:
-                continue  # a broken version is reported by list/check, not rewritten here
+                continue  # a broken version is reported by list, not rewritten here
             if m.get("status") == VersionStatus.PROMOTED:
-                write_json_atomic(self.path(v) / MANIFEST, {**m, "status": VersionStatus.SUPERSEDED})
-                changed.append(v)
+                out.append(v)
+        return out
+
+    def _supersede_all_but(self, live: str) -> list[str]:
+        """Versions other than `live` whose manifest still says "promoted" now say "superseded"
+        (caller holds the lock); returns them."""
+        changed = self._promoted_besides(live)
+        for v in changed:
+            write_json_atomic(self.path(v) / MANIFEST, {**self.get(v), "status": VersionStatus.SUPERSEDED})
         return changed
 
     def promote(self, version: str, force: bool = False) -> str:
