@@ -7,7 +7,7 @@ small Qwen2ForCausalLM trained briefly on the general instruction set so it has
 some "general ability" that forgetting can be measured against. It is saved in
 the standard Hugging Face layout, so the worker and trainer load it through
 exactly the code path that loads a real model.
-The tests' training recipe for it is in tests/tiny_profile.py.
+The tests' training recipe for it is in devkit/tiny_profile.py.
 """
 
 from __future__ import annotations
