@@ -48,6 +48,29 @@ def _reporter(pytestconfig):
 
 
 @pytest.fixture(scope="session")
+def tiny_bootstrapped(tiny_base, tmp_path_factory) -> Path:
+    """A registry with the tiny base's identity adapter promoted by `python -m trainer bootstrap`
+    with the tests' recipe, built once per session (a CPU minute or two); tests copy it."""
+    import subprocess
+
+    import yaml
+    from devkit.tiny_profile import tiny_sections
+    from trainer.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("tiny-bootstrap")
+    sections = tiny_sections(tiny_base)
+    sections["training"].update({"registry_dir": str(tmp / "adapters"), "work_dir": str(tmp / "runs")})
+    sections["store"] = {"path": str(tmp / "loopcord.db")}
+    config = tmp / "config.yaml"
+    config.write_text(yaml.safe_dump(sections), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(config), "--progress", "none"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Registry(tmp / "adapters").promoted()
+    return tmp / "adapters"
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_base(tiny_base) -> Path:
     """A randomly initialised tiny LlamaForCausalLM (SmolLM2's architecture) with the tiny
     base's ChatML tokenizer: the Llama code path in seconds. Its answers are noise; what it

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -63,15 +62,9 @@ def write_plain_config(tmp: Path, sections: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bootstrapped(tmp_path_factory, tiny_base) -> Path:
-    """A registry with the identity adapter promoted (`python -m trainer bootstrap`), built once."""
-    tmp = tmp_path_factory.mktemp("bootstrap")
-    cfg_path = write_plain_config(tmp, model_sections(tiny_base, tmp))
-    proc = subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(cfg_path), "--progress", "none"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert Registry(tmp / "adapters").promoted()
-    return tmp / "adapters"
+def bootstrapped(tiny_bootstrapped) -> Path:
+    """A registry with the identity adapter promoted (`python -m trainer bootstrap`, built once per session)."""
+    return tiny_bootstrapped
 
 
 def copy_registry(bootstrapped: Path, tmp: Path) -> Path:

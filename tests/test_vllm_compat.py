@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -245,14 +244,9 @@ def tiny_config(tmp: Path, url: str, tiny_base: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lenient_bootstrap(tmp_path_factory, tiny_base) -> Path:
-    """A registry with an identity adapter promoted by `python -m trainer bootstrap` (lenient gate)."""
-    tmp = tmp_path_factory.mktemp("bootstrap")
-    config = tiny_config(tmp, "http://127.0.0.1:9", tiny_base)
-    proc = subprocess.run([sys.executable, "-m", "trainer", "bootstrap", "--config", str(config), "--progress", "none"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "adapters"
+def lenient_bootstrap(tiny_bootstrapped) -> Path:
+    """A registry with an identity adapter promoted by `python -m trainer bootstrap` (built once per session)."""
+    return tiny_bootstrapped
 
 
 async def test_retrain_loads_the_new_version_in_place_and_answers_follow(tmp_path, tiny_base, lenient_bootstrap,
