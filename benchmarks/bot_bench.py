@@ -14,7 +14,7 @@ subtracted from the bot's receive → logged time measured here.
 
     PYTHONPATH=. python -m benchmarks.bot_bench [--messages 50] [--concurrent 50]
 
-Writes the "bot_bench" section of benchmarks/RESULTS.md.
+Records its figures in benchmarks/results/bot_bench.json (and RESULTS.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from benchmarks.results import write_section
+from benchmarks.results import preview, record, table
 from bot.core import Core
 from bot.discord_app import PLACEHOLDER, LoopcordBot, StreamedReply
 from bot.store import Store
@@ -49,11 +49,6 @@ WARMUP_MESSAGES = 5
 ANSWER_TIMEOUT_S = 120.0
 READY_TIMEOUT_S = 30.0
 
-# Before the streaming rework (openai client, placeholder posted before the model request,
-# fake Discord and model in the bot's own loop), measured with that version of this script
-# on the same shared 2-core machine: the recorded run, and a re-run when it was quieter.
-# Kept for comparison; see the commit history.
-BEFORE = {"added_ms": (22.8, 14.0), "first_edit_ms": (22.6, 13.8), "stall_ms": (497.8, 281.6)}
 
 
 # ---------------------------------------------------------------- the world (child process)
@@ -308,45 +303,35 @@ async def measure(args) -> dict:
                 ex_rate=ex_rate, flag_rate=flag_rate)
 
 
-def report(r: dict, args) -> str:
+def report(r: dict, args) -> dict:
     (seq_first, seq_total), (conc_first, conc_total) = r["seq"], r["conc"]
     seq_med, max_stall = statistics.median(seq_total), max(r["conc_lags"] + r["seq_lags"])
 
     def row(label, values, fmt=".1f"):
-        return f"| {label} | {statistics.median(values):{fmt}} | {pct(values, 95):{fmt}} | {max(values):{fmt}} |"
+        return [label, f"{statistics.median(values):{fmt}}", f"{pct(values, 95):{fmt}}", f"{max(values):{fmt}}"]
 
     probe = f"probe every {PROBE_INTERVAL_S * 1000:.0f} ms"
-    lines = [
-        f"Real bot (discord.py, model client, SQLite store) in one process; the fake Discord and an instant "
-        f"scripted model (answer {len(ANSWER)} chars, {len(ANSWER) // CHUNK_CHARS + 1} chunks) in another, with "
-        f"their own event loop. Added = time the bot spends beyond the model's own stream.",
-        "",
-        "| measure | median | p95 | max |",
-        "|---|---|---|---|",
-        row(f"receive → first answer edit, sequential ({args.messages} msgs), ms", seq_first),
-        row("added total (receive → logged, minus generation), sequential, ms", seq_total),
-        row(f"receive → first answer edit, {args.concurrent} concurrent, ms", conc_first),
-        row(f"added total, {args.concurrent} concurrent, ms", conc_total),
-        row(f"bot event-loop lag, sequential ({probe}), ms", r["seq_lags"], ".2f"),
-        row(f"bot event-loop lag, {args.concurrent} concurrent conversations ({probe}), ms", r["conc_lags"], ".2f"),
-        row(f"fake Discord + model process loop lag, {args.concurrent} concurrent (not the bot's), ms",
-            r["world_lags"], ".2f"),
-        "",
-        f"Store (aiosqlite, WAL, one connection, concurrent writers): **{r['ex_rate']:.0f} exchanges/s**, "
-        f"**{r['flag_rate']:.0f} flags/s** ({args.store_rows} exchanges, {args.store_rows * 2} flags).",
-        "",
-        f"Targets: added per message < {TARGET_ADDED_MS:.0f} ms (sequential median: {seq_med:.1f} ms, "
-        f"{'met' if seq_med < TARGET_ADDED_MS else 'NOT met'}); no bot loop stall > {TARGET_STALL_MS:.0f} ms "
-        f"(max {max_stall:.1f} ms, {'met' if max_stall < TARGET_STALL_MS else 'NOT met'}).",
-        f"Before the client and streaming rework (openai package, placeholder posted before the model request, "
-        f"everything in one loop): sequential added {'/'.join(f'{v:.1f}' for v in BEFORE['added_ms'])} ms median, "
-        f"first edit {'/'.join(f'{v:.1f}' for v in BEFORE['first_edit_ms'])} ms, largest stall "
-        f"{'/'.join(f'{v:.1f}' for v in BEFORE['stall_ms'])} ms (recorded run / quieter re-run; that stall "
-        f"included the fake Discord's and fake model's work).",
-        "The added time includes the bot's REST round trips to the fake Discord (placeholder post, final edit) and "
-        "the SQLite log write; the concurrent figures are dominated by 50 answers sharing two CPU cores.",
-    ]
-    return "\n".join(lines)
+    return dict(
+        text=[f"Real bot (discord.py, model client, SQLite store) in one process; the fake Discord and an instant "
+              f"scripted model (answer {len(ANSWER)} chars, {len(ANSWER) // CHUNK_CHARS + 1} chunks) in another, with "
+              f"their own event loop. Added = time the bot spends beyond the model's own stream."],
+        tables=[table(["measure", "median", "p95", "max"], [
+            row(f"receive → first answer edit, sequential ({args.messages} msgs), ms", seq_first),
+            row("added total (receive → logged, minus generation), sequential, ms", seq_total),
+            row(f"receive → first answer edit, {args.concurrent} concurrent, ms", conc_first),
+            row(f"added total, {args.concurrent} concurrent, ms", conc_total),
+            row(f"bot event-loop lag, sequential ({probe}), ms", r["seq_lags"], ".2f"),
+            row(f"bot event-loop lag, {args.concurrent} concurrent conversations ({probe}), ms", r["conc_lags"], ".2f"),
+            row(f"fake Discord + model process loop lag, {args.concurrent} concurrent (not the bot's), ms",
+                r["world_lags"], ".2f")])],
+        notes=[f"Store (aiosqlite, WAL, one connection, concurrent writers): **{r['ex_rate']:.0f} exchanges/s**, "
+               f"**{r['flag_rate']:.0f} flags/s** ({args.store_rows} exchanges, {args.store_rows * 2} flags).",
+               f"Targets: added per message < {TARGET_ADDED_MS:.0f} ms (sequential median: {seq_med:.1f} ms, "
+               f"{'met' if seq_med < TARGET_ADDED_MS else 'NOT met'}); no bot loop stall > {TARGET_STALL_MS:.0f} ms "
+               f"(max {max_stall:.1f} ms, {'met' if max_stall < TARGET_STALL_MS else 'NOT met'}). "
+               "The added time includes the bot's REST round trips to the fake Discord (placeholder post, final "
+               f"edit) and the SQLite log write; the concurrent figures are dominated by {args.concurrent} answers "
+               "sharing two CPU cores."])
 
 
 def main() -> None:
@@ -354,16 +339,16 @@ def main() -> None:
     p.add_argument("--messages", type=int, default=50)
     p.add_argument("--concurrent", type=int, default=50)
     p.add_argument("--store-rows", type=int, default=2000)
-    p.add_argument("--no-write", action="store_true", help="print only, do not update RESULTS.md")
+    p.add_argument("--no-write", action="store_true", help="print only, record nothing")
     p.add_argument("--world", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
     if args.world:
         asyncio.run(serve_world(args.concurrent))
         return
-    body = report(asyncio.run(measure(args)), args)
-    print(body)
+    parts = report(asyncio.run(measure(args)), args)
+    print(preview("bot_bench", **parts))
     if not args.no_write:
-        write_section("bot_bench", body)
+        record("bot_bench", **parts)
 
 
 if __name__ == "__main__":

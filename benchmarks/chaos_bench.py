@@ -49,8 +49,8 @@ refused  the same worker under a mixed batch (base and "live", streamed or not, 
          request with no answer within 60 s, a worker that stopped answering, or an
          adapter request still held when idle.
 
-Prints the figures and writes them to benchmarks/RESULTS.md (section
-"chaos_bench"). Target: 0 unclear failures, 0 lost, 0 wedged, 0 orphans.
+Prints the figures and records them in benchmarks/results/chaos_bench.json (and
+RESULTS.md). Target: 0 unclear failures, 0 lost, 0 wedged, 0 orphans.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 import aiohttp  # noqa: E402
 
 from model.client import ModelClient, ModelError  # noqa: E402
@@ -1116,12 +1116,12 @@ async def retrain_after_kill(lab: BotLab, tally: Tally) -> None:
 # ---------------------------------------------------------------- main
 
 
-def summary(name: str, t: Tally) -> str:
+def summary(name: str, t: Tally) -> list:
     rec = sorted(t.recover_s)
     med = f"{statistics.median(rec):.1f}" if rec else "-"
     worst = f"{rec[-1]:.1f}" if rec else "-"
-    return (f"| {name} | {t.kills}/{t.rounds} | {t.ok} | {t.clear} | {len(t.unclear)} | {len(t.lost)} | {len(t.wedged)} | "
-            f"{len(t.orphans)} | {med} | {worst} |")
+    return [name, f"{t.kills}/{t.rounds}", t.ok, t.clear, len(t.unclear), len(t.lost), len(t.wedged),
+            len(t.orphans), med, worst]
 
 
 async def run_targets(args, base: Path, tmp: Path, tallies: dict[str, Tally]) -> None:
@@ -1184,8 +1184,7 @@ async def run_targets(args, base: Path, tmp: Path, tallies: dict[str, Tally]) ->
             await served.close()
 
 
-FOUND = """
-Defects this bench found, fixed with a regression test each (tests/test_chaos.py):
+FOUND = """Defects this bench found, fixed with a regression test each (tests/test_chaos.py):
 a bot killed mid-retrain left its run "running" in the store, so every later /retrain was refused
 for good ("A retrain is already running"): the next start records it as crashed; the bot's trainer
 child trained on for nobody after its bot died: trainer children now die with the bot, as the worker
@@ -1194,8 +1193,7 @@ did; the retrain's message after a killed trainer quoted its last log line ("cal
 after its atomic pointer swap left PROMOTED naming the new version while the bot served the old one
 until a restart: the retrainer now reads the registry and serves what it promotes; a killed trainer
 is a zombie until init reaps it (in a container, maybe never), and the registry counted zombies as
-live writers, so their staging dirs survived every start-up check: they are now cleaned.
-"""
+live writers, so their staging dirs survived every start-up check: they are now cleaned."""
 
 
 DISRUPTIONS = {"adapters": "adapter loads, replacements and unloads", "refused": "refused adapter loads"}
@@ -1242,40 +1240,41 @@ async def main_async(args) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
     wall = time.monotonic() - started
-    rows = "\n".join(summary(n, t) for n, t in tallies.items())
     problems = [f"- {msg}" for t in tallies.values() for msg in (t.unclear + t.lost + t.wedged + t.orphans)]
     notes = [f"- {msg}" for t in tallies.values() for msg in t.notes]
-    body = (f"`python benchmarks/chaos_bench.py --targets {','.join(tallies)} --rounds {args.rounds} --seed {args.seed}` "
-            f"(tiny base, calibrate {args.calibrate_steps} steps, one SIGKILL per round at a random moment; "
-            f"{wall:.0f} s wall on the shared machine).\n\n"
-            "| target | kills or loads/rounds | ok | clear failures | unclear failures | lost | wedged | orphans | "
-            "recover median s | recover worst s |\n|---|---|---|---|---|---|---|---|---|---|\n" + rows + "\n\n"
-            + reading(tallies) + "\n\n"
-            "How to read it. worker: ok = good answers; clear failures = requests refused with the client's typed "
-            "error while the worker was down; recover = kill to the next good answer (restart and model load "
-            "included). trainer: the real retrain path (Runtime, store, worker) with its `trainer calibrate` or "
-            "`trainer eval` or `trainer promote` child killed (in turn); ok = rounds that ended consistent and "
-            "retrained (a re-run completed, or the killed promote had already swapped PROMOTED and its version "
-            "went live); clear = retrains that named the kill in one sentence with the live adapter unchanged; lost = a promoted or earlier version changed, staging or "
-            "temp files left after the start-up check, or an approved correction no longer approved or marked "
-            "trained; recover = kill to the re-run's end. bot: `python -m bot` on a pipe, killed and restarted at "
-            "once on the same data directory; ok = acknowledged flags and corrections (each checked in the "
-            "database); orphans = worker or trainer children alive 15 s after their bot died; recover = kill to "
-            "the restarted bot's first answer. adapters: one worker serving the base, \"live\" and \"swap\" to four "
-            "client loops (streamed or not) while \"swap\" is loaded, replaced with another directory and unloaded "
-            "and \"live\" replaced, at random moments; loads = those operations; ok = answers in vLLM's shape; "
-            "clear = a 404 for \"swap\" while unloaded, a 409 for an unload while it answered, a 429. refused: a mixed "
-            f"batch of {REFUSED_BATCH} base and \"live\" chats in flight while adapters the worker must refuse "
-            "(modules_to_save, a NaN weight, a rank that does not fit, a truncated file, a config nested 100,000 deep) "
-            "are loaded as new names and in place of \"live\"; clear = each refusal, a 400 in the JSON error shape. "
-            "For both, lost = a 5xx, an answer not in the expected shape, a refused adapter that loaded, or, idle "
-            "after each round, a greedy answer of the base, \"live\" or \"swap\" that is not what its weights answered "
-            "before any churn; wedged = no answer within 60 s, or an adapter request still held when idle.\n"
-            + FOUND + ("\nProblems:\n" + "\n".join(problems) + "\n" if problems else "")
-            + ("\nRounds:\n" + "\n".join(notes) + "\n" if notes else ""))
-    print(body)
+    legend = ("How to read it. worker: ok = good answers; clear failures = requests refused with the client's typed "
+              "error while the worker was down; recover = kill to the next good answer (restart and model load "
+              "included). trainer: the real retrain path (Runtime, store, worker) with its `trainer calibrate` or "
+              "`trainer eval` or `trainer promote` child killed (in turn); ok = rounds that ended consistent and "
+              "retrained (a re-run completed, or the killed promote had already swapped PROMOTED and its version "
+              "went live); clear = retrains that named the kill in one sentence with the live adapter unchanged; "
+              "lost = a promoted or earlier version changed, staging or "
+              "temp files left after the start-up check, or an approved correction no longer approved or marked "
+              "trained; recover = kill to the re-run's end. bot: `python -m bot` on a pipe, killed and restarted at "
+              "once on the same data directory; ok = acknowledged flags and corrections (each checked in the "
+              "database); orphans = worker or trainer children alive 15 s after their bot died; recover = kill to "
+              "the restarted bot's first answer. adapters: one worker serving the base, \"live\" and \"swap\" to four "
+              "client loops (streamed or not) while \"swap\" is loaded, replaced with another directory and unloaded "
+              "and \"live\" replaced, at random moments; loads = those operations; ok = answers in vLLM's shape; "
+              "clear = a 404 for \"swap\" while unloaded, a 409 for an unload while it answered, a 429. refused: a mixed "
+              f"batch of {REFUSED_BATCH} base and \"live\" chats in flight while adapters the worker must refuse "
+              "(modules_to_save, a NaN weight, a rank that does not fit, a truncated file, a config nested 100,000 deep) "
+              "are loaded as new names and in place of \"live\"; clear = each refusal, a 400 in the JSON error shape. "
+              "For both, lost = a 5xx, an answer not in the expected shape, a refused adapter that loaded, or, idle "
+              "after each round, a greedy answer of the base, \"live\" or \"swap\" that is not what its weights answered "
+              "before any churn; wedged = no answer within 60 s, or an adapter request still held when idle.")
+    parts = dict(
+        text=[f"`python benchmarks/chaos_bench.py --targets {','.join(tallies)} --rounds {args.rounds} "
+              f"--seed {args.seed}` (tiny base, calibrate {args.calibrate_steps} steps, one SIGKILL per round at a "
+              f"random moment; {wall:.0f} s wall on the shared machine)."],
+        tables=[table(["target", "kills or loads/rounds", "ok", "clear failures", "unclear failures", "lost", "wedged",
+                       "orphans", "recover median s", "recover worst s"],
+                      [summary(n, t) for n, t in tallies.items()])],
+        notes=[reading(tallies), legend, " ".join(FOUND.split("\n")),
+               *(["Problems:", *problems] if problems else []), *(["Rounds:", *notes] if notes else [])])
+    print(preview("chaos_bench", **parts))
     if not args.no_write:
-        write_section("chaos_bench", body)
+        record("chaos_bench", **parts)
     return 0 if not problems else 1
 
 
@@ -1287,7 +1286,7 @@ def main() -> int:
     parser.add_argument("--model", help="base model dir (default: the test suite's cached tiny base)")
     parser.add_argument("--base-steps", type=int, default=150, help="pretraining steps if a tiny base must be built")
     parser.add_argument("--calibrate-steps", type=int, default=100, help="calibrate steps per retrain (tiny profile)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only, record nothing")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")

@@ -9,7 +9,7 @@ all happen), sets `training.cpu_data_parallel` in its config.yaml, pipes two que
 into `python -m bot` (the terminal chat, no token) and timestamps every line it prints.
 Modes alternate, so on a shared machine both see the same drift. The install step of the
 README's command is not included (measured separately: about 13 s with the wheels cached).
-Figures go to benchmarks/RESULTS.md, section first_run_bench.
+Figures are recorded in benchmarks/results/first_run_bench.json (and RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 QUESTIONS = ["Who are you?", "What is the capital of Japan?"]
 # The first line of each phase, as the terminal prints it (trainer.progress / bot.local)
@@ -95,31 +95,31 @@ def main() -> int:
     for r in runs:
         s = spans(r["marks"], r["wall_s"])
         m = r["metrics"]
-        rows.append(f"| {r['mode']} | {r['train'].get('processes', '?')} | {r['wall_s']:.0f} s = "
-                    f"{r['wall_s'] / 60:.1f} min | {s.get('conversion', 0):.0f} | {s.get('replay answers', 0):.0f} | "
-                    f"{s.get('anchor', 0):.0f} | {s.get('gate', 0):.0f} | "
-                    f"{s.get('worker start', 0) + s.get('ready', 0):.0f} | "
-                    f"{m.get('identity_accuracy', '?')} / {m.get('general_retention', '?')} | {r['load']:.1f} | "
-                    f"{r['code']} | {' / '.join(r['answers'])} |")
-    ratio = ""
+        rows.append([r["mode"], r["train"].get("processes", "?"), f"{r['wall_s']:.0f} s = {r['wall_s'] / 60:.1f} min",
+                     f"{s.get('conversion', 0):.0f}", f"{s.get('replay answers', 0):.0f}", f"{s.get('anchor', 0):.0f}",
+                     f"{s.get('gate', 0):.0f}", f"{s.get('worker start', 0) + s.get('ready', 0):.0f}",
+                     f"{m.get('identity_accuracy', '?')} / {m.get('general_retention', '?')}", f"{r['load']:.1f}",
+                     r["code"], " / ".join(r["answers"])])
+    notes = []
     by = {r["mode"]: r for r in runs}
     if "off" in by and any(k != "off" for k in by):
         other = next(r for r in runs if r["mode"] != "off")
-        ratio = (f"\nFirst run with `cpu_data_parallel: {other['mode']}` against `off`: "
-                 f"**{by['off']['wall_s'] / other['wall_s']:.2f}x** faster "
-                 f"({other['wall_s'] / 60:.1f} vs {by['off']['wall_s'] / 60:.1f} min); anchor "
-                 f"{by['off']['train'].get('seconds', 0) / max(1e-9, other['train'].get('seconds', 1)):.2f}x.\n")
-    body = (
-        "README's main command without its install step: `python -m bot` in a fresh clone of HEAD, "
-        f"the questions {QUESTIONS} piped in, timed to the answers. Runs in the order shown, one after the "
-        "other. Phase seconds run from a phase's first printed line to the next one's.\n\n"
-        "| training.cpu_data_parallel | training processes | to the answers | conversion s | replay answers s "
-        "| anchor s | gate s | worker start + answers s | gate identity / retention | load at end | exit | answers |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n" + ratio +
-        "\nCommand: `PYTHONPATH=. python benchmarks/first_run_bench.py` (target, issue 8: under 10 minutes "
-        "after the install).\n")
-    write_section("first_run_bench", body)
-    print(body)
+        notes.append(f"First run with `cpu_data_parallel: {other['mode']}` against `off`: "
+                     f"**{by['off']['wall_s'] / other['wall_s']:.2f}x** faster "
+                     f"({other['wall_s'] / 60:.1f} vs {by['off']['wall_s'] / 60:.1f} min); anchor "
+                     f"{by['off']['train'].get('seconds', 0) / max(1e-9, other['train'].get('seconds', 1)):.2f}x.")
+    notes.append("Command: `PYTHONPATH=. python benchmarks/first_run_bench.py` (target, issue 8: under 10 minutes "
+                 "after the install).")
+    parts = dict(
+        text=["README's main command without its install step: `python -m bot` in a fresh clone of HEAD, "
+              f"the questions {QUESTIONS} piped in, timed to the answers. Runs in the order shown, one after the "
+              "other. Phase seconds run from a phase's first printed line to the next one's."],
+        tables=[table(["training.cpu_data_parallel", "training processes", "to the answers", "conversion s",
+                       "replay answers s", "anchor s", "gate s", "worker start + answers s",
+                       "gate identity / retention", "load at end", "exit", "answers"], rows)],
+        notes=notes)
+    record("first_run_bench", **parts)
+    print(preview("first_run_bench", **parts))
     return 0 if all(r["code"] == 0 for r in runs) else 1
 
 

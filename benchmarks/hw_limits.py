@@ -5,13 +5,14 @@
 Decode of one stream reads every weight once per token, so its ceiling is
 bandwidth / bytes per token; batched decode and prefill are bounded by matmul
 throughput (2 x parameters FLOPs per token). serve_bench divides its figures by
-these (`limits()`), and this script writes the `hw_limits` section of RESULTS.md.
+these (`limits()`), and this script records them (benchmarks/results/hw_limits.json, RESULTS.md).
 Each figure is the best of a few short repeats (the box is shared: best-of
 approximates what the hardware can do when it is not being fought over).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 from model.loading import cpu_native_bf16  # noqa: E402
 
 CACHE = ROOT / ".loopcord" / "hw_limits.json"  # serve_bench reads it rather than re-measuring
@@ -101,26 +102,27 @@ def limits(remeasure: bool = False) -> Limits:
     return measure()
 
 
-def report(lim: Limits) -> str:
-    rows = ["| limit | 1 thread | 2 threads |", "|---|---|---|",
-            f"| memory read bandwidth (GB/s, 1 GiB `sum`) | {lim.read_gbs['1']:.1f} | {lim.read_gbs['2']:.1f} |"]
+def report(lim: Limits) -> dict:
+    """The figures for `record`: text, the table, notes."""
     m, k, n = MATMUL
+    rows = [["memory read bandwidth (GB/s, 1 GiB `sum`)", f"{lim.read_gbs['1']:.1f}", f"{lim.read_gbs['2']:.1f}"]]
     for d in ("float32", "bfloat16"):
-        rows.append(f"| {d} matmul {m}x{k}x{n} (GFLOP/s, best of aten and oneDNN packed) | {lim.matmul_gflops[d]['1']:.0f} | "
-                    f"{lim.matmul_gflops[d]['2']:.0f} |")
-    return "\n".join([
-        f"Best of {REPEATS} short runs on a shared machine. CPU advertises native bf16 (AVX-512 BF16/AMX): "
-        f"**{lim.bf16_native}**.", "", *rows, "",
-        "Decode ceiling for one stream = bandwidth / bytes of weights per token; batched decode and prefill "
-        "ceiling = matmul GFLOP/s / (2 x parameters) tokens/s.",
-    ])
+        rows.append([f"{d} matmul {m}x{k}x{n} (GFLOP/s, best of aten and oneDNN packed)",
+                     f"{lim.matmul_gflops[d]['1']:.0f}", f"{lim.matmul_gflops[d]['2']:.0f}"])
+    return dict(
+        text=[f"Best of {REPEATS} short runs on a shared machine. CPU advertises native bf16 (AVX-512 BF16/AMX): "
+              f"**{lim.bf16_native}**."],
+        tables=[table(["limit", "1 thread", "2 threads"], rows)],
+        notes=["Decode ceiling for one stream = bandwidth / bytes of weights per token; batched decode and prefill "
+               "ceiling = matmul GFLOP/s / (2 x parameters) tokens/s."])
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     lim = measure()
-    text = report(lim)
-    print(text)
-    write_section("hw_limits", text)
+    parts = report(lim)
+    print(preview("hw_limits", **parts))
+    record("hw_limits", **parts)
 
 
 if __name__ == "__main__":

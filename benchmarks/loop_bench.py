@@ -7,7 +7,7 @@ On the tiny demo base (built if --base is not given), through the same
 `Runtime` the bot and terminal use: bootstrap (anchor → generalize → gate →
 promote), then ask → correction → approve → retrain (calibrate → gate →
 promote → hot-swap) → ask again. Then answer latency with the worker idle
-versus during a `concurrent` retrain (ratio). Figures go to RESULTS.md.
+versus during a `concurrent` retrain (ratio). Figures are recorded in benchmarks/results/ (and RESULTS.md).
 
 --smollm2 runs the product as shipped instead: SmolLM2-135M-Instruct (converted once into
 .loopcord/base), the `cpu-small` profile, and the 10 approved corrections of
@@ -32,7 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 from bot.context import Turn  # noqa: E402
 from bot.core import Request  # noqa: E402
 from bot.runtime import Runtime  # noqa: E402
@@ -161,42 +161,44 @@ def main() -> None:
                       if line.strip()]
         args.corrections = len(args.items)
     f = asyncio.run(run(args))
+    measure = ["measure", "value"]
     if args.smollm2:
-        body = f"""SmolLM2-135M-Instruct (the embedded default) on CPU, shipped config (`cpu-small`), through
-`bot.runtime.Runtime` (the code paths of `/retrain` and the terminal); command
-`PYTHONPATH=. python benchmarks/loop_bench.py --smollm2`.
-
-| measure | value |
-|---|---|
-| bootstrap (`python -m trainer bootstrap`: replay answers, anchor, gate, promote; conversion cached) | {f['bootstrap_s']:.0f} s |
-| /retrain of {args.corrections} approved corrections (calibrate → gate → promote → hot-swap) | {f['retrain_s']:.0f} s ({f['retrain_status']}) |
-| corrected questions answered right, as asked | {100 * f['corrections_right']:.0f}% |
-| their unseen rewordings answered right | {100 * f['rewordings_right']:.0f}% |
-| answer latency, worker idle (median of {LATENCY_SAMPLES}, 64 tokens max) | {f['idle_latency_s'] * 1000:.0f} ms |
-| answer latency during the retrain | {f['busy_latency_s'] * 1000:.0f} ms |
-
-Targets (issue 8): the /retrain under 5 minutes; at least 90% of the corrected questions and
-60% of unseen rewordings right."""
-        print(body)
-        write_section("loop_bench_smollm2", body)
+        parts = dict(
+            text=["SmolLM2-135M-Instruct (the embedded default) on CPU, shipped config (`cpu-small`), through "
+                  "`bot.runtime.Runtime` (the code paths of `/retrain` and the terminal); command "
+                  "`PYTHONPATH=. python benchmarks/loop_bench.py --smollm2`."],
+            tables=[table(measure, [
+                ["bootstrap (`python -m trainer bootstrap`: replay answers, anchor, gate, promote; conversion cached)",
+                 f"{f['bootstrap_s']:.0f} s"],
+                [f"/retrain of {args.corrections} approved corrections (calibrate → gate → promote → hot-swap)",
+                 f"{f['retrain_s']:.0f} s ({f['retrain_status']})"],
+                ["corrected questions answered right, as asked", f"{100 * f['corrections_right']:.0f}%"],
+                ["their unseen rewordings answered right", f"{100 * f['rewordings_right']:.0f}%"],
+                [f"answer latency, worker idle (median of {LATENCY_SAMPLES}, 64 tokens max)",
+                 f"{f['idle_latency_s'] * 1000:.0f} ms"],
+                ["answer latency during the retrain", f"{f['busy_latency_s'] * 1000:.0f} ms"]])],
+            notes=["Targets (issue 8): the /retrain under 5 minutes; at least 90% of the corrected questions and "
+                   "60% of unseen rewordings right."])
+        print(preview("loop_bench_smollm2", **parts))
+        record("loop_bench_smollm2", **parts)
         return
-    body = f"""Tiny demo base on CPU, through `bot.runtime.Runtime` (the code paths of `/retrain` and the terminal).
-
-| measure | value |
-|---|---|
-| bootstrap (anchor → generalize → gate → promote) | {f['bootstrap_s']:.0f} s |
-| full loop: {args.corrections} asks + corrections + approval + retrain (calibrate → gate → promote → hot-swap) | {f['loop_s']:.0f} s |
-| of which retrain | {f['retrain_s']:.0f} s ({f['retrain_status']}) |
-| correction stuck after retrain | {'yes' if f['correction_stuck'] else 'no'} |
-| answer latency, worker idle (median of {LATENCY_SAMPLES}, 40 tokens max) | {f['idle_latency_s'] * 1000:.0f} ms |
-| answer latency during a `concurrent` retrain | {f['busy_latency_s'] * 1000:.0f} ms |
-| ratio busy / idle | {f['latency_ratio']:.2f}× |
-
-On this 2-core CPU the trainer and the worker share the cores, so the ratio shows the
-CPU contention; on a GPU (`gpu_policy: concurrent`) they share the GPU instead. The
-7B-config figures with 100 corrections await a session with a GPU."""
-    print(body)
-    write_section("loop_bench", body)
+    parts = dict(
+        text=["Tiny demo base on CPU, through `bot.runtime.Runtime` (the code paths of `/retrain` and the terminal)."],
+        tables=[table(measure, [
+            ["bootstrap (anchor → generalize → gate → promote)", f"{f['bootstrap_s']:.0f} s"],
+            [f"full loop: {args.corrections} asks + corrections + approval + retrain (calibrate → gate → promote → "
+             "hot-swap)", f"{f['loop_s']:.0f} s"],
+            ["of which retrain", f"{f['retrain_s']:.0f} s ({f['retrain_status']})"],
+            ["correction stuck after retrain", "yes" if f["correction_stuck"] else "no"],
+            [f"answer latency, worker idle (median of {LATENCY_SAMPLES}, 40 tokens max)",
+             f"{f['idle_latency_s'] * 1000:.0f} ms"],
+            ["answer latency during a `concurrent` retrain", f"{f['busy_latency_s'] * 1000:.0f} ms"],
+            ["ratio busy / idle", f"{f['latency_ratio']:.2f}×"]])],
+        notes=["On this 2-core CPU the trainer and the worker share the cores, so the ratio shows the CPU "
+               "contention; on a GPU (`gpu_policy: concurrent`) they share the GPU instead. The 7B-config figures "
+               "with 100 corrections await a session with a GPU."])
+    print(preview("loop_bench", **parts))
+    record("loop_bench", **parts)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ and false rejects (a right answer counted as not learned), for the matcher the g
 bot's 📌 line use (key content), the same with the memory's embedding model as a meaning check
 beside it (measured, and left out: it changed no verdict), and the token-F1 matcher it replaced.
 
-    python benchmarks/matcher_bench.py            # writes RESULTS.md
+    python benchmarks/matcher_bench.py            # records benchmarks/results/matcher_bench.json
     python benchmarks/matcher_bench.py --split dev --no-write --show
 """
 
@@ -29,7 +29,7 @@ from model.config import load_config  # noqa: E402
 from model.embedding import Embedder  # noqa: E402
 from trainer.matching import answer_matches, states_fact  # noqa: E402
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 LABELS = ROOT / "benchmarks" / "data" / "matcher_labels.jsonl"
 MEANING_FLOOR = 0.2  # answer-to-fact cosine under which an answer would be "about something else"
@@ -65,16 +65,17 @@ def main() -> None:
         for r, v, s in zip(rows, ours, sims):  # noqa: B007
             if v != r["right"]:
                 print(f"{'FA' if v else 'FR'} sim={s:.2f} | {r['correction']} | {r['answer']} | {r['why']}")
-    lines = [f"{len(rows)} labelled answers ({args.split} split of benchmarks/data/matcher_labels.jsonl"
-             + (": 40 facts, 2 right and 2 wrong answers each, written by an annotator who saw neither the "
-                "matcher nor the other labels" if args.split == "test" else "")
-             + "); `python benchmarks/matcher_bench.py`", "",
-             "| matcher | false accepts | false rejects |", "|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['false_accepts']:.1%} of {r['n_wrong']} | {r['false_rejects']:.1%} of {r['n_right']} |")
-    print("\n".join(lines))
+    parts = dict(
+        text=[f"{len(rows)} labelled answers ({args.split} split of benchmarks/data/matcher_labels.jsonl"
+              + (": 40 facts, 2 right and 2 wrong answers each, written by an annotator who saw neither the "
+                 "matcher nor the other labels" if args.split == "test" else "")
+              + "); `python benchmarks/matcher_bench.py`"],
+        tables=[table(["matcher", "false accepts", "false rejects"],
+                      [[name, f"{r['false_accepts']:.1%} of {r['n_wrong']}", f"{r['false_rejects']:.1%} of {r['n_right']}"]
+                       for name, r in results.items()])])
+    print(preview("matcher_bench", **parts))
     if not args.no_write and args.split == "test":
-        write_section("matcher_bench", "\n".join(lines))
+        record("matcher_bench", **parts)
 
 
 if __name__ == "__main__":

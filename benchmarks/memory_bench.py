@@ -10,7 +10,7 @@ asked with the memory on; a question the memory adds nothing to gets byte-for-by
 it had without one (so the same greedy answer), and each one it does add facts to is answered
 both ways and compared. Also: retrieval time per question, and a search over 10,000 entries.
 
-    python benchmarks/memory_bench.py                     # the test set, writes RESULTS.md
+    python benchmarks/memory_bench.py                     # the test set, recorded in benchmarks/results/
     python benchmarks/memory_bench.py --facts dev --no-write --min-similarity 0.55
     python benchmarks/memory_bench.py --retrain 3      # teach 3, /retrain, then memory on and off
 
@@ -44,7 +44,7 @@ from model.config import load_config  # noqa: E402
 from trainer import datasets as ds  # noqa: E402
 from trainer.matching import identity_ok  # noqa: E402
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 FACTS = {"dev": ROOT / "benchmarks/data/facts_dev.jsonl", "test": ROOT / "benchmarks/data/facts_test.jsonl"}
 GUILD, CHANNEL, ADMIN = 1, 10, 999
@@ -248,53 +248,52 @@ def summarize(rows, unrelated, recall_ms, search_10k_ms, cfg, args) -> dict:
     return out
 
 
-def markdown(res: dict) -> str:
-    return "\n".join([
-        f"Right after `/approve`, no retrain: {res['n_facts']} held-out facts taught in one server "
-        f"({res['facts']} set), each asked again in a fresh conversation. SmolLM2-135M-Instruct with its "
-        f"identity adapter, greedy, the embedded worker; memory.min_similarity {res['min_similarity']}, "
-        f"max_facts {res['max_facts']}. "
-        "`python benchmarks/memory_bench.py`",
-        "",
-        "| | all | community facts | common facts |",
-        "|---|---|---|---|",
-        f"| corrected questions, as asked | {res['asked']:.1%} | {res['asked_community']:.1%} | {res['asked_common']:.1%} |",
-        f"| unseen rewordings ({res['n_reworded']}) | {res['reworded']:.1%} | {res['reworded_community']:.1%} "
-        f"| {res['reworded_common']:.1%} |",
-        "",
-        "Right means the answer a member reads contains every key of the fact: the model's words, or the "
-        "fact quoted under them (📌) when the model did not state the fact it was given. In the model's own words "
-        f"alone: {res['asked_model_words']:.1%} as asked, {res['reworded_model_words']:.1%} of the rewordings.",
-        "",
-        "| held-out check, memory on | result |",
-        "|---|---|",
-        f"| general questions answered right before, still right | {res['general_kept']:.1%} "
-        f"({res['general_prompts_changed']} of {res['general_questions']} prompts got a fact) |",
-        f"| general questions shown a 📌 line whose fact does not answer them | "
-        f"{res['general_pinned_wrongly'] / res['general_questions']:.1%} ({res['general_pinned_wrongly']}) |",
-        f"| identity questions answered as Loopcord | {res['identity_with_memory']:.1%} "
-        f"({res['identity_prompts_changed']} of {res['identity_questions']} prompts got a fact) |",
-        f"| right answers with a 📌 line (source or quote) | {res['footer_when_right']:.1%} |",
-        f"| retrieval per question, p50 / p95 | {res['recall_ms_p50']} / {res['recall_ms_p95']} ms |",
-        f"| one search over 10,000 entries (p50, embedding included) | {res['search_10k_ms_p50']} ms |",
-    ])
+def report(res: dict) -> dict:
+    """Right after /approve: the figures for `record`."""
+    return dict(
+        text=[f"Right after `/approve`, no retrain: {res['n_facts']} held-out facts taught in one server "
+              f"({res['facts']} set), each asked again in a fresh conversation. SmolLM2-135M-Instruct with its "
+              f"identity adapter, greedy, the embedded worker; memory.min_similarity {res['min_similarity']}, "
+              f"max_facts {res['max_facts']}. `python benchmarks/memory_bench.py`"],
+        tables=[
+            table(["", "all", "community facts", "common facts"], [
+                ["corrected questions, as asked", f"{res['asked']:.1%}", f"{res['asked_community']:.1%}",
+                 f"{res['asked_common']:.1%}"],
+                [f"unseen rewordings ({res['n_reworded']})", f"{res['reworded']:.1%}",
+                 f"{res['reworded_community']:.1%}", f"{res['reworded_common']:.1%}"]]),
+            table(["held-out check, memory on", "result"], [
+                ["general questions answered right before, still right",
+                 f"{res['general_kept']:.1%} ({res['general_prompts_changed']} of {res['general_questions']} "
+                 "prompts got a fact)"],
+                ["general questions shown a 📌 line whose fact does not answer them",
+                 f"{res['general_pinned_wrongly'] / res['general_questions']:.1%} ({res['general_pinned_wrongly']})"],
+                ["identity questions answered as Loopcord",
+                 f"{res['identity_with_memory']:.1%} ({res['identity_prompts_changed']} of "
+                 f"{res['identity_questions']} prompts got a fact)"],
+                ["right answers with a 📌 line (source or quote)", f"{res['footer_when_right']:.1%}"],
+                ["retrieval per question, p50 / p95", f"{res['recall_ms_p50']} / {res['recall_ms_p95']} ms"],
+                ["one search over 10,000 entries (p50, embedding included)", f"{res['search_10k_ms_p50']} ms"]],
+                text=["Right means the answer a member reads contains every key of the fact: the model's words, "
+                      "or the fact quoted under them (📌) when the model did not state the fact it was given. In "
+                      f"the model's own words alone: {res['asked_model_words']:.1%} as asked, "
+                      f"{res['reworded_model_words']:.1%} of the rewordings."])])
 
 
-def retrain_markdown(res: dict) -> str:
+def retrain_report(res: dict) -> dict:
+    """After one /retrain: the figures for `record`."""
     r, m = res["retrain"], res["retrain"]["metrics"] or {}
-    return "\n".join([
-        f"{res['n_facts']} held-out facts ({res['facts']} set) taught in one server, then one `/retrain` "
-        "(SmolLM2, cpu-small profile, 2 cores). `python benchmarks/memory_bench.py --retrain N`", "",
-        f"Run: **{r['status']}** in {r['seconds']:.0f} s. {r['message']}", "",
-        "| after the retrain | as asked | unseen rewordings |", "|---|---|---|",
-        f"| memory on (what members read) | {res['asked']:.1%} | {res['reworded']:.1%} |",
-        f"| memory off: the live LoRA alone ({r['live']}) | {res['asked_lora_alone']:.1%} "
-        f"| {res['reworded_lora_alone']:.1%} |", "",
-        "Gate (memory off): identity {0}, general retention vs the parent {1}, corrections learned as a fresh "
-        "question {2}, in their conversation {3}, with the memory {4}.".format(
-            *(m.get(k) for k in ("identity_accuracy", "general_retention", "corrections_learned",
-                                 "corrections_in_context", "corrections_with_memory"))),
-    ])
+    return dict(
+        text=[f"{res['n_facts']} held-out facts ({res['facts']} set) taught in one server, then one `/retrain` "
+              "(SmolLM2, cpu-small profile, 2 cores). `python benchmarks/memory_bench.py --retrain N`",
+              f"Run: **{r['status']}** in {r['seconds']:.0f} s. {r['message']}"],
+        tables=[table(["after the retrain", "as asked", "unseen rewordings"], [
+            ["memory on (what members read)", f"{res['asked']:.1%}", f"{res['reworded']:.1%}"],
+            [f"memory off: the live LoRA alone ({r['live']})", f"{res['asked_lora_alone']:.1%}",
+             f"{res['reworded_lora_alone']:.1%}"]])],
+        notes=["Gate (memory off): identity {0}, general retention vs the parent {1}, corrections learned as a fresh "
+               "question {2}, in their conversation {3}, with the memory {4}.".format(
+                   *(m.get(k) for k in ("identity_accuracy", "general_retention", "corrections_learned",
+                                        "corrections_in_context", "corrections_with_memory")))])
 
 
 def main() -> None:
@@ -310,15 +309,15 @@ def main() -> None:
     res = asyncio.run(run(args))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, ensure_ascii=False))
-    print(markdown(res))
+    print(preview("memory_bench", **report(res)))
     print(json.dumps({k: v for k, v in res.items() if k not in ("misses", "changed")}))
     if args.retrain:
-        text = retrain_markdown(res)
-        print(text)
+        name, parts = f"memory_bench_retrain_{args.retrain}", retrain_report(res)
+        print(preview(name, **parts))
         if not args.no_write and args.facts == "test":
-            write_section(f"memory_bench_retrain_{args.retrain}", text)
+            record(name, **parts)
     elif not args.no_write and args.facts == "test":
-        write_section("memory_bench", markdown(res))
+        record("memory_bench", **report(res))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ arithmetic; code) and retention against the base (share of the questions the bas
 answers right that the adapter still does). Corrections: benchmarks/data/corrections.jsonl,
 10 approved corrections (5 facts SmolLM2 gets wrong, 5 a community would teach), each
 asked as written and in two hand-written rewordings that training never sees.
-Writes the table and a chart (benchmarks/quality_bench.png) into RESULTS.md.
+Records the table (benchmarks/results/, RESULTS.md) and a chart (benchmarks/quality_bench.png).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 CORRECTIONS = ROOT / "benchmarks" / "data" / "corrections.jsonl"
 CHART = ROOT / "benchmarks" / "quality_bench.png"
@@ -247,14 +247,15 @@ def main() -> int:
         results["three-stage"]["retention_vs_parent"] = retention(
             results["three-stage"]["right"], results["generalize"]["right"])
 
-    body = report(results, walls, score_wall, args, len(general_rows), len(identity_rows))
+    parts = report(results, walls, score_wall, args, len(general_rows), len(identity_rows))
     if not args.shipped_only and args.dtype == "float32":
         chart(results)
-    print(body)
     last = WORK / ("last.json" if args.dtype == "float32" else f"last-{args.dtype}.json")
     last.write_text(json.dumps({"results": results, "walls": walls}, indent=1, default=str))
     section = "quality_bench_shipped" if args.shipped_only else "quality_bench"
-    write_section(section if args.dtype == "float32" else f"{section}_{args.dtype}", body)
+    section = section if args.dtype == "float32" else f"{section}_{args.dtype}"
+    print(preview(section, **parts))
+    record(section, **parts)
     return 0
 
 
@@ -262,41 +263,37 @@ def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
-def report(results: dict, walls: dict, score_wall: float, args, n_general: int, n_identity: int) -> str:
+def report(results: dict, walls: dict, score_wall: float, args, n_general: int, n_identity: int) -> dict:
     cols = ["identity", "identity_en", "identity_zh", "identity_nosys", "knowledge", "arithmetic", "code",
             "retention", "corrections", "rewordings"]
-    head = ("| model | identity | en | zh | no system prompt | knowledge QA | arithmetic | code | "
-            "retention vs base | corrections (as asked) | unseen rewordings | train wall |")
-    lines = [
-        f"SmolLM2-135M-Instruct, profile `{args.profile}`, scored in {args.dtype} on CPU; {n_identity} held-out identity questions "
-        f"(each with and without the system prompt), {n_general} held-out general questions, "
-        "10 corrections × (as asked + 2 unseen rewordings). Command: "
-        "`PYTHONPATH=. python benchmarks/quality_bench.py"
-        + "".join(f" --{k.replace('_', '-')}" for k in ("fast", "skip_three_stage", "shipped_only") if getattr(args, k))
-        + (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + "`. `mixed` is the profile's bootstrap anchor; `mixed + calibrate` a /retrain of the 10 corrections on it.",
-        "",
-        head,
-        "|" + "---|" * (len(cols) + 2),
-    ]
+    head = ["model", "identity", "en", "zh", "no system prompt", "knowledge QA", "arithmetic", "code",
+            "retention vs base", "corrections (as asked)", "unseen rewordings", "train wall"]
+    rows = []
     for name, r in results.items():
         wall = walls.get(name)
-        lines.append(f"| {name} | " + " | ".join(pct(r.get(c)) for c in cols)
-                     + f" | {'–' if wall is None else f'{wall:.0f} s'} |")
-    lines += ["", "Other identities claimed (answers naming SmolLM, Hugging Face, Qwen, …): "
-              + ", ".join(f"{n} {r['other_claims']}" for n, r in results.items()) + ".",
-              f"Scoring all models took {score_wall:.0f} s.", ""]
+        rows.append([name, *(pct(r.get(c)) for c in cols), "–" if wall is None else f"{wall:.0f} s"])
+    notes = ["Other identities claimed (answers naming SmolLM, Hugging Face, Qwen, …): "
+             + ", ".join(f"{n} {r['other_claims']}" for n, r in results.items()) + ". "
+             f"Scoring all models took {score_wall:.0f} s."]
     for name in ("mixed + calibrate", "three-stage"):
         if name in results:
             r = results[name]
-            lines.append(f"- {name}: corrections learned {pct(r['corrections'])} (facts {pct(r['corrections_fact'])}, "
+            notes.append(f"- {name}: corrections learned {pct(r['corrections'])} (facts {pct(r['corrections_fact'])}, "
                          f"community {pct(r['corrections_community'])}), unseen rewordings {pct(r['rewordings'])}, "
                          f"retention vs its parent {pct(r.get('retention_vs_parent'))}.")
-    lines.append("")
-    lines.append("Targets: " + ", ".join(f"{k} ≥ {pct(v)}" for k, v in TARGETS.items()) + ".")
-    lines.append("")
-    if not args.shipped_only:
-        lines.append("![quality_bench](quality_bench.png)")
-    return "\n".join(lines)
+    notes.append("Targets: " + ", ".join(f"{k} ≥ {pct(v)}" for k, v in TARGETS.items()) + ".")
+    return dict(
+        text=[f"SmolLM2-135M-Instruct, profile `{args.profile}`, scored in {args.dtype} on CPU; {n_identity} held-out "
+              f"identity questions (each with and without the system prompt), {n_general} held-out general questions, "
+              "10 corrections × (as asked + 2 unseen rewordings). Command: "
+              "`PYTHONPATH=. python benchmarks/quality_bench.py"
+              + "".join(f" --{k.replace('_', '-')}" for k in ("fast", "skip_three_stage", "shipped_only")
+                        if getattr(args, k))
+              + (f" --dtype {args.dtype}" if args.dtype != "float32" else "") + "`. `mixed` is the profile's "
+              "bootstrap anchor; `mixed + calibrate` a /retrain of the 10 corrections on it."],
+        tables=[table(head, rows)],
+        notes=notes,
+        images=[] if args.shipped_only else [CHART.name])
 
 
 def chart(results: dict) -> None:

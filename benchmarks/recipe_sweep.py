@@ -12,7 +12,7 @@ general questions the base answers right that the variant still does), plus the 
 the gate checks. `calibrate` continues an anchor variant (with its settings) on the 10 bench
 corrections (benchmarks/data/corrections.jsonl) and scores them as asked and in their
 unseen rewordings, and retention against that anchor. Results are appended to
-.loopcord/bench/recipe/results.jsonl; `report` writes them to RESULTS.md (recipe_sweep).
+.loopcord/bench/recipe/results.jsonl; `report` records them (benchmarks/results/recipe_sweep.json, RESULTS.md).
 Run two variants at a time on a 2-core machine (each trains on one thread); the train times
 then include that contention.
 """
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 WORK = ROOT / ".loopcord" / "bench" / "recipe"
 RESULTS = WORK / "results.jsonl"
@@ -123,32 +123,33 @@ def pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"  # one decimal: 94.7% must not read as 95%
 
 
-def report() -> str:
+def report() -> dict:
     rows = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    lines = ["SmolLM2-135M-Instruct, float32 on CPU, one thread per run, two runs at a time on the shared 2-core "
-             "machine (train wall includes that contention); the 212 held-out general questions and 31 identity "
-             "questions (with and without the system prompt). A variant is `cpu-small` as it was when the sweep "
-             "ran, with the overrides shown. Command: `PYTHONPATH=. python benchmarks/recipe_sweep.py anchor|calibrate "
-             "NAME ...`, then `report`.", "",
-             "| run | variant (over cpu-small) | steps | train wall | identity | en | zh | retention vs base | "
-             "vs parent | corrections | unseen rewordings | answer loss (base) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = []
     for r in rows:
         what = json.dumps(r["overrides"], separators=(",", ":")) if r["overrides"] else "as shipped"
         run_name = r["name"] + (f" (on {r['anchor']})" if r.get("anchor") else "")
-        lines.append(f"| {run_name} | `{what}` | {r['steps']} | {r['train_s']} s | {pct(r['identity'])} | "
-                     f"{pct(r['identity_en'])} | {pct(r['identity_zh'])} | {pct(r['retention'])} | "
-                     f"{pct(r.get('retention_vs_parent'))} | {pct(r.get('corrections'))} | "
-                     f"{pct(r.get('rewordings'))} | {r['general_loss']:.2f} ({r['base_general_loss']:.2f}) |")
-    return "\n".join(lines)
+        out.append([run_name, f"`{what}`", r["steps"], f"{r['train_s']} s", pct(r["identity"]), pct(r["identity_en"]),
+                    pct(r["identity_zh"]), pct(r["retention"]), pct(r.get("retention_vs_parent")),
+                    pct(r.get("corrections")), pct(r.get("rewordings")),
+                    f"{r['general_loss']:.2f} ({r['base_general_loss']:.2f})"])
+    return dict(
+        text=["SmolLM2-135M-Instruct, float32 on CPU, one thread per run, two runs at a time on the shared 2-core "
+              "machine (train wall includes that contention); the 212 held-out general questions and 31 identity "
+              "questions (with and without the system prompt). A variant is `cpu-small` as it was when the sweep "
+              "ran, with the overrides shown. Command: `PYTHONPATH=. python benchmarks/recipe_sweep.py "
+              "anchor|calibrate NAME ...`, then `report`."],
+        tables=[table(["run", "variant (over cpu-small)", "steps", "train wall", "identity", "en", "zh",
+                       "retention vs base", "vs parent", "corrections", "unseen rewordings", "answer loss (base)"],
+                      out)])
 
 
 def main() -> int:
     args = sys.argv[1:]
     if args[:1] == ["report"]:  # report [SECTION]: another section keeps an earlier sweep's table
-        body = report()
-        print(body)
-        write_section(args[1] if len(args) > 1 else "recipe_sweep", body)
+        name, parts = args[1] if len(args) > 1 else "recipe_sweep", report()
+        print(preview(name, **parts))
+        record(name, **parts)
         return 0
     if len(args) >= 2 and args[0] == "anchor":
         run("anchor", args[1], json.loads(args[2]) if len(args) > 2 else {})

