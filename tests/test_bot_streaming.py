@@ -2,7 +2,7 @@
 
 These tests are about what Discord shows — long answers split, queue positions,
 errors in words, cut-off answers marked, rate limits, /ask, threads, DMs — so
-the model side is a scripted stream (test_bot_support.ScriptedModelServer).
+the model side is a scripted stream (devkit/scripted_model.py).
 The model's own answers are tested with the real worker in test_bot_worker.py.
 """
 

@@ -1,4 +1,4 @@
-"""The bot against a vLLM-shaped server (tests/fake_vllm.py, modelled on vLLM 0.32's real
+"""The bot against a vLLM-shaped server (devkit/fake_vllm.py, modelled on vLLM 0.32's real
 behaviour: empty 200 /health, vLLM's /v1/models and error bodies, plain-text LoRA responses,
 no re-load of a loaded name without load_inplace).
 
