@@ -342,6 +342,33 @@ def test_the_progress_reporter_writes_only_protocol_events(tmp_path):
     assert parse_event(json.loads(out.getvalue())) == ErrorEvent("bad config", 2)
 
 
+def test_a_long_phase_is_said_again_until_the_next_event_so_a_pipe_never_sits_silent():
+    """The gate asks its questions for minutes with no step to count: the phase repeats with its
+    time until something else is said, and nothing follows the final event."""
+    import io
+    import json
+    import time
+
+    from trainer.progress import Progress
+    from trainer.protocol import Command, ListDone, PhaseEvent, parse_event
+
+    out = io.StringIO()
+    progress = Progress("json", stream=out, heartbeat_s=0.2)
+    progress.phase("eval", "evaluating v0002")
+    time.sleep(1.0)
+    progress.start("calibrate", 2)  # a stage counts its own steps: no more repeats of the phase
+    repeats = len(out.getvalue().splitlines()) - 2
+    time.sleep(0.6)
+    assert len(out.getvalue().splitlines()) == repeats + 2
+    progress.phase("promote", "promoting v0002")
+    progress.done(ListDone(command=Command.LIST, versions=[]))
+    time.sleep(0.6)
+    events = [parse_event(json.loads(line)) for line in out.getvalue().splitlines()]
+    again = [e for e in events if isinstance(e, PhaseEvent) and e.phase == "eval"][1:]
+    assert 2 <= len(again) <= 6 and all("evaluating v0002 (still at it, " in e.message for e in again)
+    assert isinstance(events[-1], ListDone)
+
+
 # ------------------------------------------------------------------ the bot only reads the registry
 
 

@@ -8,7 +8,9 @@ type in trainer.protocol (the contract):
   DoneEvent       {"event":"done","command","version",...}       one class per command
   ErrorEvent      {"event":"error","message","exit_code"[,"refused_corrections"]}
 Exactly one done/error event ends a run (later ones are dropped). Everything else
-(logs, warnings) goes to stderr, so stdout stays parseable.
+(logs, warnings) goes to stderr, so stdout stays parseable. A phase that goes on with
+nothing else said (the gate asking its questions: minutes on a CPU) is said again every
+HEARTBEAT_S seconds with how long it has taken, so a log on a pipe never sits silent.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -24,6 +27,8 @@ from trainer.protocol import DoneEvent, ErrorEvent, Event, EventKind, PhaseEvent
 MODES = ("auto", "tqdm", "json", "none")
 # JSON progress lines at most this often (the bot edits a Discord message with them).
 JSON_MIN_INTERVAL_S = 0.5
+# A phase with no other event is repeated this often (the bot's pipe display wants a line every 30 s).
+HEARTBEAT_S = 20.0
 
 
 def _num(x: float, digits: int = 4):
@@ -31,7 +36,7 @@ def _num(x: float, digits: int = 4):
 
 
 class Progress:
-    def __init__(self, mode: str = "auto", stream=None):
+    def __init__(self, mode: str = "auto", stream=None, heartbeat_s: float = HEARTBEAT_S):
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "auto":
@@ -45,19 +50,29 @@ class Progress:
         self._start = time.time()
         self._tokens = 0
         self.finished = False  # a done/error event went out: nothing more may follow it
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()  # the heartbeat thread emits too
+        self._said_at = time.monotonic()  # when the last event went out
+        self._phase: Optional[tuple[str, str, float]] = None  # the phase under way: (phase, message, since)
+        self._heartbeat: Optional[threading.Thread] = None
+        self._stopped = threading.Event()
 
     def emit(self, event: Event) -> None:
-        if self.finished:
-            return
-        if event.KIND in (EventKind.DONE, EventKind.ERROR):
-            self.finished = True
-        if self.mode == "json":
-            self.out.write(json.dumps(event.as_event(), ensure_ascii=False) + "\n")
-            self.out.flush()
+        with self._lock:
+            if self.finished:
+                return
+            if event.KIND in (EventKind.DONE, EventKind.ERROR):
+                self.finished = True
+                self._stopped.set()
+            self._said_at = time.monotonic()
+            if self.mode == "json":
+                self.out.write(json.dumps(event.as_event(), ensure_ascii=False) + "\n")
+                self.out.flush()
 
     def start(self, stage: str, total: int) -> None:
         self.stage, self.total = stage, total
         self._start, self._tokens = time.time(), 0
+        self._phase = None  # a stage counts its own steps
         if self.mode == "tqdm":
             from tqdm import tqdm
 
@@ -67,9 +82,25 @@ class Progress:
 
     def phase(self, phase: str, message: str) -> None:
         """A named step begins (loading the base, scoring, promoting): shown while nothing counts."""
+        self._phase = (phase, message, time.monotonic())
         self.emit(PhaseEvent(phase, message))
         if self.mode == "tqdm":
             log(message)
+        if self._heartbeat is None and self.mode in ("json", "tqdm"):
+            self._heartbeat = threading.Thread(target=self._beat, name="progress-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """Say the phase under way again when nothing was said for `heartbeat_s`."""
+        while not self._stopped.wait(min(1.0, self.heartbeat_s / 4)):
+            current, now = self._phase, time.monotonic()
+            if current is None or now - self._said_at < self.heartbeat_s:
+                continue
+            phase, message, since = current
+            text = f"{message} (still at it, {now - since:.0f} s)"
+            self.emit(PhaseEvent(phase, text))
+            if self.mode == "tqdm":
+                log(text)
 
     def step(self, step: int, loss: float, tokens: Optional[int]) -> None:
         """Called after optimizer step `step` (1-based) with its loss and tokens processed
@@ -87,6 +118,7 @@ class Progress:
             self.emit(ProgressEvent(self.stage, step, self.total, _num(loss), _num(tps, 1), _num(eta, 1)))
 
     def close(self) -> None:
+        self._phase = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
