@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import json
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,7 +98,12 @@ async def run(args) -> dict:
     cfg = load_config(ROOT / "config.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="memory-bench-"))
     cfg.store.path = str(tmp / "loopcord.db")
-    cfg.training.registry_dir = str(cfg.path(cfg.training.registry_dir).resolve())
+    registry = cfg.path(cfg.training.registry_dir).resolve()
+    if args.retrain:  # a copy: a run that passes promotes into it, never into the bot's own registry
+        shutil.copytree(registry, tmp / "adapters", ignore=shutil.ignore_patterns(".lock", "*.tmp"))
+        registry = tmp / "adapters"
+        cfg.training.work_dir = str(tmp / "runs")
+    cfg.training.registry_dir = str(registry)
     cfg.memory.cache_dir = str(cfg.path(cfg.memory.cache_dir).resolve())
     cfg.model.temperature, cfg.model.max_tokens = 0.0, args.max_tokens
     if args.min_similarity is not None:
