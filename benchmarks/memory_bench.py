@@ -27,7 +27,6 @@ import asyncio
 import itertools
 import json
 import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -98,12 +97,7 @@ async def run(args) -> dict:
     cfg = load_config(ROOT / "config.yaml")
     tmp = Path(tempfile.mkdtemp(prefix="memory-bench-"))
     cfg.store.path = str(tmp / "loopcord.db")
-    registry = cfg.path(cfg.training.registry_dir).resolve()
-    if args.retrain:  # a copy: a run that passes promotes into it, never into the bot's own registry
-        shutil.copytree(registry, tmp / "adapters", ignore=shutil.ignore_patterns(".lock", "*.tmp"))
-        registry = tmp / "adapters"
-        cfg.training.work_dir = str(tmp / "runs")
-    cfg.training.registry_dir = str(registry)
+    cfg.training.registry_dir = str(cfg.path(cfg.training.registry_dir).resolve())
     cfg.memory.cache_dir = str(cfg.path(cfg.memory.cache_dir).resolve())
     cfg.model.temperature, cfg.model.max_tokens = 0.0, args.max_tokens
     if args.min_similarity is not None:
@@ -112,6 +106,7 @@ async def run(args) -> dict:
         cfg.memory.max_facts = args.max_facts
     runtime = await Runtime.start(cfg)
     core = runtime.core
+    started_on = runtime.live.version
     try:
         for i, f in enumerate(facts):  # taught as a member would, approved by an admin
             message_id, _ = await ask(core, f["question"], user=100 + i)
@@ -173,6 +168,10 @@ async def run(args) -> dict:
                                (("general", general_rows), ("identity", identity_rows)) for q, check in questions))
         search_10k_ms = await search_10k(core)
     finally:
+        if runtime.live.version != started_on and started_on:
+            # The trainer child works in the config's own registry: a run that passed goes back to
+            # where the bench started, so the next run starts from the same parent.
+            await runtime.rollback(started_on)
         await runtime.close()
     res = summarize(rows, unrelated, recall_ms, search_10k_ms, cfg, args)
     res["retrain"] = retrain
