@@ -234,7 +234,7 @@ def test_gate_rejects_an_adapter_that_lost_its_identity(anchored, setup):
     """An adapter trained back onto the base's own (Qwen) identity must not pass or promote."""
     work, config, reg = setup
     qwen = work / "qwen_identity.jsonl"
-    qwen.write_text((ROOT / "tests" / "data" / "base_identity.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    qwen.write_text((ROOT / "devkit" / "data" / "base_identity.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
     cfg = yaml.safe_load(config.read_text())
     cfg["training"]["identity_data"] = str(qwen)
     lost = work / "lost.yaml"
