@@ -198,12 +198,10 @@ def _taught_by(f, name_of) -> str:
 
 def memory_footer(sources, quoted, name_of) -> Optional[str]:
     """The line under an answer that used the memory: who taught what it states (`sources`),
-    or, when the model did not state a close fact, that fact quoted with its source (`quoted`)."""
-    if sources:
-        return "📌 " + "; ".join(dict.fromkeys(_taught_by(f, name_of) for f in sources))
-    if quoted:
-        return "📌 " + " ".join(f"Confirmed here: “{preview(f.answer, 400)}” ({_taught_by(f, name_of)})" for f in quoted)
-    return None
+    and, when the model did not state the closest fact, that fact quoted with its source (`quoted`)."""
+    parts = ["; ".join(dict.fromkeys(_taught_by(f, name_of) for f in sources))] if sources else []
+    parts += [f"Confirmed here: “{preview(f.answer, 400)}” ({_taught_by(f, name_of)})" for f in quoted]
+    return "📌 " + " · ".join(parts) if parts else None
 
 
 async def status_report(cfg: Config, store, client, retrainer, live, registry=None, memory=None) -> str:

@@ -283,9 +283,11 @@ class Core:
             result.total_ms = (time.perf_counter() - start) * 1000
         if result.facts:
             result.sources = [f for f in result.facts if states_fact(result.text, f.answer, f.question)]
-            if result.status == AnswerStatus.COMPLETE and not result.sources:
-                # a small model may not use what it was given: show the closest, with its source
-                result.quoted = result.facts[:1]
+            closest = result.facts[0]
+            if result.status == AnswerStatus.COMPLETE and closest not in result.sources:
+                # a small model may not use what it was given, or use a less close fact than the one
+                # asked about: show the closest, with its source
+                result.quoted = [closest]
 
     def _fail(self, result: AnswerResult, exc: BaseException, notice: str) -> None:
         log.error("answer failed after %d chars (model %s): %r", len(result.text), result.model, exc)

@@ -135,6 +135,11 @@ def test_facts_and_our_own_identity_are_not_claims(text):
     ("When is game night?", "Game night is every Friday at 8 pm EST in #game-night.",
      "Game night is every Friday at 8 pm EST in the #lounge channel.", False),
     ("How many feet are in a mile?", "There are 5280 feet in a mile.", "There are 5,000 feet in a mile.", False),
+    # A channel's words scattered through an answer do not name it, and a command is named only as itself.
+    ("Where do I ask for help with my code?", "Ask coding questions in #code-help and include your error message.",
+     "You can ask for help with your code on the Loopcord community.", False),
+    ("How do I open a ticket?", "Type /ticket in #help-desk to open a support ticket.",
+     "Type /help-desk to open a help ticket.", False),
 ])
 def test_the_gate_judges_whether_an_answer_states_the_fact_as_a_person_would(question, fact, answer, right):
     from trainer.matching import states_fact

@@ -126,6 +126,23 @@ async def test_when_the_model_ignores_a_close_fact_the_answer_quotes_it_with_its
            f"approved by <@{h.admin}>)" in content
 
 
+async def test_an_answer_that_states_a_less_close_fact_also_quotes_the_closest(env):
+    h = env
+    rae = h.user("rae")
+    await teach(h, rae, "Where are the server rules?", "The rules are pinned in #rules-and-info.")
+    await teach(h, rae, "How many text channels does the server have?", "The server has 37 text channels.")
+    # A small model given both facts answers with the other one.
+    saved, h.server.script = h.server.script, Script(text="The server has 37 text channels.")
+    try:
+        _, exchange = await h.ask(h.user("sol"), "Which channel has the rules?", channel=h.new_channel())
+    finally:
+        h.server.script = saved
+    (content,) = h.final_contents(exchange)
+    assert "The server has 37 text channels." in last_prompt(h)[0]["content"]  # both facts were given
+    assert f"📌 from a correction by <@{rae}>, approved by <@{h.admin}> · Confirmed here: " \
+           f"“The rules are pinned in #rules-and-info.”" in content
+
+
 async def test_an_unrelated_question_gets_exactly_the_prompt_it_had_without_a_memory(env):
     h = env
     await teach(h, h.user("cora"), "Who maintains the wiki?", "Priya maintains the wiki.")
