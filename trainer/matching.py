@@ -346,12 +346,11 @@ def _rounds_to(key: str, present: set[str]) -> bool:
                and round(float(key), len(w.split(".")[1])) == float(w) for w in present)
 
 
-def _has(words: list[str], key: str) -> bool:
-    """The answer (its `words`) gives `key`: the same word, its singular or plural ("DM" for "DMs"),
-    a channel or person by its name ("reading" for #reading, "art showcase" for #art-showcase; a
-    command only as itself: "open a ticket" does not say /ticket), a hyphenated key by its parts
-    in order ("English only"), or a number rounded ("1.61" for 1.609)."""
-    present = set(words)
+def _has(present: set[str], words: list[str], key: str) -> bool:
+    """The answer (its `words`, and their set `present`) gives `key`: the same word, its singular or
+    plural ("DM" for "DMs"), a channel or person by its name ("reading" for #reading, "art showcase"
+    for #art-showcase; a command only as itself: "open a ticket" does not say /ticket), a hyphenated
+    key by its parts in order ("English only"), or a number rounded ("1.61" for 1.609)."""
     if key in present or (key.endswith("s") and key[:-1] in present) or f"{key}s" in present:
         return True
     if key[:1] in "/!":
@@ -399,7 +398,7 @@ def states_fact(answer: str, fact: str, question: str = "") -> bool:
         if sum(1 for k in keys if _stem(k) in stems) / len(keys) < MIN_CONTENT_RECALL:
             return False
         keys = {k for k in keys if k in present}
-    elif not all(_has(answer_words, k) for k in keys):
+    elif not all(_has(present, answer_words, k) for k in keys):
         return False
     elif any(k[:1] == "#" and k not in present for k in keys) and any(
             w[:1] == "#" and w not in fact_words for w in present):
